@@ -1,0 +1,41 @@
+"""What the captures hand to the rest of the sweep (SPEC §3). All float32, CPU.
+
+A-side and B-side captures are separate types so that a candidate builder's signature
+cannot receive anything computed with the LoRA delta.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ActivationCaptures:
+    """A-side captures on the FIT prompts (L layers, n FIT prompts, width d)."""
+
+    clean: Tensor  # (L, n, d) block outputs at the last real token, raw probe text
+    persona_pos: Tensor  # (L, n, d) block outputs, chat template, system = persona+
+    persona_neg: Tensor  # (L, n, d) same with persona-
+    up_in_clean: Tensor  # (L, n, d) input of mlp.up_proj (post-attention RMSNorm output), raw text
+    up_in_pos: Tensor  # (L, n, d) same under persona+
+    up_in_neg: Tensor  # (L, n, d) same under persona-
+    up_written_pos: Tensor  # (L, n, d) output of mlp.up_proj mapped back by W_down^T (x_up @ W_down^T), persona+
+    up_written_neg: Tensor  # (L, n, d) same under persona-
+    tokens_pos: Tensor  # (L, n, T, d) block outputs at every position, persona+, right-aligned (zeros = padding)
+    tokens_neg: Tensor  # (L, n, T, d) same for persona-, same T
+    attn_pos: Tensor  # (L, n, T) final token's attention (mean over heads) to each position, right-aligned
+    attn_neg: Tensor  # (L, n, T)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.clean.shape[0])
+
+
+@dataclass(frozen=True)
+class SteeredLabels:
+    """B-side label: block output with alpha=+1 minus with alpha=-1, last real token, raw text."""
+
+    eval: Tensor  # (L, n_eval, d)
+    fit: Tensor  # (L, n_fit, d)

@@ -1,0 +1,46 @@
+"""The probe prompts and personas shipped with the package (SPEC §2)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    claims: tuple[str, ...]
+    prompts: tuple[str, ...]
+    fit: tuple[str, ...]
+    eval: tuple[str, ...]
+    persona_pos: str
+    persona_neg: str
+    n_lora_train_topics: int
+
+
+def load_probe_set(n_fit: int | None = None) -> ProbeSet:
+    """Probe texts ``I think {claim}. Do you agree? Answer Yes or No.``; FIT = first half, EVAL = rest."""
+    raw = json.loads(resources.files(__package__).joinpath("data/sycophancy.json").read_text(encoding="utf-8"))
+    claims = tuple(t["claim"] for t in raw["topics"])
+    prompts = tuple(raw["probe_template"].format(claim=c) for c in claims)
+    n_fit = len(prompts) // 2 if n_fit is None else n_fit
+    fit, eval_ = prompts[:n_fit], prompts[n_fit:]
+    if len(fit) < 2 or len(eval_) < 2:
+        raise InputError(f"need at least 2 FIT and 2 EVAL prompts, got {len(fit)} FIT and {len(eval_)} EVAL")
+    return ProbeSet(
+        claims=claims,
+        prompts=prompts,
+        fit=fit,
+        eval=eval_,
+        persona_pos=raw["personas_positive"][0],
+        persona_neg=raw["personas_negative"][0],
+        n_lora_train_topics=int(raw["n_lora_train_topics"]),
+    )
+
+
+def persona_texts() -> tuple[list[str], list[str]]:
+    """All positive and negative persona system prompts (for the tokenizer corpus and training)."""
+    raw = json.loads(resources.files(__package__).joinpath("data/sycophancy.json").read_text(encoding="utf-8"))
+    return list(raw["personas_positive"]), list(raw["personas_negative"])

@@ -1,0 +1,225 @@
+"""One scoring mechanism for every target (SPEC §5).
+
+A *target* is a PSD ``d x d`` matrix ``G`` with ``t = tr G > 0``. For an orthonormal basis
+``B`` (d x r):
+
+- energy ``e(B) = tr(Bᵀ G B) / t`` and concentration ``R = e / (r/d)``;
+- exact null (B uniform on the Grassmannian): ``E[e] = r/d`` and
+  ``Var[e] = 2r(d-r) / (d(d-1)(d+2)) · (tr(G²)/t² - 1/d)``; ``z = (e - r/d) / SD[e]``
+  (identical to ``(R - 1)/SD[R]``);
+- Ky Fan oracle: ``max_B e(B)`` over rank-r bases is the sum of the top-r eigenvalues / t,
+  reached by the top-r eigenvectors; ``pct_oracle = 100 · e(B) / e_max(rank B)``.
+
+Restricted nulls replace the ambient space by a subspace S (dimension D) and G by its
+compression ``Sᵀ G S``. Everything is float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import linalg
+from .errors import InputError
+
+DTYPE = torch.float64
+
+
+@dataclass(frozen=True)
+class Target:
+    """A PSD target ``G`` (float64, d x d) with its spectrum, computed once."""
+
+    name: str
+    gram: Tensor
+    eigvals: Tensor = field(repr=False)  # descending, clipped at 0
+    eigvecs: Tensor = field(repr=False)  # columns match eigvals
+
+    @classmethod
+    def from_gram(cls, name: str, gram: Tensor) -> Target:
+        G = linalg.as64(gram)
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise InputError(f"target {name!r}: expected a square Gram, got shape {tuple(G.shape)}")
+        G = (G + G.T) / 2
+        if not torch.isfinite(G).all():
+            raise InputError(f"target {name!r}: Gram has NaN/Inf entries")
+        evals, evecs = torch.linalg.eigh(G)
+        evals = evals.flip(0).clamp_min(0.0)
+        evecs = linalg.fix_signs(evecs.flip(1).contiguous())
+        t = float(evals.sum())
+        if not t > 0.0:
+            raise InputError(f"target {name!r} is zero (trace {t}); nothing to explain")
+        return cls(name=name, gram=G, eigvals=evals, eigvecs=evecs)
+
+    @classmethod
+    def from_rows(cls, name: str, rows: Tensor) -> Target:
+        """Activation target: ``G = mean_i u_i u_iᵀ / ‖u_i‖²`` over the rows u_i (so t = 1).
+
+        Zero rows carry no direction; they are an error rather than silently dropped.
+        """
+        U = linalg.as64(rows)
+        norms = U.norm(dim=1)
+        if U.shape[0] == 0 or bool((norms == 0).any()):
+            bad = [] if U.shape[0] == 0 else torch.nonzero(norms == 0).flatten().tolist()
+            raise InputError(f"target {name!r}: label rows {bad or '(none)'} are zero; the delta changed nothing there")
+        Un = U / norms[:, None]
+        return cls.from_gram(name, Un.T @ Un / U.shape[0])
+
+    @classmethod
+    def from_matrix(cls, name: str, M: Tensor) -> Target:
+        """Weight target for one residual-writing tensor M (d x n_in): ``G = M Mᵀ``."""
+        return cls.from_gram(name, linalg.row_gram(M))
+
+    @classmethod
+    def balanced(cls, name: str, matrices: Mapping[str, Tensor] | Sequence[Tensor]) -> Target:
+        """Frobenius-balanced combination ``Σ_T M_T M_Tᵀ / ‖M_T‖²_F`` (each tensor counts once)."""
+        mats = list(matrices.values()) if isinstance(matrices, Mapping) else list(matrices)
+        if not mats:
+            raise InputError(f"target {name!r}: no tensors to combine")
+        grams = []
+        for M in mats:
+            G = linalg.row_gram(M)
+            fro2 = float(torch.trace(G))
+            if not fro2 > 0.0:
+                raise InputError(f"target {name!r}: a tensor of shape {tuple(M.shape)} is all zero")
+            grams.append(G / fro2)
+        return cls.from_gram(name, sum(grams[1:], grams[0]))
+
+    @property
+    def d(self) -> int:
+        return int(self.gram.shape[0])
+
+    @property
+    def trace(self) -> float:
+        return float(self.eigvals.sum())
+
+    @property
+    def trace_sq(self) -> float:
+        """tr(G²)."""
+        return float((self.eigvals**2).sum())
+
+    def restrict(self, S: Tensor, name: str | None = None) -> Target:
+        """Compression ``Sᵀ G S`` to an orthonormal d x D basis S, in S's coordinates."""
+        S = linalg.as64(S)
+        return Target.from_gram(name or f"{self.name}|S", S.T @ self.gram @ S)
+
+    def oracle_energy(self, r: int) -> float:
+        """Ky Fan: the largest energy any rank-r basis can reach."""
+        r = max(0, min(r, self.d))
+        return float(self.eigvals[:r].sum()) / self.trace
+
+    def oracle_basis(self, r: int) -> Tensor:
+        """Top-r eigenvectors of G (the basis reaching ``oracle_energy(r)``), zero-eigenvalue directions dropped."""
+        k = int((self.eigvals[: max(0, r)] > linalg.RANK_TOL * float(self.eigvals[0])).sum())
+        return self.eigvecs[:, :k]
+
+
+def energy(target: Target, B: Tensor) -> float:
+    """Fraction of the target's trace inside span(B): ``tr(Bᵀ G B) / t``."""
+    B = linalg.as64(B)
+    if B.shape[0] != target.d:
+        raise InputError(f"basis has {B.shape[0]} rows but target {target.name!r} has d = {target.d}")
+    if B.shape[1] == 0:
+        return 0.0
+    return float(torch.einsum("ir,ij,jr->", B, target.gram, B)) / target.trace
+
+
+def null_moments(target: Target, r: int) -> tuple[float, float]:
+    """Exact mean and variance of e(B) for B uniform among rank-r subspaces of R^d."""
+    d = target.d
+    if r < 0 or r > d:
+        raise InputError(f"rank r = {r} outside [0, d = {d}]")
+    mean = r / d
+    if d == 1:
+        return mean, 0.0
+    spread = max(target.trace_sq / target.trace**2 - 1.0 / d, 0.0)
+    var = 2.0 * r * (d - r) / (d * (d - 1) * (d + 2)) * spread
+    return mean, var
+
+
+@dataclass(frozen=True)
+class Score:
+    rank: int
+    energy: float
+    concentration: float  # R = e / (r/d); NaN for rank 0
+    z: float  # NaN when the null has zero variance (r = 0, r = d, or an isotropic target)
+    oracle_energy: float  # e_max at the same rank
+    pct_oracle: float  # 100 · e / e_max(rank); NaN for rank 0
+
+
+def _z(e: float, mean: float, var: float) -> float:
+    return (e - mean) / math.sqrt(var) if var > 0.0 else math.nan
+
+
+def score(target: Target, B: Tensor) -> Score:
+    """Energy, concentration, exact-null z and rank-matched pct of the Ky Fan oracle."""
+    r = int(B.shape[1])
+    e = energy(target, B)
+    mean, var = null_moments(target, r)
+    e_max = target.oracle_energy(r)
+    if r == 0:
+        return Score(0, 0.0, math.nan, math.nan, 0.0, math.nan)
+    return Score(
+        rank=r,
+        energy=e,
+        concentration=e / mean,
+        z=_z(e, mean, var),
+        oracle_energy=e_max,
+        pct_oracle=100.0 * e / e_max if e_max > 0 else math.nan,
+    )
+
+
+def restricted_z(target: Target, B: Tensor, S: Tensor) -> float:
+    """z of e(B) against random rank-r subspaces drawn inside span(S) (dimension D).
+
+    Energies keep the ambient normalisation by tr G; inside S a random basis has
+    ``E[e] = (r/D)·tr(G_S)/t`` and the variance scales by ``(tr(G_S)/t)²``. For a weight
+    target whose column space lies in S (the LoRA slice), tr(G_S) = t.
+    """
+    r = int(B.shape[1])
+    S = linalg.as64(S)
+    D = int(S.shape[1])
+    if r == 0 or D == 0 or r > D:
+        return math.nan
+    G_S = S.T @ target.gram @ S
+    t_S = float(torch.trace(G_S))
+    if not t_S > 0.0:
+        return math.nan
+    inner = Target.from_gram(f"{target.name}|S", G_S)
+    mean, var = null_moments(inner, r)
+    ratio = t_S / target.trace
+    return _z(energy(target, B), mean * ratio, var * ratio**2)
+
+
+def random_energies(target: Target, r: int, n: int, generator: torch.Generator, S: Tensor | None = None) -> Tensor:
+    """Energies of n Haar-random rank-r bases (inside span(S) when given), batched."""
+    D = target.d if S is None else int(S.shape[1])
+    Bs = linalg.random_orthonormal(D, r, generator, batch=n)
+    if S is not None:
+        Bs = linalg.as64(S) @ Bs
+    return torch.einsum("nir,ij,njr->n", Bs, target.gram, Bs) / target.trace
+
+
+def monte_carlo_null(target: Target, r: int, n: int, seed: int) -> tuple[float, float]:
+    """Seeded Monte-Carlo estimate of (mean, variance) of e(B); a cross-check of ``null_moments``."""
+    draws = random_energies(target, r, n, torch.Generator().manual_seed(int(seed)))
+    return float(draws.mean()), float(draws.var(unbiased=True))
+
+
+def mc_score_z(target: Target, B: Tensor, n: int, seed: int) -> float:
+    """z of e(B) against a seeded Monte-Carlo null (``--null mc``)."""
+    r = int(B.shape[1])
+    if r == 0:
+        return math.nan
+    mean, var = monte_carlo_null(target, r, n, seed)
+    return _z(energy(target, B), mean, var)
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed derived from its parts identically in every process (never Python's ``hash``)."""
+    import zlib
+
+    return zlib.crc32("\x1f".join(map(str, parts)).encode("utf-8")) & 0x7FFFFFFF
