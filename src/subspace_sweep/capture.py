@@ -1,0 +1,382 @@
+"""Activation capture on plain torch forward hooks (SPEC §3).
+
+``record_activations`` is the one hook mechanism (modelled on steering-vectors'
+``record_activations``): it hooks named modules, keeps inputs and/or outputs (untupled,
+detached, cloned, optionally reduced inside the hook) and removes every hook in ``finally``.
+
+``capture_activations`` (A-side) and ``capture_labels`` (B-side, the only capture that sees the
+delta) run each condition as ONE forward pass that records everything needed from it:
+
+=================  =======================  ===========================================
+condition          text                     recorded
+=================  =======================  ===========================================
+clean (FIT)        raw probe                block outputs, up_proj input (last token)
+persona+ (FIT)     chat, system=persona+    block outputs (last token and every token),
+persona- (FIT)     chat, system=persona-    up_proj input and output (last token),
+                                            final token's attention (mean over heads)
+alpha=+1           raw probe, FIT + EVAL    block outputs (last token)
+alpha=-1           raw probe, FIT + EVAL    block outputs (last token)
+=================  =======================  ===========================================
+
+So ``capture_activations`` makes 3 forward passes and ``capture_labels`` 2 (with the default
+``batch_size=None``; with a batch size each condition takes ``ceil(n / batch_size)``).
+``count_forward_passes`` counts them.
+
+Padding: the last real token is found from the attention mask, so left and right padding both
+work, and position ids are computed from the mask (``cumsum - 1``) so every prompt sees the
+positions it would see alone. A prompt's captures then match its unbatched captures; on the
+CPU with the tiny model they are even bit-identical, but that is not guaranteed (batched
+kernels of other shapes or devices may reassociate sums), so tests compare with atol 1e-5.
+
+Raw probe text is tokenised with the tokenizer's default special tokens (the seed's convention;
+Qwen adds none); chat-template text with ``add_special_tokens=False``, since the template
+already holds them.
+
+Token-level tensors are right-aligned: position ``T-1`` is the last real token of every prompt,
+``T`` is the longest prompt of the two persona conditions, and positions before a prompt's first
+token are zero (in ``tokens_*`` and ``attn_*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .capture_types import ActivationCaptures, SteeredLabels
+from .errors import InputError
+from .model import block_name, model_device, module_name, n_layers_of, weight_key
+from .prompts import ProbeSet
+from .steering import weight_steer
+
+# ---------------------------------------------------------------- hooks
+
+
+@dataclass
+class Recording:
+    """What ``record_activations`` kept: module name -> one tensor per call of that module."""
+
+    inputs: dict[str, list[Tensor]] = field(default_factory=dict)
+    outputs: dict[str, list[Tensor]] = field(default_factory=dict)
+
+    @staticmethod
+    def _one(store: dict[str, list[Tensor]], name: str, what: str) -> Tensor:
+        got = store.get(name)
+        if got is None:
+            raise KeyError(f"no {what} recorded for module '{name}'")
+        if len(got) != 1:
+            raise RuntimeError(f"module '{name}' ran {len(got)} times; use .{what}s['{name}'] for every call")
+        return got[0]
+
+    def input(self, name: str) -> Tensor:
+        return self._one(self.inputs, name, "input")
+
+    def output(self, name: str) -> Tensor:
+        return self._one(self.outputs, name, "output")
+
+
+def _first_input(args: tuple, kwargs: dict) -> Tensor | None:
+    if args:
+        return args[0]
+    # HF calls some modules with keyword arguments only (e.g. self_attn(hidden_states=...)).
+    for key in ("hidden_states", "x", "input", "inputs_embeds"):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key]
+    return next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
+
+
+def _untuple(value: object, index: int) -> object:
+    if isinstance(value, (tuple, list)):
+        return value[index] if len(value) > index else None
+    # transformers 5 decoder layers return a bare Tensor; a tuple index would pick batch row 0.
+    if hasattr(value, "to_tuple") and not isinstance(value, Tensor):
+        return value.to_tuple()[index]
+    return value
+
+
+@contextmanager
+def record_activations(
+    model: nn.Module,
+    module_names: Sequence[str],
+    *,
+    inputs: bool = False,
+    outputs: bool = True,
+    index: int = 0,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Iterator[Recording]:
+    """Record the (first positional) input and/or output of each named module on every call.
+
+    A tuple output is reduced to its element ``index`` (0: hidden states; 1 on an attention
+    module: the attention weights). Each kept tensor is detached, passed through ``transform``
+    (e.g. a last-token gather, done inside the hook so full activations are never stored), and
+    cloned. It stays on the model's device and dtype. All hooks are removed on exit, also when
+    the forward pass raises.
+    """
+    if module_names and not inputs and not outputs:
+        raise ValueError("record_activations: nothing to record (inputs=False, outputs=False)")
+    modules = dict(model.named_modules())
+    missing = [n for n in module_names if n not in modules]
+    if missing:
+        raise InputError(f"{type(model).__name__} has no module(s) {', '.join(repr(m) for m in missing)}")
+    rec = Recording()
+
+    def keep(name: str, what: str, value: object) -> Tensor:
+        if not isinstance(value, Tensor):
+            raise InputError(
+                f"module '{name}' gave no tensor {what} (got {type(value).__name__})"
+                + ("; attention weights need attn_implementation='eager'" if what == "output" and index else "")
+            )
+        value = value.detach()
+        if transform is not None:
+            value = transform(value)
+        return value.clone()
+
+    def make_hook(name: str):
+        def hook(module, args, kwargs, output):
+            if inputs:
+                rec.inputs.setdefault(name, []).append(keep(name, "input", _first_input(args, kwargs)))
+            if outputs:
+                rec.outputs.setdefault(name, []).append(keep(name, "output", _untuple(output, index)))
+
+        return hook
+
+    handles = []
+    try:
+        for name in module_names:
+            handles.append(modules[name].register_forward_hook(make_hook(name), with_kwargs=True))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class ForwardCounter:
+    n: int = 0
+
+
+@contextmanager
+def count_forward_passes(model: nn.Module) -> Iterator[ForwardCounter]:
+    """Count forward passes of ``model`` (calls of its input embedding) inside the block."""
+    counter = ForwardCounter()
+
+    def pre_hook(module, args):
+        counter.n += 1
+
+    handle = model.get_input_embeddings().register_forward_pre_hook(pre_hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()
+
+
+# ---------------------------------------------------------------- token positions
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last real token of each row, for left or right padding. ``(B,)`` long."""
+    mask = attention_mask.to(torch.long)
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    if bool((mask.sum(1) == 0).any()):
+        raise InputError("a prompt tokenised to zero tokens")
+    return (mask * (pos + 1)).argmax(1)
+
+
+def _check_contiguous(mask: Tensor, last: Tensor) -> Tensor:
+    lengths = mask.to(torch.long).sum(1)
+    first = last - lengths + 1
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    expected = (pos[None, :] >= first[:, None]) & (pos[None, :] <= last[:, None])
+    if not torch.equal(expected, mask.bool()):
+        raise InputError("attention mask with holes: only left or right padding is supported")
+    return lengths
+
+
+def right_align(x: Tensor, last: Tensor, lengths: Tensor, T: int) -> Tensor:
+    """``(B, S, *rest) -> (B, T, *rest)``: each row's real tokens end at position ``T-1``, zeros before."""
+    B = x.shape[0]
+    offs = torch.arange(T, device=x.device) - (T - 1)
+    src = last.to(x.device)[:, None] + offs[None, :]  # (B, T)
+    valid = src >= (last - lengths + 1).to(x.device)[:, None]
+    idx = src.clamp(min=0).view(B, T, *([1] * (x.dim() - 2))).expand(B, T, *x.shape[2:])
+    out = x.gather(1, idx)
+    return out * valid.view(B, T, *([1] * (x.dim() - 2))).to(out.dtype)
+
+
+def _left_pad_time(x: Tensor, T: int) -> Tensor:
+    """Pad a right-aligned ``(L, n, t, ...)`` tensor with zeros on the left to ``t = T``."""
+    t = x.shape[2]
+    if t == T:
+        return x
+    pad = x.new_zeros(*x.shape[:2], T - t, *x.shape[3:])
+    return torch.cat([pad, x], dim=2)
+
+
+# ---------------------------------------------------------------- fused passes
+
+
+@dataclass(frozen=True)
+class _Want:
+    up_in: bool = False
+    up_out: bool = False
+    tokens: bool = False
+    attn: bool = False
+
+
+def chat_texts(tokenizer, prompts: Sequence[str], system: str) -> list[str]:
+    """Chat-template texts with system = ``system``, user = prompt, generation prompt added."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError("the tokenizer has no chat template; persona captures need one")
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": p}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+
+
+@contextmanager
+def _eager_attention(model: nn.Module, needed: bool):
+    """Attention weights exist only with eager attention (sdpa returns none): switch for the block."""
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = needed and before != "eager"
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
+
+
+def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *, chat: bool) -> dict[str, Tensor]:
+    """One forward pass over ``texts``; every returned tensor is float32 on the CPU, layer-first."""
+    dev = model_device(model)
+    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=not chat)
+    ids = enc["input_ids"].to(dev)
+    mask = enc["attention_mask"].to(dev)
+    last = last_token_index(mask)
+    lengths = _check_contiguous(mask, last)
+    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+    B = ids.shape[0]
+    rows = torch.arange(B, device=dev)
+    L = n_layers_of(model)
+    blocks = [block_name(i) for i in range(L)]
+    ups = [module_name(i, "up_proj") for i in range(L)]
+    attns = [f"{block_name(i)}.self_attn" for i in range(L)]
+
+    def at_last(x: Tensor) -> Tensor:
+        return x[rows, last]
+
+    def final_attn(w: Tensor) -> Tensor:  # (B, H, S, S) -> (B, S): final query row, mean over heads
+        return w[rows, :, last, :].float().mean(1)
+
+    with (
+        torch.no_grad(),
+        _eager_attention(model, want.attn),
+        record_activations(model, blocks, transform=None if want.tokens else at_last) as rb,
+        record_activations(model, ups if (want.up_in or want.up_out) else [], inputs=want.up_in,
+                           outputs=want.up_out, transform=at_last) as ru,
+        record_activations(model, attns if want.attn else [], index=1, transform=final_attn) as ra,
+    ):
+        # logits_to_keep=1: the full-vocabulary logits of every position are never needed.
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, logits_to_keep=1)
+
+    f32 = lambda xs: torch.stack([x.float().cpu() for x in xs])  # noqa: E731
+    out: dict[str, Tensor] = {}
+    if want.tokens:
+        full = [rb.output(n) for n in blocks]  # (B, S, d) each
+        out["blocks"] = f32([x[rows, last] for x in full])
+        T = int(lengths.max())
+        out["tokens"] = f32([right_align(x, last, lengths, T) for x in full])
+    else:
+        out["blocks"] = f32([rb.output(n) for n in blocks])
+    if want.up_in:
+        out["up_in"] = f32([ru.input(n) for n in ups])
+    if want.up_out:
+        out["up_out"] = f32([ru.output(n) for n in ups])
+    if want.attn:
+        T = int(lengths.max())
+        out["attn"] = f32([right_align(ra.output(n), last, lengths, T) for n in attns])
+    return out
+
+
+def _run_condition(
+    model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *, chat: bool, batch_size: int | None
+) -> dict[str, Tensor]:
+    """One pass per batch (one pass in all when ``batch_size`` is None), concatenated over prompts."""
+    if not texts:
+        raise InputError("no prompts to capture")
+    bs = len(texts) if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    parts = [_one_pass(model, tokenizer, texts[i : i + bs], want, chat=chat) for i in range(0, len(texts), bs)]
+    out = {}
+    for key in parts[0]:
+        xs = [p[key] for p in parts]
+        if key in ("tokens", "attn"):
+            T = max(x.shape[2] for x in xs)
+            xs = [_left_pad_time(x, T) for x in xs]
+        out[key] = torch.cat(xs, dim=1)
+    return out
+
+
+def capture_activations(
+    model: nn.Module, tokenizer, probes: ProbeSet, *, batch_size: int | None = None
+) -> ActivationCaptures:
+    """A-side captures on the FIT prompts: clean, persona+ and persona- (3 forward passes)."""
+    fit = list(probes.fit)
+    clean = _run_condition(model, tokenizer, fit, _Want(up_in=True), chat=False, batch_size=batch_size)
+    full = _Want(up_in=True, up_out=True, tokens=True, attn=True)
+    pos = _run_condition(model, tokenizer, chat_texts(tokenizer, fit, probes.persona_pos), full, chat=True,
+                         batch_size=batch_size)
+    neg = _run_condition(model, tokenizer, chat_texts(tokenizer, fit, probes.persona_neg), full, chat=True,
+                         batch_size=batch_size)
+    T = max(pos["tokens"].shape[2], neg["tokens"].shape[2])
+
+    def written(up_out: Tensor) -> Tensor:  # (L, n, d_mlp) -> (L, n, d): x_up @ W_down^T per layer
+        return torch.stack([
+            up_out[i] @ model.get_parameter(weight_key(i, "down_proj")).detach().float().cpu().T
+            for i in range(up_out.shape[0])
+        ])
+
+    return ActivationCaptures(
+        clean=clean["blocks"],
+        persona_pos=pos["blocks"],
+        persona_neg=neg["blocks"],
+        up_in_clean=clean["up_in"],
+        up_in_pos=pos["up_in"],
+        up_in_neg=neg["up_in"],
+        up_written_pos=written(pos["up_out"]),
+        up_written_neg=written(neg["up_out"]),
+        tokens_pos=_left_pad_time(pos["tokens"], T),
+        tokens_neg=_left_pad_time(neg["tokens"], T),
+        attn_pos=_left_pad_time(pos["attn"], T),
+        attn_neg=_left_pad_time(neg["attn"], T),
+    )
+
+
+def capture_labels(
+    model: nn.Module, tokenizer, delta: Mapping[str, Tensor], probes: ProbeSet, *, batch_size: int | None = None
+) -> SteeredLabels:
+    """B-side label: block outputs at alpha=+1 minus alpha=-1, raw text, last token (2 passes).
+
+    FIT and EVAL prompts share one pass per sign. The delta is validated first; the model is
+    restored bit for bit afterwards.
+    """
+    from .delta import validate_delta
+
+    validate_delta(delta, model)
+    texts = list(probes.fit) + list(probes.eval)
+    steered = {}
+    for alpha in (+1.0, -1.0):
+        with weight_steer(model, delta, alpha):
+            steered[alpha] = _run_condition(model, tokenizer, texts, _Want(), chat=False, batch_size=batch_size)
+    label = steered[+1.0]["blocks"] - steered[-1.0]["blocks"]
+    n_fit = len(probes.fit)
+    return SteeredLabels(eval=label[:, n_fit:].contiguous(), fit=label[:, :n_fit].contiguous())

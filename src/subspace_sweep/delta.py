@@ -1,0 +1,363 @@
+"""The weight delta ``w = θ⁺ − θ⁻`` (SPEC §1-§2): loading, saving, validating, building.
+
+A delta is a ``dict[str, Tensor]`` keyed by the model's state-dict parameter names, e.g.
+``model.layers.3.self_attn.o_proj.weight``, each tensor of that parameter's shape.
+``load_delta`` strips one leading ``base_model.model.`` (the PEFT wrapper prefix) from every key,
+so a diff saved from a ``PeftModel``'s state dict also loads; nothing else is renamed.
+
+Every check runs before any model weight is touched, and each failure has its own error class
+(all subclasses of ``DeltaError``, hence of ``InputError``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DeltaError
+from .model import WRITER_PROJS, weight_key
+
+PEFT_PREFIX = "base_model.model."
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
+_WRITER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
+#: Short names used by scoring for the residual-writer tensors.
+WRITER_SHORT = {"self_attn.o_proj": "o_proj", "mlp.down_proj": "down_proj"}
+
+
+class DeltaFormatError(DeltaError):
+    """The file is missing, of an unknown format, or does not hold a str -> float tensor dict."""
+
+
+class UnsafePickleError(DeltaError):
+    """A ``.pt`` file whose pickle needs more than tensors (refused, never executed)."""
+
+
+class UnknownKeyError(DeltaError):
+    """A delta key that is not a parameter of the model."""
+
+
+class ShapeMismatchError(DeltaError):
+    """A delta tensor whose shape differs from the model parameter (a delta from another model)."""
+
+
+class NonFiniteDeltaError(DeltaError):
+    """NaN or Inf in a delta tensor."""
+
+
+class ZeroDeltaError(DeltaError):
+    """The delta is empty or all of its entries are zero."""
+
+
+class NoResidualWriterError(DeltaError):
+    """No nonzero o_proj / down_proj tensor: there is no weight target to score."""
+
+
+# ---------------------------------------------------------------- I/O
+
+
+def _strip_prefix(delta: Mapping[str, object], source: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in delta.items():
+        if not isinstance(k, str):
+            raise DeltaFormatError(f"{source}: key {k!r} is not a string")
+        nk = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+        if nk in out:
+            raise DeltaFormatError(f"{source}: key '{nk}' appears both with and without the '{PEFT_PREFIX}' prefix")
+        out[nk] = v
+    return out
+
+
+def _as_tensor_dict(obj: object, source: str) -> dict[str, Tensor]:
+    if not isinstance(obj, Mapping):
+        raise DeltaFormatError(f"{source}: expected a dict of parameter name -> tensor, got {type(obj).__name__}")
+    out = _strip_prefix(obj, source)
+    for k, v in out.items():
+        if not isinstance(v, Tensor):
+            raise DeltaFormatError(f"{source}: value of '{k}' is {type(v).__name__}, not a tensor")
+        if not v.is_floating_point():
+            raise DeltaFormatError(f"{source}: tensor '{k}' has dtype {v.dtype}; a weight delta must be floating point")
+    return out  # type: ignore[return-value]
+
+
+def load_delta(path: str | Path) -> dict[str, Tensor]:
+    """Load a delta from ``.safetensors`` (preferred) or ``.pt``/``.pth``/``.bin`` (``weights_only``).
+
+    Tensors come back on the CPU in their stored dtype.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaFormatError(f"delta file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DeltaFormatError(f"{path}: not a readable safetensors file ({e})") from None
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            # weights_only: the unpickler only builds tensors and plain containers; any other
+            # global (e.g. os.system in a __reduce__) is rejected before it can run.
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # A forbidden object and a pickle opcode the restricted unpickler does not know
+            # (e.g. protocol 4 FRAME from plain pickle.dump) look alike here: refuse both.
+            # Quote torch's reason (the blocked global), not its advice to retry unsafely.
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[-1] if lines else "")
+            raise UnsafePickleError(
+                f"{path}: refused to unpickle: the file holds objects other than tensors and plain "
+                f"containers, or is not a torch.save file ({why[:200]}). It was not executed. "
+                "Re-save the delta as .safetensors."
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise DeltaFormatError(f"{path}: not a readable torch file ({type(e).__name__}: {str(e)[:200]})") from None
+    else:
+        raise DeltaFormatError(
+            f"{path}: unknown delta format '{suffix}'; use .safetensors (preferred) or .pt"
+        )
+    return _as_tensor_dict(obj, str(path))
+
+
+def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``delta`` as ``.safetensors`` (atomically: temp file + rename). Returns the path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        raise DeltaFormatError(f"{path}: deltas are saved as .safetensors")
+    tensors = _as_tensor_dict(dict(delta), str(path))
+    # clone: safetensors refuses tensors that share storage (e.g. tied weights) or are views.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def model_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter name, tied aliases included (``lm_head.weight`` of a tied model)."""
+    return dict(model.named_parameters(remove_duplicate=False))
+
+
+def check_keys_and_shapes(delta: Mapping[str, Tensor], model: nn.Module) -> dict[str, nn.Parameter]:
+    """The checks steering needs: every key a model parameter, every shape equal. Returns key -> param."""
+    params = model_parameters(model)
+    unknown = [k for k in delta if k not in params]
+    if unknown:
+        hint = ""
+        if any(k.startswith(PEFT_PREFIX) for k in unknown):
+            hint = f" (keys with the PEFT prefix '{PEFT_PREFIX}' are accepted by load_delta, which strips it)"
+        example = next((n for n in params if n.endswith(".weight")), "")
+        raise UnknownKeyError(
+            f"{len(unknown)} delta key(s) are not parameters of {type(model).__name__}: "
+            f"{', '.join(repr(k) for k in unknown[:5])}{' ...' if len(unknown) > 5 else ''}{hint}; "
+            f"keys must be state-dict names such as '{example}'"
+        )
+    out = {}
+    for k, v in delta.items():
+        if not isinstance(v, Tensor) or not v.is_floating_point():
+            raise DeltaFormatError(f"delta value of '{k}' is not a floating-point tensor ({type(v).__name__})")
+        p = params[k]
+        if tuple(v.shape) != tuple(p.shape):
+            raise ShapeMismatchError(
+                f"delta '{k}' has shape {tuple(v.shape)} but the model parameter has shape {tuple(p.shape)} "
+                f"(a delta from another model?)"
+            )
+        out[k] = p
+    return out
+
+
+def validate_delta(delta: Mapping[str, Tensor], model: nn.Module) -> None:
+    """Raise the specific DeltaError for the first problem found; return None for a usable delta.
+
+    Order: empty, unknown keys, shapes, non-finite values, all zero, no residual writer.
+    """
+    if not delta:
+        raise ZeroDeltaError("the delta has no tensors")
+    check_keys_and_shapes(delta, model)
+    for k, v in delta.items():
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(v).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            raise NonFiniteDeltaError(f"delta '{k}' {tuple(v.shape)} has {n_nan} NaN and {n_inf} Inf entries")
+    if all(not bool(v.any()) for v in delta.values()):
+        raise ZeroDeltaError(f"every entry of the delta is zero ({len(delta)} tensors, e.g. '{next(iter(delta))}')")
+    if not scored_layers(delta):
+        present = sorted(k for k in delta if _WRITER_RE.match(k))
+        what = (
+            f"its o_proj/down_proj tensors ({', '.join(present[:4])}) are all zero"
+            if present
+            else f"it has none (keys: {', '.join(sorted(delta)[:5])}{' ...' if len(delta) > 5 else ''})"
+        )
+        raise NoResidualWriterError(
+            "the delta needs a nonzero self_attn.o_proj or mlp.down_proj tensor (the residual writers that "
+            f"R_w scores), but {what}"
+        )
+
+
+# ---------------------------------------------------------------- views used by scoring
+
+
+def writer_layer(key: str) -> tuple[int, str] | None:
+    """``(layer, "o_proj" | "down_proj")`` for a residual-writer key, else None."""
+    m = _WRITER_RE.match(key)
+    return (int(m.group(1)), WRITER_SHORT[m.group(2)]) if m else None
+
+
+def residual_writer_tensors(delta: Mapping[str, Tensor], layer: int) -> dict[str, Tensor]:
+    """The layer's o_proj / down_proj deltas as float32 CPU ``(d, n_in)`` tensors.
+
+    Keys among ``"o_proj"``, ``"down_proj"``; a tensor that is absent or all zero is left out
+    (an all-zero tensor defines no target: ``tr G = 0``).
+    """
+    out: dict[str, Tensor] = {}
+    for proj in WRITER_PROJS:
+        v = delta.get(weight_key(layer, proj))
+        if v is not None and bool(v.any()):
+            out[WRITER_SHORT[proj]] = v.detach().to(device="cpu", dtype=torch.float32)
+    return out
+
+
+def scored_layers(delta: Mapping[str, Tensor]) -> list[int]:
+    """Layers with a nonzero o_proj or down_proj delta, ascending (SPEC §2 'scored layers')."""
+    layers = set()
+    for k, v in delta.items():
+        wl = writer_layer(k)
+        if wl is not None and bool(v.any()):
+            layers.add(wl[0])
+    return sorted(layers)
+
+
+# ---------------------------------------------------------------- building deltas
+
+
+def random_delta(
+    model: nn.Module,
+    layers: Iterable[int],
+    rank: int = 2,
+    seed: int = 0,
+    scale: float = 0.1,
+    *,
+    projections: Iterable[str] = WRITER_PROJS,
+    basis: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """A seeded low-rank float32 CPU delta on ``projections`` (``self_attn.o_proj``-style) of ``layers``.
+
+    Each tensor is ``L @ R`` (rank ``rank``) rescaled to Frobenius norm ``scale · ‖W‖_F`` of the
+    parameter it perturbs. With ``basis`` (``d x k``), a tensor whose output side is the residual
+    stream (o_proj, down_proj) has its column space planted inside ``span(basis)``: a known answer
+    for scoring tests. Same arguments -> bit-identical tensors.
+    """
+    params = model_parameters(model)
+    gen = torch.Generator().manual_seed(int(seed))
+    d = int(model.config.hidden_size)
+    out: dict[str, Tensor] = {}
+    projections = list(projections)
+    for layer in sorted(set(int(x) for x in layers)):
+        for proj in projections:
+            key = weight_key(layer, proj)
+            if key not in params:
+                raise UnknownKeyError(f"random_delta: '{key}' is not a parameter of the model")
+            W = params[key].detach().to("cpu", torch.float32)
+            n_out, n_in = W.shape
+            if basis is not None and n_out == d and proj in WRITER_PROJS:
+                B = basis.detach().to(torch.float32)
+                if B.shape[0] != d:
+                    raise ValueError(f"basis has {B.shape[0]} rows, the residual stream has {d}")
+                left = B @ torch.randn(B.shape[1], rank, generator=gen)
+            else:
+                left = torch.randn(n_out, rank, generator=gen)
+            M = left @ torch.randn(rank, n_in, generator=gen)
+            out[key] = (M * (scale * W.norm() / M.norm())).contiguous()
+    return out
+
+
+def _load_base_for_peft(base: str | Path | nn.Module) -> Callable[[], nn.Module]:
+    if isinstance(base, nn.Module):
+        # Merging rewrites the model in place: work on float32 copies, never the caller's model.
+        return lambda: copy.deepcopy(base).to(device="cpu", dtype=torch.float32)
+
+    def load() -> nn.Module:
+        from .model import load_model
+
+        return load_model(base, dtype=torch.float32, device="cpu")[0]
+
+    return load
+
+
+def _merged_touched(make_base: Callable[[], nn.Module], adapter: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(base values, merged values) in float32 of every weight the adapter touches."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise DeltaError("a delta from PEFT adapters needs the optional extra: pip install 'subspace-sweep[peft]'") from e
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise DeltaFormatError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json)")
+    model = make_base()
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise DeltaFormatError(f"{adapter}: could not apply the adapter to the base model ({type(e).__name__}: {e})") from None
+    inner = peft_model.get_base_model()
+    touched = [name for name, mod in inner.named_modules() if isinstance(mod, BaseTunerLayer)]
+    if not touched:
+        raise DeltaFormatError(f"{adapter}: the adapter modifies no module of the base model")
+    base_vals = {
+        f"{n}.weight": inner.get_submodule(n).get_base_layer().weight.detach().float().clone() for n in touched
+    }
+    merged = peft_model.merge_and_unload()
+    merged_vals = {k: merged.get_parameter(k).detach().float().clone() for k in base_vals}
+    return base_vals, merged_vals
+
+
+def delta_from_peft(
+    base: str | Path | nn.Module, adapter_pos: str | Path, adapter_neg: str | Path
+) -> dict[str, Tensor]:
+    """``w = merged⁺ − merged⁻`` (float32 CPU) over the weights either adapter touches.
+
+    Each adapter is merged into its own float32 copy of the base (a path is loaded fresh, a
+    model object is deep-copied and left unchanged). A weight touched by only one adapter takes
+    the base value on the other side, so its delta is that adapter's update (or minus it).
+    """
+    make_base = _load_base_for_peft(base)
+    base_p, merged_p = _merged_touched(make_base, adapter_pos)
+    base_n, merged_n = _merged_touched(make_base, adapter_neg)
+    out: dict[str, Tensor] = {}
+    for k in sorted(set(merged_p) | set(merged_n)):
+        pos = merged_p.get(k, base_n.get(k))
+        neg = merged_n.get(k, base_p.get(k))
+        out[k] = (pos - neg).contiguous()
+    return out

@@ -1,0 +1,127 @@
+"""A tiny offline Qwen3 and its tokenizer, for tests and benchmarks without a model hub.
+
+The model has the structure the sweep relies on (GQA with ``n_kv < n_heads`` and
+``head_dim > 1``, q/k norms, SwiGLU MLP with ``d_mlp = 3 d``, tied embeddings) at a size
+that builds in milliseconds. Its weights are a pure function of ``seed``.
+
+The tokenizer is a byte-level BPE trained offline on the package's probe and persona texts,
+wrapped as a transformers fast tokenizer with Qwen's special tokens and a Qwen-style chat
+template (``<|im_start|>role\\n...<|im_end|>\\n``; generation prompt ``<|im_start|>assistant\\n``).
+Like Qwen, it adds no special tokens to raw text.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from .prompts import load_probe_set, persona_texts
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+VOCAB_SIZE = 512
+
+# Qwen's template without tools/thinking: one block per message, optional generation prompt.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _corpus() -> list[str]:
+    probes = load_probe_set()
+    pos, neg = persona_texts()
+    chat_bits = ["system\n", "user\n", "assistant\n", "Yes", "No", "Yes.", "No."]
+    # A fixed order from the shipped data: the same corpus gives the same merges.
+    return [*probes.prompts, *probes.claims, *pos, *neg, *chat_bits]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    # Cached as JSON (immutable), so each caller gets an independent tokenizer object:
+    # a test that flips padding_side must not leak into another test.
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    return tok.to_str()
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh fast tokenizer (pad = bos = ``<|endoftext|>``, eos = ``<|im_end|>``), right padding."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        bos_token=ENDOFTEXT,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        additional_special_tokens=[IM_START],
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_model(
+    seed: int = 0,
+    *,
+    n_layers: int = 4,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int = 16,
+    d_mlp: int = 192,
+) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerFast]:
+    """A new seeded tiny Qwen3 (float32, eval mode, eager attention, no grads) and its tokenizer."""
+    tok = build_tiny_tokenizer()
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        # Larger than Qwen's 0.02 so that the tiny model's activations and attention
+        # patterns are far from degenerate (tests compare them).
+        initializer_range=0.1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_cache=False,
+    )
+    config._attn_implementation = "eager"
+    # Fork the global RNG: building a toy must not change the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model.set_attn_implementation("eager")
+    model.to(torch.float32).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Save a tiny model + tokenizer to ``path`` (loadable by ``AutoModelForCausalLM/AutoTokenizer``)."""
+    path = Path(path)
+    model, tok = build_tiny_model(seed, **kwargs)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
