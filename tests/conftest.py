@@ -29,3 +29,22 @@ def tiny():
     from subspace_sweep.toy import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The seeded tiny Qwen3 saved as a model folder (what `run --model DIR` loads)."""
+    from subspace_sweep.toy import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One full offline demo sweep (planted in mlp_write), written to a run folder; shared read-only."""
+    from subspace_sweep.demo import run_demo
+    from subspace_sweep.sweep import SweepConfig
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    outcome = run_demo(SweepConfig(out=str(out), quiet=True), plant="mlp_write")
+    return outcome, out

@@ -27,6 +27,10 @@ from . import linalg
 from .errors import InputError
 
 DTYPE = torch.float64
+#: The targets every candidate is scored on, in column order: the activation label, each
+#: residual-writing weight tensor, and their Frobenius-balanced combination.
+WEIGHT_TARGETS = ("o_proj", "down_proj", "combined")
+TARGETS = ("act", *WEIGHT_TARGETS)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,7 @@ from subspace_sweep.model import (
     residual_writer_keys,
     state_dict_sha256,
 )
-from subspace_sweep.toy import build_tiny_model, save_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", seed=0)
+from subspace_sweep.toy import build_tiny_model
 
 
 def test_load_local_folder_defaults(tiny_dir):
