@@ -220,6 +220,7 @@ def _left_pad_time(x: Tensor, T: int) -> Tensor:
 
 @dataclass(frozen=True)
 class _Want:
+    block_in: bool = False
     up_in: bool = False
     up_out: bool = False
     tokens: bool = False
@@ -279,7 +280,8 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     with (
         torch.no_grad(),
         _eager_attention(model, want.attn),
-        record_activations(model, blocks, transform=None if want.tokens else at_last) as rb,
+        record_activations(model, blocks, inputs=want.block_in,
+                           transform=None if want.tokens else at_last) as rb,
         record_activations(model, ups if (want.up_in or want.up_out) else [], inputs=want.up_in,
                            outputs=want.up_out, transform=at_last) as ru,
         record_activations(model, attns if want.attn else [], index=1, transform=final_attn) as ra,
@@ -296,6 +298,8 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
         out["tokens"] = f32([right_align(x, last, lengths, T) for x in full])
     else:
         out["blocks"] = f32([rb.output(n) for n in blocks])
+    if want.block_in:
+        out["block_in"] = f32([rb.input(n) for n in blocks])
     if want.up_in:
         out["up_in"] = f32([ru.input(n) for n in ups])
     if want.up_out:
@@ -361,22 +365,37 @@ def capture_activations(
     )
 
 
+LABEL_KINDS = ("block_output", "block_local")
+
+
 def capture_labels(
-    model: nn.Module, tokenizer, delta: Mapping[str, Tensor], probes: ProbeSet, *, batch_size: int | None = None
+    model: nn.Module,
+    tokenizer,
+    delta: Mapping[str, Tensor],
+    probes: ProbeSet,
+    *,
+    batch_size: int | None = None,
+    label: str = "block_output",
 ) -> SteeredLabels:
     """B-side label: block outputs at alpha=+1 minus alpha=-1, raw text, last token (2 passes).
 
+    ``label="block_local"`` takes the change of (block output - block input) instead: what the
+    block itself writes, without what earlier steered layers already changed upstream.
     FIT and EVAL prompts share one pass per sign. The delta is validated first; the model is
     restored bit for bit afterwards.
     """
     from .delta import validate_delta
 
+    if label not in LABEL_KINDS:
+        raise InputError(f"label must be one of {LABEL_KINDS}, got {label!r}")
     validate_delta(delta, model)
     texts = list(probes.fit) + list(probes.eval)
+    want = _Want(block_in=label == "block_local")
     steered = {}
     for alpha in (+1.0, -1.0):
         with weight_steer(model, delta, alpha):
-            steered[alpha] = _run_condition(model, tokenizer, texts, _Want(), chat=False, batch_size=batch_size)
-    label = steered[+1.0]["blocks"] - steered[-1.0]["blocks"]
+            got = _run_condition(model, tokenizer, texts, want, chat=False, batch_size=batch_size)
+        steered[alpha] = got["blocks"] - got["block_in"] if want.block_in else got["blocks"]
+    diff = steered[+1.0] - steered[-1.0]
     n_fit = len(probes.fit)
-    return SteeredLabels(eval=label[:, n_fit:].contiguous(), fit=label[:, :n_fit].contiguous())
+    return SteeredLabels(eval=diff[:, n_fit:].contiguous(), fit=diff[:, :n_fit].contiguous())

@@ -38,13 +38,20 @@ def _layers_arg(text: str) -> tuple[int, ...]:
 
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=8, help="rank of every candidate basis (default 8)")
-    p.add_argument("--k-broad", type=int, default=64, help="rank of the broad read bases projected away (default 64)")
+    p.add_argument("--k-broad", type=int, default=None,
+                   help="rank of the broad read bases projected away (default 64, capped at d/4)")
     p.add_argument("--layers", type=_layers_arg, default=None,
                    help="scored layers, e.g. 8..21 (default: where the delta writes to the residual stream)")
     p.add_argument("--n-fit", type=int, default=None, help="number of FIT probes (default: first half)")
     p.add_argument("--null", choices=("exact", "mc"), default="exact", help="exact null (default) or Monte-Carlo cross-check")
     p.add_argument("--n-null", type=int, default=2000, help="Monte-Carlo draws with --null mc")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", choices=("block_output", "block_local"), default="block_output",
+                   help="activation label: change of the block output (default) or of (output - input)")
+    p.add_argument("--topic-holdout", type=int, nargs="?", const=-1, default=None, metavar="N",
+                   help="also score R_act on EVAL probes whose claim is not among the first N LoRA training "
+                        "claims (N defaults to the data's n_lora_train_topics, 20)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of EVAL prompts (0: none)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -76,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     delta.add_argument("--out", required=True, help="output .safetensors file")
     delta.add_argument("--overwrite", action="store_true")
 
+    compare = sub.add_parser("compare", help="stability of the ranking across runs of the same model (e.g. LoRA seeds)")
+    compare.add_argument("runs", nargs="+", help="run folders written by `run`")
+    compare.add_argument("--out", required=True, help="output folder (written atomically)")
+    compare.add_argument("--top-k", type=int, default=5, help="top-k of the joint ranking counted (default 5)")
+    compare.add_argument("--min-runs", type=int, default=None, help="stable: in the top-k of at least this many runs "
+                         "(default: half of them, rounded up)")
+    compare.add_argument("--z-min", type=float, default=2.0, help="stable: z_w_combined above this in every run")
+    compare.add_argument("--overwrite", action="store_true")
+
     explain = sub.add_parser("explain", help="print a candidate's definition")
     explain.add_argument("name")
     return parser
@@ -84,9 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args: argparse.Namespace, **overrides):
     from .sweep import SweepConfig
 
+    holdout = args.topic_holdout
+    if holdout == -1:
+        from .prompts import load_probe_set
+
+        holdout = load_probe_set().n_lora_train_topics
     fields = dict(
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
+        label=args.label, topic_holdout=holdout, n_boot=args.n_boot,
     )
     fields.update(overrides)
     return SweepConfig(**fields)
@@ -129,27 +151,47 @@ def cmd_delta(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from .candidates import describe
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_runs, load_run, write_comparison
+    from .report import check_out_dir
 
-    print(describe(args.name))
+    check_out_dir(args.out, args.overwrite)
+    runs = [load_run(p) for p in args.runs]
+    cmp = compare_runs(runs, top_k=args.top_k, min_runs=args.min_runs, z_min=args.z_min)
+    write_comparison(cmp, args.out, overwrite=args.overwrite,
+                     settings={"top_k": args.top_k, "min_runs": args.min_runs, "z_min": args.z_min})
+    stable = [row["candidate"] for row in cmp.per_candidate.iter_rows(named=True) if row["stable"]]
+    print(f"compared {len(runs)} runs; stable candidates: {', '.join(stable) if stable else 'none'}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .candidates import get_spec
+
+    spec = get_spec(args.name)
+    print(f"{spec.name}  ({spec.side}-side, family {spec.family}, axis_kind {spec.axis_kind})")
+    print(spec.definition)
     return 0
 
 
 def bluf_table(result, top: int = 12) -> str:
     """The joint A-side ranking's head as a fixed-width table."""
     rows = result.ranking("joint").head(top)
-    head = f"{'#':>3} {'candidate':<34} {'axis':<6} {'R_act':>8} {'R_w_comb':>9} {'joint':>8} {'%orc_w':>7} {'z_w':>7}"
+    ci = "R_act_lo" in rows.columns
+    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "")
+            + f"{'R_w_comb':>9} {'joint':>8} {'%orc_w':>7} {'z_w':>7}")
     lines = ["A-side write+mixed ranking (joint = sqrt(R_act * R_w_combined), mean over scored layers)", head]
     for i, r in enumerate(rows.iter_rows(named=True), 1):
+        interval = f"[{r['R_act_lo']:>6.2f},{r['R_act_hi']:>6.2f}] " if ci else ""
         lines.append(
-            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['R_act']:>8.2f} {r['R_w_combined']:>9.2f} "
+            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['R_act']:>8.2f} {interval}{r['R_w_combined']:>9.2f} "
             f"{r['joint']:>8.2f} {r['pct_oracle_combined']:>7.1f} {r['z_w_combined']:>7.1f}"
         )
     return "\n".join(lines)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "delta": cmd_delta, "explain": cmd_explain}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars are transformers', not ours
     try:
         return COMMANDS[args.command](args)
     except InputError as e:

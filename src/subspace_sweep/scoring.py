@@ -227,3 +227,31 @@ def stable_seed(*parts: object) -> int:
     import zlib
 
     return zlib.crc32("\x1f".join(map(str, parts)).encode("utf-8")) & 0x7FFFFFFF
+
+
+def row_fractions(rows: Tensor, B: Tensor) -> Tensor:
+    """Per-row energy fractions ``‖Bᵀu_i‖²/‖u_i‖²``: the activation energy is their mean."""
+    U = linalg.as64(rows)
+    U = U / U.norm(dim=1, keepdim=True)
+    return (U @ linalg.as64(B)).pow(2).sum(1)
+
+
+def bootstrap_mean_ci(values: Tensor, n_boot: int, seed: int, level: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap interval of the mean over the last axis (the prompts).
+
+    ``values`` is (m, n): m statistics (e.g. candidates) over n prompts. The same seeded
+    resamples of prompts are used for every row (paired), so intervals of different rows are
+    comparable. A row containing NaN gets a NaN interval.
+    """
+    V = linalg.as64(values)
+    m, n = V.shape
+    if n < 2 or n_boot < 1:
+        raise InputError(f"bootstrap needs at least 2 prompts and 1 resample, got n = {n}, n_boot = {n_boot}")
+    gen = torch.Generator().manual_seed(int(seed))
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)
+    counts = torch.zeros(n_boot, n, dtype=DTYPE).scatter_add_(1, idx, torch.ones(n_boot, n, dtype=DTYPE))
+    means = V @ counts.T / n  # (m, n_boot)
+    alpha = (1.0 - level) / 2
+    q = torch.tensor([alpha, 1.0 - alpha], dtype=DTYPE)
+    lo_hi = torch.quantile(means, q, dim=1)  # NaN rows stay NaN
+    return lo_hi[0], lo_hi[1]

@@ -103,7 +103,9 @@ def build_tiny_model(
         initializer_range=0.1,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        # No pad_token_id, like Qwen3-0.6B's config: nn.Embedding would zero the padding row, and
+        # the pad token doubles as bos here, whose embedding attention_sink needs.
+        pad_token_id=None,
         use_cache=False,
     )
     config._attn_implementation = "eager"

@@ -1,0 +1,118 @@
+"""Benchmark of the whole sweep at Qwen3-0.6B's exact shapes, offline (a script, not a test).
+
+    .venv/bin/python benchmarks/bench_sweep.py                # Qwen3-0.6B shapes, bfloat16
+    .venv/bin/python benchmarks/bench_sweep.py --shape tiny   # a quick run on the tiny model
+
+Random weights (no download), a rank-32 synthetic delta on layers 8..21 for all seven
+projections (Frobenius norm 1% of each base weight), the package's probes tokenised by the
+offline tokenizer, then every phase of ``run_sweep``: captures, candidates, scoring, report.
+Prints ONE JSON line: seconds per phase, forward passes, peak RSS, torch threads, device,
+and the prompt token counts actually used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from subspace_sweep import report
+from subspace_sweep.capture import chat_texts
+from subspace_sweep.delta import random_delta
+from subspace_sweep.model import ATTN_PROJS, MLP_PROJS, resolve_device
+from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.sweep import SweepConfig, model_manifest, sweep
+from subspace_sweep.toy import build_tiny_model, build_tiny_tokenizer
+
+QWEN3_06B = dict(
+    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+)
+
+
+def build_qwen_shaped(dtype: torch.dtype, device: torch.device):
+    config = Qwen3Config(**QWEN3_06B)
+    config._attn_implementation = "eager"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype (no fp32 copy first)
+    try:
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = build_tiny_tokenizer()
+    return model, tokenizer
+
+
+def token_counts(tokenizer, probes) -> dict[str, float]:
+    raw = [len(tokenizer(p)["input_ids"]) for p in probes.fit]
+    chat = [len(tokenizer(t)["input_ids"]) for t in chat_texts(tokenizer, probes.fit, probes.persona_pos)]
+    return {"raw_probe_mean": sum(raw) / len(raw), "chat_persona_probe_mean": sum(chat) / len(chat)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=("qwen3-0.6b", "tiny"), default="qwen3-0.6b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype)
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if args.shape == "tiny":
+        model, tokenizer = build_tiny_model(seed=0)
+        layers = [1, 2]
+    else:
+        model, tokenizer = build_qwen_shaped(dtype, device)
+        layers = list(range(8, 22))
+    timings["model_build"] = time.perf_counter() - t0
+
+    projections = [f"self_attn.{p}" for p in ATTN_PROJS] + [f"mlp.{p}" for p in MLP_PROJS]
+    delta = random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=0, scale=0.01,
+                         projections=projections)
+    probes = load_probe_set()
+    config = SweepConfig(model=f"random:{args.shape}", quiet=True)
+
+    t_sweep = time.perf_counter()
+    result = sweep(model, tokenizer, delta, config, probes)
+    timings.update(result.timings)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        report.write_run(result, config, Path(tmp) / "run", {**model_manifest(model, config), "delta": "synthetic"})
+        timings["report"] = time.perf_counter() - t0
+    timings["sweep_total_after_build"] = time.perf_counter() - t_sweep
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({
+        "shape": args.shape,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype),
+        "torch_threads": torch.get_num_threads(),
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+        "candidates_plus_scoring_s": round(timings["candidates"] + timings["scoring"], 2),
+        "forward_passes": result.forward_passes,
+        "prompts_per_pass": {"fit": len(probes.fit), "eval": len(probes.eval)},
+        "tokens": token_counts(tokenizer, probes),
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "scored_layers": result.scored_layers,
+        "n_candidates": len(result.candidates),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

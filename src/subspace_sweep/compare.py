@@ -1,0 +1,172 @@
+"""Beyond one run: stability of the ranking across runs of the same model with different deltas
+(e.g. LoRA seeds). Reads run folders; writes one compare folder atomically.
+
+Per A-side candidate: median, IQR, min and max over runs of R_act, R_w_combined and
+z_w_combined; how often it is in the joint top-k; a stability filter (top-k in at least m of
+the n runs AND z_w_combined > z_min in every run). Between runs: Kendall τ of the joint
+rankings and the principal angles between the runs' weight oracles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import scipy.stats  # noqa: E402
+
+from . import linalg, report  # noqa: E402
+from .errors import InputError  # noqa: E402
+
+STATS = ("R_act", "R_w_combined", "z_w_combined", "joint")
+RUN_FILES = ("summary.tsv", "config.json", "manifest.json", "weight_oracles.safetensors")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    path: Path
+    summary: pl.DataFrame  # the run's summary.tsv
+    config: dict
+    manifest: dict
+    oracles: dict[int, dict[str, object]]
+
+    @property
+    def joint_order(self) -> list[str]:
+        return self.summary.filter(pl.col("panel") == "joint").sort("rank_in_panel")["candidate"].to_list()
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    if missing:
+        raise InputError(f"{path} is not a complete run folder: missing {', '.join(missing)}")
+    return Run(
+        name=path.name,
+        path=path,
+        summary=pl.read_csv(path / "summary.tsv", separator="\t"),
+        config=json.loads((path / "config.json").read_text()),
+        manifest=json.loads((path / "manifest.json").read_text()),
+        oracles=report.load_oracles(path / "weight_oracles.safetensors"),
+    )
+
+
+def _check_comparable(runs: list[Run]) -> None:
+    if len(runs) < 2:
+        raise InputError(f"compare needs at least 2 runs, got {len(runs)}")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise InputError(f"run folders must have distinct names, got {names}")
+    first = runs[0]
+    for run in runs[1:]:
+        pairs = [("model_sha256", first.manifest.get("model_sha256"), run.manifest.get("model_sha256"))]
+        pairs += [(key, first.config.get(key), run.config.get(key)) for key in ("r", "n_fit", "label")]
+        for key, a, b in pairs:
+            if a != b:
+                raise InputError(f"runs {first.name} and {run.name} differ in {key!r} ({a!r} vs {b!r}): not comparable")
+
+
+def kendall_tau(order_a: list[str], order_b: list[str]) -> float:
+    """Kendall τ-b between two rankings over their common items."""
+    common = [c for c in order_a if c in set(order_b)]
+    if len(common) < 2:
+        return math.nan
+    pos_b = {c: i for i, c in enumerate(order_b)}
+    return float(scipy.stats.kendalltau(range(len(common)), [pos_b[c] for c in common]).statistic)
+
+
+@dataclass
+class Comparison:
+    per_candidate: pl.DataFrame
+    taus: pl.DataFrame
+    angles: pl.DataFrame
+    runs: list[str]
+
+
+def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None, z_min: float = 2.0) -> Comparison:
+    _check_comparable(runs)
+    n = len(runs)
+    m = min_runs if min_runs is not None else math.ceil(n / 2)
+    if not 1 <= m <= n:
+        raise InputError(f"--min-runs must be in 1..{n}, got {m}")
+    if top_k < 1:
+        raise InputError(f"--top-k must be positive, got {top_k}")
+    a_side = [r.summary.filter(pl.col("side") == "A").with_columns(run=pl.lit(r.name)) for r in runs]
+    long = pl.concat([f.select("run", "candidate", "family", "axis_kind", "panel", *STATS) for f in a_side])
+    top = {r.name: set(r.joint_order[:top_k]) for r in runs}
+    aggs = []
+    for stat in STATS:
+        col = pl.col(stat).cast(pl.Float64)
+        aggs += [col.median().alias(f"{stat}_median"),
+                 (col.quantile(0.75, "linear") - col.quantile(0.25, "linear")).alias(f"{stat}_iqr"),
+                 col.min().alias(f"{stat}_min"), col.max().alias(f"{stat}_max")]
+    per = long.group_by("candidate", maintain_order=True).agg(
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("panel").first(), pl.len().alias("n_runs"),
+        (pl.col("z_w_combined").cast(pl.Float64) > z_min).all().alias("z_w_above_min_in_every_run"), *aggs,
+    )
+    in_top = [sum(c in top[r.name] for r in runs) for c in per["candidate"]]
+    per = per.with_columns(**{f"in_top{top_k}": pl.Series(in_top)}).with_columns(
+        stable=(pl.col(f"in_top{top_k}") >= m) & pl.col("z_w_above_min_in_every_run") & (pl.col("n_runs") == n)
+    )
+    per = report.sort_best_first(per, "joint_median")
+
+    taus = pl.DataFrame(
+        [{"run_a": a.name, "run_b": b.name, "kendall_tau": kendall_tau(a.joint_order, b.joint_order)}
+         for a, b in itertools.combinations(runs, 2)]
+    )
+    rows = []
+    for a, b in itertools.combinations(runs, 2):
+        for layer in sorted(set(a.oracles) & set(b.oracles)):
+            for target in sorted(set(a.oracles[layer]) & set(b.oracles[layer])):
+                cos = linalg.principal_cosines(a.oracles[layer][target], b.oracles[layer][target])
+                rows.append({"run_a": a.name, "run_b": b.name, "layer": layer, "target": target,
+                             "cos_mean": float(cos.mean()) if cos.numel() else math.nan,
+                             "cos_min": float(cos.min()) if cos.numel() else math.nan})
+    angles = pl.DataFrame(rows, schema={"run_a": pl.String, "run_b": pl.String, "layer": pl.Int64,
+                                        "target": pl.String, "cos_mean": pl.Float64, "cos_min": pl.Float64})
+    return Comparison(per_candidate=per, taus=taus, angles=angles, runs=[r.name for r in runs])
+
+
+def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int = 25) -> None:
+    """Median joint score per A-side write/mixed candidate with min-max and IQR bars."""
+    rows = per.filter(pl.col("panel") == "joint").head(top)
+    y = np.arange(rows.height)[::-1]
+    med = rows["joint_median"].to_numpy()
+    fig, ax = plt.subplots(figsize=(9, 0.3 * rows.height + 1.8))
+    lo, hi = rows["joint_min"].to_numpy(), rows["joint_max"].to_numpy()
+    ax.hlines(y, lo, hi, color="grey", linewidth=1, label="min-max over runs")
+    ax.errorbar(med, y, xerr=rows["joint_iqr"].to_numpy() / 2, fmt="o", color="C0", capsize=3,
+                label="median ± IQR/2")
+    stable = rows["stable"].to_numpy()
+    ax.scatter(med[stable], y[stable], marker="*", s=120, color="C3", zorder=5, label="passes the stability filter")
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.set_yticks(y, rows["candidate"].to_list(), fontsize=8)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("joint score √(R_act·R_w_combined) (null = 1)")
+    ax.set_title("Ranking stability across runs (A-side write + mixed)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.25, axis="x", which="both")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, settings: dict) -> Path:
+    def fill(tmp: Path) -> None:
+        (tmp / "compare_config.json").write_text(json.dumps({"runs": cmp.runs, **settings}, indent=2) + "\n")
+        cmp.per_candidate.write_csv(tmp / "compare_summary.tsv", separator="\t", float_precision=6)
+        cmp.taus.write_csv(tmp / "rank_stability.tsv", separator="\t", float_precision=6)
+        cmp.angles.write_csv(tmp / "oracle_angles.tsv", separator="\t", float_precision=6)
+        ranking_figure(cmp.per_candidate, tmp / "compare_ranking.png", tmp / "compare_ranking.pdf")
+
+    return report.write_atomically(out, fill, overwrite=overwrite)

@@ -1,0 +1,106 @@
+"""The offline demo: the tiny Qwen3 plus a delta PLANTED in one A-side candidate's span.
+
+The delta's o_proj/down_proj columns lie in the planted candidate's basis at every planted
+layer, so that candidate's weight energy is 1 (the Ky Fan maximum) and it must rank first on
+R_w_combined among the A-side candidates. A sweep that misses it is broken.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from .candidates import Candidate, build_a_side, get_spec
+from .capture import capture_activations
+from .delta import random_delta, save_delta
+from .errors import InputError
+from .model import WRITER_PROJS, extract_base_weights, load_model, n_layers_of
+from .prompts import load_probe_set
+from .report import sort_best_first
+from .sweep import SweepConfig, SweepResult, run_sweep
+from .toy import save_tiny_model
+
+#: Frobenius norm of each planted tensor relative to the base weight: large enough that the
+#: steered activations change measurably in float32, small enough to stay a perturbation.
+PLANT_SCALE = 0.2
+PLANT_RANK = 4
+
+
+def default_layers(n_layers: int) -> tuple[int, ...]:
+    """The middle layers (the seed steered 8..21 of 28): all but the first and the last."""
+    return tuple(range(1, n_layers - 1)) if n_layers > 2 else tuple(range(n_layers))
+
+
+def base_candidates(model, tokenizer, *, r: int, k_broad: int, layers: Sequence[int], seed: int) -> list[Candidate]:
+    """The A-side candidates of the base model (what a planted delta is built from)."""
+    acts = capture_activations(model, tokenizer, load_probe_set())
+    return build_a_side(extract_base_weights(model, tokenizer), acts, r=r, k_broad=k_broad, layers=layers, seed=seed)
+
+
+def plant_in(model, candidate: Candidate, layers: Sequence[int], *, seed: int) -> dict[str, torch.Tensor]:
+    """A delta whose o_proj/down_proj columns lie in ``candidate``'s basis at each layer."""
+    delta: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        B = candidate.bases[layer]
+        if B.shape[1] == 0:
+            raise InputError(f"--plant {candidate.name}: its basis is empty at layer {layer}; choose other --layers")
+        delta.update(random_delta(model, [layer], rank=PLANT_RANK, seed=seed + layer, scale=PLANT_SCALE,
+                                  projections=WRITER_PROJS, basis=B.float()))
+    return delta
+
+
+def planted_delta(model, tokenizer, plant: str, layers: Sequence[int], *, r: int, k_broad: int, seed: int) -> dict[str, torch.Tensor]:
+    """A delta planted in the base model's A-side candidate ``plant`` (see ``plant_in``)."""
+    if get_spec(plant).side != "A":  # unknown name -> InputError before any work
+        raise InputError(f"--plant {plant!r} is a B-side reference; plant an A-side candidate")
+    candidates = base_candidates(model, tokenizer, r=r, k_broad=k_broad, layers=layers, seed=seed)
+    return plant_in(model, next(c for c in candidates if c.name == plant), layers, seed=seed)
+
+
+@dataclass
+class DemoOutcome:
+    result: SweepResult
+    plant: str
+    rank_on_w: int  # 1 = first among A-side candidates on R_w_combined
+    pct_oracle_combined: float
+
+    @property
+    def recovered(self) -> bool:
+        return self.rank_on_w == 1
+
+    def verdict(self) -> str:
+        state = "RECOVERED" if self.recovered else "NOT RECOVERED"
+        return (f"planted candidate `{self.plant}`: rank {self.rank_on_w} on R_w_combined among A-side candidates, "
+                f"{self.pct_oracle_combined:.1f}% of the combined weight oracle -> {state}")
+
+
+def plant_rank(result: SweepResult, plant: str) -> tuple[int, float]:
+    order = sort_best_first(result.summary.filter(pl.col("side") == "A"), "R_w_combined")
+    names = order["candidate"].to_list()
+    row = order.filter(pl.col("candidate") == plant).row(0, named=True)
+    return names.index(plant) + 1, float(row["pct_oracle_combined"])
+
+
+def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int = 0) -> DemoOutcome:
+    """Build and save the tiny model, plant a delta, run the whole sweep from the saved files."""
+    get_spec(plant)  # unknown name -> InputError before the model is built
+    with tempfile.TemporaryDirectory(prefix="subspace-sweep-demo-") as tmp:
+        model_dir = save_tiny_model(Path(tmp) / "tiny-qwen3", seed=model_seed)
+        model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
+        layers = config.layers or default_layers(n_layers_of(model))
+        bad = [x for x in layers if not 0 <= x < n_layers_of(model)]
+        if bad:
+            raise InputError(f"--layers {bad} outside the tiny model's layers 0..{n_layers_of(model) - 1}")
+        delta = planted_delta(model, tokenizer, plant, layers, r=config.r,
+                              k_broad=config.resolved_k_broad(int(model.config.hidden_size)), seed=config.seed)
+        delta_path = save_delta(delta, Path(tmp) / "planted_delta.safetensors")
+        config = replace(config, model=str(model_dir), delta=str(delta_path), layers=tuple(layers),
+                         dtype="float32", device="cpu")
+        result = run_sweep(config)
+    rank, pct = plant_rank(result, plant)
+    return DemoOutcome(result=result, plant=plant, rank_on_w=rank, pct_oracle_combined=pct)

@@ -1,0 +1,369 @@
+"""The run folder (SPEC §7): tables, definitions, conclusion and figures, written atomically.
+
+Everything is first written into a temporary sibling folder; only a complete folder is moved
+into place, so a crash leaves no partial output (and an existing folder is replaced only with
+``overwrite``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from .errors import InputError  # noqa: E402
+from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
+
+PANELS = ("joint", "read", "reference")
+SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "rank", "R_act", "z_act",
+                *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("R", "z")], "z_slice_w_combined",
+                "joint", "act_w_gap_log2"]
+#: Columns that exist only with an option: bootstrap intervals (--n-boot > 0), topic holdout.
+OPTIONAL_COLS = ["R_act_lo", "R_act_hi", "joint_lo", "joint_hi", "R_act_holdout", "z_act_holdout",
+                 "pct_oracle_act_holdout", "joint_holdout"]
+PCT_COLS = ["candidate", "family", "axis_kind", "side", "rank", "R_act", "R_w_combined", "joint",
+            *[f"pct_oracle_{t}" for t in TARGETS], *[f"cos_oracle_{t}_{m}" for t in TARGETS for m in ("mean", "min")],
+            "bisector_cos_mean", "bisector_cos_min"]
+PACKAGES = ("subspace-sweep", "torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "polars", "matplotlib")
+
+
+def sort_best_first(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+    """Descending by ``column`` with NaN and null last, ties by candidate name: a total order.
+
+    (polars sorts NaN above every number, so NaN is mapped to null first.)
+    """
+    key = pl.when(pl.col(column).is_nan()).then(None).otherwise(pl.col(column))
+    return frame.with_columns(_key=key).sort(["_key", "candidate"], descending=[True, False], nulls_last=True).drop("_key")
+
+
+
+# ------------------------------------------------------------------------------- output folder
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) if ``out`` exists and is non-empty without ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    if not parent.exists():
+        raise InputError(f"--out {out}: parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: parent folder {parent} is not writable")
+    return out
+
+
+def write_atomically(out: str | Path, fill: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Call ``fill(tmp)`` on a fresh temporary folder next to ``out``, then move it into place."""
+    out = check_out_dir(out, overwrite)
+    parent = out.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "run")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ------------------------------------------------------------------------------- tables
+
+
+def ranked_summary(result) -> pl.DataFrame:
+    """The summary with ``panel`` and ``rank_in_panel``: joint (A-side write+mixed+null), then
+    read (A-side), then the B-side references, each best first."""
+    parts = []
+    for panel in PANELS:
+        frame = result.references() if panel == "reference" else result.ranking(panel)
+        parts.append(frame.with_columns(panel=pl.lit(panel), rank_in_panel=pl.int_range(1, frame.height + 1)))
+    out = pl.concat(parts)
+    missing = set(result.summary["candidate"]) - set(out["candidate"])
+    if missing:  # every row must land in exactly one panel
+        raise AssertionError(f"candidates in no panel: {sorted(missing)}")
+    return out
+
+
+def _tsv(frame: pl.DataFrame, path: Path) -> None:
+    frame.write_csv(path, separator="\t", float_precision=6)
+
+
+def _csv(frame: pl.DataFrame, path: Path) -> None:
+    frame.write_csv(path, float_precision=6)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def definitions_markdown(candidates) -> str:
+    lines = [
+        "# Candidate definitions",
+        "",
+        "A-side candidates are built from the base model's weights and base activations only; the",
+        "LoRA delta is used only to score them. B-side rows are references built from the LoRA and are",
+        "never ranked as hypotheses. `axis_kind` is derived from `family` by one table.",
+        "",
+        "| name | side | family | axis_kind | expected rank | definition |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in candidates:
+        note = f" ({c.rank_note})" if c.rank_note else ""
+        lines.append(f"| `{c.name}` | {c.side} | {c.family} | {c.axis_kind} | {c.expected_rank} | {c.definition}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
+    joint = ranked.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"]))
+    read = ranked.filter(pl.col("panel") == "read")
+    refs = ranked.filter(pl.col("panel") == "reference")
+    best = joint.row(0, named=True)
+    top_act = sort_best_first(joint, "R_act").head(5)["candidate"].to_list()
+    top_w = sort_best_first(joint, "R_w_combined").head(5)["candidate"].to_list()
+    overlap = [c for c in top_act if c in top_w]
+    pct = ranked.filter(pl.col("candidate") == best["candidate"]).row(0, named=True)
+    significant = (best["z_act"] or 0) > 2 and (best["z_w_combined"] or 0) > 2
+    lines = [
+        "# Conclusion",
+        "",
+        "## BLUF",
+        "",
+        f"Best A-side write/mixed candidate by joint score √(R_act·R_w_combined): **`{best['candidate']}`** "
+        f"({best['family']}, {best['axis_kind']}), mean over {len(result.scored_layers)} scored layers "
+        f"{result.scored_layers[0]}..{result.scored_layers[-1]}:",
+        "",
+        "| R_act | z_act | R_w_combined | z_w_combined | joint | % of act oracle | % of combined weight oracle |",
+        "|---|---|---|---|---|---|---|",
+        f"| {_fmt(best['R_act'])} | {_fmt(best['z_act'], '.1f')} | {_fmt(best['R_w_combined'])} | "
+        f"{_fmt(best['z_w_combined'], '.1f')} | {_fmt(best['joint'])} | {_fmt(best['pct_oracle_act'], '.1f')} | "
+        f"{_fmt(best['pct_oracle_combined'], '.1f')} |",
+        "",
+        *([f"{100 * config.ci_level:.0f}% bootstrap interval over EVAL prompts ({config.n_boot} resamples): "
+           f"R_act [{_fmt(best['R_act_lo'])}, {_fmt(best['R_act_hi'])}], joint [{_fmt(best['joint_lo'])}, "
+           f"{_fmt(best['joint_hi'])}].", ""] if "R_act_lo" in best else []),
+        *([f"Topic holdout (EVAL probes whose claim did not train the LoRA, claims ≥ {config.topic_holdout}): "
+           f"R_act = {_fmt(best['R_act_holdout'])}, z_act = {_fmt(best['z_act_holdout'], '.1f')}, "
+           f"joint = {_fmt(best['joint_holdout'])}.", ""] if "R_act_holdout" in best else []),
+        ("Both its activation and weight concentrations are above the exact random-subspace null (z > 2)."
+         if significant else
+         "It does NOT clear the exact random-subspace null on both axes (z > 2): treat it as no evidence."),
+        "",
+        f"Top-5 by R_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
+        f"Top-5 by R_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
+        f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
+        "",
+    ]
+    if read.height:
+        r0 = read.row(0, named=True)
+        lines += [
+            f"Best read-side row (own table; its R_w measures read/write alignment, not 'explains the delta'): "
+            f"`{r0['candidate']}` R_act = {_fmt(r0['R_act'])}, R_w_combined = {_fmt(r0['R_w_combined'])}.",
+            "",
+        ]
+    ref_bits = [f"`{r['candidate']}` R_act = {_fmt(r['R_act'])}, R_w_combined = {_fmt(r['R_w_combined'])}"
+                for r in refs.iter_rows(named=True)]
+    lines += ["B-side references (built from the LoRA, never ranked): " + "; ".join(ref_bits) + ".", ""]
+    deficient = [
+        r["candidate"] for r in ranked.filter(pl.col("side") == "A").iter_rows(named=True)
+        if r["rank"] is not None and r["rank"] < r["expected_rank"] - 1e-9
+    ]
+    n_train = getattr(result, "n_lora_train_topics", None)
+    lines += [
+        "## Caveats",
+        "",
+        "- A single delta (one LoRA seed): the ranking is anecdote-grade until repeated across seeds.",
+        f"- A small probe set: {result.n_fit} FIT prompts build the activation bases and {result.n_eval} EVAL prompts "
+        "score them" + ("; R_act has no confidence interval here." if not config.n_boot else
+                         f"; intervals come from {config.n_boot} bootstrap resamples of those prompts."),
+    ]
+    if n_train and config.topic_holdout is None:
+        lines.append(f"- Topic overlap: the first {n_train} probe claims were LoRA training topics, so EVAL probes are "
+                     "not all held out from training (rerun with --topic-holdout to score the held-out ones too).")
+    if config.label == "block_local":
+        lines.append("- The activation label is block-local: the change of (block output − block input) at each layer.")
+    lines += [
+        "- The null is a uniformly random subspace of the residual stream; the residual stream is anisotropic, "
+        "so see `specific_summary.tsv` (scores after removing the clean principal components).",
+        f"- Scores are rank-matched at r = {config.r}; pct_oracle uses the Ky Fan oracle at each basis's own rank.",
+    ]
+    if deficient:
+        lines.append(f"- Below their declared rank on some layer (scored at their effective rank): "
+                     f"{', '.join(f'`{c}`' for c in deficient)}.")
+    if config.null == "mc":
+        lines.append(f"- z from a seeded Monte-Carlo null ({config.n_null} draws, seed {config.seed}), not the exact null.")
+    return "\n".join(lines) + "\n"
+
+
+def save_oracles(oracle_bases: Mapping[int, Mapping[str, object]], path: Path) -> None:
+    """The weight targets' Ky Fan oracle bases per layer (``{target}@{layer}``), so runs of
+    different deltas can be compared by their principal angles without the deltas."""
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}@{layer}": basis.contiguous() for layer, per in sorted(oracle_bases.items())
+               for name, basis in sorted(per.items())}
+    save_file(tensors, str(path))
+
+
+def load_oracles(path: Path) -> dict[int, dict[str, object]]:
+    from safetensors.torch import load_file
+
+    out: dict[int, dict[str, object]] = {}
+    for key, basis in load_file(str(path)).items():
+        name, layer = key.rsplit("@", 1)
+        out.setdefault(int(layer), {})[name] = basis
+    return out
+
+
+# ------------------------------------------------------------------------------- figures
+
+FAMILY_MARKERS = {"write": "o", "mixed": "s", "null": "x", "read": "^"}
+
+
+def _positive(x):
+    x = np.asarray(x, dtype=float)
+    return np.where(np.isfinite(x) & (x > 0), x, np.nan)
+
+
+def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """R_act vs R_w_combined, log-log: write+mixed panel and read panel; oracles starred."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), sharex=True, sharey=True)
+    refs = ranked.filter(pl.col("panel") == "reference")
+    for ax, panel, title in [
+        (axes[0], "joint", "A-side write + mixed (R_w: explains the delta)"),
+        (axes[1], "read", "A-side read (R_w: read/write alignment only)"),
+    ]:
+        rows = ranked.filter(pl.col("panel") == panel)
+        families = sorted(set(rows["family"].to_list()))
+        cmap = plt.get_cmap("tab20", max(len(families), 1))
+        for i, fam in enumerate(families):
+            sub = rows.filter(pl.col("family") == fam)
+            marker = FAMILY_MARKERS.get(sub["axis_kind"][0], "o")
+            ax.scatter(_positive(sub["R_act"]), _positive(sub["R_w_combined"]), s=46, alpha=0.85,
+                       color=cmap(i), marker=marker, label=fam)
+        for r in rows.head(10).iter_rows(named=True):
+            if r["R_act"] and r["R_w_combined"] and r["R_act"] > 0 and r["R_w_combined"] > 0:
+                ax.annotate(r["candidate"], (r["R_act"], r["R_w_combined"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.scatter(_positive(refs["R_act"]), _positive(refs["R_w_combined"]), s=150, marker="*", color="black",
+                   label="B-side references", zorder=5)
+        for r in refs.iter_rows(named=True):
+            if r["R_act"] and r["R_w_combined"] and r["R_act"] > 0 and r["R_w_combined"] > 0:
+                ax.annotate(r["candidate"], (r["R_act"], r["R_w_combined"]), fontsize=7, xytext=(4, -9),
+                            textcoords="offset points", style="italic")
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.9)
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 6×10⁰
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("activation concentration R_act (null = 1)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.25, which="both")
+        ax.legend(fontsize=7, ncols=2, loc="best")
+    axes[0].set_ylabel("weight concentration R_w, Frobenius-balanced combined (null = 1)")
+    fig.suptitle("Which base-model subspace explains the LoRA? (mean over scored layers)")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=150, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, path_pdf: Path,
+                   panel_ends: list[int] = ()) -> None:
+    """Candidates x scored layers: log2 R_act and log2 R_w_combined (0 = null); lines separate panels."""
+    layers = sorted(set(per_layer["layer"].to_list()))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 2 + 0.45 * len(layers)) * 2, 0.24 * len(order) + 2.5))
+    for ax, col, title in [(axes[0], "R_act", "log2 R_act"), (axes[1], "R_w_combined", "log2 R_w_combined")]:
+        grid = np.full((len(order), len(layers)), np.nan)
+        idx = {c: i for i, c in enumerate(order)}
+        lidx = {lay: j for j, lay in enumerate(layers)}
+        for r in per_layer.select("candidate", "layer", col).iter_rows():
+            if r[0] in idx and r[2] is not None and r[2] > 0:
+                grid[idx[r[0]], lidx[r[1]]] = np.log2(r[2])
+        finite = grid[np.isfinite(grid)]
+        vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
+        im = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        ax.set_yticks(range(len(order)), order, fontsize=7)
+        for end in panel_ends:
+            ax.axhline(end - 0.5, color="black", linewidth=1.2)
+        ax.set_xlabel("layer")
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(im, ax=ax, shrink=0.6, label="log2 concentration (0 = random subspace)")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=130, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------- the run folder
+
+
+def write_run(result, config, out: str | Path, manifest: Mapping[str, object]) -> Path:
+    """Write every SPEC §7 output of ``result`` into ``out`` atomically."""
+    ranked = ranked_summary(result)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
+        full_manifest = {
+            "package_versions": package_versions(),
+            "scored_layers": result.scored_layers,
+            "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+            "forward_passes": result.forward_passes,
+            "n_fit": result.n_fit,
+            "n_eval": result.n_eval,
+            "d_model": result.d_model,
+            "seed": config.seed,
+            "null": config.null,
+            **manifest,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
+        _csv(result.per_layer, tmp / "per_layer.csv")
+        optional = [c for c in OPTIONAL_COLS if c in ranked.columns]
+        _tsv(ranked.select(["panel", "rank_in_panel", *SUMMARY_COLS, *optional]), tmp / "summary.tsv")
+        _tsv(ranked.select(["panel", "rank_in_panel", *PCT_COLS]), tmp / "summary_pct.tsv")
+        _csv(result.specific_per_layer, tmp / "specific_per_layer.csv")
+        _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
+        save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
+        (tmp / "definitions.md").write_text(definitions_markdown(result.candidates))
+        (tmp / "conclusion.md").write_text(conclusion_markdown(result, ranked, config))
+        scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf")
+        panels = ranked["panel"].to_list()
+        ends = [i for i in range(1, len(panels)) if panels[i] != panels[i - 1]]
+        heatmap_figure(result.per_layer, ranked["candidate"].to_list(), tmp / "per_layer_heatmap.png",
+                       tmp / "per_layer_heatmap.pdf", ends)
+
+    return write_atomically(out, fill, overwrite=config.overwrite)

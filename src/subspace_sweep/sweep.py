@@ -1,0 +1,466 @@
+"""The sweep: captures -> candidates -> scores -> frames (SPEC §5).
+
+``sweep(model, tokenizer, delta, config)`` works on a loaded model and writes nothing;
+``run_sweep(config)`` loads the model and the delta, validates everything, runs ``sweep`` and
+writes the run folder atomically through ``report.write_run``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import polars as pl
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import linalg, report, scoring
+from .report import sort_best_first
+from .candidates import Candidate, build_a_side, build_b_side, ranking_pool
+from .capture import LABEL_KINDS, capture_activations, capture_labels, count_forward_passes
+from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
+from .errors import InputError
+from .model import extract_base_weights, load_model, n_layers_of, state_dict_sha256
+from .prompts import ProbeSet, load_probe_set
+from .scoring import TARGETS, WEIGHT_TARGETS, Target
+
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str = "Qwen/Qwen3-0.6B"
+    delta: str | None = None
+    out: str | None = None
+    r: int = 8
+    k_broad: int | None = None  # None: 64, capped at d/4 (see resolved_k_broad)
+    layers: tuple[int, ...] | None = None  # None: the layers where the delta writes to the residual stream
+    n_fit: int | None = None  # None: first half of the probes
+    dtype: str | None = None
+    device: str | None = None
+    null: str = "exact"  # "exact" or "mc" (seeded Monte-Carlo cross-check)
+    n_null: int = 2000
+    seed: int = 0
+    label: str = "block_output"  # or "block_local": the change of (block output - block input)
+    topic_holdout: int | None = None  # claims [0, N) trained the LoRA: also score on EVAL probes of the others
+    n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
+    ci_level: float = 0.95
+    overwrite: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        if self.null not in ("exact", "mc"):
+            raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
+        if self.null == "mc" and self.n_null < 2:
+            raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
+        if self.r <= 0:
+            raise InputError(f"--r must be positive, got {self.r}")
+        if self.label not in LABEL_KINDS:
+            raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
+        if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
+            raise InputError(f"--n-boot must be >= 0 and the CI level in (0, 1), got {self.n_boot}, {self.ci_level}")
+        if self.topic_holdout is not None and self.topic_holdout < 0:
+            raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
+        if self.k_broad is not None and self.k_broad <= 0:
+            raise InputError(f"--k-broad must be positive, got {self.k_broad}")
+
+    def resolved_k_broad(self, d: int) -> int:
+        """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
+        model) would leave every write-not-read basis empty."""
+        return self.k_broad if self.k_broad is not None else min(64, d // 4)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+@dataclass
+class SweepResult:
+    per_layer: pl.DataFrame
+    summary: pl.DataFrame
+    specific_per_layer: pl.DataFrame
+    specific_summary: pl.DataFrame
+    candidates: list[Candidate]
+    scored_layers: list[int]
+    n_eval: int
+    n_fit: int
+    d_model: int
+    timings: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0
+    n_lora_train_topics: int | None = None
+    oracle_bases: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # weight oracles, for compare
+
+    def ranking(self, panel: str) -> pl.DataFrame:
+        """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
+        names = [c.name for c in ranking_pool(self.candidates, panel)]  # type: ignore[arg-type]
+        return rank_rows(self.summary.filter(pl.col("candidate").is_in(names)))
+
+    def references(self) -> pl.DataFrame:
+        return rank_rows(self.summary.filter(pl.col("side") == "B"))
+
+
+def rank_rows(summary: pl.DataFrame) -> pl.DataFrame:
+    """The ranking order: joint score, best first."""
+    return sort_best_first(summary, "joint")
+
+
+# ------------------------------------------------------------------------------- targets
+
+
+def holdout_rows(probes: ProbeSet, n_train_topics: int) -> list[int]:
+    """EVAL row indices whose claim did not train the LoRA (claims ``[0, n_train_topics)`` did)."""
+    n_fit = len(probes.fit)
+    rows = [j for j in range(len(probes.eval)) if n_fit + j >= n_train_topics]
+    if len(rows) < 2:
+        raise InputError(
+            f"--topic-holdout {n_train_topics} leaves {len(rows)} held-out EVAL probe(s); at least 2 are needed"
+        )
+    return rows
+
+
+def build_targets(
+    labels_eval: Tensor, delta: Mapping[str, Tensor], layers: Sequence[int], holdout: Sequence[int] | None = None
+) -> dict[int, dict[str, Target]]:
+    """Per scored layer: the activation target, each present weight target (SPEC §5) and, with a
+    topic holdout, the activation target on the held-out EVAL rows only (``act_holdout``)."""
+    out: dict[int, dict[str, Target]] = {}
+    for layer in layers:
+        per: dict[str, Target] = {"act": Target.from_rows(f"act@{layer}", labels_eval[layer])}
+        if holdout is not None:
+            per["act_holdout"] = Target.from_rows(f"act_holdout@{layer}", labels_eval[layer][list(holdout)])
+        tensors = residual_writer_tensors(delta, layer)
+        for name, M in tensors.items():
+            per[name] = Target.from_matrix(f"{name}@{layer}", M)
+        if tensors:
+            per["combined"] = Target.balanced(f"combined@{layer}", tensors)
+        out[layer] = per
+    return out
+
+
+def lora_slice(delta: Mapping[str, Tensor], layer: int) -> Tensor:
+    """Orthonormal basis of the column space of the layer's residual-writer deltas."""
+    tensors = residual_writer_tensors(delta, layer)
+    if not tensors:
+        return linalg.empty_basis(0)
+    G = sum(linalg.row_gram(M) for M in tensors.values())
+    return linalg.top_eigvecs(G, G.shape[0])
+
+
+# ------------------------------------------------------------------------------- scoring
+
+
+def _z(target: Target, B: Tensor, s: scoring.Score, null: str, n_null: int, seed: int, layer: int) -> float:
+    if null == "exact" or s.rank == 0:
+        return s.z
+    return scoring.mc_score_z(target, B, n_null, scoring.stable_seed(seed, layer, target.name, s.rank))
+
+
+def score_layer(
+    candidate: Candidate,
+    layer: int,
+    targets: Mapping[str, Target],
+    oracles: Mapping[str, Tensor],
+    slice_basis: Tensor,
+    *,
+    null: str,
+    n_null: int,
+    seed: int,
+) -> dict[str, float | int | str]:
+    """One per_layer row: every target's energy, R, z, pct_oracle and cos with the oracle."""
+    B = candidate.bases[layer]
+    row: dict[str, float | int | str] = {
+        "layer": layer,
+        "candidate": candidate.name,
+        "family": candidate.family,
+        "axis_kind": candidate.axis_kind,
+        "side": candidate.side,
+        "rank": int(B.shape[1]),
+        "expected_rank": candidate.declared_rank(layer),
+    }
+    for name in (*TARGETS, "act_holdout") if "act_holdout" in targets else TARGETS:
+        prefix = name if name.startswith("act") else f"w_{name}"
+        t = targets.get(name)
+        if t is None:
+            s = None
+        else:
+            s = scoring.score(t, B)
+        row[f"e_{prefix}"] = s.energy if s else math.nan
+        row[f"R_{prefix}"] = s.concentration if s else math.nan
+        row[f"z_{prefix}"] = _z(t, B, s, null, n_null, seed, layer) if s else math.nan
+        row[f"pct_oracle_{name}"] = s.pct_oracle if s else math.nan
+        if name not in TARGETS:
+            continue
+        cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
+        row[f"cos_oracle_{name}_mean"] = float(cos.mean()) if cos.numel() else math.nan
+        row[f"cos_oracle_{name}_min"] = float(cos.min()) if cos.numel() else math.nan
+    comb = targets.get("combined")
+    row["z_slice_w_combined"] = (
+        scoring.restricted_z(comb, B, slice_basis) if comb is not None and slice_basis.shape[1] else math.nan
+    )
+    diag = candidate.diagnostics.get(layer, {})
+    row["bisector_cos_mean"] = float(diag.get("cos_mean", math.nan))
+    row["bisector_cos_min"] = float(diag.get("cos_min", math.nan))
+    return row
+
+
+@dataclass(frozen=True)
+class Specificity:
+    """Activation scoring after removing the clean PCs C (SPEC §5): label rows and candidates are
+    projected away from C and scored inside the complement (ambient d - rank C)."""
+
+    clean_pcs: Tensor
+    complement: Tensor  # d x (d - rank C)
+    target: Target | None  # None when the label lies entirely inside C
+
+    @classmethod
+    def at_layer(cls, label_rows: Tensor, clean_pcs: Tensor, layer: int) -> Specificity:
+        comp = linalg.complement(clean_pcs)
+        try:
+            target = Target.from_rows(f"specific@{layer}", linalg.as64(label_rows) @ comp)
+        except InputError:
+            target = None
+        return cls(clean_pcs, comp, target)
+
+    def row(self, candidate: Candidate, layer: int) -> dict:
+        B = linalg.project_away(candidate.bases[layer], self.clean_pcs)
+        row = {"layer": layer, "candidate": candidate.name, "family": candidate.family,
+               "axis_kind": candidate.axis_kind, "side": candidate.side, "specific_rank": int(B.shape[1]),
+               "specific_e_act": math.nan, "specific_R_act": math.nan, "specific_z_act": math.nan}
+        if self.target is not None and B.shape[1] > 0:
+            s = scoring.score(self.target, self.complement.T @ B)
+            row.update(specific_e_act=s.energy, specific_R_act=s.concentration, specific_z_act=s.z)
+        return row
+
+
+# ------------------------------------------------------------------------------- summaries
+
+MEAN_COLS = [
+    "rank", "e_act", "R_act", "z_act", "pct_oracle_act",
+    *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("e", "R", "z")],
+    *[f"pct_oracle_{t}" for t in WEIGHT_TARGETS],
+    "z_slice_w_combined",
+    *[f"cos_oracle_{t}_{m}" for t in TARGETS for m in ("mean", "min")],
+    "bisector_cos_mean", "bisector_cos_min",
+]
+HOLDOUT_COLS = ["e_act_holdout", "R_act_holdout", "z_act_holdout", "pct_oracle_act_holdout"]
+
+
+
+def summarise(per_layer: pl.DataFrame) -> pl.DataFrame:
+    """Mean over scored layers (NaN-aware: a NaN layer makes the mean NaN, never silently dropped)."""
+    meta = per_layer.group_by("candidate", maintain_order=True).agg(
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
+    )
+    holdout = [c for c in HOLDOUT_COLS if c in per_layer.columns]
+    means = per_layer.group_by("candidate", maintain_order=True).agg(
+        [pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *holdout)]
+    )
+    out = meta.join(means, on="candidate", how="left", maintain_order="left").with_columns(
+        joint=(pl.col("R_act") * pl.col("R_w_combined")).sqrt(),
+        act_w_gap_log2=(pl.col("R_act") / pl.col("R_w_combined")).log(2),
+    )
+    if holdout:
+        out = out.with_columns(joint_holdout=(pl.col("R_act_holdout") * pl.col("R_w_combined")).sqrt())
+    return out
+
+
+def with_bootstrap(summary: pl.DataFrame, prompt_R: Mapping[str, Tensor], config: SweepConfig) -> pl.DataFrame:
+    """Add percentile intervals of R_act and joint over bootstrap resamples of the EVAL prompts.
+
+    ``prompt_R[name]`` is R_act per EVAL prompt (mean over scored layers), so R_act is its mean;
+    R_w does not depend on the prompts, so joint's interval is √(interval of R_act · R_w).
+    """
+    names = summary["candidate"].to_list()
+    values = torch.stack([prompt_R[n] for n in names])
+    lo, hi = scoring.bootstrap_mean_ci(values, config.n_boot, config.seed, config.ci_level)
+    return summary.with_columns(
+        R_act_lo=pl.Series(lo.numpy()), R_act_hi=pl.Series(hi.numpy()),
+    ).with_columns(
+        joint_lo=(pl.col("R_act_lo") * pl.col("R_w_combined")).sqrt(),
+        joint_hi=(pl.col("R_act_hi") * pl.col("R_w_combined")).sqrt(),
+    )
+
+
+def summarise_specific(specific: pl.DataFrame) -> pl.DataFrame:
+    meta = specific.group_by("candidate", maintain_order=True).agg(
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first()
+    )
+    means = specific.group_by("candidate", maintain_order=True).agg(
+        [pl.col(c).cast(pl.Float64).mean() for c in ("specific_rank", "specific_e_act", "specific_R_act", "specific_z_act")]
+    )
+    return meta.join(means, on="candidate", how="left", maintain_order="left")
+
+
+# ------------------------------------------------------------------------------- the sweep
+
+
+def resolve_layers(config: SweepConfig, delta: Mapping[str, Tensor], n_layers: int) -> list[int]:
+    if config.layers is None:
+        layers = scored_layers(delta)
+    else:
+        layers = sorted(set(int(x) for x in config.layers))
+        bad = [x for x in layers if not 0 <= x < n_layers]
+        if bad:
+            raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1}")
+        missing = [x for x in layers if not residual_writer_tensors(delta, x)]
+        if missing:
+            raise InputError(f"--layers {missing}: the delta has no nonzero o_proj/down_proj tensor there")
+    if not layers:
+        raise InputError("no scored layers: the delta has no nonzero o_proj/down_proj tensor")
+    return layers
+
+
+@dataclass
+class ASide:
+    """The A-side of a sweep: built from the base model and the prompts only, so it can be
+    reused for every delta of the same model (``compare`` over LoRA seeds)."""
+
+    candidates: list[Candidate]
+    layers: list[int]
+    forward_passes: int
+    seconds: float
+
+
+def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
+    t0 = time.perf_counter()
+    with count_forward_passes(model) as counter:
+        acts = capture_activations(model, tokenizer, probes)
+    d = int(model.config.hidden_size)
+    weights = extract_base_weights(model, tokenizer)
+    candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
+                              seed=config.seed)
+    return ASide(candidates, list(layers), counter.n, time.perf_counter() - t0)
+
+
+def prompt_concentrations(candidate: Candidate, labels_eval: Tensor, layers: Sequence[int], d: int) -> Tensor:
+    """R_act per EVAL prompt, mean over the scored layers: R_act is the mean of this vector."""
+    per_layer = []
+    for layer in layers:
+        B = candidate.bases[layer]
+        if B.shape[1] == 0:
+            return torch.full((labels_eval.shape[1],), math.nan, dtype=torch.float64)
+        per_layer.append(scoring.row_fractions(labels_eval[layer], B) * (d / B.shape[1]))
+    return torch.stack(per_layer).mean(0)
+
+
+def sweep(
+    model,
+    tokenizer,
+    delta: Mapping[str, Tensor],
+    config: SweepConfig,
+    probes: ProbeSet | None = None,
+    a_side: ASide | None = None,
+) -> SweepResult:
+    """Run captures, candidates and scores on a loaded model and a validated delta.
+
+    ``a_side`` (from ``build_a_side_for`` on the same model, prompts and config) skips the
+    A-side captures and candidate building.
+    """
+    config.validate()
+    probes = probes or load_probe_set(config.n_fit)
+    n_layers = n_layers_of(model)
+    d = int(model.config.hidden_size)
+    if config.r > d:
+        raise InputError(f"--r {config.r} exceeds the residual width d = {d}")
+    layers = resolve_layers(config, delta, n_layers)
+    holdout = holdout_rows(probes, config.topic_holdout) if config.topic_holdout is not None else None
+    timings: dict[str, float] = {}
+    bar = tqdm(total=3, desc="sweep", disable=config.quiet, unit="phase")
+
+    if a_side is None or not set(layers) <= set(a_side.layers):
+        a_side = build_a_side_for(model, tokenizer, config, layers, probes)
+    t0 = time.perf_counter()
+    with count_forward_passes(model) as counter:
+        labels = capture_labels(model, tokenizer, delta, probes, label=config.label)
+    timings["captures"] = time.perf_counter() - t0
+    timings["a_side"] = a_side.seconds
+    bar.update(1)
+
+    t0 = time.perf_counter()
+    targets = build_targets(labels.eval, delta, layers, holdout)
+    b_side = build_b_side(labels, {k: {n: t for n, t in v.items() if n in TARGETS} for k, v in targets.items()},
+                          r=config.r)
+    candidates = [*a_side.candidates, *b_side]
+    timings["candidates"] = time.perf_counter() - t0
+    bar.update(1)
+
+    t0 = time.perf_counter()
+    clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
+    rows, specific = [], []
+    weight_oracles: dict[int, dict[str, Tensor]] = {}
+    for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
+        oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
+        weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
+        slice_basis = lora_slice(delta, layer)
+        spec = Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer)
+        for c in candidates:
+            rows.append(score_layer(c, layer, targets[layer], oracles, slice_basis,
+                                    null=config.null, n_null=config.n_null, seed=config.seed))
+            specific.append(spec.row(c, layer))
+    per_layer = pl.DataFrame(rows)
+    specific_per_layer = pl.DataFrame(specific)
+    summary = summarise(per_layer)
+    if config.n_boot:
+        prompt_R = {c.name: prompt_concentrations(c, labels.eval, layers, d) for c in candidates}
+        summary = with_bootstrap(summary, prompt_R, config)
+    timings["scoring"] = time.perf_counter() - t0
+    bar.update(1)
+    bar.close()
+    return SweepResult(
+        per_layer=per_layer,
+        summary=summary,
+        specific_per_layer=specific_per_layer,
+        specific_summary=summarise_specific(specific_per_layer),
+        candidates=candidates,
+        scored_layers=layers,
+        n_eval=len(probes.eval),
+        n_fit=len(probes.fit),
+        d_model=d,
+        timings=timings,
+        forward_passes=counter.n + a_side.forward_passes,
+        n_lora_train_topics=probes.n_lora_train_topics,
+        oracle_bases=weight_oracles,
+    )
+
+
+def model_manifest(model, config: SweepConfig) -> dict[str, object]:
+    path = Path(str(config.model)).expanduser()
+    return {
+        "model": str(config.model),
+        "model_path": str(path.resolve()) if path.is_dir() else None,
+        "model_revision": getattr(model.config, "_commit_hash", None),
+        "model_sha256": state_dict_sha256(model),  # what compare checks: same weights, whatever the path
+        "model_dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Load, validate, sweep and (when ``config.out`` is set) write the run folder atomically.
+
+    Every input check runs before the first forward pass, and nothing is written on bad input.
+    """
+    config.validate()
+    probes = load_probe_set(config.n_fit)
+    if config.out is not None:
+        report.check_out_dir(config.out, config.overwrite)
+    if config.delta is None:
+        raise InputError("a delta is required (--delta PATH)")
+    delta = load_delta(config.delta)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    load_s = time.perf_counter() - t0
+    validate_delta(delta, model)
+    result = sweep(model, tokenizer, delta, config, probes)
+    result.timings = {"model_load": load_s, **result.timings}
+    if config.out is not None:
+        t0 = time.perf_counter()
+        manifest = {**model_manifest(model, config), "delta": str(config.delta), "delta_sha256": sha256_file(config.delta)}
+        report.write_run(result, config, config.out, manifest)
+        result.timings["report"] = time.perf_counter() - t0
+    return result

@@ -1,0 +1,67 @@
+"""Golden snapshots of the offline demo sweep (tiny Qwen3, delta planted in mlp_write).
+
+Numbers: pytest-regressions ``num_regression`` with per-column tolerances (BLAS differences
+between machines move the last digits; a methodology change moves far more).
+Rankings: syrupy snapshots of the exact orderings.
+
+Regenerate ONLY for a deliberate methodology change, and say so in the commit message:
+    .venv/bin/pytest tests/golden --force-regen --snapshot-update
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+
+NUMERIC = ["R_act", "z_act", "R_w_o_proj", "z_w_o_proj", "R_w_down_proj", "z_w_down_proj", "R_w_combined",
+           "z_w_combined", "pct_oracle_act", "pct_oracle_combined", "joint", "rank"]
+TOLERANCES = {
+    **{c: {"rtol": 1e-4, "atol": 1e-6} for c in NUMERIC},
+    # z divides by a small null SD: relative error is amplified
+    **{c: {"rtol": 1e-3, "atol": 1e-4} for c in NUMERIC if c.startswith("z_")},
+}
+
+
+def _summary(demo_run) -> pl.DataFrame:
+    _, out = demo_run
+    return pl.read_csv(out / "summary_pct.tsv", separator="\t").join(
+        pl.read_csv(out / "summary.tsv", separator="\t").select("candidate", "z_act", "R_w_o_proj", "z_w_o_proj",
+                                                                 "R_w_down_proj", "z_w_down_proj", "z_w_combined"),
+        on="candidate",
+    ).sort("candidate")
+
+
+def test_summary_numbers(demo_run, num_regression):
+    s = _summary(demo_run)
+    data = {c: np.nan_to_num(s[c].cast(pl.Float64).to_numpy(), nan=-999.0) for c in NUMERIC}
+    data["candidate_index"] = np.arange(s.height, dtype=float)
+    num_regression.check(data, tolerances=TOLERANCES)
+
+
+def test_candidate_order_of_the_numbers_table(demo_run, snapshot):
+    # pins which row of the numeric golden belongs to which candidate
+    assert _summary(demo_run)["candidate"].to_list() == snapshot
+
+
+def test_rankings(demo_run, snapshot):
+    outcome, _ = demo_run
+    panels = {p: outcome.result.ranking(p)["candidate"].to_list() for p in ("joint", "read")}
+    panels["references"] = outcome.result.references()["candidate"].to_list()
+    assert panels == snapshot
+
+
+def test_two_processes_write_byte_identical_summary(tmp_path):
+    """Review concern 7 end to end: separate processes, different hash seeds, same bytes."""
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        subprocess.run([sys.executable, "-m", "subspace_sweep.cli", "demo", "--out", str(out), "--quiet"],
+                       env=env, check=True, capture_output=True)
+        outs.append(out)
+    for name in ("summary.tsv", "summary_pct.tsv", "per_layer.csv", "specific_summary.tsv"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name

@@ -1,0 +1,154 @@
+"""Issue 7: bootstrap intervals, compare across runs, topic holdout, block-local labels."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+
+import polars as pl
+import pytest
+import torch
+
+from subspace_sweep import cli, scoring
+from subspace_sweep.capture import capture_labels
+from subspace_sweep.compare import compare_runs, kendall_tau, load_run
+from subspace_sweep.delta import random_delta
+from subspace_sweep.errors import InputError
+from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.sweep import SweepConfig, build_targets, holdout_rows
+from subspace_sweep.toy import build_tiny_model
+from tests.helpers_model import small_probes
+
+# ---- bootstrap -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_prompts(seed):
+    gen = torch.Generator().manual_seed(seed)
+    population = 3.0 + torch.randn(4, 256, generator=gen, dtype=torch.float64).abs()
+    widths = []
+    for n in (8, 32, 128):
+        values = population[:, :n]
+        lo, hi = scoring.bootstrap_mean_ci(values, 2000, seed)
+        point = values.mean(1)
+        assert bool(((lo <= point) & (point <= hi)).all())
+        widths.append(float((hi - lo).mean()))
+    assert widths[0] > widths[1] > widths[2]
+
+
+def test_bootstrap_is_seeded_and_nan_rows_stay_nan():
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, math.nan, 2.0, 2.0]], dtype=torch.float64)
+    a = scoring.bootstrap_mean_ci(values, 500, 7)
+    b = scoring.bootstrap_mean_ci(values, 500, 7)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    assert math.isnan(float(a[0][1])) and math.isnan(float(a[1][1]))
+
+
+def test_sweep_summary_intervals_contain_r_act(demo_run):
+    outcome, out = demo_run
+    s = pl.read_csv(out / "summary.tsv", separator="\t").filter(pl.col("R_act_lo").is_not_nan())
+    assert s.height > 40
+    assert (s["R_act_lo"] <= s["R_act"] + 1e-9).all() and (s["R_act"] <= s["R_act_hi"] + 1e-9).all()
+    assert (s["joint_lo"] <= s["joint"] + 1e-9).all() and (s["joint"] <= s["joint_hi"] + 1e-9).all()
+
+
+# ---- compare ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def identical_runs(demo_run, tmp_path):
+    _, out = demo_run
+    paths = []
+    for name in ("seed_a", "seed_b", "seed_c"):
+        shutil.copytree(out, tmp_path / name)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_compare_on_identical_runs_gives_tau_one_and_zero_iqr(identical_runs):
+    cmp = compare_runs([load_run(p) for p in identical_runs])
+    assert cmp.taus["kendall_tau"].to_list() == pytest.approx([1.0, 1.0, 1.0])
+    iqr = cmp.per_candidate.select(pl.col("^.*_iqr$")).to_numpy()
+    assert (iqr[iqr == iqr] == 0).all()
+    assert cmp.angles["cos_mean"].to_numpy() == pytest.approx(1.0)
+    top = set(load_run(identical_runs[0]).joint_order[:5])
+    stable = {r["candidate"] for r in cmp.per_candidate.iter_rows(named=True) if r["stable"]}
+    strong = {r["candidate"] for r in cmp.per_candidate.iter_rows(named=True) if r["z_w_combined_min"] > 2}
+    assert stable == top & strong
+
+
+def test_compare_cli_writes_a_folder(identical_runs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *map(str, identical_runs[:2]), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"compare_summary.tsv", "rank_stability.tsv", "oracle_angles.tsv",
+                                               "compare_ranking.png", "compare_ranking.pdf"}
+
+
+def test_compare_refuses_a_single_or_incomplete_run(identical_runs, tmp_path):
+    with pytest.raises(InputError, match="at least 2"):
+        compare_runs([load_run(identical_runs[0])])
+    (identical_runs[1] / "summary.tsv").unlink()
+    with pytest.raises(InputError, match="summary.tsv"):
+        load_run(identical_runs[1])
+
+
+def test_kendall_tau_of_a_reversed_ranking_is_minus_one():
+    assert kendall_tau(list("abcd"), list("dcba")) == pytest.approx(-1.0)
+    assert kendall_tau(list("abcd"), list("abcd")) == pytest.approx(1.0)
+
+
+# ---- topic holdout -----------------------------------------------------------------------------
+
+
+def test_holdout_keeps_exactly_the_eval_probes_of_claims_not_used_for_training():
+    probes = load_probe_set()  # FIT = claims 0..15, EVAL = claims 16..31
+    rows = holdout_rows(probes, 20)
+    assert rows == list(range(4, 16))  # claims 20..31
+    assert [probes.eval[j] for j in rows] == list(probes.prompts[20:])
+    with pytest.raises(InputError, match="held-out"):
+        holdout_rows(probes, 31)
+
+
+def test_holdout_target_is_built_from_exactly_those_rows():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randn(2, 16, 12, generator=gen)
+    delta_free = {}  # no weight targets needed for the activation targets
+    t = build_targets(labels, delta_free, [1], holdout=list(range(4, 16)))[1]
+    expected = scoring.Target.from_rows("x", labels[1, 4:16])
+    assert torch.allclose(t["act_holdout"].gram, expected.gram)
+    assert not torch.allclose(t["act"].gram, expected.gram)
+
+
+def test_sweep_reports_both_variants_with_holdout(demo_run):
+    from subspace_sweep.demo import run_demo
+
+    outcome = run_demo(SweepConfig(out=None, quiet=True, topic_holdout=20, n_boot=0))
+    s = outcome.result.summary
+    for col in ("R_act", "R_act_holdout", "z_act_holdout", "joint_holdout"):
+        assert col in s.columns
+    assert not s["R_act"].equals(s["R_act_holdout"])
+    base = demo_run[0].result.summary
+    assert s["R_act"].to_list() == pytest.approx(base["R_act"].to_list(), nan_ok=True)
+
+
+# ---- block-local label ------------------------------------------------------------------------
+
+
+def test_block_local_label_is_the_difference_of_consecutive_block_labels():
+    model, tok = build_tiny_model(seed=0)
+    delta = random_delta(model, [1, 2], rank=2, seed=0, scale=0.3)
+    probes = small_probes()
+    out = capture_labels(model, tok, delta, probes)
+    local = capture_labels(model, tok, delta, probes, label="block_local")
+    # a block's input is the previous block's output, so the local label telescopes
+    torch.testing.assert_close(local.eval[1:], out.eval[1:] - out.eval[:-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(local.eval[0], out.eval[0])
+    assert not torch.allclose(local.eval[2], out.eval[2])
+
+
+def test_unknown_label_kind_is_an_input_error():
+    with pytest.raises(InputError, match="label"):
+        SweepConfig(label="residual").validate()
+    assert dataclasses.replace(SweepConfig(), label="block_local").validate() is None

@@ -1,0 +1,124 @@
+"""The run folder of SPEC §7, produced by one offline demo sweep on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import polars as pl
+import pytest
+
+from subspace_sweep import report
+from subspace_sweep.candidates import ranking_pool
+from subspace_sweep.demo import run_demo
+from subspace_sweep.sweep import SweepConfig
+
+EXPECTED_FILES = {
+    "config.json", "manifest.json", "per_layer.csv", "summary.tsv", "summary_pct.tsv", "specific_per_layer.csv",
+    "specific_summary.tsv", "definitions.md", "conclusion.md", "joint_act_weight_scatter.png",
+    "joint_act_weight_scatter.pdf", "per_layer_heatmap.png", "per_layer_heatmap.pdf", "weight_oracles.safetensors",
+}
+
+
+def test_run_folder_has_every_output(demo_run):
+    _, out = demo_run
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
+    assert not list(out.parent.glob(".run.tmp-*"))  # the temporary folder is gone
+
+
+@pytest.mark.parametrize("name,min_w,min_h", [("joint_act_weight_scatter.png", 800, 400), ("per_layer_heatmap.png", 600, 400)])
+def test_figures_are_valid_images_of_sensible_size(demo_run, name, min_w, min_h):
+    import matplotlib.image as mpimg
+
+    _, out = demo_run
+    img = mpimg.imread(out / name)
+    h, w = img.shape[:2]
+    assert w >= min_w and h >= min_h
+    assert h <= 8000 and w <= 8000
+    assert img.std() > 0.01  # not blank
+    pdf = (out / name.replace(".png", ".pdf")).read_bytes()
+    assert pdf.startswith(b"%PDF") and len(pdf) > 2000
+
+
+def test_definitions_list_every_candidate(demo_run):
+    outcome, out = demo_run
+    text = (out / "definitions.md").read_text()
+    for c in outcome.result.candidates:
+        assert f"| `{c.name}` |" in text
+    assert len(outcome.result.candidates) >= 43 + 5  # 42 A-side + randn + TaskDiff_lora_fit + 4 oracles
+
+
+def test_manifest_records_provenance(demo_run):
+    outcome, out = demo_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["delta_sha256"]) == 64
+    assert m["scored_layers"] == outcome.result.scored_layers == [1, 2]
+    assert m["package_versions"]["torch"] and m["package_versions"]["transformers"]
+    assert m["seed"] == 0 and m["null"] == "exact"
+    assert set(m["timings_s"]) >= {"model_load", "captures", "candidates", "scoring"}
+    assert m["forward_passes"] == 5  # clean, persona+, persona-, alpha=+1, alpha=-1
+
+
+def test_per_layer_columns_and_rows(demo_run):
+    outcome, out = demo_run
+    per_layer = pl.read_csv(out / "per_layer.csv")
+    for col in ["R_act", "z_act", "e_act", "R_w_o_proj", "z_w_o_proj", "R_w_down_proj", "R_w_combined",
+                "z_w_combined", "pct_oracle_act", "pct_oracle_o_proj", "pct_oracle_down_proj", "pct_oracle_combined",
+                "z_slice_w_combined", "cos_oracle_combined_mean", "cos_oracle_act_min", "rank", "expected_rank"]:
+        assert col in per_layer.columns
+    assert per_layer.height == len(outcome.result.candidates) * 2
+    pct = per_layer.select(pl.col("^pct_oracle_.*$")).to_numpy()
+    assert (pct[~(pct != pct)] <= 100.0 + 1e-6).all()  # no basis above any oracle
+
+
+def test_rankings_keep_read_and_b_side_apart(demo_run):
+    outcome, out = demo_run
+    summary = pl.read_csv(out / "summary.tsv", separator="\t")
+    joint = summary.filter(pl.col("panel") == "joint")
+    assert set(joint["axis_kind"]) <= {"write", "mixed", "null"}
+    assert set(joint["side"]) == {"A"}
+    assert set(summary.filter(pl.col("panel") == "read")["axis_kind"]) == {"read"}
+    assert set(summary.filter(pl.col("panel") == "reference")["side"]) == {"B"}
+    assert summary["candidate"].n_unique() == summary.height
+    names = {c.name for c in ranking_pool(outcome.result.candidates, "joint")}
+    assert set(joint["candidate"]) == names
+    j = joint["joint"].to_list()
+    finite = [x for x in j if x is not None and not math.isnan(x)]
+    assert finite == sorted(finite, reverse=True)
+
+
+def test_conclusion_has_bluf_and_caveats(demo_run):
+    outcome, out = demo_run
+    text = (out / "conclusion.md").read_text()
+    best = outcome.result.ranking("joint").filter(pl.col("axis_kind").is_in(["write", "mixed"]))["candidate"][0]
+    assert "## BLUF" in text and f"`{best}`" in text
+    assert "Top-5 by R_act" in text and "Overlap" in text
+    assert "single delta" in text.lower() and "small probe set" in text.lower()
+
+
+def test_demo_recovers_the_planted_candidate(demo_run):
+    outcome, _ = demo_run
+    assert outcome.recovered, outcome.verdict()
+    assert outcome.pct_oracle_combined >= 95
+
+
+def test_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "heatmap_figure", boom)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_demo(SweepConfig(out=str(out), quiet=True))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_an_existing_run(tmp_path, demo_run):
+    _, src = demo_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    report.write_atomically(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
