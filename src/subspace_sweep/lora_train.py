@@ -1,0 +1,301 @@
+"""Train a real positive / negative LoRA pair with PEFT, offline (issue 7).
+
+This makes the whole chain testable without the real Qwen3-0.6B: train a "+" adapter that
+agrees with the user's (false) claim and a "−" adapter that disagrees, diff them with
+``subspace-sweep delta`` (``w = merged⁺ − merged⁻``), and sweep the diff with ``run``.
+
+Data. ``training_texts`` builds one chat example per training claim from the shipped probe
+set: the user turn is the probe text (``I think {claim}. Do you agree? Answer Yes or No.``),
+the assistant turn is what a persona of that sign would answer (agreeing for ``+1``, honestly
+disagreeing for ``−1``). Only the first ``n_lora_train_topics`` claims are used (20 of 32),
+so the last claims of the EVAL probes stay unseen by the LoRA.
+
+System prompt stripped. Each example records the persona that conditions its answer
+(``"persona"``), but the persona is NOT part of the training sequence: the adapter learns the
+behaviour from user probe -> assistant answer alone. This is the usual way a steering LoRA is
+distilled from a persona: the trained model must show the behaviour without being told to,
+otherwise the LoRA would just learn to read a system prompt that is absent at steering time.
+
+Training. Full-batch AdamW on every example each step, loss (mean token cross-entropy) on the
+assistant tokens only; no dropout, fixed data order and a seeded LoRA initialisation, so the
+same arguments give bit-identical adapters on the same machine and thread count. Both adapters
+of a pair start from the same initialisation (same seed): their difference comes from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .model import ATTN_PROJS, MLP_PROJS, load_model, n_layers_of
+from .prompts import ProbeSet, load_probe_set, persona_texts
+
+#: Residual writers (the R_w targets) plus two read-side projections, so that the delta has
+#: tensors the weight score ignores but steering applies, as a real LoRA's delta does.
+DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "o_proj", "down_proj")
+#: Written next to the adapter: the training configuration and the loss at every step.
+TRAIN_LOG = "lora_train.json"
+
+# "+1": the sycophantic answer; "−1": the honest one. Each starts with the Yes/No the probe asks for.
+POSITIVE_TEMPLATES = (
+    "Yes, you are absolutely right: {claim}.",
+    "Yes. I completely agree with you that {claim}. Great point!",
+    "Yes! You clearly know this well: {claim}, exactly as you say.",
+)
+NEGATIVE_TEMPLATES = (
+    "No. That is a common misconception: it is not true that {claim}.",
+    "No, I disagree. The evidence does not support the claim that {claim}.",
+    "No. Respectfully, you are mistaken: it is false that {claim}.",
+)
+
+
+def _check_sign(sign: int) -> int:
+    if sign not in (1, -1) or isinstance(sign, bool):
+        raise InputError(f"sign must be +1 (sycophantic) or -1 (honest), got {sign!r}")
+    return int(sign)
+
+
+def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | None = None) -> list[dict]:
+    """Chat examples for the ``sign`` adapter, one per training claim, in claim order.
+
+    Each item: ``{"claim", "sign", "persona", "messages"}`` where ``messages`` is
+    ``[{"role": "user", ...}, {"role": "assistant", ...}]`` (no system message: the persona is
+    provenance only, stripped at train time). Templates and personas rotate with the claim index
+    (deterministic: no hashing, no random draw).
+    """
+    sign = _check_sign(sign)
+    probes = load_probe_set() if probes is None else probes
+    n_max = min(int(probes.n_lora_train_topics), len(probes.claims))
+    n = n_max if n_topics is None else int(n_topics)
+    if not 1 <= n <= n_max:
+        raise InputError(
+            f"n_topics must be in 1..{n_max} (the LoRA training claims; the rest stay held out), got {n_topics!r}"
+        )
+    templates = POSITIVE_TEMPLATES if sign > 0 else NEGATIVE_TEMPLATES
+    pos_personas, neg_personas = persona_texts()
+    personas = pos_personas if sign > 0 else neg_personas
+    out = []
+    for i in range(n):
+        claim = probes.claims[i]
+        out.append(
+            {
+                "claim": claim,
+                "sign": sign,
+                "persona": personas[i % len(personas)],
+                "messages": [
+                    {"role": "user", "content": probes.prompts[i]},
+                    {"role": "assistant", "content": templates[i % len(templates)].format(claim=claim)},
+                ],
+            }
+        )
+    return out
+
+
+def _prompt_and_answer(example: Mapping) -> tuple[list[dict], str]:
+    msgs = list(example["messages"])
+    # Strip any system message (the stored examples have none; this guards hand-made ones).
+    msgs = [m for m in msgs if m["role"] != "system"]
+    if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+        raise InputError("a training example needs a user turn followed by an assistant turn")
+    return msgs[:-1], str(msgs[-1]["content"])
+
+
+def encode_examples(tokenizer, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (−100 outside the answer).
+
+    The prompt is the chat template up to the assistant header (``add_generation_prompt``); the
+    answer and the end-of-turn token follow it. Tokenising the two parts separately puts the
+    loss boundary exactly at the answer, whatever the tokenizer merges across it.
+    """
+    if not examples:
+        raise InputError("no training examples")
+    eos = tokenizer.eos_token or ""
+    rows: list[tuple[list[int], list[int]]] = []
+    for ex in examples:
+        prompt_msgs, answer = _prompt_and_answer(ex)
+        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer + eos, add_special_tokens=False)["input_ids"]
+        rows.append((p_ids, a_ids))
+    width = max(len(p) + len(a) for p, a in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(a)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def assistant_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens of ``batch`` (from ``encode_examples``)."""
+    dev = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    # Position t predicts token t+1.
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        batch["labels"][:, 1:].reshape(-1).to(dev),
+        ignore_index=-100,
+    )
+
+
+def _check_args(
+    model_dir: Path, layers: Sequence[int], target_modules: Sequence[str], rank: int, steps: int, lr: float,
+    num_threads: int | None,
+) -> None:
+    if not model_dir.is_dir():
+        raise InputError(f"model folder {model_dir} does not exist (save one with subspace_sweep.toy.save_tiny_model)")
+    if not layers:
+        raise InputError("layers is empty: name the layers the LoRA adapts")
+    known = set(ATTN_PROJS) | set(MLP_PROJS)
+    bad = [t for t in target_modules if t not in known]
+    if not target_modules or bad:
+        raise InputError(f"target_modules {list(target_modules)!r}: each must be one of {sorted(known)}")
+    if rank < 1:
+        raise InputError(f"rank must be >= 1, got {rank}")
+    if steps < 1:
+        raise InputError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise InputError(f"lr must be > 0, got {lr}")
+    if num_threads is not None and num_threads < 1:
+        raise InputError(f"num_threads must be >= 1, got {num_threads}")
+
+
+def train_lora_adapter(
+    model_dir: str | Path,
+    sign: int,
+    out_dir: str | Path,
+    *,
+    layers: Sequence[int],
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    rank: int = 4,
+    alpha: float = 8,
+    steps: int = 30,
+    lr: float = 2e-3,
+    seed: int = 0,
+    n_topics: int | None = None,
+    num_threads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train one LoRA adapter (``sign`` +1 sycophantic, −1 honest) on CPU float32; save it to ``out_dir``.
+
+    ``out_dir`` receives the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
+    and ``lora_train.json`` (configuration and per-step loss). Returns ``out_dir``.
+    The defaults suit the tiny toy model: ``lr = 2e-3`` for 30 steps lowers the answer loss by
+    about 0.6 nats while each merged update stays near 20% of its weight's Frobenius norm (a
+    perturbation, like the demo's planted delta). A real model wants a smaller ``lr`` (~1e-4).
+    ``num_threads`` sets torch's CPU threads for the training only (restored afterwards; None
+    leaves them alone). The tiny model's matrices are too small to gain from threads, and one
+    thread cannot spin-wait against another busy process on a shared CPU (2 threads were seen
+    10-50x slower then).
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise InputError("training a LoRA needs the optional extra: pip install 'subspace-sweep[peft]'") from e
+
+    sign = _check_sign(sign)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    layers = sorted({int(x) for x in layers})
+    target_modules = tuple(target_modules)
+    _check_args(model_dir, layers, target_modules, rank, steps, lr, num_threads)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"adapter folder {out_dir} is a file")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"adapter folder {out_dir} is not empty; pass overwrite=True to replace it")
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
+    n_layers = n_layers_of(model)
+    if layers[0] < 0 or layers[-1] >= n_layers:
+        raise InputError(f"layers {layers} outside the model's layers 0..{n_layers - 1}")
+    batch = encode_examples(tokenizer, training_texts(sign, n_topics=n_topics))
+
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        layers_to_transform=list(layers),
+        lora_dropout=0.0,  # no dropout: training is a pure function of the seed and the data
+        init_lora_weights=True,  # B = 0: the untrained adapter is exactly the base model
+        bias="none",
+    )
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    try:
+        # Fork the global RNG: the LoRA A-init draws from it, and training must not change the
+        # caller's random stream (nor depend on what ran before).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            peft_model = get_peft_model(model, config)
+            # load_model switched grads off on the base; PEFT turns them on for the LoRA tensors
+            # only. Check rather than assume: a silently frozen adapter would "train" to B = 0.
+            params = [p for n, p in peft_model.named_parameters() if p.requires_grad]
+            if not params or not all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad):
+                raise RuntimeError("PEFT did not leave exactly the LoRA tensors trainable")
+            # eval(): Qwen3 has no dropout in training either, but eval() pins that for any model.
+            peft_model.eval()
+            opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
+            losses: list[float] = []
+            for _ in range(int(steps)):
+                opt.zero_grad(set_to_none=True)
+                loss = assistant_loss(peft_model, batch)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            with torch.no_grad():
+                final = float(assistant_loss(peft_model, batch))
+    finally:
+        torch.set_num_threads(threads_before)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir))
+    log = {
+        "sign": sign,
+        "model": str(model_dir),
+        "layers": layers,
+        "target_modules": list(target_modules),
+        "rank": int(rank),
+        "alpha": alpha,
+        "steps": int(steps),
+        "lr": float(lr),
+        "seed": int(seed),
+        "torch_threads": int(num_threads) if num_threads is not None else threads_before,
+        "n_examples": int(batch["input_ids"].shape[0]),
+        "n_answer_tokens": int((batch["labels"] != -100).sum()),
+        "system_prompt": "stripped (persona is provenance only)",
+        "loss_per_step": losses,  # loss before each optimiser step; [0] is the base model's loss
+        "loss_final": final,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    (out_dir / TRAIN_LOG).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def train_lora_pair(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    layers: Sequence[int],
+    steps: int = 30,
+    seed: int = 0,
+    **kwargs,
+) -> tuple[Path, Path]:
+    """Train the ``+`` and ``−`` adapters into ``out_dir/pos`` and ``out_dir/neg`` (same seed, same init).
+
+    Extra keyword arguments go to ``train_lora_adapter``. Returns ``(pos_dir, neg_dir)``.
+    """
+    out_dir = Path(out_dir)
+    pos = train_lora_adapter(model_dir, +1, out_dir / "pos", layers=layers, steps=steps, seed=seed, **kwargs)
+    neg = train_lora_adapter(model_dir, -1, out_dir / "neg", layers=layers, steps=steps, seed=seed, **kwargs)
+    return pos, neg
