@@ -24,7 +24,7 @@ d x n matrix is always the top eigenvectors of the d x d Gram ``X Xᵀ``.
 
 Cost (Qwen3-0.6B shapes): ~21 top-r eigenproblems of 1024 x 1024 per selected layer dominate,
 then the Gram GEMMs. GEMMs run on every torch thread; the eigenproblems run as independent
-single-threaded LAPACK calls on a thread pool of the same size (``_compute_policy``); every
+single-threaded LAPACK calls (``linalg.top_eigh``, GIL-free) on a thread pool of the same size (``_compute_policy``); every
 small op runs single-threaded. Results do not depend on the pool (bit-identical to a serial
 build with ``linalg.top_eigvecs``).
 """
@@ -32,18 +32,14 @@ build with ``linalg.top_eigvecs``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import difflib
 import functools
-import glob
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -332,128 +328,6 @@ def attention_sink_vectors(o: Tensor, v: Tensor, e_bos: Tensor, n_heads: int, n_
 # ---------------------------------------------------------------------------- basis helpers
 
 
-_OPENBLAS: list[object] = []  # cached handle of SciPy's bundled OpenBLAS (None if absent)
-
-
-def _scipy_openblas():
-    """SciPy's bundled OpenBLAS (scipy.libs/libscipy_openblas*.so), or None for any other BLAS."""
-    if not _OPENBLAS:
-        lib = None
-        try:
-            import scipy
-
-            libs_dir = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
-            paths = sorted(glob.glob(os.path.join(libs_dir, "libscipy_openblas*.so*")))
-            if paths:
-                cand = ctypes.CDLL(paths[0])
-                if hasattr(cand, "scipy_openblas_set_num_threads") and hasattr(cand, "scipy_openblas_get_num_threads"):
-                    lib = cand
-        except OSError:
-            lib = None
-        _OPENBLAS.append(lib)
-    return _OPENBLAS[0]
-
-
-class _LapackSyevr:
-    """``dsyevr`` (range 'I', lower) of SciPy's bundled OpenBLAS through ctypes.
-
-    scipy.linalg.eigh's f2py wrapper of syevr holds the GIL for the whole call, so two threads
-    run it one after the other; a ctypes call releases the GIL (measured: 8 eigenproblems of
-    1024 x 1024, 0.46 s serially, 0.24 s on two threads). Same routine, same arguments as
-    ``scipy.linalg.eigh(driver="evr", subset_by_index=...)``: bit-identical results.
-    """
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def __call__(self, A: np.ndarray, il: int, iu: int) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenpairs il..iu (1-based, ascending) of the symmetric float64 matrix A (read from its lower triangle)."""
-        n = A.shape[0]
-        a = np.array(A, dtype=np.float64, order="F")  # overwritten by LAPACK
-        k = iu - il + 1
-        c_int, c_dbl = ctypes.c_int, ctypes.c_double
-        w = np.zeros(n, dtype=np.float64)
-        z = np.zeros((n, k), dtype=np.float64, order="F")
-        isuppz = np.zeros(2 * max(1, k), dtype=np.int32)
-        m, info = c_int(0), c_int(0)
-        fixed = [ctypes.c_char(b"V"), ctypes.c_char(b"I"), ctypes.c_char(b"L"), c_int(n)]
-        lda, vl, vu, c_il, c_iu, abstol, ldz = c_int(n), c_dbl(0.0), c_dbl(0.0), c_int(il), c_int(iu), c_dbl(0.0), c_int(n)
-
-        def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
-            self.fn(
-                *(ctypes.byref(x) for x in fixed), a.ctypes.data_as(ctypes.POINTER(c_dbl)), ctypes.byref(lda),
-                ctypes.byref(vl), ctypes.byref(vu), ctypes.byref(c_il), ctypes.byref(c_iu), ctypes.byref(abstol),
-                ctypes.byref(m), w.ctypes.data_as(ctypes.POINTER(c_dbl)), z.ctypes.data_as(ctypes.POINTER(c_dbl)),
-                ctypes.byref(ldz), isuppz.ctypes.data_as(ctypes.POINTER(c_int)),
-                work.ctypes.data_as(ctypes.POINTER(c_dbl)), ctypes.byref(c_int(lwork)),
-                iwork.ctypes.data_as(ctypes.POINTER(c_int)), ctypes.byref(c_int(liwork)), ctypes.byref(info),
-                ctypes.c_size_t(1), ctypes.c_size_t(1), ctypes.c_size_t(1),  # Fortran lengths of the 3 flags
-            )
-
-        work, iwork = np.zeros(1, dtype=np.float64), np.zeros(1, dtype=np.int32)
-        call(work, -1, iwork, -1)  # workspace query
-        lwork, liwork = int(work[0]), int(iwork[0])
-        call(np.zeros(lwork, dtype=np.float64), lwork, np.zeros(liwork, dtype=np.int32), liwork)
-        if info.value != 0:
-            raise RuntimeError(f"LAPACK dsyevr failed: info = {info.value}")
-        return w[: m.value].copy(), z[:, : m.value]
-
-
-_SYEVR: list[_LapackSyevr | None] = []
-
-
-def _syevr() -> _LapackSyevr | None:
-    """The ctypes dsyevr, or None (then ``linalg.top_eigvecs`` runs everything serially).
-
-    ``scipy_dsyevr_`` is the LP64 (32-bit integer) symbol of scipy-openblas (the ILP64 build
-    names it ``scipy_dsyevr_64_``). The binding is checked once against scipy on a small matrix.
-    """
-    if not _SYEVR:
-        lib = _scipy_openblas()
-        fn = getattr(lib, "scipy_dsyevr_", None) if lib is not None else None
-        binding = _LapackSyevr(fn) if fn is not None else None
-        if binding is not None:
-            import scipy.linalg
-
-            A = np.diag(np.arange(1.0, 7.0)) + 0.1
-            try:
-                w, z = binding(A, 4, 6)
-                w_ref, z_ref = scipy.linalg.eigh(A, subset_by_index=[3, 5], driver="evr")
-                if not (np.array_equal(w, w_ref) and np.array_equal(np.abs(z), np.abs(z_ref))):
-                    binding = None
-            except (RuntimeError, ValueError, OSError):
-                binding = None
-        _SYEVR.append(binding)
-    return _SYEVR[0]
-
-
-def _top_eigvecs(G: Tensor, r: int) -> Tensor:
-    """``linalg.top_eigvecs(G, r)`` (largest), computed without holding the GIL when possible.
-
-    Mirrors top_eigvecs step by step (symmetrise, syevr subset, flip, relative tolerance,
-    fix_signs); ``test_candidates`` pins bit-equality with it.
-    """
-    syevr = _syevr()
-    if syevr is None:
-        return linalg.top_eigvecs(G, r)
-    G = linalg.as64(G)
-    d = G.shape[0]
-    r = min(r, d)
-    if r <= 0:
-        return linalg.empty_basis(d)
-    A = ((G + G.T) / 2).numpy()
-    if not np.isfinite(A).all():
-        raise ValueError("array must not contain infs or NaNs")
-    evals_np, evecs_np = syevr(A, d - r + 1, d)
-    evals = torch.from_numpy(evals_np).flip(0)
-    evecs = torch.from_numpy(np.ascontiguousarray(evecs_np)).flip(1)
-    top = float(evals[0])
-    if top <= 0.0:
-        return linalg.empty_basis(d)
-    evecs = evecs[:, evals > linalg.RANK_TOL * top]
-    return linalg.fix_signs(evecs.contiguous())
-
-
 @contextlib.contextmanager
 def _single_thread_lapack() -> Iterator[None]:
     """Run SciPy's OpenBLAS single-threaded inside the block (restored afterwards).
@@ -464,7 +338,7 @@ def _single_thread_lapack() -> Iterator[None]:
     wait for a descheduled thread. torch still uses every core for the Gram GEMMs.
     If the BLAS is not SciPy's bundled OpenBLAS this is a no-op.
     """
-    lib = _scipy_openblas()
+    lib = linalg.scipy_openblas()
     if lib is None:
         yield
         return
@@ -498,7 +372,7 @@ def _compute_policy() -> Iterator[None]:
     """
     full = torch.get_num_threads()
     _GEMM_THREADS.append(full)
-    pool = ThreadPoolExecutor(max_workers=full, thread_name_prefix="eig") if full > 1 and _syevr() else None
+    pool = ThreadPoolExecutor(max_workers=full, thread_name_prefix="eig") if full > 1 and linalg.gil_free_syevr() else None
     _EIG_POOL.append(pool)
     torch.set_num_threads(1)
     try:
@@ -549,9 +423,9 @@ def _top(G: Tensor, r: int, *, away_from: Tensor | None = None) -> Tensor:
     (whose tolerance is relative to the largest REMAINING eigenvalue) would return it.
     """
     if away_from is None:
-        return _top_eigvecs(G, r)
+        return linalg.top_eigvecs(G, r)
     P = linalg.project_out_gram(away_from, G)
-    B = _top_eigvecs(P, r)
+    B = linalg.top_eigvecs(P, r)
     if B.shape[1]:
         rayleigh = torch.einsum("ir,ij,jr->r", B, P, B)
         B = B[:, rayleigh > linalg.RANK_TOL * _trace(G)]
@@ -560,15 +434,6 @@ def _top(G: Tensor, r: int, *, away_from: Tensor | None = None) -> Tensor:
 
 def _job(G: Tensor, r: int, away_from: Tensor | None = None) -> Callable[[], Tensor]:
     return functools.partial(_top, G, r, away_from=away_from)
-
-
-def _project_away_abs(B: Tensor, F: Tensor) -> Tensor:
-    """``linalg.project_away`` for an orthonormal B, with the rank tolerance measured against B's
-    unit columns: ``orthonormalize`` alone judges columns relative to the largest PROJECTED
-    column, so when F spans span(B) it would normalise round-off into directions."""
-    M = linalg.project_out(F, B)
-    M = M[:, M.norm(dim=0) > linalg.ORTHO_TOL]
-    return linalg.orthonormalize(M)
 
 
 def _trace(G: Tensor) -> float:
@@ -600,7 +465,7 @@ def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tenso
 
     def basis(w: Tensor) -> Tensor:
         s = w.clamp_min(0.0).sqrt()
-        U = _top_eigvecs(s[:, None] * K * s[None, :], r)
+        U = linalg.top_eigvecs(s[:, None] * K * s[None, :], r)
         # Columns of Dᵀ(s⊙U) are orthogonal with norms √λ: orthonormalize only normalises them
         # (and drops any column whose eigenvalue is round-off).
         return linalg.fix_signs(linalg.orthonormalize(D.T @ (s[:, None] * U)))
@@ -911,7 +776,7 @@ def _layer_weight_bases(
         "write_not_downstream_read": _job(Gw, rank["write_not_downstream_read"], DS),
         "causally_isolated": _job(Gw, rank["causally_isolated"], forbidden),
     }))
-    out["input_super_not_lm_read"] = _project_away_abs(out["input_super"], LM)[:, : rank["input_super_not_lm_read"]]
+    out["input_super_not_lm_read"] = linalg.project_away(out["input_super"], LM)[:, : rank["input_super_not_lm_read"]]
     out["attention_sink"] = linalg.pca(attention_sink_vectors(lw.o, lw.v, W.bos_embedding, h, kv, hd), r)
     # The MLP's outputs on the clean FIT inputs of up_proj.
     out["gate_active_written"] = linalg.pca(linalg.as64(hidden.to(lw.down.dtype) @ lw.down.T), r)
@@ -1167,7 +1032,7 @@ def build_b_side(
                 else:
                     bases[layer] = t.oracle_basis(r)
                     # Declared from the spectrum (same tolerance as oracle_basis): the target's rank.
-                    declared[layer] = int((t.eigvals[:r] > linalg.RANK_TOL * float(t.eigvals[0])).sum())
+                    declared[layer] = t.rank(r)
             expected = max(declared.values(), default=0)
             out.append(Candidate(
                 name=name, family=spec.family, definition=spec.definition, side="B",

@@ -153,7 +153,6 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
     top_act = sort_best_first(joint, "R_act").head(5)["candidate"].to_list()
     top_w = sort_best_first(joint, "R_w_combined").head(5)["candidate"].to_list()
     overlap = [c for c in top_act if c in top_w]
-    pct = ranked.filter(pl.col("candidate") == best["candidate"]).row(0, named=True)
     significant = (best["z_act"] or 0) > 2 and (best["z_w_combined"] or 0) > 2
     lines = [
         "# Conclusion",

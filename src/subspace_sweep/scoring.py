@@ -33,30 +33,28 @@ WEIGHT_TARGETS = ("o_proj", "down_proj", "combined")
 TARGETS = ("act", *WEIGHT_TARGETS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Target:
-    """A PSD target ``G`` (float64, d x d) with its spectrum, computed once."""
+    """A PSD target ``G`` (float64, d x d) with its trace, tr(G²) and, on demand, its top spectrum."""
 
     name: str
     gram: Tensor
-    eigvals: Tensor = field(repr=False)  # descending, clipped at 0
-    eigvecs: Tensor = field(repr=False)  # columns match eigvals
+    trace: float
+    trace_sq: float  # tr(G²) = ‖G‖_F² for symmetric G: the null variance needs no eigenvalues
+    _spectrum: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_gram(cls, name: str, gram: Tensor) -> Target:
         G = linalg.as64(gram)
         if G.ndim != 2 or G.shape[0] != G.shape[1]:
             raise InputError(f"target {name!r}: expected a square Gram, got shape {tuple(G.shape)}")
-        G = (G + G.T) / 2
-        if not torch.isfinite(G).all():
+        if not bool(torch.isfinite(G).all()):
             raise InputError(f"target {name!r}: Gram has NaN/Inf entries")
-        evals, evecs = torch.linalg.eigh(G)
-        evals = evals.flip(0).clamp_min(0.0)
-        evecs = linalg.fix_signs(evecs.flip(1).contiguous())
-        t = float(evals.sum())
+        G = (G + G.T) / 2
+        t = float(torch.trace(G))
         if not t > 0.0:
             raise InputError(f"target {name!r} is zero (trace {t}); nothing to explain")
-        return cls(name=name, gram=G, eigvals=evals, eigvecs=evecs)
+        return cls(name=name, gram=G, trace=t, trace_sq=float((G * G).sum()))
 
     @classmethod
     def from_rows(cls, name: str, rows: Tensor) -> Target:
@@ -74,36 +72,37 @@ class Target:
 
     @classmethod
     def from_matrix(cls, name: str, M: Tensor) -> Target:
-        """Weight target for one residual-writing tensor M (d x n_in): ``G = M Mᵀ``."""
-        return cls.from_gram(name, linalg.row_gram(M))
+        """Weight target for one residual-writing tensor M (d x n_in): ``G = M Mᵀ``, formed in
+        float64 (a float32 Gram of a rank-2 delta has round-off eigenvalues ~1e-7 of the top,
+        which would pass for directions)."""
+        return cls.from_gram(name, linalg.row_gram(linalg.as64(M)))
+
+    @classmethod
+    def combine(cls, name: str, targets: Sequence[Target]) -> Target:
+        """Frobenius-balanced combination ``Σ_T G_T / tr G_T``: each tensor counts once, whatever its size."""
+        if not targets:
+            raise InputError(f"target {name!r}: no tensors to combine")
+        return cls.from_gram(name, sum((t.gram / t.trace for t in targets[1:]), targets[0].gram / targets[0].trace))
 
     @classmethod
     def balanced(cls, name: str, matrices: Mapping[str, Tensor] | Sequence[Tensor]) -> Target:
-        """Frobenius-balanced combination ``Σ_T M_T M_Tᵀ / ‖M_T‖²_F`` (each tensor counts once)."""
-        mats = list(matrices.values()) if isinstance(matrices, Mapping) else list(matrices)
-        if not mats:
-            raise InputError(f"target {name!r}: no tensors to combine")
-        grams = []
-        for M in mats:
-            G = linalg.row_gram(M)
-            fro2 = float(torch.trace(G))
-            if not fro2 > 0.0:
-                raise InputError(f"target {name!r}: a tensor of shape {tuple(M.shape)} is all zero")
-            grams.append(G / fro2)
-        return cls.from_gram(name, sum(grams[1:], grams[0]))
+        """``combine`` of the weight targets of ``matrices`` (``Σ_T M_T M_Tᵀ / ‖M_T‖²_F``)."""
+        mats = list(matrices.items()) if isinstance(matrices, Mapping) else list(enumerate(matrices))
+        return cls.combine(name, [cls.from_matrix(f"{name}/{key}", M) for key, M in mats])
 
     @property
     def d(self) -> int:
         return int(self.gram.shape[0])
 
-    @property
-    def trace(self) -> float:
-        return float(self.eigvals.sum())
-
-    @property
-    def trace_sq(self) -> float:
-        """tr(G²)."""
-        return float((self.eigvals**2).sum())
+    def spectrum(self, k: int) -> tuple[Tensor, Tensor]:
+        """Top-k eigenvalues (descending, clipped at 0) and eigenvectors, computed once per size."""
+        k = max(0, min(k, self.d))
+        cached = self._spectrum.get("top")
+        if cached is None or cached[0].shape[0] < k:
+            evals, evecs = linalg.top_eigh(self.gram, k)
+            cached = (evals.clamp_min(0.0), evecs)
+            self._spectrum["top"] = cached
+        return cached[0][:k], cached[1][:, :k]
 
     def restrict(self, S: Tensor, name: str | None = None) -> Target:
         """Compression ``Sᵀ G S`` to an orthonormal d x D basis S, in S's coordinates."""
@@ -112,13 +111,16 @@ class Target:
 
     def oracle_energy(self, r: int) -> float:
         """Ky Fan: the largest energy any rank-r basis can reach."""
-        r = max(0, min(r, self.d))
-        return float(self.eigvals[:r].sum()) / self.trace
+        return float(self.spectrum(r)[0].sum()) / self.trace
+
+    def rank(self, r: int) -> int:
+        """Numerical rank of G capped at r (eigenvalues above ``RANK_TOL`` x the largest)."""
+        evals = self.spectrum(max(r, 1))[0]
+        return int((evals[:r] > linalg.RANK_TOL * float(evals[0])).sum()) if evals.numel() else 0
 
     def oracle_basis(self, r: int) -> Tensor:
-        """Top-r eigenvectors of G (the basis reaching ``oracle_energy(r)``), zero-eigenvalue directions dropped."""
-        k = int((self.eigvals[: max(0, r)] > linalg.RANK_TOL * float(self.eigvals[0])).sum())
-        return self.eigvecs[:, :k]
+        """Top-r eigenvectors of G (reaching ``oracle_energy(r)``), zero-eigenvalue directions dropped."""
+        return self.spectrum(r)[1][:, : self.rank(r)]
 
 
 def energy(target: Target, B: Tensor) -> float:

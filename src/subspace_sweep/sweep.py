@@ -132,11 +132,10 @@ def build_targets(
         per: dict[str, Target] = {"act": Target.from_rows(f"act@{layer}", labels_eval[layer])}
         if holdout is not None:
             per["act_holdout"] = Target.from_rows(f"act_holdout@{layer}", labels_eval[layer][list(holdout)])
-        tensors = residual_writer_tensors(delta, layer)
-        for name, M in tensors.items():
-            per[name] = Target.from_matrix(f"{name}@{layer}", M)
-        if tensors:
-            per["combined"] = Target.balanced(f"combined@{layer}", tensors)
+        weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in residual_writer_tensors(delta, layer).items()}
+        per.update(weights)
+        if weights:
+            per["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
         out[layer] = per
     return out
 

@@ -146,3 +146,14 @@ def test_random_orthonormal_is_seeded_and_orthonormal(d, r, seed):
     B2 = linalg.random_orthonormal(d, r, torch.Generator().manual_seed(seed))
     assert torch.equal(B1, B2)
     assert_basis(B1, d, r)
+
+
+@given(st.integers(3, 20), st.integers(0, 2**31 - 1), st.data())
+def test_project_away_a_spanned_basis_is_empty(d, seed, data):
+    """Round-off left after projecting B away from a superset of its span is not a direction."""
+    k = data.draw(st.integers(1, d))
+    F = haar(d, k, seed)
+    j = data.draw(st.integers(1, k))
+    B = F @ haar(k, j, seed + 1)  # orthonormal, inside span(F)
+    assert linalg.project_away(B, F).shape[1] == 0
+    assert linalg.project_away(B * 1e-6, F).shape[1] == 0  # the tolerance is relative to B's own columns
