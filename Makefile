@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/subspace-sweep --help
+	$(VENV)/bin/subspace-sweep demo --out demo-out --overwrite
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest
@@ -24,6 +24,9 @@ test-properties: $(STAMP)
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration tests/integration
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

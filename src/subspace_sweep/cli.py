@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the sweep on a model and a delta")
     run.add_argument("--model", default="Qwen/Qwen3-0.6B", help="HF id (from the local cache) or a local folder")
-    run.add_argument("--delta", required=True, help="w = θ⁺ − θ⁻ as .safetensors (preferred) or .pt")
+    run.add_argument("--delta", required=True, action="append",
+                     help="w = θ⁺ − θ⁻ as .safetensors (preferred) or .pt; repeat for several deltas of the same "
+                          "model (e.g. LoRA seeds): the A-side is built once, one run folder per delta under --out")
     run.add_argument("--out", required=True, help="output folder (written atomically)")
     run.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on GPU, float32 on CPU)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
@@ -115,12 +117,14 @@ def _config(args: argparse.Namespace, **overrides):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
+    from .sweep import run_sweeps
 
-    config = _config(args, model=args.model, delta=args.delta, out=args.out, dtype=args.dtype, device=args.device)
-    result = run_sweep(config)
+    config = _config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=args.dtype, device=args.device)
+    results = run_sweeps(config, args.delta)
     if not args.quiet:
-        print(bluf_table(result))
+        for path, result in zip(args.delta, results):
+            print(f"delta {path}:")
+            print(bluf_table(result))
         print(f"wrote {args.out}")
     return 0
 

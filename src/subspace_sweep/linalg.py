@@ -231,6 +231,18 @@ def top_eigvecs(G: Tensor, r: int, *, largest: bool = True, rel_tol: float = RAN
     return evecs[:, evals > rel_tol * top]
 
 
+def range_basis(G: Tensor, rel_tol: float = RANK_TOL) -> Tensor:
+    """Orthonormal basis of the range of a PSD matrix (all eigenpairs: one full ``eigh``, which
+    beats ``syevr`` when every pair is wanted)."""
+    G = as64(G)
+    evals, evecs = torch.linalg.eigh(G)
+    top = float(evals[-1]) if evals.numel() else 0.0
+    if top <= 0.0:
+        return empty_basis(G.shape[0])
+    keep = torch.nonzero(evals > rel_tol * top).flatten().flip(0)
+    return fix_signs(evecs[:, keep].contiguous())
+
+
 def row_gram(M: Tensor) -> Tensor:
     """``M Mᵀ`` (d x d for a d x n matrix) in float64.
 

@@ -333,36 +333,39 @@ def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, pa
 
 def write_run(result, config, out: str | Path, manifest: Mapping[str, object]) -> Path:
     """Write every SPEC §7 output of ``result`` into ``out`` atomically."""
+    return write_atomically(out, lambda tmp: fill_run(tmp, result, config, manifest), overwrite=config.overwrite)
+
+
+def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
+    """Write every SPEC §7 output of ``result`` into the (new, empty) folder ``tmp``."""
     ranked = ranked_summary(result)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
+    full_manifest = {
+        "package_versions": package_versions(),
+        "scored_layers": result.scored_layers,
+        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "forward_passes": result.forward_passes,
+        "n_fit": result.n_fit,
+        "n_eval": result.n_eval,
+        "d_model": result.d_model,
+        "seed": config.seed,
+        "null": config.null,
+        **manifest,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
+    _csv(result.per_layer, tmp / "per_layer.csv")
+    optional = [c for c in OPTIONAL_COLS if c in ranked.columns]
+    _tsv(ranked.select(["panel", "rank_in_panel", *SUMMARY_COLS, *optional]), tmp / "summary.tsv")
+    _tsv(ranked.select(["panel", "rank_in_panel", *PCT_COLS]), tmp / "summary_pct.tsv")
+    _csv(result.specific_per_layer, tmp / "specific_per_layer.csv")
+    _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
+    save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
+    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates))
+    (tmp / "conclusion.md").write_text(conclusion_markdown(result, ranked, config))
+    scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf")
+    panels = ranked["panel"].to_list()
+    ends = [i for i in range(1, len(panels)) if panels[i] != panels[i - 1]]
+    heatmap_figure(result.per_layer, ranked["candidate"].to_list(), tmp / "per_layer_heatmap.png",
+                   tmp / "per_layer_heatmap.pdf", ends)
 
-    def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
-        full_manifest = {
-            "package_versions": package_versions(),
-            "scored_layers": result.scored_layers,
-            "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-            "forward_passes": result.forward_passes,
-            "n_fit": result.n_fit,
-            "n_eval": result.n_eval,
-            "d_model": result.d_model,
-            "seed": config.seed,
-            "null": config.null,
-            **manifest,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
-        _csv(result.per_layer, tmp / "per_layer.csv")
-        optional = [c for c in OPTIONAL_COLS if c in ranked.columns]
-        _tsv(ranked.select(["panel", "rank_in_panel", *SUMMARY_COLS, *optional]), tmp / "summary.tsv")
-        _tsv(ranked.select(["panel", "rank_in_panel", *PCT_COLS]), tmp / "summary_pct.tsv")
-        _csv(result.specific_per_layer, tmp / "specific_per_layer.csv")
-        _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
-        save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
-        (tmp / "definitions.md").write_text(definitions_markdown(result.candidates))
-        (tmp / "conclusion.md").write_text(conclusion_markdown(result, ranked, config))
-        scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf")
-        panels = ranked["panel"].to_list()
-        ends = [i for i in range(1, len(panels)) if panels[i] != panels[i - 1]]
-        heatmap_figure(result.per_layer, ranked["candidate"].to_list(), tmp / "per_layer_heatmap.png",
-                       tmp / "per_layer_heatmap.pdf", ends)
-
-    return write_atomically(out, fill, overwrite=config.overwrite)

@@ -145,8 +145,7 @@ def lora_slice(delta: Mapping[str, Tensor], layer: int) -> Tensor:
     tensors = residual_writer_tensors(delta, layer)
     if not tensors:
         return linalg.empty_basis(0)
-    G = sum(linalg.row_gram(M) for M in tensors.values())
-    return linalg.top_eigvecs(G, G.shape[0])
+    return linalg.range_basis(sum(linalg.row_gram(linalg.as64(M)) for M in tensors.values()))
 
 
 # ------------------------------------------------------------------------------- scoring
@@ -163,7 +162,7 @@ def score_layer(
     layer: int,
     targets: Mapping[str, Target],
     oracles: Mapping[str, Tensor],
-    slice_basis: Tensor,
+    slice_null: scoring.RestrictedNull | None,
     *,
     null: str,
     n_null: int,
@@ -196,10 +195,7 @@ def score_layer(
         cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
         row[f"cos_oracle_{name}_mean"] = float(cos.mean()) if cos.numel() else math.nan
         row[f"cos_oracle_{name}_min"] = float(cos.min()) if cos.numel() else math.nan
-    comb = targets.get("combined")
-    row["z_slice_w_combined"] = (
-        scoring.restricted_z(comb, B, slice_basis) if comb is not None and slice_basis.shape[1] else math.nan
-    )
+    row["z_slice_w_combined"] = slice_null.z(B) if slice_null is not None else math.nan
     diag = candidate.diagnostics.get(layer, {})
     row["bisector_cos_mean"] = float(diag.get("cos_mean", math.nan))
     row["bisector_cos_min"] = float(diag.get("cos_min", math.nan))
@@ -321,18 +317,20 @@ class ASide:
     candidates: list[Candidate]
     layers: list[int]
     forward_passes: int
-    seconds: float
+    capture_seconds: float
+    build_seconds: float  # base weights + candidate bases
 
 
 def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
     t0 = time.perf_counter()
     with count_forward_passes(model) as counter:
         acts = capture_activations(model, tokenizer, probes)
+    t1 = time.perf_counter()
     d = int(model.config.hidden_size)
     weights = extract_base_weights(model, tokenizer)
     candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
                               seed=config.seed)
-    return ASide(candidates, list(layers), counter.n, time.perf_counter() - t0)
+    return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)
 
 
 def prompt_concentrations(candidate: Candidate, labels_eval: Tensor, layers: Sequence[int], d: int) -> Tensor:
@@ -370,13 +368,15 @@ def sweep(
     timings: dict[str, float] = {}
     bar = tqdm(total=3, desc="sweep", disable=config.quiet, unit="phase")
 
-    if a_side is None or not set(layers) <= set(a_side.layers):
+    built_a_side = a_side is None or not set(layers) <= set(a_side.layers)
+    if built_a_side:
         a_side = build_a_side_for(model, tokenizer, config, layers, probes)
     t0 = time.perf_counter()
     with count_forward_passes(model) as counter:
         labels = capture_labels(model, tokenizer, delta, probes, label=config.label)
-    timings["captures"] = time.perf_counter() - t0
-    timings["a_side"] = a_side.seconds
+    # A-side work reused from an earlier sweep counts 0 here.
+    fresh = a_side.forward_passes if built_a_side else 0
+    timings["captures"] = time.perf_counter() - t0 + (a_side.capture_seconds if built_a_side else 0.0)
     bar.update(1)
 
     t0 = time.perf_counter()
@@ -384,7 +384,7 @@ def sweep(
     b_side = build_b_side(labels, {k: {n: t for n, t in v.items() if n in TARGETS} for k, v in targets.items()},
                           r=config.r)
     candidates = [*a_side.candidates, *b_side]
-    timings["candidates"] = time.perf_counter() - t0
+    timings["candidates"] = time.perf_counter() - t0 + (a_side.build_seconds if built_a_side else 0.0)
     bar.update(1)
 
     t0 = time.perf_counter()
@@ -394,10 +394,11 @@ def sweep(
     for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
         oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
         weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
-        slice_basis = lora_slice(delta, layer)
+        comb = targets[layer].get("combined")
+        slice_null = scoring.RestrictedNull.inside(comb, lora_slice(delta, layer)) if comb is not None else None
         spec = Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer)
         for c in candidates:
-            rows.append(score_layer(c, layer, targets[layer], oracles, slice_basis,
+            rows.append(score_layer(c, layer, targets[layer], oracles, slice_null,
                                     null=config.null, n_null=config.n_null, seed=config.seed))
             specific.append(spec.row(c, layer))
     per_layer = pl.DataFrame(rows)
@@ -420,7 +421,7 @@ def sweep(
         n_fit=len(probes.fit),
         d_model=d,
         timings=timings,
-        forward_passes=counter.n + a_side.forward_passes,
+        forward_passes=counter.n + fresh,
         n_lora_train_topics=probes.n_lora_train_topics,
         oracle_bases=weight_oracles,
     )
@@ -444,22 +445,55 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
     Every input check runs before the first forward pass, and nothing is written on bad input.
     """
+    if config.delta is None:
+        raise InputError("a delta is required (--delta PATH)")
+    return run_sweeps(config, [config.delta])[0]
+
+
+def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
+    """One sweep per delta on the same model and prompts, the A-side built once.
+
+    With one delta, ``config.out`` is its run folder; with several, ``config.out`` holds one run
+    folder per delta (named by the file's stem), written together atomically.
+    """
     config.validate()
     probes = load_probe_set(config.n_fit)
     if config.out is not None:
         report.check_out_dir(config.out, config.overwrite)
-    if config.delta is None:
-        raise InputError("a delta is required (--delta PATH)")
-    delta = load_delta(config.delta)
+    names = [Path(p).stem for p in deltas]
+    if len(set(names)) != len(names):
+        raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
+    loaded = [load_delta(p) for p in deltas]
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
-    validate_delta(delta, model)
-    result = sweep(model, tokenizer, delta, config, probes)
-    result.timings = {"model_load": load_s, **result.timings}
+    for delta in loaded:
+        validate_delta(delta, model)
+    n_layers = n_layers_of(model)
+    union = sorted({layer for delta in loaded for layer in resolve_layers(config, delta, n_layers)})
+    a_side = build_a_side_for(model, tokenizer, config, union, probes)
+    results = []
+    for i, delta in enumerate(loaded):
+        result = sweep(model, tokenizer, delta, config, probes, a_side=a_side)
+        # The shared A-side is charged to the first run; the others reuse it.
+        result.timings["model_load"] = load_s if i == 0 else 0.0
+        result.timings["captures"] += a_side.capture_seconds if i == 0 else 0.0
+        result.timings["candidates"] += a_side.build_seconds if i == 0 else 0.0
+        result.forward_passes += a_side.forward_passes if i == 0 else 0
+        results.append(result)
     if config.out is not None:
         t0 = time.perf_counter()
-        manifest = {**model_manifest(model, config), "delta": str(config.delta), "delta_sha256": sha256_file(config.delta)}
-        report.write_run(result, config, config.out, manifest)
-        result.timings["report"] = time.perf_counter() - t0
-    return result
+        base = model_manifest(model, config)
+        runs = [(r, {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names})
+                for r, p in zip(results, deltas)]
+        if len(runs) == 1:
+            report.write_run(runs[0][0], config, config.out, runs[0][1])
+        else:
+            report.write_atomically(
+                config.out,
+                lambda tmp: [report.fill_run(tmp / name, r, config, m) for name, (r, m) in zip(names, runs)],
+                overwrite=config.overwrite,
+            )
+        for r in results:
+            r.timings["report"] = time.perf_counter() - t0
+    return results

@@ -152,3 +152,31 @@ def test_unknown_label_kind_is_an_input_error():
     with pytest.raises(InputError, match="label"):
         SweepConfig(label="residual").validate()
     assert dataclasses.replace(SweepConfig(), label="block_local").validate() is None
+
+
+def test_several_deltas_share_one_a_side_and_compare(tiny_dir, tmp_path):
+    """`run` with several deltas (e.g. LoRA seeds) builds the A-side once: the first run's
+    manifest counts 3 A-side + 2 label passes, the others only their 2 label passes."""
+    import json
+
+    from subspace_sweep.delta import save_delta
+    from subspace_sweep.model import load_model
+
+    model, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    paths = []
+    for seed in (0, 1):
+        paths.append(save_delta(random_delta(model, [1, 2], rank=2, seed=seed), tmp_path / f"seed{seed}.safetensors"))
+    out = tmp_path / "runs"
+    argv = ["run", "--model", str(tiny_dir), "--out", str(out), "--quiet", "--n-boot", "0"]
+    for p in paths:
+        argv += ["--delta", str(p)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["seed0", "seed1"]
+    passes = [json.loads((out / n / "manifest.json").read_text())["forward_passes"] for n in ("seed0", "seed1")]
+    assert passes == [5, 2]
+    runs = [load_run(out / n) for n in ("seed0", "seed1")]
+    a0 = runs[0].summary.filter(pl.col("side") == "A").sort("candidate")
+    a1 = runs[1].summary.filter(pl.col("side") == "A").sort("candidate")
+    assert a0["rank"].to_list() == a1["rank"].to_list()
+    cmp = compare_runs(runs)
+    assert cmp.taus.height == 1 and -1.0 <= cmp.taus["kendall_tau"][0] <= 1.0
