@@ -18,7 +18,19 @@ QWEN_ID = "Qwen/Qwen3-0.6B"
 ENV_MODEL = "SUBSPACE_SWEEP_QWEN3"
 ENV_DELTA = "SUBSPACE_SWEEP_DELTA"
 PLANT = "mlp_write"
-PLANT_LAYERS = tuple(range(8, 22))
+
+
+def plant_layers(n_layers: int) -> tuple[int, ...]:
+    """8..21 on Qwen3-0.6B (the seed's LoRA layers); the middle layers of any other model
+    (the tier also runs on the tiny model as a smoke test: SUBSPACE_SWEEP_QWEN3=<tiny folder>)."""
+    from subspace_sweep.demo import default_layers
+
+    return tuple(range(8, 22)) if n_layers == 28 else default_layers(n_layers)
+
+
+def is_real_qwen3_06b(model) -> bool:
+    c = model.config
+    return (c.num_hidden_layers, c.hidden_size, c.vocab_size) == (28, 1024, 151936)
 
 
 @dataclass
@@ -58,7 +70,9 @@ def real_run(qwen):
     if os.environ.get(ENV_DELTA):
         delta, planted = load_delta(os.environ[ENV_DELTA]), False
     else:
-        delta = planted_delta(model, tokenizer, PLANT, PLANT_LAYERS, r=config.r, k_broad=config.k_broad, seed=0)
+        d = int(model.config.hidden_size)
+        layers = plant_layers(model.config.num_hidden_layers)
+        delta = planted_delta(model, tokenizer, PLANT, layers, r=config.r, k_broad=config.resolved_k_broad(d), seed=0)
         planted = True
     validate_delta(delta, model)
     return RealRun(model, tokenizer, delta, planted, PLANT, sweep(model, tokenizer, delta, config))
