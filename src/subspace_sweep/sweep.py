@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -19,13 +19,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import linalg, report, scoring
-from .report import sort_best_first
 from .candidates import Candidate, build_a_side, build_b_side, ranking_pool
 from .capture import LABEL_KINDS, capture_activations, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
 from .errors import InputError
 from .model import extract_base_weights, load_model, n_layers_of, state_dict_sha256
 from .prompts import ProbeSet, load_probe_set
+from .report import sort_best_first
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
 
 
@@ -484,14 +484,15 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     if config.out is not None:
         t0 = time.perf_counter()
         base = model_manifest(model, config)
-        runs = [(r, {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names})
+        runs = [(r, replace(config, delta=str(p)),
+                 {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names})
                 for r, p in zip(results, deltas)]
         if len(runs) == 1:
-            report.write_run(runs[0][0], config, config.out, runs[0][1])
+            report.write_run(*runs[0][:2], config.out, runs[0][2])
         else:
             report.write_atomically(
                 config.out,
-                lambda tmp: [report.fill_run(tmp / name, r, config, m) for name, (r, m) in zip(names, runs)],
+                lambda tmp: [report.fill_run(tmp / name, *run) for name, run in zip(names, runs)],
                 overwrite=config.overwrite,
             )
         for r in results:
