@@ -122,3 +122,16 @@ def test_overwrite_replaces_an_existing_run(tmp_path, demo_run):
     report.write_atomically(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_monte_carlo_null_cross_checks_the_exact_null(demo_run):
+    """--null mc: z from seeded random subspaces agrees with the closed form within the MC error
+    (n = 1000 draws: ~2% on the null SD, so a few % on z for |z| of a few)."""
+    exact = demo_run[0].result.per_layer
+    mc = run_demo(SweepConfig(out=None, quiet=True, null="mc", n_null=1000, n_boot=0)).result.per_layer
+    assert mc["R_act"].to_list() == pytest.approx(exact["R_act"].to_list(), nan_ok=True)  # only z changes
+    for col in ("z_act", "z_w_combined"):
+        a, b = exact[col].to_numpy(), mc[col].to_numpy()
+        ok = (a == a) & (abs(a) > 1)
+        rel = abs(a[ok] - b[ok]) / abs(a[ok])
+        assert rel.max() < 0.15 and rel.mean() < 0.05, (col, rel.max(), rel.mean())
