@@ -15,14 +15,13 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from .candidates import Candidate, build_a_side, get_spec
-from .capture import capture_activations
+from .candidates import Candidate, get_spec
 from .delta import random_delta, save_delta
 from .errors import InputError
-from .model import WRITER_PROJS, extract_base_weights, load_model, n_layers_of
+from .model import WRITER_PROJS, load_model, n_layers_of
 from .prompts import load_probe_set
 from .report import sort_best_first
-from .sweep import SweepConfig, SweepResult, run_sweep
+from .sweep import SweepConfig, SweepResult, build_a_side_for, run_sweep
 from .toy import save_tiny_model
 
 #: Frobenius norm of each planted tensor relative to the base weight: large enough that the
@@ -36,10 +35,9 @@ def default_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(1, n_layers - 1)) if n_layers > 2 else tuple(range(n_layers))
 
 
-def base_candidates(model, tokenizer, *, r: int, k_broad: int, layers: Sequence[int], seed: int) -> list[Candidate]:
-    """The A-side candidates of the base model (what a planted delta is built from)."""
-    acts = capture_activations(model, tokenizer, load_probe_set())
-    return build_a_side(extract_base_weights(model, tokenizer), acts, r=r, k_broad=k_broad, layers=layers, seed=seed)
+def base_candidates(model, tokenizer, layers: Sequence[int], config: SweepConfig) -> list[Candidate]:
+    """The A-side candidates of the base model, exactly as the sweep builds them."""
+    return build_a_side_for(model, tokenizer, config, layers, load_probe_set(config.n_fit)).candidates
 
 
 def plant_in(model, candidate: Candidate, layers: Sequence[int], *, seed: int) -> dict[str, torch.Tensor]:
@@ -54,12 +52,12 @@ def plant_in(model, candidate: Candidate, layers: Sequence[int], *, seed: int) -
     return delta
 
 
-def planted_delta(model, tokenizer, plant: str, layers: Sequence[int], *, r: int, k_broad: int, seed: int) -> dict[str, torch.Tensor]:
+def planted_delta(model, tokenizer, plant: str, layers: Sequence[int], config: SweepConfig) -> dict[str, torch.Tensor]:
     """A delta planted in the base model's A-side candidate ``plant`` (see ``plant_in``)."""
     if get_spec(plant).side != "A":  # unknown name -> InputError before any work
         raise InputError(f"--plant {plant!r} is a B-side reference; plant an A-side candidate")
-    candidates = base_candidates(model, tokenizer, r=r, k_broad=k_broad, layers=layers, seed=seed)
-    return plant_in(model, next(c for c in candidates if c.name == plant), layers, seed=seed)
+    candidates = base_candidates(model, tokenizer, layers, config)
+    return plant_in(model, next(c for c in candidates if c.name == plant), layers, seed=config.seed)
 
 
 @dataclass
@@ -96,8 +94,7 @@ def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int =
         bad = [x for x in layers if not 0 <= x < n_layers_of(model)]
         if bad:
             raise InputError(f"--layers {bad} outside the tiny model's layers 0..{n_layers_of(model) - 1}")
-        delta = planted_delta(model, tokenizer, plant, layers, r=config.r,
-                              k_broad=config.resolved_k_broad(int(model.config.hidden_size)), seed=config.seed)
+        delta = planted_delta(model, tokenizer, plant, layers, config)
         delta_path = save_delta(delta, Path(tmp) / "planted_delta.safetensors")
         config = replace(config, model=str(model_dir), delta=str(delta_path), layers=tuple(layers),
                          dtype="float32", device="cpu")

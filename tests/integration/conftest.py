@@ -70,9 +70,7 @@ def real_run(qwen):
     if os.environ.get(ENV_DELTA):
         delta, planted = load_delta(os.environ[ENV_DELTA]), False
     else:
-        d = int(model.config.hidden_size)
-        layers = plant_layers(model.config.num_hidden_layers)
-        delta = planted_delta(model, tokenizer, PLANT, layers, r=config.r, k_broad=config.resolved_k_broad(d), seed=0)
+        delta = planted_delta(model, tokenizer, PLANT, plant_layers(model.config.num_hidden_layers), config)
         planted = True
     validate_delta(delta, model)
     return RealRun(model, tokenizer, delta, planted, PLANT, sweep(model, tokenizer, delta, config))

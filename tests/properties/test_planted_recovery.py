@@ -26,8 +26,7 @@ CONFIG = SweepConfig(quiet=True)
 def base():
     model, tok = build_tiny_model(seed=0)
     layers = default_layers(model.config.num_hidden_layers)
-    k_broad = CONFIG.resolved_k_broad(model.config.hidden_size)
-    candidates = {c.name: c for c in base_candidates(model, tok, r=CONFIG.r, k_broad=k_broad, layers=layers, seed=0)}
+    candidates = {c.name: c for c in base_candidates(model, tok, layers, CONFIG)}
     return model, tok, layers, candidates
 
 
