@@ -150,7 +150,7 @@ def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int =
     ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
     ax.set_yticks(y, rows["candidate"].to_list(), fontsize=8)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    report.plain_log_ticks(ax.xaxis)
     ax.set_xlabel("joint score √(R_act·R_w_combined) (null = 1)")
     ax.set_title("Ranking stability across runs (A-side write + mixed)")
     ax.legend(fontsize=8, loc="lower right")

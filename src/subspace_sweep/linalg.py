@@ -254,11 +254,24 @@ def row_gram(M: Tensor) -> Tensor:
     return as64(M @ M.T)
 
 
+#: Rows per chunk of ``col_gram``: a bf16 unembedding (151,936 x 1024) is never copied whole to float32.
+GRAM_CHUNK_ROWS = 16384
+
+
 def col_gram(M: Tensor) -> Tensor:
-    """``Mᵀ M`` (d x d for an n x d matrix) in float64."""
-    if M.dtype not in (torch.float32, torch.float64):
-        M = M.float()
-    return as64(M.T @ M)
+    """``Mᵀ M`` (d x d for an n x d matrix) in float64.
+
+    Tall matrices go chunk by chunk: each chunk's product in (at least) float32, the sum of the
+    chunks in float64, so a half-precision input needs no full float32 copy.
+    """
+    total = None
+    for start in range(0, max(M.shape[0], 1), GRAM_CHUNK_ROWS):
+        X = M[start : start + GRAM_CHUNK_ROWS]
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.float()
+        part = as64(X.T @ X)
+        total = part if total is None else total + part
+    return total
 
 
 def left_basis(M: Tensor, r: int) -> Tensor:

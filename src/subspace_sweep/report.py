@@ -255,6 +255,12 @@ def _positive(x):
     return np.where(np.isfinite(x) & (x > 0), x, np.nan)
 
 
+def plain_log_ticks(axis) -> None:
+    """Label a log axis with plain numbers (2, 3, 6) rather than 2×10⁰."""
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2358" else ""))
+
+
 def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
     """R_act vs R_w_combined, log-log: write+mixed panel and read panel; oracles starred."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), sharex=True, sharey=True)
@@ -285,9 +291,8 @@ def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.9)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):  # plain numbers, not 6×10⁰
-            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        plain_log_ticks(ax.xaxis)
+        plain_log_ticks(ax.yaxis)
         ax.set_xlabel("activation concentration R_act (null = 1)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.25, which="both")

@@ -1,4 +1,5 @@
-"""Base-model weights as the A-side sees them: float32 CPU tensors in HF Linear layout (out x in).
+"""Base-model weights as the A-side sees them: float32 CPU tensors in HF Linear layout (out x in)
+(the unembedding alone keeps the model's dtype; it is only ever reduced to its d x d Gram).
 
 This is everything a candidate builder may read about the model. The LoRA delta is never
 part of it (SPEC §1: A-side bases are built from base weights and base activations only).

@@ -101,3 +101,16 @@ def test_stable_seed_distinguishes_its_parts():
     seeds = {scoring.stable_seed(layer, r, name) for layer in range(4) for r in (1, 8) for name in ("o_proj", "down_proj")}
     assert len(seeds) == 16
     assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_col_gram_in_chunks_equals_the_direct_product(monkeypatch):
+    from subspace_sweep import linalg
+
+    gen = torch.Generator().manual_seed(5)
+    M = torch.randn(1000, 24, generator=gen)
+    direct = linalg.as64(M).T @ linalg.as64(M)
+    monkeypatch.setattr(linalg, "GRAM_CHUNK_ROWS", 128)
+    torch.testing.assert_close(linalg.col_gram(M), direct, rtol=1e-5, atol=1e-3)
+    half = linalg.col_gram(M.bfloat16())  # chunk-wise float32, no full float32 copy
+    ref = linalg.as64(M.bfloat16().float())
+    torch.testing.assert_close(half, ref.T @ ref, rtol=1e-5, atol=1e-3)
