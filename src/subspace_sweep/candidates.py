@@ -414,26 +414,30 @@ def _gemm() -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def _top(G: Tensor, r: int, *, away_from: Tensor | None = None) -> Tensor:
+def _top(G: Tensor, r: int, *, away_from: Tensor | None = None, single: bool = True) -> Tensor:
     """Top-r eigenvectors of a PSD Gram G, or of ``(I − P_F) G (I − P_F)`` with F = ``away_from``
     (the left singular vectors of ``(I − P_F)·M`` when G = M Mᵀ).
 
     After a projection, directions whose Rayleigh quotient is below ``RANK_TOL·tr G`` are
     dropped: when F spans everything G sees, what is left is round-off, and ``top_eigvecs``
     (whose tolerance is relative to the largest REMAINING eigenvalue) would return it.
+    ``single``: solve in float32. The r-dimensional weight bases use it: their Grams are formed
+    from float32 weight products, so a float64 solve adds digits the matrix does not have. The
+    broad K-dimensional bases that other bases are projected away from (LMK, GRK, DSK(l)) and
+    the activation kernels stay float64, so "orthogonal to X's broad basis" holds to 1e-6.
     """
     if away_from is None:
-        return linalg.top_eigvecs(G, r)
+        return linalg.top_eigvecs(G, r, single=single)
     P = linalg.project_out_gram(away_from, G)
-    B = linalg.top_eigvecs(P, r)
+    B = linalg.top_eigvecs(P, r, single=single)
     if B.shape[1]:
-        rayleigh = torch.einsum("ir,ij,jr->r", B, P, B)
+        rayleigh = ((P @ B) * B).sum(0)
         B = B[:, rayleigh > linalg.RANK_TOL * _trace(G)]
     return B
 
 
-def _job(G: Tensor, r: int, away_from: Tensor | None = None) -> Callable[[], Tensor]:
-    return functools.partial(_top, G, r, away_from=away_from)
+def _job(G: Tensor, r: int, away_from: Tensor | None = None, *, single: bool = True) -> Callable[[], Tensor]:
+    return functools.partial(_top, G, r, away_from=away_from, single=single)
 
 
 def _trace(G: Tensor) -> float:
@@ -458,7 +462,7 @@ def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tenso
     if n == 0:
         return [linalg.empty_basis(d) for _ in weights]
     if n >= d:
-        done = _run_jobs({str(i): _job(D.T @ (w[:, None] * D), r) for i, w in enumerate(ws)})
+        done = _run_jobs({str(i): _job(D.T @ (w[:, None] * D), r, single=False) for i, w in enumerate(ws)})
         return [done[str(i)] for i in range(len(ws))]
     with _gemm():
         K = D @ D.T
@@ -765,7 +769,7 @@ def _layer_weight_bases(
         "attn_qkv_read": g.q + g.k + g.v, "input_super": g.read, "kv_super": g.k + g.v, "attn_ov_write": ov_gram,
         "qk_circuit": qk_gram, "mlp_roundtrip_write": roundtrip_gram, "gate_kernel": gate_kernel_gram,
     }
-    jobs = {"_DS": _job(downstream_gram, K)}  # DSK(l): the biggest problem first
+    jobs = {"_DS": _job(downstream_gram, K, single=False)}  # DSK(l): the biggest problem first
     jobs.update({name: _job(G, rank[name]) for name, G in grams.items()})
     jobs["write_not_lm_head_read"] = _job(Gw, rank["write_not_lm_head_read"], LM)
     out = _run_jobs(jobs)
@@ -798,7 +802,7 @@ def _weight_bases(
     with _gemm():
         lm_gram = linalg.col_gram(W.unembed)
     lm = _run_jobs({
-        "top": _job(lm_gram, max(rank["lm_head_read"], K)),
+        "top": _job(lm_gram, max(rank["lm_head_read"], K), single=False),
         "bottom": functools.partial(linalg.top_eigvecs, lm_gram, r, largest=False),
     })
     LM = lm["top"][:, :K]
@@ -826,7 +830,7 @@ def _weight_bases(
     global_read_gram = running
 
     jobs = {
-        "_GR": _job(global_read_gram, max(r, K)),
+        "_GR": _job(global_read_gram, max(r, K), single=False),
         "global_write": _job(write_total, rank["global_write"]),
     }
     glob_ = _run_jobs(jobs)

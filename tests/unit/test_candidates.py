@@ -238,25 +238,36 @@ def test_deterministic_bit_for_bit(syn):
         assert c.diagnostics == again[name].diagnostics
 
 
-def test_gil_free_eigensolver_is_bit_identical_to_scipy():
-    if linalg.gil_free_syevr() is None:
+@pytest.mark.parametrize("real", [np.float64, np.float32])
+def test_gil_free_eigensolver_is_bit_identical_to_scipy(real):
+    if linalg.gil_free_syevr(real) is None:
         pytest.skip("SciPy's bundled OpenBLAS is not available: linalg uses scipy.linalg.eigh itself")
     g = torch.Generator().manual_seed(0)
     M = torch.randn(80, 300, generator=g, dtype=DT)
     low = torch.randn(80, 5, generator=g, dtype=DT)
     for G in (M @ M.T, low @ low.T, torch.zeros(80, 80, dtype=DT)):
-        A = G.numpy()
+        A = G.numpy().astype(real)
         for k in (1, 8, 64, 80):
-            w, z = linalg.gil_free_syevr()(A, 80 - k + 1, 80)
+            w, z = linalg.gil_free_syevr(real)(A, 80 - k + 1, 80)
             w_ref, z_ref = scipy.linalg.eigh(A, subset_by_index=[80 - k, 79], driver="evr")
             assert np.array_equal(w, w_ref) and np.array_equal(z, z_ref), k
+
+
+def test_single_precision_solve_spans_the_same_subspace():
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(200, 600, generator=g, dtype=DT) @ torch.diag(torch.linspace(1, 3, 600, dtype=DT))
+    G = M @ M.T
+    double, single = linalg.top_eigvecs(G, 8), linalg.top_eigvecs(G, 8, single=True)
+    assert linalg.is_orthonormal(single, 1e-12)  # re-orthonormalised in float64
+    cos = linalg.principal_cosines(double, single)
+    assert float(cos.min()) > 1 - 1e-6
 
 
 def test_parallel_build_equals_the_serial_build(syn, monkeypatch):
     """Without the ctypes eigensolver there is no pool and every eigenproblem goes through
     linalg.top_eigvecs in order: the bases must be the same bits."""
     W, A, cs = syn
-    monkeypatch.setattr(linalg, "_SYEVR", [None])
+    monkeypatch.setattr(linalg, "_SYEVR", {"float64": None, "float32": None})
     serial = by_name(build_a_side(W, A, r=R, k_broad=K_SMALL))
     for name, c in cs.items():
         for layer, B in c.bases.items():
