@@ -399,16 +399,15 @@ def union(*bases: Tensor) -> Tensor:
 
 
 def complement(F: Tensor) -> Tensor:
-    """Orthonormal basis (d x (d - rank F)) of the orthogonal complement of span(F)."""
+    """Orthonormal basis (d x (d - rank F)) of the orthogonal complement of span(F): the last
+    columns of a complete QR of an orthonormal basis of F (no d x d eigenproblem)."""
     F = as64(F)
     d = F.shape[0]
-    if F.shape[1] == 0:
-        return torch.eye(d, dtype=DTYPE)
     Q = orthonormalize(F)
-    P_perp = torch.eye(d, dtype=DTYPE) - Q @ Q.T
-    k = d - Q.shape[1]
-    evals, evecs = torch.linalg.eigh((P_perp + P_perp.T) / 2)
-    return fix_signs(evecs[:, d - k :].flip(1).contiguous())
+    if Q.shape[1] == 0:
+        return torch.eye(d, dtype=DTYPE)
+    full, _ = torch.linalg.qr(Q, mode="complete")
+    return fix_signs(full[:, Q.shape[1] :].contiguous())
 
 
 def principal_cosines(A: Tensor, B: Tensor) -> Tensor:
