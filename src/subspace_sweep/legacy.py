@@ -26,7 +26,7 @@ N_NULL_SEED = 120  # the seed's number of Monte-Carlo draws
 
 def concatenated_target(tensors: Mapping[str, Tensor], name: str = "legacy_concat") -> Target:
     """v6: ``G = [M_o | M_down][M_o | M_down]ᵀ`` with no balancing."""
-    return Target.from_gram(name, sum(Target.from_matrix(name, M).gram for M in tensors.values()))
+    return Target.from_gram(name, sum(linalg.row_gram(linalg.as64(M)) for M in tensors.values()))
 
 
 def fit_label_ceiling_pct(target: Target, B: Tensor, label_fit_rows: Tensor) -> float:

@@ -222,9 +222,8 @@ def top_eigh(G: Tensor, k: int, *, largest: bool = True, single: bool = False) -
     evecs = torch.from_numpy(np.ascontiguousarray(evecs, dtype=np.float64))
     if largest:
         evals, evecs = evals.flip(0), evecs.flip(1)
-    if single:  # QR = Gram-Schmidt in order; multiplying by sign(diag R) keeps each vector's direction
-        Q, R = torch.linalg.qr(evecs)
-        evecs = Q * torch.sign(torch.diagonal(R)).where(torch.diagonal(R) != 0, torch.ones(1, dtype=DTYPE))
+    if single:
+        evecs = signed_qr(evecs)  # Gram-Schmidt in order, each vector keeping its direction
     return evals, fix_signs(evecs.contiguous())
 
 
@@ -439,12 +438,17 @@ def bisector(A: Tensor, B: Tensor, r: int) -> tuple[Tensor, Tensor]:
     return fix_signs(basis), s[:k].clamp(0.0, 1.0)
 
 
-def random_orthonormal(d: int, r: int, generator: torch.Generator, batch: int | None = None) -> Tensor:
-    """Uniform (Haar) random orthonormal d x r basis (or a batch of them) from a seeded generator."""
-    shape = (d, r) if batch is None else (batch, d, r)
-    X = torch.randn(shape, generator=generator, dtype=DTYPE)
+def signed_qr(X: Tensor) -> Tensor:
+    """Q of ``X = QR`` with diag(R) made non-negative (batched): Gram-Schmidt of the columns in
+    order, each output column on the same side as its input column."""
     Q, R = torch.linalg.qr(X)
-    # Multiplying by the signs of diag(R) makes the distribution exactly Haar.
     signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     signs[signs == 0] = 1
     return Q * signs.unsqueeze(-2)
+
+
+def random_orthonormal(d: int, r: int, generator: torch.Generator, batch: int | None = None) -> Tensor:
+    """Uniform (Haar) random orthonormal d x r basis (or a batch of them) from a seeded generator.
+    (The sign-fixed QR of a Gaussian matrix is exactly Haar.)"""
+    shape = (d, r) if batch is None else (batch, d, r)
+    return signed_qr(torch.randn(shape, generator=generator, dtype=DTYPE))

@@ -140,14 +140,6 @@ def build_targets(
     return out
 
 
-def lora_slice(delta: Mapping[str, Tensor], layer: int) -> Tensor:
-    """Orthonormal basis of the column space of the layer's residual-writer deltas."""
-    tensors = residual_writer_tensors(delta, layer)
-    if not tensors:
-        return linalg.empty_basis(0)
-    return linalg.range_basis(sum(linalg.row_gram(linalg.as64(M)) for M in tensors.values()))
-
-
 # ------------------------------------------------------------------------------- scoring
 
 
@@ -244,17 +236,13 @@ MEAN_COLS = [
 HOLDOUT_COLS = ["e_act_holdout", "R_act_holdout", "z_act_holdout", "pct_oracle_act_holdout"]
 
 
-
 def summarise(per_layer: pl.DataFrame) -> pl.DataFrame:
     """Mean over scored layers (NaN-aware: a NaN layer makes the mean NaN, never silently dropped)."""
-    meta = per_layer.group_by("candidate", maintain_order=True).agg(
-        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
-    )
     holdout = [c for c in HOLDOUT_COLS if c in per_layer.columns]
-    means = per_layer.group_by("candidate", maintain_order=True).agg(
-        [pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *holdout)]
-    )
-    out = meta.join(means, on="candidate", how="left", maintain_order="left").with_columns(
+    out = per_layer.group_by("candidate", maintain_order=True).agg(
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
+        *[pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *holdout)],
+    ).with_columns(
         joint=(pl.col("R_act") * pl.col("R_w_combined")).sqrt(),
         act_w_gap_log2=(pl.col("R_act") / pl.col("R_w_combined")).log(2),
     )
@@ -281,13 +269,10 @@ def with_bootstrap(summary: pl.DataFrame, prompt_R: Mapping[str, Tensor], config
 
 
 def summarise_specific(specific: pl.DataFrame) -> pl.DataFrame:
-    meta = specific.group_by("candidate", maintain_order=True).agg(
-        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first()
+    return specific.group_by("candidate", maintain_order=True).agg(
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(),
+        *[pl.col(c).cast(pl.Float64).mean() for c in ("specific_rank", "specific_e_act", "specific_R_act", "specific_z_act")],
     )
-    means = specific.group_by("candidate", maintain_order=True).agg(
-        [pl.col(c).cast(pl.Float64).mean() for c in ("specific_rank", "specific_e_act", "specific_R_act", "specific_z_act")]
-    )
-    return meta.join(means, on="candidate", how="left", maintain_order="left")
 
 
 # ------------------------------------------------------------------------------- the sweep
@@ -394,8 +379,9 @@ def sweep(
     for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
         oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
         weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
+        # The LoRA slice: the writers' column space, which is the range of the combined Gram.
         comb = targets[layer].get("combined")
-        slice_null = scoring.RestrictedNull.inside(comb, lora_slice(delta, layer)) if comb is not None else None
+        slice_null = scoring.RestrictedNull.inside(comb, linalg.range_basis(comb.gram)) if comb is not None else None
         spec = Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer)
         for c in candidates:
             rows.append(score_layer(c, layer, targets[layer], oracles, slice_null,
