@@ -507,8 +507,9 @@ def _rotation_rank(n_neg: int, n_pos: int, d: int, max_rank: int = ROTATION_MAX_
     return max(0, min(max_rank, n_neg - 1, n_pos - 1, d))
 
 
-def rotation_contrast_basis(X_neg: Tensor, X_pos: Tensor, r: int, max_rank: int = ROTATION_MAX_RANK) -> Tensor:
-    """Skew generator of the Procrustes rotation persona- -> persona+ in their joint PCA space."""
+def procrustes_rotation(X_neg: Tensor, X_pos: Tensor, max_rank: int = ROTATION_MAX_RANK) -> tuple[Tensor, Tensor]:
+    """(joint, R): the joint centred PCA basis of persona- ∪ persona+ (d x m) and the orthogonal
+    Procrustes R (m x m) taking the centred persona- projections to the persona+ ones."""
     X = linalg.as64(X_neg)
     Y = linalg.as64(X_pos)
     d = X.shape[1]
@@ -516,14 +517,33 @@ def rotation_contrast_basis(X_neg: Tensor, X_pos: Tensor, r: int, max_rank: int 
     # singular and R arbitrary (LAPACK's choice) on the rest: cap m so that R is determined.
     m = _rotation_rank(X.shape[0], Y.shape[0], d, max_rank)
     joint = linalg.pca(torch.cat([X, Y], dim=0), m)
-    if joint.shape[1] < 2:
-        return linalg.empty_basis(d)
     Xr = (X - X.mean(dim=0, keepdim=True)) @ joint
     Yr = (Y - Y.mean(dim=0, keepdim=True)) @ joint
     U, _, Vh = torch.linalg.svd(Xr.T @ Yr)
-    R = U @ Vh  # argmin_R ‖Xr R − Yr‖_F over orthogonal R
+    return joint, U @ Vh  # R = argmin_R ‖Xr R − Yr‖_F over orthogonal R
+
+
+def skew_rank_bound(R: Tensor) -> int:
+    """Largest possible rank of R − Rᵀ for an orthogonal m x m R: its eigenvalues pair up
+    (e^{±iθ}) except real ±1, so the rank is even, ≤ m − 1 for odd m and ≤ m − 2 for even m when
+    det R = −1 (a reflection: eigenvalues +1 and −1 both present; for m = 2 the skew part is 0)."""
+    m = int(R.shape[0])
+    if m < 2:
+        return 0
+    reflection = m % 2 == 0 and float(torch.linalg.det(R)) < 0.0
+    return 2 * (m // 2) - (2 if reflection else 0)
+
+
+def rotation_contrast_basis(X_neg: Tensor, X_pos: Tensor, r: int, max_rank: int = ROTATION_MAX_RANK) -> Tensor:
+    """Skew generator of the Procrustes rotation persona- -> persona+ in their joint PCA space."""
+    joint, R = procrustes_rotation(X_neg, X_pos, max_rank)
+    if joint.shape[1] < 2:
+        return linalg.empty_basis(joint.shape[0])
     S = R - R.T
     top = linalg.top_eigvecs(S @ S.T, r)  # left singular vectors of the skew part
+    # ‖S‖₂ ≤ 2: singular values at round-off level (e.g. all of them, when R is a symmetric
+    # reflection) are absent directions, not a basis (a relative tolerance would keep them).
+    top = top[:, ((S @ S.T @ top) * top).sum(0) > linalg.RANK_TOL]
     return linalg.fix_signs(linalg.orthonormalize(joint @ top))
 
 
@@ -687,7 +707,15 @@ def _declared_ranks(
     k_clusters = min(r + 1, 3 * n)
     out["chars_clusters"] = entry(k_clusters - 1, f"k = {k_clusters} centroids: rank ≤ k − 1")
     m = _rotation_rank(n, n, d)
-    out["rotation_contrast"] = entry(2 * (m // 2), f"R − Rᵀ is skew-symmetric on the rank-{m} joint PCA: even rank ≤ {2 * (m // 2)}")
+    skew = {layer: cap(skew_rank_bound(procrustes_rotation(acts.persona_neg[layer], acts.persona_pos[layer])[1]))
+            for layer in layers}
+    top_skew = max(skew.values(), default=cap(2 * (m // 2)))
+    out["rotation_contrast"] = (
+        top_skew,
+        f"R − Rᵀ is skew-symmetric on the rank-{m} joint PCA: even rank ≤ {2 * (m // 2)} "
+        "(2 less where R is a reflection and m is even)" if top_skew < r else "",
+        {layer: k for layer, k in skew.items() if k != top_skew},
+    )
     qk, ch = out["qk_circuit"][0], out["chars_clusters"][0]
     out["qk_x_chars_clusters"] = (min(qk, ch), "" if min(qk, ch) == r else "bounded by qk_circuit and chars_clusters", {})
     wndr, td = out["write_not_downstream_read"][0], out["TaskDiff_contrast"][0]
@@ -1059,5 +1087,5 @@ __all__ = [
     "A_SIDE_NAMES", "AXIS_KINDS", "B_SIDE_NAMES", "CANDIDATE_NAMES", "DEFINITIONS", "FAMILY_AXIS", "ORACLE_NAMES",
     "PANEL_AXES", "Candidate", "CandidateSpec", "attention_sink_vectors", "build_a_side", "build_b_side",
     "definitions_table", "expand_kv_heads", "get_spec", "kmeans_centroids", "ov_circuit_matrix", "qk_circuit_matrix",
-    "ranking_pool", "rotation_contrast_basis",
+    "procrustes_rotation", "ranking_pool", "rotation_contrast_basis", "skew_rank_bound",
 ]

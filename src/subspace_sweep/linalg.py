@@ -245,16 +245,12 @@ def top_eigvecs(G: Tensor, r: int, *, largest: bool = True, rel_tol: float = RAN
     return evecs[:, evals > rel_tol * top]
 
 
-def range_basis(G: Tensor, rel_tol: float = RANK_TOL) -> Tensor:
-    """Orthonormal basis of the range of a PSD matrix (all eigenpairs: one full ``eigh``, which
-    beats ``syevr`` when every pair is wanted)."""
-    G = as64(G)
-    evals, evecs = torch.linalg.eigh(G)
+def numerical_rank(G: Tensor, rel_tol: float = RANK_TOL) -> int:
+    """Number of eigenvalues of a symmetric PSD matrix above ``rel_tol`` x the largest (the
+    dimension of its range; eigenvalues only, no eigenvectors)."""
+    evals = torch.linalg.eigvalsh(as64(G))
     top = float(evals[-1]) if evals.numel() else 0.0
-    if top <= 0.0:
-        return empty_basis(G.shape[0])
-    keep = torch.nonzero(evals > rel_tol * top).flatten().flip(0)
-    return fix_signs(evecs[:, keep].contiguous())
+    return int((evals > rel_tol * top).sum()) if top > 0.0 else 0
 
 
 def row_gram(M: Tensor) -> Tensor:
@@ -331,24 +327,37 @@ def pca(X: Tensor, r: int) -> Tensor:
 
 def weighted_pca_rows(X: Tensor, r: int) -> Tensor:
     """Top-r right singular vectors of the rows of X, NOT centred (used on pre-centred or
-    pre-weighted rows). Uses the n x n Gram when n < d."""
+    pre-weighted rows); directions with eigenvalue below ``RANK_TOL`` x the top are dropped."""
+    return top_eigh_rows(X, r)[1]
+
+
+def top_eigh_rows(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k eigenvalues of ``XᵀX`` (d x d) for the rows of X (n x d), and the eigenvectors of
+    those above ``RANK_TOL`` x the largest (fewer columns than values when XᵀX is rank-deficient).
+
+    With n < d the n x n kernel ``X Xᵀ`` has the same nonzero eigenvalues, and its eigenvectors
+    u map to ``Xᵀu/√λ``: exact, at the cost of an n x n problem.
+    """
     X = as64(X)
     n, d = X.shape
-    if n == 0 or r <= 0:
-        return empty_basis(d)
+    k = max(0, min(k, d))
+    if n == 0 or k == 0:
+        return torch.zeros(0, dtype=DTYPE), empty_basis(d)
     if n >= d:
-        return top_eigvecs(X.T @ X, r)
-    K = X @ X.T
-    K = (K + K.T) / 2
-    evals, evecs = torch.linalg.eigh(K)
-    top = float(evals[-1])
-    if top <= 0.0:
-        return empty_basis(d)
-    order = torch.arange(n - 1, -1, -1)
-    order = order[evals[order] > RANK_TOL * top][:r]
-    V = X.T @ evecs[:, order] / evals[order].sqrt()
-    # One more pass through orthonormalize removes the error of dividing by small sqrt(eval).
-    return fix_signs(orthonormalize(V))
+        evals, evecs = top_eigh(X.T @ X, k)
+    else:
+        K = X @ X.T
+        evals, U = torch.linalg.eigh((K + K.T) / 2)
+        evals, U = evals.flip(0)[:k], U.flip(1)[:, :k]
+        evecs = X.T @ U
+    top = float(evals[0])
+    keep = evals > RANK_TOL * top if top > 0.0 else torch.zeros_like(evals, dtype=torch.bool)
+    evecs = evecs[:, keep]
+    if n < d and evecs.shape[1]:
+        # Columns of XᵀU are orthogonal with norms √λ: the QR only normalises them (and removes
+        # the error of dividing by a small √λ), keeping each column's order and direction.
+        evecs = fix_signs(signed_qr(evecs))
+    return evals, evecs
 
 
 def projector(B: Tensor) -> Tensor:
@@ -395,18 +404,6 @@ def union(*bases: Tensor) -> Tensor:
     if not nonempty:
         return empty_basis(bases[0].shape[0])
     return orthonormalize(torch.cat(nonempty, dim=1))
-
-
-def complement(F: Tensor) -> Tensor:
-    """Orthonormal basis (d x (d - rank F)) of the orthogonal complement of span(F): the last
-    columns of a complete QR of an orthonormal basis of F (no d x d eigenproblem)."""
-    F = as64(F)
-    d = F.shape[0]
-    Q = orthonormalize(F)
-    if Q.shape[1] == 0:
-        return torch.eye(d, dtype=DTYPE)
-    full, _ = torch.linalg.qr(Q, mode="complete")
-    return fix_signs(full[:, Q.shape[1] :].contiguous())
 
 
 def principal_cosines(A: Tensor, B: Tensor) -> Tensor:

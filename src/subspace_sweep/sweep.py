@@ -143,14 +143,15 @@ def build_targets(
 # ------------------------------------------------------------------------------- scoring
 
 
-def _z(target: Target, B: Tensor, s: scoring.Score, null: str, n_null: int, seed: int, layer: int) -> float:
-    if null == "exact" or s.rank == 0:
-        return s.z
-    return scoring.mc_score_z(target, B, n_null, scoring.stable_seed(seed, layer, target.name, s.rank))
+def _mc_z(target: Target, B: Tensor, null: str, n_null: int, seed: int, layer: int) -> float | None:
+    """The Monte-Carlo z (``--null mc``), or None when the exact z stands."""
+    if null == "exact" or B.shape[1] == 0:
+        return None
+    return scoring.mc_score_z(target, B, n_null, scoring.stable_seed(seed, layer, target.name, B.shape[1]))
 
 
 def score_layer(
-    candidate: Candidate,
+    candidates: Sequence[Candidate],
     layer: int,
     targets: Mapping[str, Target],
     oracles: Mapping[str, Tensor],
@@ -159,68 +160,89 @@ def score_layer(
     null: str,
     n_null: int,
     seed: int,
-) -> dict[str, float | int | str]:
-    """One per_layer row: every target's energy, R, z, pct_oracle and cos with the oracle."""
-    B = candidate.bases[layer]
-    row: dict[str, float | int | str] = {
-        "layer": layer,
-        "candidate": candidate.name,
-        "family": candidate.family,
-        "axis_kind": candidate.axis_kind,
-        "side": candidate.side,
-        "rank": int(B.shape[1]),
-        "expected_rank": candidate.declared_rank(layer),
-    }
-    for name in (*TARGETS, "act_holdout") if "act_holdout" in targets else TARGETS:
-        prefix = name if name.startswith("act") else f"w_{name}"
-        t = targets.get(name)
-        if t is None:
-            s = None
-        else:
-            s = scoring.score(t, B)
-        row[f"e_{prefix}"] = s.energy if s else math.nan
-        row[f"R_{prefix}"] = s.concentration if s else math.nan
-        row[f"z_{prefix}"] = _z(t, B, s, null, n_null, seed, layer) if s else math.nan
-        row[f"pct_oracle_{name}"] = s.pct_oracle if s else math.nan
-        if name not in TARGETS:
-            continue
-        cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
-        row[f"cos_oracle_{name}_mean"] = float(cos.mean()) if cos.numel() else math.nan
-        row[f"cos_oracle_{name}_min"] = float(cos.min()) if cos.numel() else math.nan
-    row["z_slice_w_combined"] = slice_null.z(B) if slice_null is not None else math.nan
-    diag = candidate.diagnostics.get(layer, {})
-    row["bisector_cos_mean"] = float(diag.get("cos_mean", math.nan))
-    row["bisector_cos_min"] = float(diag.get("cos_min", math.nan))
-    return row
+) -> list[dict[str, float | int | str]]:
+    """The per_layer rows of every candidate at one layer: each target's energy, R, z,
+    pct_oracle and cos with the oracle. Energies of all candidates come from one product per target."""
+    bases = [c.bases[layer] for c in candidates]
+    names = [*TARGETS, "act_holdout"] if "act_holdout" in targets else list(TARGETS)
+    energies = {name: scoring.energies(targets[name], bases) for name in names if name in targets}
+    rows = []
+    for i, (candidate, B) in enumerate(zip(candidates, bases)):
+        r = int(B.shape[1])
+        row: dict[str, float | int | str] = {
+            "layer": layer,
+            "candidate": candidate.name,
+            "family": candidate.family,
+            "axis_kind": candidate.axis_kind,
+            "side": candidate.side,
+            "rank": r,
+            "expected_rank": candidate.declared_rank(layer),
+        }
+        for name in names:
+            prefix = name if name.startswith("act") else f"w_{name}"
+            t = targets.get(name)
+            s = scoring.score_energy(t, r, float(energies[name][i])) if t is not None else None
+            z = _mc_z(t, B, null, n_null, seed, layer) if t is not None else None
+            row[f"e_{prefix}"] = s.energy if s else math.nan
+            row[f"R_{prefix}"] = s.concentration if s else math.nan
+            row[f"z_{prefix}"] = (s.z if z is None else z) if s else math.nan
+            row[f"pct_oracle_{name}"] = s.pct_oracle if s else math.nan
+            if name not in TARGETS:
+                continue
+            cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
+            row[f"cos_oracle_{name}_mean"] = float(cos.mean()) if cos.numel() else math.nan
+            row[f"cos_oracle_{name}_min"] = float(cos.min()) if cos.numel() else math.nan
+        row["z_slice_w_combined"] = slice_null.z_of(r, float(energies["combined"][i])) if slice_null is not None else math.nan
+        diag = candidate.diagnostics.get(layer, {})
+        row["bisector_cos_mean"] = float(diag.get("cos_mean", math.nan))
+        row["bisector_cos_min"] = float(diag.get("cos_min", math.nan))
+        rows.append(row)
+    return rows
+
+
+def lora_slice_null(combined: Target) -> scoring.RestrictedNull:
+    """Random subspaces inside the LoRA slice: the writers' column space, which is the range of
+    the combined Gram. It contains the target, so only its dimension is needed (its eigenvalues
+    above ``RANK_TOL`` x the largest; no basis)."""
+    return scoring.RestrictedNull.containing(combined, linalg.numerical_rank(combined.gram))
 
 
 @dataclass(frozen=True)
 class Specificity:
     """Activation scoring after removing the clean PCs C (SPEC §5): label rows and candidates are
-    projected away from C and scored inside the complement (ambient d - rank C)."""
+    projected away from C and scored inside the complement of C (dimension D = d - rank C).
+
+    The projected label lives in the complement, so its null there needs only D
+    (``RestrictedNull.containing``); energies are taken in ambient coordinates.
+    """
 
     clean_pcs: Tensor
-    complement: Tensor  # d x (d - rank C)
     target: Target | None  # None when the label lies entirely inside C
+    null: scoring.RestrictedNull | None
 
     @classmethod
     def at_layer(cls, label_rows: Tensor, clean_pcs: Tensor, layer: int) -> Specificity:
-        comp = linalg.complement(clean_pcs)
+        C = linalg.orthonormalize(clean_pcs)
         try:
-            target = Target.from_rows(f"specific@{layer}", linalg.as64(label_rows) @ comp)
+            target = Target.from_rows(f"specific@{layer}", linalg.project_out(C, label_rows.T).T)
         except InputError:
-            target = None
-        return cls(clean_pcs, comp, target)
+            return cls(clean_pcs, None, None)
+        return cls(clean_pcs, target, scoring.RestrictedNull.containing(target, target.d - C.shape[1]))
 
-    def row(self, candidate: Candidate, layer: int) -> dict:
-        B = linalg.project_away(candidate.bases[layer], self.clean_pcs)
-        row = {"layer": layer, "candidate": candidate.name, "family": candidate.family,
-               "axis_kind": candidate.axis_kind, "side": candidate.side, "specific_rank": int(B.shape[1]),
-               "specific_e_act": math.nan, "specific_R_act": math.nan, "specific_z_act": math.nan}
-        if self.target is not None and B.shape[1] > 0:
-            s = scoring.score(self.target, self.complement.T @ B)
-            row.update(specific_e_act=s.energy, specific_R_act=s.concentration, specific_z_act=s.z)
-        return row
+    def rows(self, candidates: Sequence[Candidate], layer: int) -> list[dict]:
+        projected = [linalg.project_away(c.bases[layer], self.clean_pcs) for c in candidates]
+        energies = scoring.energies(self.target, projected) if self.target is not None else None
+        out = []
+        for i, (c, B) in enumerate(zip(candidates, projected)):
+            r = int(B.shape[1])
+            row = {"layer": layer, "candidate": c.name, "family": c.family, "axis_kind": c.axis_kind,
+                   "side": c.side, "specific_rank": r,
+                   "specific_e_act": math.nan, "specific_R_act": math.nan, "specific_z_act": math.nan}
+            if energies is not None and r > 0:
+                e = float(energies[i])
+                row.update(specific_e_act=e, specific_R_act=e / (r / self.null.dim), specific_z_act=self.null.z_of(r, e))
+            out.append(row)
+        return out
 
 
 # ------------------------------------------------------------------------------- summaries
@@ -381,12 +403,10 @@ def sweep(
         weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
         # The LoRA slice: the writers' column space, which is the range of the combined Gram.
         comb = targets[layer].get("combined")
-        slice_null = scoring.RestrictedNull.inside(comb, linalg.range_basis(comb.gram)) if comb is not None else None
-        spec = Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer)
-        for c in candidates:
-            rows.append(score_layer(c, layer, targets[layer], oracles, slice_null,
-                                    null=config.null, n_null=config.n_null, seed=config.seed))
-            specific.append(spec.row(c, layer))
+        slice_null = lora_slice_null(comb) if comb is not None else None
+        rows += score_layer(candidates, layer, targets[layer], oracles, slice_null,
+                            null=config.null, n_null=config.n_null, seed=config.seed)
+        specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)
     per_layer = pl.DataFrame(rows)
     specific_per_layer = pl.DataFrame(specific)
     summary = summarise(per_layer)

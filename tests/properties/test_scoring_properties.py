@@ -155,3 +155,47 @@ def test_balanced_energy_is_the_mean_of_per_tensor_energies():
     e_o = scoring.energy(Target.from_matrix("o", o), B)
     e_d = scoring.energy(Target.from_matrix("d", down), B)
     assert scoring.energy(Target.balanced("c", [o, down]), B) == pytest.approx((e_o + e_d) / 2, rel=1e-12)
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(KINDS).flatmap(lambda k: targets(kind=k, max_d=16)), st.integers(0, 2**31 - 1), st.data())
+def test_batched_energies_equal_one_basis_at_a_time(target, seed, data):
+    """``energies`` (one product for all bases, through the factor when there is one) gives each
+    basis the energy of the plain ``tr(BᵀGB)/t``, including empty bases."""
+    gen = torch.Generator().manual_seed(seed)
+    ranks = data.draw(st.lists(st.integers(0, target.d), min_size=1, max_size=5))
+    bases = [linalg.random_orthonormal(target.d, r, gen) for r in ranks]
+    plain = [float(((target.gram @ B) * B).sum()) / target.trace for B in bases]
+    assert scoring.energies(target, bases).tolist() == pytest.approx(plain, rel=1e-10, abs=1e-13)
+
+
+@settings(max_examples=15)
+@given(targets(kind="act", max_d=16), st.data())
+def test_factored_spectrum_equals_the_dense_one(target, data):
+    """An activation target with fewer rows than d keeps its factor: its spectrum from the n x n
+    kernel has the dense Gram's eigenvalues and spans the same top eigenspaces."""
+    dense = Target.from_gram("dense", target.gram)
+    assert dense.factor is None
+    r = data.draw(st.integers(1, target.d))
+    ev_f, ev_d = target.spectrum(r)[0], dense.spectrum(r)[0]
+    assert torch.allclose(ev_f, ev_d, atol=1e-12 * float(ev_d[0]))
+    assert target.rank(r) == dense.rank(r)
+    assert scoring.score(target, target.oracle_basis(r)).pct_oracle == pytest.approx(100.0, rel=1e-9)
+    # both oracles reach the Ky Fan maximum of the other's target
+    k = target.rank(r)
+    assert scoring.energy(dense, target.oracle_basis(r)) == pytest.approx(float(ev_d[:k].sum()) / dense.trace, rel=1e-9)
+
+
+@settings(max_examples=10)
+@given(st.sampled_from(["o_proj", "down_proj", "combined", "act"]).flatmap(lambda k: targets(kind=k, max_d=12)), st.data())
+def test_null_inside_a_subspace_containing_the_target_needs_only_its_dimension(target, data):
+    """``RestrictedNull.containing(target, D)`` equals ``inside(target, S)`` for any S of dimension D
+    that contains the target's column space (the LoRA slice; the complement of the clean PCs)."""
+    support = linalg.top_eigvecs(target.gram, target.d)
+    extra = data.draw(st.integers(0, target.d - support.shape[1]))
+    S = linalg.union(support, haar(target.d, target.d, data.draw(st.integers(0, 2**31 - 1))))[:, : support.shape[1] + extra]
+    inside, containing = scoring.RestrictedNull.inside(target, S), scoring.RestrictedNull.containing(target, S.shape[1])
+    B = haar(target.d, data.draw(st.integers(1, S.shape[1])), 5)
+    e = scoring.energy(target, B)
+    z_in, z_con = inside.z_of(B.shape[1], e), containing.z_of(B.shape[1], e)
+    assert (math.isnan(z_in) and math.isnan(z_con)) or z_con == pytest.approx(z_in, rel=1e-6, abs=1e-9)

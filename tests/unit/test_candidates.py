@@ -679,3 +679,22 @@ def test_ranking_pool_partitions_the_a_side(syn):
     assert "randn_orthogonal" in {c.name for c in joint}
     with pytest.raises(InputError, match="panel"):
         ranking_pool(everything, "write")  # type: ignore[arg-type]
+
+
+def test_rotation_contrast_of_a_reflection_is_empty_and_declared():
+    """With m = 2 (n = 3 prompts) the Procrustes R can be a reflection: R − Rᵀ = 0, so the basis is
+    empty (round-off directions are not returned) and the declared rank says so at that layer."""
+    g = torch.Generator().manual_seed(0)
+    d, n = 16, 3
+    X = torch.zeros(n, d, dtype=DT)
+    X[:, :2] = torch.randn(n, 2, generator=g, dtype=DT)  # persona- rows in the (e0, e1) plane
+    flip = torch.eye(d, dtype=DT)
+    flip[0, 0] = -1.0
+    joint, R = cands.procrustes_rotation(X, X @ flip)
+    assert joint.shape[1] == 2 and float(torch.linalg.det(R)) < 0 and cands.skew_rank_bound(R) == 0
+    assert cands.rotation_contrast_basis(X, X @ flip, 8).shape[1] == 0
+    # a proper rotation of the same rows keeps its rank-2 skew part
+    rot = torch.eye(d, dtype=DT)
+    rot[:2, :2] = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=DT)
+    assert cands.skew_rank_bound(cands.procrustes_rotation(X, X @ rot)[1]) == 2
+    assert cands.rotation_contrast_basis(X, X @ rot, 8).shape[1] == 2

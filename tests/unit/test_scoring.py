@@ -114,3 +114,28 @@ def test_col_gram_in_chunks_equals_the_direct_product(monkeypatch):
     half = linalg.col_gram(M.bfloat16())  # chunk-wise float32, no full float32 copy
     ref = linalg.as64(M.bfloat16().float())
     torch.testing.assert_close(half, ref.T @ ref, rtol=1e-5, atol=1e-3)
+
+
+def test_specificity_equals_scoring_inside_the_complement_coordinates():
+    """Specificity scores in ambient coordinates with the complement's dimension; the same numbers
+    as mapping label rows and the projected basis into an explicit basis of the complement of C."""
+    from subspace_sweep.candidates import Candidate
+    from subspace_sweep.sweep import Specificity
+
+    gen = torch.Generator().manual_seed(4)
+    d, n = 24, 7
+    C = haar(d, 3, 1)
+    rows = torch.randn(n, d, generator=gen, dtype=DT)
+    bases = {1: haar(d, 5, 2), 2: torch.cat([C[:, :2], haar(d, 2, 3)], dim=1)}  # one overlaps C
+    cands = [Candidate(name=f"c{k}", family="baseline", definition="", side="A", bases={0: B}, expected_rank=B.shape[1])
+             for k, B in bases.items()]
+    got = Specificity.at_layer(rows, C, 0).rows(cands, 0)
+    comp = torch.linalg.qr(C, mode="complete")[0][:, 3:]  # d x (d - 3)
+    inner = Target.from_rows("in", rows @ comp)
+    for row, c in zip(got, cands):
+        B = linalg.project_away(c.bases[0], C)
+        want = scoring.score(inner, comp.T @ B)
+        assert row["specific_rank"] == B.shape[1]
+        assert row["specific_e_act"] == pytest.approx(want.energy, rel=1e-10)
+        assert row["specific_R_act"] == pytest.approx(want.concentration, rel=1e-10)
+        assert row["specific_z_act"] == pytest.approx(want.z, rel=1e-8)
