@@ -205,14 +205,15 @@ def prepare_spectra(targets: Mapping[int, Mapping[str, Target]], k: int) -> dict
     """Compute each target's top-k spectrum (cached on the target) and return, per layer with a
     combined target, the dimension of the LoRA slice: the writers' column space, which is the
     range of the combined Gram (its rank). Runs as independent jobs (``compute.run_jobs``)."""
-    jobs: dict[tuple[int, str], Callable[[], object]] = {}
-    for layer, per in targets.items():
-        for name, t in per.items():
-            jobs[layer, name] = functools.partial(t.spectrum, k)
-        if "combined" in per:
-            jobs[layer, "slice_dim"] = functools.partial(linalg.numerical_rank, per["combined"].gram)
-    done = compute.run_jobs(jobs)
-    return {layer: int(v) for (layer, name), v in done.items() if name == "slice_dim"}  # type: ignore[call-overload]
+    spectra: dict[tuple[int, str], Callable[[], object]] = {
+        (layer, name): functools.partial(t.spectrum, k) for layer, per in targets.items() for name, t in per.items()
+    }
+    ranks: dict[tuple[int, str], Callable[[], object]] = {
+        (layer, "slice_dim"): functools.partial(linalg.numerical_rank, per["combined"].gram)
+        for layer, per in targets.items() if "combined" in per
+    }
+    done = compute.run_jobs({**spectra, **ranks})
+    return {layer: int(done[layer, name]) for layer, name in ranks}  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -400,10 +401,10 @@ def sweep(
         # Every spectrum the B-side and the scores need, once, as parallel jobs: each target's
         # top-k eigenpairs for k = the widest basis (pct_oracle is rank-matched), and the LoRA
         # slice's dimension (the combined Gram's rank).
-        k = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
-        slice_dims = prepare_spectra(targets, k)
-        b_side = build_b_side(labels, {k: {n: t for n, t in v.items() if n in TARGETS} for k, v in targets.items()},
-                              r=config.r)
+        widest = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
+        slice_dims = prepare_spectra(targets, widest)
+        b_side = build_b_side(labels, {layer: {n: t for n, t in per.items() if n in TARGETS}
+                                       for layer, per in targets.items()}, r=config.r)
         candidates = [*a_side.candidates, *b_side]
         # candidates = the A-side build (0 when reused) + the targets, their spectra and the B-side
         timings["candidates_b_side"] = time.perf_counter() - t0

@@ -57,7 +57,7 @@ def test_block_hook_equals_hidden_states(qwen):
 
 
 def _headwise_reference(W, layer: int):
-    lw = W.layers[layer]
+    lw = W.layers[layer].at_least_float32()  # the model may be bfloat16
     hd, g = W.head_dim, W.group
     qk = sum(lw.q[h * hd:(h + 1) * hd].T @ lw.k[(h // g) * hd:(h // g + 1) * hd] for h in range(W.n_heads))
     ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v[(h // g) * hd:(h // g + 1) * hd] for h in range(W.n_heads))
@@ -72,7 +72,7 @@ def test_head_correct_gqa_on_real_shapes(qwen, where):
     W = extract_base_weights(model, tok)
     layer = {"first": 0, "middle": W.n_layers // 2, "last": W.n_layers - 1}[where]
     qk, ov, sink = _headwise_reference(W, layer)
-    lw = W.layers[layer]
+    lw = W.layers[layer].at_least_float32()  # the model may be bfloat16
     args = (W.n_heads, W.n_kv_heads, W.head_dim)
     torch.testing.assert_close(qk_circuit_matrix(lw.q, lw.k, *args).float(), qk, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ov_circuit_matrix(lw.o, lw.v, *args).float(), ov, rtol=1e-4, atol=1e-4)
