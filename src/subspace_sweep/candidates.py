@@ -23,10 +23,11 @@ Gram), and the unembedding's right singular vectors through its d x d Gram. ``le
 d x n matrix is always the top eigenvectors of the d x d Gram ``X Xᵀ``.
 
 Cost (Qwen3-0.6B shapes): per selected layer 16 float32 top-r eigenproblems of 1024 x 1024, the
-float64 top-K of DS(l) and four float64 token kernels dominate, then the Gram GEMMs of all layers. GEMMs run on every torch thread; the eigenproblems run as independent
-single-threaded LAPACK calls (``linalg.top_eigh``, GIL-free) on a thread pool of the same size
-(``compute.policy``); every small op runs single-threaded. Results do not depend on the pool (bit-identical to a serial
-build with ``linalg.top_eigvecs``).
+float64 top-K of DS(l) and four float64 token kernels dominate, then the Gram GEMMs of all layers.
+GEMMs run on every torch thread; the eigenproblems run as independent single-threaded LAPACK calls
+(``linalg.top_eigh``, GIL-free) on a thread pool of the same size (``compute.policy``); every small
+op runs single-threaded. Results do not depend on the pool (bit-identical to a serial build with
+``linalg.top_eigvecs``).
 """
 
 from __future__ import annotations

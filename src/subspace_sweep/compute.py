@@ -1,6 +1,6 @@
 """The thread policy of the heavy linear algebra (candidate building, target spectra).
 
-On a 2-core machine the cost is ~20 dense eigenproblems per layer plus large Gram GEMMs. GEMMs
+At Qwen3-0.6B shapes the cost is ~21 dense eigenproblems per layer plus large Gram GEMMs. GEMMs
 gain from every torch thread; LAPACK's tridiagonal reduction does not (thousands of BLAS-2 calls
 that each wait for a descheduled thread), so eigenproblems run as independent single-threaded
 calls on a pool of the same size (``run_jobs``; ``linalg.top_eigh`` releases the GIL) and every
@@ -19,6 +19,7 @@ import torch
 from . import linalg
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @contextlib.contextmanager
@@ -46,16 +47,15 @@ def single_thread_lapack() -> Iterator[None]:
         lib.scipy_openblas_set_num_threads(prev)
 
 
-# The policy lives in module state (two stacks): one policy at a time per process (nesting is fine).
-#: torch threads for the big GEMMs inside ``policy`` (a stack: the policy may nest).
-_GEMM_THREADS: list[int] = []
-#: The thread pool that runs eigenproblems inside ``policy`` (None: run them serially).
-_EIG_POOL: list[ThreadPoolExecutor | None] = []
+# The active policy (at most one per process): the caller's torch thread count for the GEMMs
+# and the eigen pool (None: run jobs serially). A nested ``policy()`` keeps the outer one.
+_ACTIVE: list[tuple[int, ThreadPoolExecutor | None]] = []
 
 
 @contextlib.contextmanager
 def policy() -> Iterator[None]:
-    """Thread policy of a build or a scoring pass: one torch thread and one LAPACK thread per task, except inside ``gemm_threads()``.
+    """Thread policy of a build or a scoring pass: one torch thread and one LAPACK thread per
+    task, except inside ``gemm_threads()``.
 
     On a 2-core machine shared with any other process, every small multi-threaded torch op
     waits at its barrier for a descheduled thread (measured: k-means on 48 points took 0.5 s
@@ -63,29 +63,30 @@ def policy() -> Iterator[None]:
     with the caller's thread count. The eigenproblems (most of the time of a build) run as
     independent single-threaded LAPACK calls on a pool of the same size (``run_jobs``).
     """
+    if _ACTIVE:  # nested (e.g. the B-side inside a sweep's scoring pass): the outer policy stands
+        yield
+        return
     full = torch.get_num_threads()
-    _GEMM_THREADS.append(full)
     pool = ThreadPoolExecutor(max_workers=full, thread_name_prefix="eig") if full > 1 and linalg.gil_free_syevr() else None
-    _EIG_POOL.append(pool)
+    _ACTIVE.append((full, pool))
     torch.set_num_threads(1)
     try:
         with single_thread_lapack():
             yield
     finally:
-        _EIG_POOL.pop()
+        _ACTIVE.pop()
         if pool is not None:
             pool.shutdown(wait=True)
-        _GEMM_THREADS.pop()
         torch.set_num_threads(full)
 
 
-def run_jobs(jobs: Mapping[str, Callable[[], T]]) -> dict[str, T]:
+def run_jobs(jobs: Mapping[K, Callable[[], T]]) -> dict[K, T]:
     """Run independent computations (eigenproblems), on the eigen pool when there is one.
 
     Each job is deterministic and independent of the others, so the results do not depend on
     the pool (tests pin that against a serial build).
     """
-    pool = _EIG_POOL[-1] if _EIG_POOL else None
+    pool = _ACTIVE[-1][1] if _ACTIVE else None
     if pool is None:
         return {name: job() for name, job in jobs.items()}
     futures = {name: pool.submit(job) for name, job in jobs.items()}
@@ -94,9 +95,9 @@ def run_jobs(jobs: Mapping[str, Callable[[], T]]) -> dict[str, T]:
 
 @contextlib.contextmanager
 def gemm_threads() -> Iterator[None]:
-    """Inside ``policy``: run the block on the caller's torch thread count."""
+    """Inside ``policy``: run the block on the caller's torch thread count (outside: a no-op)."""
     prev = torch.get_num_threads()
-    want = _GEMM_THREADS[-1] if _GEMM_THREADS else prev
+    want = _ACTIVE[-1][0] if _ACTIVE else prev
     if want == prev:
         yield
         return
