@@ -394,14 +394,16 @@ def project_out(F: Tensor, M: Tensor) -> Tensor:
 
 
 def project_out_gram(F: Tensor, G: Tensor) -> Tensor:
-    """``(I - P_F) G (I - P_F)`` for a d x d Gram G: the Gram of ``(I - P_F) M``."""
+    """``(I - P_F) G (I - P_F)`` for a symmetric d x d Gram G and orthonormal F (d x k): the Gram of
+    ``(I - P_F) M``. Written as ``G - F Aᵀ - A Fᵀ`` with ``A = G F - F (Fᵀ G F) / 2``: one d x d x 2k
+    product after ``G F`` (half the work of multiplying out both projectors)."""
     F = as64(F)
     G = as64(G)
     if F.shape[1] == 0:
         return G
     GF = G @ F
-    FtGF = F.T @ GF
-    return G - F @ GF.T - GF @ F.T + F @ FtGF @ F.T
+    A = GF - F @ (F.T @ GF) / 2
+    return torch.addmm(G, torch.cat([F, A], dim=1), torch.cat([A, F], dim=1).T, alpha=-1.0)
 
 
 def project_away(B: Tensor, F: Tensor) -> Tensor:
