@@ -172,3 +172,5 @@ def test_top_eigh_rows_kernel_side_equals_the_gram_side(Mk, k):
     for j in range(evecs.shape[1]):  # each column is an eigenvector with its eigenvalue
         assert torch.allclose(G @ evecs[:, j], evals[j] * evecs[:, j], atol=1e-7 * max(1.0, float(evals[0])))
     assert linalg.numerical_rank(G) == rank
+    ref = torch.linalg.eigvalsh(G)
+    assert torch.allclose(linalg.eigenvalues(G), ref, atol=1e-10 * max(1.0, float(ref.abs().max())))
