@@ -698,3 +698,17 @@ def test_rotation_contrast_of_a_reflection_is_empty_and_declared():
     rot[:2, :2] = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=DT)
     assert cands.skew_rank_bound(cands.procrustes_rotation(X, X @ rot)[1]) == 2
     assert cands.rotation_contrast_basis(X, X @ rot, 8).shape[1] == 2
+
+
+def test_building_from_views_leaves_the_model_bit_identical(tiny):
+    """extract_base_weights returns views of the model's parameters: no builder may write to them."""
+    from subspace_sweep.capture import capture_activations
+    from subspace_sweep.model import extract_base_weights, state_dict_sha256
+    from subspace_sweep.prompts import load_probe_set
+
+    model, tok = tiny
+    before = state_dict_sha256(model)
+    W = extract_base_weights(model, tok)
+    assert W.layers[0].down.data_ptr() == model.model.layers[0].mlp.down_proj.weight.data_ptr()
+    build_a_side(W, capture_activations(model, tok, load_probe_set()), k_broad=K_SMALL)
+    assert state_dict_sha256(model) == before
