@@ -360,9 +360,9 @@ def _trace(G: Tensor) -> float:
 def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tensor]:
     """For each weight vector w: top-r right singular vectors of the rows ``D_i·√w_i`` (not centred).
 
-    Same result as ``linalg.weighted_pca_rows(D·√w, r)``, but the n x n kernel D Dᵀ is formed once
-    and shared by every weighting, and only the wanted eigenpairs are computed (4 weightings of
-    ~1000 token rows per layer). Rows whose weight is zero (padding) are dropped first.
+    ``linalg.weighted_pca_rows(D·√w, r)``, with the n x n kernel D Dᵀ formed once and shared by
+    every weighting (4 weightings of ~1000 token rows per layer). Rows whose weight is zero
+    (padding) are dropped first.
     """
     D = linalg.as64(D)
     n, d = D.shape
@@ -371,24 +371,20 @@ def _uncentred_bases(D: Tensor, weights: Sequence[Tensor], r: int) -> list[Tenso
         used |= w > 0
     D = D[used]
     ws = [linalg.as64(w)[used] for w in weights]
-    n = D.shape[0]
-    if n == 0:
+    if D.shape[0] == 0:
         return [linalg.empty_basis(d) for _ in weights]
-    if n >= d:
-        done = compute.run_jobs({str(i): _job(D.T @ (w[:, None] * D), r, single=False) for i, w in enumerate(ws)})
-        return [done[str(i)] for i in range(len(ws))]
-    with compute.gemm_threads():
-        K = D @ D.T
+    K = None
+    if D.shape[0] < d:
+        with compute.gemm_threads():
+            K = D @ D.T
 
     def basis(w: Tensor) -> Tensor:
         s = w.clamp_min(0.0).sqrt()
-        U = linalg.top_eigvecs(s[:, None] * K * s[None, :], r)
-        # Columns of Dᵀ(s⊙U) are orthogonal with norms √λ: orthonormalize only normalises them
-        # (and drops any column whose eigenvalue is round-off).
-        return linalg.fix_signs(linalg.orthonormalize(D.T @ (s[:, None] * U)))
+        kernel = s[:, None] * K * s[None, :] if K is not None else None
+        return linalg.top_eigh_rows(s[:, None] * D, r, kernel=kernel)[1]
 
-    done = compute.run_jobs({str(i): functools.partial(basis, w) for i, w in enumerate(ws)})
-    return [done[str(i)] for i in range(len(ws))]
+    done = compute.run_jobs({i: functools.partial(basis, w) for i, w in enumerate(ws)})
+    return [done[i] for i in range(len(ws))]
 
 
 def kmeans_centroids(X: Tensor, k: int, iters: int = KMEANS_ITERS) -> tuple[Tensor, Tensor]:

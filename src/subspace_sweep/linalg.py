@@ -198,6 +198,17 @@ def gil_free_syevr(real: type[np.floating] = np.float64) -> _LapackSyevr | None:
     return _SYEVR[name]
 
 
+def _syevr(A: np.ndarray, lo: int, hi: int, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """LAPACK ``syevr`` on A (float32 or float64): eigenpairs lo..hi (0-based, ascending), or with
+    ``vectors=False`` all eigenvalues. The GIL-free binding when there is one, else SciPy's."""
+    syevr = gil_free_syevr(A.dtype.type)
+    if syevr is not None:
+        return syevr(A, lo + 1, hi + 1, vectors=vectors)
+    if not vectors:
+        return scipy.linalg.eigh(A, eigvals_only=True, driver="evr", check_finite=False), A[:, :0]
+    return scipy.linalg.eigh(A, subset_by_index=[lo, hi], driver="evr", check_finite=False)
+
+
 def top_eigh(G: Tensor, k: int, *, largest: bool = True, single: bool = False) -> tuple[Tensor, Tensor]:
     """The k largest (or smallest) eigenpairs of a symmetric matrix, float64, ordered from the
     extreme inwards, eigenvector signs fixed. Only those pairs are computed (LAPACK ``syevr``,
@@ -215,13 +226,7 @@ def top_eigh(G: Tensor, k: int, *, largest: bool = True, single: bool = False) -
     if not bool(torch.isfinite(G).all()):
         raise ValueError("matrix has NaN/Inf entries")
     lo, hi = (d - k, d - 1) if largest else (0, k - 1)
-    real = np.float32 if single else np.float64
-    A = G.numpy().astype(real, copy=False)
-    syevr = gil_free_syevr(real)
-    if syevr is not None:
-        evals, evecs = syevr(A, lo + 1, hi + 1)
-    else:
-        evals, evecs = scipy.linalg.eigh(A, subset_by_index=[lo, hi], driver="evr", check_finite=False)
+    evals, evecs = _syevr(G.numpy().astype(np.float32 if single else np.float64, copy=False), lo, hi)
     evals = torch.from_numpy(np.asarray(evals, dtype=np.float64))
     evecs = torch.from_numpy(np.ascontiguousarray(evecs, dtype=np.float64))
     if largest:
@@ -255,13 +260,7 @@ def eigenvalues(G: Tensor) -> Tensor:
     G = as64(G)
     if not bool(torch.isfinite(G).all()):
         raise ValueError("matrix has NaN/Inf entries")
-    syevr = gil_free_syevr(np.float64)
-    A = G.numpy()
-    if syevr is not None:
-        w = syevr(A, 1, A.shape[0], vectors=False)[0]
-    else:
-        w = scipy.linalg.eigh(A, eigvals_only=True, driver="evr", check_finite=False)
-    return torch.from_numpy(np.asarray(w, dtype=np.float64))
+    return torch.from_numpy(np.asarray(_syevr(G.numpy(), 0, G.shape[0] - 1, vectors=False)[0], dtype=np.float64))
 
 
 def numerical_rank(G: Tensor, rel_tol: float = RANK_TOL) -> int:
@@ -350,12 +349,13 @@ def weighted_pca_rows(X: Tensor, r: int) -> Tensor:
     return top_eigh_rows(X, r)[1]
 
 
-def top_eigh_rows(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_eigh_rows(X: Tensor, k: int, kernel: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Top-k eigenvalues of ``XᵀX`` (d x d) for the rows of X (n x d), and the eigenvectors of
     those above ``RANK_TOL`` x the largest (fewer columns than values when XᵀX is rank-deficient).
 
     With n < d the n x n kernel ``X Xᵀ`` has the same nonzero eigenvalues, and its eigenvectors
-    u map to ``Xᵀu/√λ``: exact, at the cost of an n x n problem.
+    u map to ``Xᵀu/√λ``: exact, at the cost of an n x n problem. ``kernel``: ``X Xᵀ`` when the
+    caller already has it (several weightings of the same rows share one product).
     """
     X = as64(X)
     n, d = X.shape
@@ -365,9 +365,7 @@ def top_eigh_rows(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if n >= d:
         evals, evecs = top_eigh(X.T @ X, k)
     else:
-        K = X @ X.T
-        evals, U = torch.linalg.eigh((K + K.T) / 2)
-        evals, U = evals.flip(0)[:k], U.flip(1)[:, :k]
+        evals, U = top_eigh(X @ X.T if kernel is None else kernel, k)
         evecs = X.T @ U
     top = float(evals[0])
     keep = evals > RANK_TOL * top if top > 0.0 else torch.zeros_like(evals, dtype=torch.bool)

@@ -231,12 +231,12 @@ class Specificity:
 
     @classmethod
     def at_layer(cls, label_rows: Tensor, clean_pcs: Tensor, layer: int) -> Specificity:
-        C = linalg.orthonormalize(clean_pcs)
         try:
-            target = Target.from_rows(f"specific@{layer}", linalg.project_out(C, label_rows.T).T)
+            target = Target.from_rows(f"specific@{layer}", linalg.project_out(clean_pcs, label_rows.T).T)
         except InputError:
             return cls(clean_pcs, None, None)
-        return cls(clean_pcs, target, scoring.RestrictedNull.containing(target, target.d - C.shape[1]))
+        # clean_pcs is a candidate basis: orthonormal, so its width is rank C
+        return cls(clean_pcs, target, scoring.RestrictedNull.containing(target, target.d - clean_pcs.shape[1]))
 
     def rows(self, candidates: Sequence[Candidate], layer: int) -> list[dict]:
         projected = [linalg.project_away(c.bases[layer], self.clean_pcs) for c in candidates]
