@@ -255,10 +255,16 @@ def _eager_attention(model: nn.Module, needed: bool):
             model.set_attn_implementation(before)
 
 
+def encode(tokenizer, texts: Sequence[str], *, chat: bool):
+    """The padded batch a forward pass sees: raw text with the tokenizer's default special tokens,
+    chat-template text without (the template holds them)."""
+    return tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=not chat)
+
+
 def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *, chat: bool) -> dict[str, Tensor]:
     """One forward pass over ``texts``; every returned tensor is float32 on the CPU, layer-first."""
     dev = model_device(model)
-    enc = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=not chat)
+    enc = encode(tokenizer, texts, chat=chat)
     ids = enc["input_ids"].to(dev)
     mask = enc["attention_mask"].to(dev)
     last = last_token_index(mask)
@@ -331,17 +337,27 @@ def _run_condition(
     return out
 
 
+def a_side_conditions(tokenizer, probes: ProbeSet) -> dict[str, tuple[list[str], bool]]:
+    """The A-side conditions as (texts, chat): everything of the prompts the A-side sees."""
+    fit = list(probes.fit)
+    return {
+        "clean": (fit, False),
+        "persona_pos": (chat_texts(tokenizer, fit, probes.persona_pos), True),
+        "persona_neg": (chat_texts(tokenizer, fit, probes.persona_neg), True),
+    }
+
+
 def capture_activations(
     model: nn.Module, tokenizer, probes: ProbeSet, *, batch_size: int | None = None
 ) -> ActivationCaptures:
     """A-side captures on the FIT prompts: clean, persona+ and persona- (3 forward passes)."""
-    fit = list(probes.fit)
-    clean = _run_condition(model, tokenizer, fit, _Want(up_in=True), chat=False, batch_size=batch_size)
     full = _Want(up_in=True, up_out=True, tokens=True, attn=True)
-    pos = _run_condition(model, tokenizer, chat_texts(tokenizer, fit, probes.persona_pos), full, chat=True,
-                         batch_size=batch_size)
-    neg = _run_condition(model, tokenizer, chat_texts(tokenizer, fit, probes.persona_neg), full, chat=True,
-                         batch_size=batch_size)
+    want = {"clean": _Want(up_in=True), "persona_pos": full, "persona_neg": full}
+    got = {
+        name: _run_condition(model, tokenizer, texts, want[name], chat=chat, batch_size=batch_size)
+        for name, (texts, chat) in a_side_conditions(tokenizer, probes).items()
+    }
+    clean, pos, neg = got["clean"], got["persona_pos"], got["persona_neg"]
     T = max(pos["tokens"].shape[2], neg["tokens"].shape[2])
 
     def written(up_out: Tensor) -> Tensor:  # (L, n, d_mlp) -> (L, n, d): x_up @ W_down^T per layer
