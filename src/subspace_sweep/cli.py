@@ -52,6 +52,9 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="also score R_act on EVAL probes whose claim is not among the first N LoRA training "
                         "claims (N defaults to the data's n_lora_train_topics, 20)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of EVAL prompts (0: none)")
+    p.add_argument("--a-side-cache", default=None, metavar="DIR",
+                   help="reuse the A-side (captures + candidate bases, which never depend on the delta) from DIR "
+                        "when the model, prompts and options match exactly, else build it and store it there")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -110,7 +113,7 @@ def _config(args: argparse.Namespace, **overrides):
     fields = dict(
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
-        label=args.label, topic_holdout=holdout, n_boot=args.n_boot,
+        label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
     )
     fields.update(overrides)
     return SweepConfig(**fields)

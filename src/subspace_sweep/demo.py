@@ -21,7 +21,8 @@ from .errors import InputError
 from .model import WRITER_PROJS, load_model, n_layers_of
 from .prompts import load_probe_set
 from .report import sort_best_first
-from .sweep import SweepConfig, SweepResult, build_a_side_for, run_sweep
+from .a_side import build_a_side_for
+from .sweep import SweepConfig, SweepResult, run_sweep
 from .toy import save_tiny_model
 
 #: Frobenius norm of each planted tensor relative to the base weight: large enough that the

@@ -20,11 +20,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import compute, linalg, report, scoring
-from .candidates import Candidate, build_a_side, build_b_side, ranking_pool
-from .capture import LABEL_KINDS, capture_activations, capture_labels, count_forward_passes
+from .a_side import ASide, build_a_side_for, check_cache_dir
+from .candidates import Candidate, build_b_side, ranking_pool
+from .capture import LABEL_KINDS, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
 from .errors import InputError
-from .model import extract_base_weights, load_model, n_layers_of, state_dict_sha256
+from .model import load_model, n_layers_of, state_dict_sha256
 from .prompts import ProbeSet, load_probe_set
 from .report import sort_best_first
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
@@ -49,6 +50,7 @@ class SweepConfig:
     topic_holdout: int | None = None  # claims [0, N) trained the LoRA: also score on EVAL probes of the others
     n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
     ci_level: float = 0.95
+    a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
     overwrite: bool = False
     quiet: bool = False
 
@@ -94,6 +96,7 @@ class SweepResult:
     forward_passes: int = 0
     n_lora_train_topics: int | None = None
     oracle_bases: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # weight oracles, for compare
+    a_side_cache: dict[str, str] | None = None  # {dir, key, status} when the A-side went through a cache
 
     def ranking(self, panel: str) -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
@@ -325,30 +328,6 @@ def resolve_layers(config: SweepConfig, delta: Mapping[str, Tensor], n_layers: i
     return layers
 
 
-@dataclass
-class ASide:
-    """The A-side of a sweep: built from the base model and the prompts only, so it can be
-    reused for every delta of the same model (``compare`` over LoRA seeds)."""
-
-    candidates: list[Candidate]
-    layers: list[int]
-    forward_passes: int
-    capture_seconds: float
-    build_seconds: float  # base weights + candidate bases
-
-
-def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
-    t0 = time.perf_counter()
-    with count_forward_passes(model) as counter:
-        acts = capture_activations(model, tokenizer, probes)
-    t1 = time.perf_counter()
-    d = int(model.config.hidden_size)
-    weights = extract_base_weights(model, tokenizer)
-    candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
-                              seed=config.seed)
-    return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)
-
-
 def prompt_concentrations(candidate: Candidate, labels_eval: Tensor, layers: Sequence[int], d: int) -> Tensor:
     """R_act per EVAL prompt, mean over the scored layers: R_act is the mean of this vector."""
     per_layer = []
@@ -446,6 +425,7 @@ def sweep(
         forward_passes=counter.n + fresh,
         n_lora_train_topics=probes.n_lora_train_topics,
         oracle_bases=weight_oracles,
+        a_side_cache=a_side.cache,
     )
 
 
@@ -482,6 +462,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     probes = load_probe_set(config.n_fit)
     if config.out is not None:
         report.check_out_dir(config.out, config.overwrite)
+    if config.a_side_cache is not None:
+        check_cache_dir(config.a_side_cache)
     names = [Path(p).stem for p in deltas]
     if len(set(names)) != len(names):
         raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
@@ -507,7 +489,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
         t0 = time.perf_counter()
         base = model_manifest(model, config)
         runs = [(r, replace(config, delta=str(p)),
-                 {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names})
+                 {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names,
+                  "a_side_cache": r.a_side_cache})
                 for r, p in zip(results, deltas)]
         if len(runs) == 1:
             report.write_run(*runs[0][:2], config.out, runs[0][2])

@@ -1,0 +1,248 @@
+"""The A-side of a sweep, built or loaded from an on-disk cache.
+
+The A-side (the 43 candidate bases of SPEC §4) is a function of the base model and the prompts
+only, never of the delta. A researcher who reruns the sweep daily with a new delta on the same
+base model would repeat the same three forward passes and the same ~30 CPU-seconds of dense
+linear algebra every time. With a cache folder (``run --a-side-cache DIR``) the A-side is stored
+under a key that hashes everything it is computed from, and a rerun loads it instead: 0 forward
+passes, the same bits (a test pins cached against freshly built runs byte for byte).
+
+The key covers the model's weights (``state_dict_sha256``), config, dtype and device; the exact
+token ids of the three A-side conditions (so the tokenizer, chat template, probes and personas);
+r, K, the layers and the seed; this package's source files; the installed package versions,
+torch's build configuration, its thread count and the CPU (BLAS kernels and thread partitioning
+change last bits). An entry that cannot be read, or whose recorded key differs, is rebuilt and
+replaced, with a warning. Entries are written atomically; delete the folder to clear the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import report
+from .candidates import A_SIDE_NAMES, Candidate, build_a_side
+from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
+from .errors import InputError
+from .model import extract_base_weights, model_device, state_dict_sha256
+from .prompts import ProbeSet
+
+if TYPE_CHECKING:
+    from .sweep import SweepConfig
+
+#: Bump when the entry layout changes (the package source is in the key already).
+CACHE_FORMAT = 1
+BASES_FILE = "bases.safetensors"
+META_FILE = "meta.json"
+
+
+@dataclass
+class ASide:
+    """The A-side of a sweep: built from the base model and the prompts only, so it can be
+    reused for every delta of the same model (``compare`` over LoRA seeds)."""
+
+    candidates: list[Candidate]
+    layers: list[int]
+    forward_passes: int
+    capture_seconds: float
+    build_seconds: float  # base weights + candidate bases (or, from the cache, the key and the load)
+    cache: dict[str, str] | None = None  # {"dir", "key", "status": "hit" | "miss"} when a cache was used
+
+
+def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
+    """The A-side for ``layers``: from ``config.a_side_cache`` when it holds this key, else built
+    (and stored there when a cache folder is set)."""
+    if config.a_side_cache is None:
+        return _build(model, tokenizer, config, layers, probes)
+    t0 = time.perf_counter()
+    root = Path(config.a_side_cache).expanduser()
+    key = a_side_key(model, tokenizer, config, layers, probes)
+    entry = root / f"a_side-{key[:32]}"
+    info = {"dir": str(root), "key": key}
+    if entry.exists():
+        try:
+            loaded = load_entry(entry, key)
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt, never trusted
+            warnings.warn(f"A-side cache entry {entry} is unreadable ({exc!r}); rebuilding it", stacklevel=2)
+        else:
+            loaded.build_seconds = time.perf_counter() - t0
+            loaded.cache = {**info, "status": "hit"}
+            return loaded
+    key_seconds = time.perf_counter() - t0
+    built = _build(model, tokenizer, config, layers, probes)
+    built.cache = {**info, "status": "miss"}
+    t1 = time.perf_counter()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        report.write_atomically(entry, lambda tmp: write_entry(tmp, built, key), overwrite=True)
+    except (OSError, InputError) as exc:  # the sweep's results stand; only the next run is slower
+        warnings.warn(f"could not store the A-side in {root} ({exc!r})", stacklevel=2)
+    built.build_seconds += key_seconds + time.perf_counter() - t1
+    return built
+
+
+def _build(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
+    t0 = time.perf_counter()
+    with count_forward_passes(model) as counter:
+        acts = capture_activations(model, tokenizer, probes)
+    t1 = time.perf_counter()
+    d = int(model.config.hidden_size)
+    weights = extract_base_weights(model, tokenizer)
+    candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
+                              seed=config.seed)
+    return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)
+
+
+def check_cache_dir(path: str | os.PathLike) -> None:
+    """Fail before any work when the cache folder cannot be used (nothing is created here)."""
+    root = Path(path).expanduser()
+    if root.exists():
+        if not root.is_dir():
+            raise InputError(f"--a-side-cache {path} exists and is not a folder")
+        if not os.access(root, os.W_OK):
+            raise InputError(f"--a-side-cache {path} is not writable")
+        return
+    parent = root.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"--a-side-cache {path}: parent folder {parent} does not exist or is not writable")
+
+
+# ------------------------------------------------------------------------------- the key
+
+
+def a_side_key(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> str:
+    """sha256 of everything the A-side is computed from (see the module docstring)."""
+    return _sha256(json.dumps(a_side_key_inputs(model, tokenizer, config, layers, probes), sort_keys=True))
+
+
+def a_side_key_inputs(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> dict:
+    device = model_device(model)
+    d = int(model.config.hidden_size)
+    return {
+        "format": CACHE_FORMAT,
+        "package_source_sha256": package_source_sha256(),
+        "package_versions": report.package_versions(),
+        "torch_config_sha256": _sha256(torch.__config__.show()),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "model_sha256": state_dict_sha256(model),
+        "model_config_sha256": _model_config_sha256(model),
+        "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
+        "model_dtype": str(next(model.parameters()).dtype),
+        "device": str(device) + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+        "inputs_sha256": _inputs_sha256(tokenizer, probes),
+        "r": config.r,
+        "k_broad": config.resolved_k_broad(d),
+        "layers": [int(x) for x in layers],
+        "seed": config.seed,
+    }
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _model_config_sha256(model) -> str:
+    """The architecture's config, without where it was loaded from (a moved folder is the same model)."""
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    return _sha256(json.dumps(config, sort_keys=True, default=str))
+
+
+def _inputs_sha256(tokenizer, probes: ProbeSet) -> str:
+    """The token ids and masks the three A-side passes feed the model."""
+    h = hashlib.sha256()
+    for name, (texts, chat) in a_side_conditions(tokenizer, probes).items():
+        enc = encode(tokenizer, texts, chat=chat)
+        for field in ("input_ids", "attention_mask"):
+            t = enc[field].to(torch.int64).contiguous()
+            h.update(f"{name}|{field}|{tuple(t.shape)}|".encode())
+            h.update(t.numpy())
+    return h.hexdigest()
+
+
+@functools.cache
+def package_source_sha256() -> str:
+    """sha256 of this package's Python source: a code change invalidates every entry."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for path in sorted(here.rglob("*.py")):
+        h.update(f"{path.relative_to(here).as_posix()}|".encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}".strip()
+
+
+# ------------------------------------------------------------------------------- entries
+
+
+def write_entry(folder: Path, a_side: ASide, key: str) -> None:
+    """Every basis to one safetensors file (a global basis once: it is one tensor at every layer),
+    everything else about the candidates to a JSON file."""
+    tensors: dict[str, torch.Tensor] = {}
+    metas = []
+    for c in a_side.candidates:
+        first = next(iter(c.bases.values()), None)
+        shared = len(c.bases) > 1 and all(B is first for B in c.bases.values())
+        if shared:
+            tensors[f"{c.name}/*"] = first.contiguous().clone()
+        else:
+            tensors.update({f"{c.name}/{layer}": B.contiguous().clone() for layer, B in c.bases.items()})
+        metas.append({
+            "name": c.name, "family": c.family, "definition": c.definition, "side": c.side,
+            "layers": sorted(c.bases), "shared": shared, "expected_rank": c.expected_rank,
+            "rank_note": c.rank_note,
+            "diagnostics": {str(layer): v for layer, v in c.diagnostics.items()},
+            "rank_exceptions": {str(layer): v for layer, v in c.rank_exceptions.items()},
+        })
+    save_file(tensors, str(folder / BASES_FILE))
+    meta = {"format": CACHE_FORMAT, "key": key, "layers": a_side.layers, "candidates": metas}
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def load_entry(folder: Path, key: str) -> ASide:
+    """The A-side stored in ``folder``; ValueError when it is not the entry of ``key``."""
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+        raise ValueError(f"{folder / META_FILE} records another key or format")
+    tensors = load_file(str(folder / BASES_FILE))
+    candidates = []
+    for m in meta["candidates"]:
+        layers = [int(x) for x in m["layers"]]
+        if m["shared"]:
+            B = tensors[f"{m['name']}/*"]
+            bases = {layer: B for layer in layers}
+        else:
+            bases = {layer: tensors[f"{m['name']}/{layer}"] for layer in layers}
+        candidates.append(Candidate(
+            name=m["name"], family=m["family"], definition=m["definition"], side=m["side"], bases=bases,
+            expected_rank=int(m["expected_rank"]), rank_note=m["rank_note"],
+            diagnostics={int(k): v for k, v in m["diagnostics"].items()},
+            rank_exceptions={int(k): int(v) for k, v in m["rank_exceptions"].items()},
+        ))
+    if [c.name for c in candidates] != list(A_SIDE_NAMES):
+        raise ValueError(f"{folder / META_FILE} does not hold this version's A-side candidates")
+    return ASide(candidates, [int(x) for x in meta["layers"]], forward_passes=0, capture_seconds=0.0,
+                 build_seconds=0.0)

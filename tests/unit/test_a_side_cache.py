@@ -1,0 +1,205 @@
+"""The on-disk A-side cache: a rerun loads exactly what a fresh build gives, any change of what
+the A-side is computed from changes the key, and a broken entry is rebuilt, never trusted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from subspace_sweep import a_side, cli
+from subspace_sweep.a_side import a_side_key, build_a_side_for, load_entry
+from subspace_sweep.capture import count_forward_passes
+from subspace_sweep.delta import random_delta, save_delta
+from subspace_sweep.model import load_model
+from subspace_sweep.sweep import SweepConfig
+from tests.helpers_model import small_probes
+
+LAYERS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return small_probes(4, 3)
+
+
+def _entries(root):
+    return sorted(p for p in root.iterdir() if p.name.startswith("a_side-"))
+
+
+def _assert_same_a_side(got, want):
+    assert [c.name for c in got.candidates] == [c.name for c in want.candidates]
+    for g, w in zip(got.candidates, want.candidates):
+        assert (g.family, g.definition, g.side, g.expected_rank, g.rank_note) == (
+            w.family, w.definition, w.side, w.expected_rank, w.rank_note), g.name
+        assert g.rank_exceptions == w.rank_exceptions, g.name
+        assert json.dumps(g.diagnostics, sort_keys=True) == json.dumps(w.diagnostics, sort_keys=True), g.name
+        assert sorted(g.bases) == sorted(w.bases), g.name
+        for layer in w.bases:
+            assert g.bases[layer].dtype == w.bases[layer].dtype
+            assert torch.equal(g.bases[layer], w.bases[layer]), (g.name, layer)
+        # A global basis stays one tensor at every layer.
+        shared = all(B is w.bases[LAYERS[0]] for B in w.bases.values())
+        assert shared == all(B is g.bases[LAYERS[0]] for B in g.bases.values()), g.name
+
+
+def test_a_rerun_loads_the_built_a_side_bit_for_bit_without_forward_passes(tiny, probes, tmp_path):
+    model, tokenizer = tiny
+    plain = build_a_side_for(model, tokenizer, SweepConfig(), LAYERS, probes)
+    config = SweepConfig(a_side_cache=str(tmp_path / "cache"))
+    first = build_a_side_for(model, tokenizer, config, LAYERS, probes)
+    assert first.cache["status"] == "miss" and first.forward_passes == 3
+    assert len(_entries(tmp_path / "cache")) == 1
+    with count_forward_passes(model) as counter:
+        second = build_a_side_for(model, tokenizer, config, LAYERS, probes)
+    assert second.cache["status"] == "hit" and second.cache["key"] == first.cache["key"]
+    assert counter.n == 0 and second.forward_passes == 0 and second.capture_seconds == 0.0
+    assert second.layers == LAYERS
+    _assert_same_a_side(first, plain)
+    _assert_same_a_side(second, plain)
+
+
+def _edit_weight(model):
+    p = model.model.layers[0].mlp.down_proj.weight
+    flat = p.data.view(-1)
+    old = flat[0].clone()
+    flat[0] = torch.nextafter(old, old + 1)  # one ulp
+    return lambda: flat.__setitem__(0, old)
+
+
+def _edit_template(tokenizer):
+    old = tokenizer.chat_template
+    tokenizer.chat_template = old.replace("<|im_start|>", "<|im_start|> ", 1)
+    return lambda: setattr(tokenizer, "chat_template", old)
+
+
+def _edit_source(_):
+    real = a_side.package_source_sha256
+    a_side.package_source_sha256 = lambda: "edited"  # type: ignore[assignment]
+    return lambda: setattr(a_side, "package_source_sha256", real)
+
+
+@pytest.mark.parametrize("change", [
+    "weight_one_ulp", "chat_template", "package_source", "r", "k_broad", "layers", "seed", "fit_probe", "persona",
+])
+def test_the_key_changes_with_everything_the_a_side_is_computed_from(tiny, probes, change):
+    model, tokenizer = tiny
+    config, layers = SweepConfig(), list(LAYERS)
+    base = a_side_key(model, tokenizer, config, layers, probes)
+    assert a_side_key(model, tokenizer, config, layers, probes) == base  # deterministic
+    undo = lambda: None  # noqa: E731
+    p = probes
+    if change == "weight_one_ulp":
+        undo = _edit_weight(model)
+    elif change == "chat_template":
+        undo = _edit_template(tokenizer)
+    elif change == "package_source":
+        undo = _edit_source(None)
+    elif change in ("r", "k_broad", "seed"):
+        config = dataclasses.replace(config, **{change: {"r": 4, "k_broad": 8, "seed": 1}[change]})
+    elif change == "layers":
+        layers = [1]
+    elif change == "fit_probe":
+        p = dataclasses.replace(probes, fit=(probes.fit[0] + " really", *probes.fit[1:]))
+    elif change == "persona":
+        p = dataclasses.replace(probes, persona_pos=probes.persona_pos + " Always.")
+    try:
+        assert a_side_key(model, tokenizer, config, layers, p) != base
+    finally:
+        undo()
+    assert a_side_key(model, tokenizer, SweepConfig(), list(LAYERS), probes) == base
+
+
+def test_the_key_ignores_what_the_a_side_never_sees(tiny, probes):
+    model, tokenizer = tiny
+    base = a_side_key(model, tokenizer, SweepConfig(), LAYERS, probes)
+    other = SweepConfig(null="mc", n_boot=0, label="block_local", topic_holdout=2, out="x", quiet=True)
+    assert a_side_key(model, tokenizer, other, LAYERS, dataclasses.replace(probes, eval=probes.eval[:1])) == base
+
+
+@pytest.mark.parametrize("damage", ["truncated_bases", "garbage_meta", "other_key", "missing_candidate"])
+def test_a_broken_entry_is_rebuilt_and_replaced_with_a_warning(tiny, probes, tmp_path, damage):
+    model, tokenizer = tiny
+    config = SweepConfig(a_side_cache=str(tmp_path))
+    built = build_a_side_for(model, tokenizer, config, LAYERS, probes)
+    (entry,) = _entries(tmp_path)
+    bases, meta_file = entry / a_side.BASES_FILE, entry / a_side.META_FILE
+    if damage == "truncated_bases":
+        bases.write_bytes(bases.read_bytes()[:1000])
+    elif damage == "garbage_meta":
+        meta_file.write_text("{not json")
+    else:
+        meta = json.loads(meta_file.read_text())
+        if damage == "other_key":
+            meta["key"] = "0" * 64
+        else:
+            meta["candidates"] = meta["candidates"][1:]
+        meta_file.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = build_a_side_for(model, tokenizer, config, LAYERS, probes)
+    assert again.cache["status"] == "miss" and again.forward_passes == 3
+    _assert_same_a_side(again, built)
+    _assert_same_a_side(load_entry(entry, built.cache["key"]), built)  # the entry is whole again
+    assert _entries(tmp_path) == [entry] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_failed_store_leaves_no_entry_and_keeps_the_result(tiny, probes, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+
+    def disk_full(folder, *args):
+        (folder / a_side.BASES_FILE).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(a_side, "write_entry", disk_full)
+    with pytest.warns(UserWarning, match="could not store"):
+        got = build_a_side_for(model, tokenizer, SweepConfig(a_side_cache=str(tmp_path)), LAYERS, probes)
+    assert got.cache["status"] == "miss" and len(got.candidates) == len(a_side.A_SIDE_NAMES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path):
+    model, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    delta = save_delta(random_delta(model, LAYERS, rank=2, seed=0), tmp_path / "w.safetensors")
+    cache = tmp_path / "cache"
+    runs = {}
+    for name, extra in [("plain", []), ("cold", ["--a-side-cache", str(cache)]),
+                        ("warm", ["--a-side-cache", str(cache)])]:
+        runs[name] = tmp_path / name
+        argv = ["run", "--model", str(tiny_dir), "--delta", str(delta), "--out", str(runs[name]), "--quiet",
+                "--n-boot", "50", *extra]
+        assert cli.main(argv) == 0
+    manifests = {n: json.loads((p / "manifest.json").read_text()) for n, p in runs.items()}
+    assert manifests["plain"]["a_side_cache"] is None
+    assert manifests["cold"]["a_side_cache"]["status"] == "miss"
+    assert manifests["warm"]["a_side_cache"]["status"] == "hit"
+    assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [5, 5, 2]
+    for f in ("summary.tsv", "summary_pct.tsv", "per_layer.csv", "specific_per_layer.csv", "specific_summary.tsv",
+              "definitions.md", "conclusion.md", "weight_oracles.safetensors"):
+        plain = (runs["plain"] / f).read_bytes()
+        assert (runs["cold"] / f).read_bytes() == plain, f
+        assert (runs["warm"] / f).read_bytes() == plain, f
+
+
+def test_cli_rejects_an_unusable_cache_folder_before_any_work(tiny_dir, tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(tiny_dir), "--delta", str(tmp_path / "w.safetensors"), "--out", str(out),
+            "--quiet", "--a-side-cache", str(not_a_folder)]
+    assert cli.main(argv) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--a-side-cache" in err and "not a folder" in err, err
+    assert not out.exists()
+
+
+def test_the_same_model_from_a_moved_folder_keeps_its_key(tiny_dir, probes, tmp_path):
+    import shutil
+
+    moved = shutil.copytree(tiny_dir, tmp_path / "elsewhere")
+    keys = []
+    for folder in (tiny_dir, moved):
+        model, tokenizer = load_model(folder, dtype="float32", device="cpu")
+        keys.append(a_side_key(model, tokenizer, SweepConfig(), LAYERS, probes))
+    assert keys[0] == keys[1]
