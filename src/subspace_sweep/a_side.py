@@ -36,7 +36,7 @@ from . import report
 from .candidates import A_SIDE_NAMES, Candidate, build_a_side
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
 from .errors import InputError
-from .model import extract_base_weights, model_device, state_dict_sha256
+from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
 from .prompts import ProbeSet
 
 if TYPE_CHECKING:
@@ -143,6 +143,7 @@ def a_side_key_inputs(model, tokenizer, config: SweepConfig, layers: Sequence[in
         "model_dtype": str(next(model.parameters()).dtype),
         "device": str(device) + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
         "inputs_sha256": _inputs_sha256(tokenizer, probes),
+        "attention_sink_token_id": attention_sink_token_id(model, tokenizer),
         "r": config.r,
         "k_broad": config.resolved_k_broad(d),
         "layers": [int(x) for x in layers],

@@ -225,6 +225,18 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu")
 
 
+def attention_sink_token_id(model: nn.Module, tokenizer=None) -> int:
+    """The token whose embedding ``attention_sink`` uses: bos, else eos, of the tokenizer, else the config."""
+    for src in (tokenizer, model.config):
+        for attr in ("bos_token_id", "eos_token_id"):
+            v = getattr(src, attr, None) if src is not None else None
+            if isinstance(v, (list, tuple)):
+                v = v[0] if v else None
+            if v is not None:
+                return int(v)
+    raise InputError("neither the tokenizer nor the config has a bos or eos token id (needed for attention_sink)")
+
+
 def extract_base_weights(model: nn.Module, tokenizer=None) -> BaseWeights:
     """Everything the A-side may read, on the CPU in the model's dtype (no delta is applied here).
 
@@ -248,19 +260,7 @@ def extract_base_weights(model: nn.Module, tokenizer=None) -> BaseWeights:
     # The unembedding is only reduced to its d x d Gram, chunk by chunk (linalg.col_gram).
     unembed = _cpu(lm_head.weight if lm_head is not None and getattr(lm_head, "weight", None) is not None else embed)
 
-    bos_id = None
-    for src in (tokenizer, cfg):
-        for attr in ("bos_token_id", "eos_token_id"):
-            v = getattr(src, attr, None) if src is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if v is not None:
-                bos_id = int(v)
-                break
-        if bos_id is not None:
-            break
-    if bos_id is None:
-        raise InputError("neither the tokenizer nor the config has a bos or eos token id (needed for attention_sink)")
+    bos_id = attention_sink_token_id(model, tokenizer)
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)

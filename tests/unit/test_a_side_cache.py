@@ -75,6 +75,14 @@ def _edit_template(tokenizer):
     return lambda: setattr(tokenizer, "chat_template", old)
 
 
+def _edit_sink_token(tokenizer):
+    # bos is added to no prompt (Qwen-style), so the token ids stay the same: only attention_sink's
+    # token changes.
+    old = tokenizer.bos_token
+    tokenizer.bos_token = "<|im_start|>"
+    return lambda: setattr(tokenizer, "bos_token", old)
+
+
 def _edit_source(_):
     real = a_side.package_source_sha256
     a_side.package_source_sha256 = lambda: "edited"  # type: ignore[assignment]
@@ -82,7 +90,7 @@ def _edit_source(_):
 
 
 @pytest.mark.parametrize("change", [
-    "weight_one_ulp", "chat_template", "package_source", "r", "k_broad", "layers", "seed", "fit_probe", "persona",
+    "weight_one_ulp", "chat_template", "sink_token", "package_source", "r", "k_broad", "layers", "seed", "fit_probe", "persona",
 ])
 def test_the_key_changes_with_everything_the_a_side_is_computed_from(tiny, probes, change):
     model, tokenizer = tiny
@@ -95,6 +103,8 @@ def test_the_key_changes_with_everything_the_a_side_is_computed_from(tiny, probe
         undo = _edit_weight(model)
     elif change == "chat_template":
         undo = _edit_template(tokenizer)
+    elif change == "sink_token":
+        undo = _edit_sink_token(tokenizer)
     elif change == "package_source":
         undo = _edit_source(None)
     elif change in ("r", "k_broad", "seed"):
