@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         phases = dict(result.timings)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            report.write_run(result, config, Path(tmp) / "run", {**model_manifest(model, config), "delta": "synthetic"})
+            report.write_run(result, config, Path(tmp) / "run", {**model_manifest(model, config, result), "delta": "synthetic"})
             phases["report"] = time.perf_counter() - t0
         phases["sweep_total_after_build"] = time.perf_counter() - t_sweep
         return phases, result

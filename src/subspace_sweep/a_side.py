@@ -58,7 +58,7 @@ class ASide:
     forward_passes: int
     capture_seconds: float
     build_seconds: float  # base weights + candidate bases (or, from the cache, the key and the load)
-    cache: dict[str, str] | None = None  # {"dir", "key", "status": "hit" | "miss"} when a cache was used
+    cache: dict[str, str] | None = None  # {"dir", "key", "model_sha256", "status": "hit" | "miss"} with a cache
 
 
 def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
@@ -68,9 +68,11 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
         return _build(model, tokenizer, config, layers, probes)
     t0 = time.perf_counter()
     root = Path(config.a_side_cache).expanduser()
-    key = a_side_key(model, tokenizer, config, layers, probes)
+    inputs = a_side_key_inputs(model, tokenizer, config, layers, probes)
+    key = key_of(inputs)
     entry = root / f"a_side-{key[:32]}"
-    info = {"dir": str(root), "key": key}
+    # The weights' digest rides along so that the run's manifest need not hash them again.
+    info = {"dir": str(root), "key": key, "model_sha256": inputs["model_sha256"]}
     if entry.exists():
         try:
             loaded = load_entry(entry, key)
@@ -124,7 +126,11 @@ def check_cache_dir(path: str | os.PathLike) -> None:
 
 def a_side_key(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> str:
     """sha256 of everything the A-side is computed from (see the module docstring)."""
-    return _sha256(json.dumps(a_side_key_inputs(model, tokenizer, config, layers, probes), sort_keys=True))
+    return key_of(a_side_key_inputs(model, tokenizer, config, layers, probes))
+
+
+def key_of(inputs: dict) -> str:
+    return _sha256(json.dumps(inputs, sort_keys=True))
 
 
 def a_side_key_inputs(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> dict:

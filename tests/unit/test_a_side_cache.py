@@ -185,6 +185,9 @@ def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path
     assert manifests["cold"]["a_side_cache"]["status"] == "miss"
     assert manifests["warm"]["a_side_cache"]["status"] == "hit"
     assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [5, 5, 2]
+    # The cached runs take the weights' digest from the key instead of hashing them again.
+    assert manifests["warm"]["a_side_cache"]["model_sha256"] == manifests["plain"]["model_sha256"]
+    assert manifests["cold"]["model_sha256"] == manifests["warm"]["model_sha256"] == manifests["plain"]["model_sha256"]
     for f in ("summary.tsv", "summary_pct.tsv", "per_layer.csv", "specific_per_layer.csv", "specific_summary.tsv",
               "definitions.md", "conclusion.md", "weight_oracles.safetensors"):
         plain = (runs["plain"] / f).read_bytes()
