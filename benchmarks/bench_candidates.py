@@ -38,15 +38,19 @@ def random_weights(seed: int = 0, *, n_layers: int, d: int, d_mlp: int, n_heads:
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).mul_(0.02)
 
+    def gain(n: int) -> torch.Tensor:  # norm gains around 1, as in a trained checkpoint
+        return torch.exp(0.3 * torch.randn(n, generator=g))
+
     layers = tuple(
         LayerWeights(
             q=randn(n_heads * head_dim, d), k=randn(n_kv * head_dim, d), v=randn(n_kv * head_dim, d),
             o=randn(d, n_heads * head_dim), gate=randn(d_mlp, d), up=randn(d_mlp, d), down=randn(d, d_mlp),
+            attn_gain=gain(d), mlp_gain=gain(d), q_gain=gain(head_dim), k_gain=gain(head_dim),
         )
         for _ in range(n_layers)
     )
     embed = randn(vocab, d)  # tied: the unembedding is the embedding
-    return BaseWeights(layers=layers, unembed=embed, bos_embedding=embed[151643 % vocab].clone(),
+    return BaseWeights(layers=layers, unembed=embed, final_gain=gain(d),
                        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim)
 
 
@@ -73,6 +77,7 @@ def random_captures(seed: int = 0, *, n_layers: int, d: int, n: int = 16, T: int
         up_in_clean=randn(n_layers, n, d), up_in_pos=randn(n_layers, n, d), up_in_neg=randn(n_layers, n, d),
         up_written_pos=randn(n_layers, n, d), up_written_neg=randn(n_layers, n, d),
         tokens_pos=tokens_pos, tokens_neg=tokens_neg, attn_pos=attention(), attn_neg=attention(),
+        sink=randn(n_layers, d),
     )
 
 

@@ -32,6 +32,9 @@ def synthetic_weights(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * scale
 
+    def gain(n: int) -> torch.Tensor:  # non-trivial norm gains (SPEC §4.1), exp(N(0, 0.3²))
+        return torch.exp(0.3 * torch.randn(n, generator=g))
+
     layers = tuple(
         LayerWeights(
             q=randn(n_heads * head_dim, d),
@@ -41,12 +44,16 @@ def synthetic_weights(
             gate=randn(d_mlp, d),
             up=randn(d_mlp, d),
             down=randn(d, d_mlp),
+            attn_gain=gain(d),
+            mlp_gain=gain(d),
+            q_gain=gain(head_dim),
+            k_gain=gain(head_dim),
         )
         for _ in range(n_layers)
     )
     unembed = randn(vocab, d)
     return BaseWeights(
-        layers=layers, unembed=unembed, bos_embedding=unembed[1].clone(),
+        layers=layers, unembed=unembed, final_gain=gain(d),
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
     )
 
@@ -89,6 +96,7 @@ def synthetic_captures(
         tokens_neg=tokens_neg,
         attn_pos=attention(),
         attn_neg=attention(),
+        sink=randn(n_layers, d),
     )
 
 

@@ -101,7 +101,7 @@ def _build(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes:
         acts = capture_activations(model, tokenizer, probes)
     t1 = time.perf_counter()
     d = int(model.config.hidden_size)
-    weights = extract_base_weights(model, tokenizer)
+    weights = extract_base_weights(model)
     candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
                               seed=config.seed)
     return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)

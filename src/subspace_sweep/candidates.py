@@ -47,7 +47,7 @@ from . import compute, linalg
 from .capture_types import ActivationCaptures, SteeredLabels
 from .errors import InputError
 from .scoring import Target, stable_seed
-from .weights import BaseWeights, LayerWeights
+from .weights import BaseWeights, LayerWeights, residual_columns, residual_gram
 
 DTYPE = torch.float64
 
@@ -139,9 +139,9 @@ _ATTN_W = (
 
 #: Every candidate in SPEC §4 table order (42 A-side + randn_orthogonal), then the B-side references.
 DEFINITIONS: tuple[CandidateSpec, ...] = (
-    _S("lm_head_read", "W:unembed", "top-r right singular vectors of the unembedding lm; the same basis at every layer"),
-    _S("logits_null", "W:unembed", "bottom-r right singular vectors of lm (the directions the logits are least sensitive to); same basis at every layer"),
-    _S("global_read", "W:read", "top-r eigenvectors of the global read Gram Σ_l read_gram(l) + lmᵀlm, read_gram(l) = Σ_{X∈q,k,v,up,gate} W_XᵀW_X; same basis at every layer"),
+    _S("lm_head_read", "W:unembed", "top-r right singular vectors of the unembedding lm·diag(γ_final) (what the logits read of the residual); the same basis at every layer"),
+    _S("logits_null", "W:unembed", "bottom-r right singular vectors of lm·diag(γ_final) (the directions the logits are least sensitive to); same basis at every layer"),
+    _S("global_read", "W:read", "top-r eigenvectors of the global read Gram Σ_l read_gram(l) + lmᵀlm, read_gram(l) = Σ_{X∈q,k,v,up,gate} W_XᵀW_X with every reader in residual coordinates (W·diag(γ) of its norm), lm = lm·diag(γ_final); same basis at every layer"),
     _S("global_write", "W:write", f"top-r left singular vectors of {_WRITERS} of all layers; same basis at every layer"),
     _S("global_write_not_global_read", "W:write-not-read", f"left((I − P_GRK)·{_WRITERS} of all layers), GRK = top-K eigenvectors of the global read Gram (K = k_broad); same basis at every layer"),
     _S("write", "W:write", f"top-r left singular vectors of the layer's {_WRITERS}"),
@@ -150,16 +150,16 @@ DEFINITIONS: tuple[CandidateSpec, ...] = (
     _S("write_not_lm_head_read", "W:write-not-read", f"left((I − P_LMK)·{_WRITERS}), LMK = top-K right singular vectors of lm"),
     _S("write_not_global_read", "W:write-not-read", f"left((I − P_GRK)·{_WRITERS}), GRK = top-K eigenvectors of the global read Gram"),
     _S("write_not_downstream_read", "W:write-not-read", f"left((I − P_DSK(l))·{_WRITERS}), DSK(l) = top-K eigenvectors of lmᵀlm + Σ_{{j>l}} read_gram(j)"),
-    _S("mlp_up_read", "W:read", "top-r right singular vectors of the layer's W_up"),
-    _S("mlp_gate_read", "W:read", "top-r right singular vectors of the layer's W_gate"),
-    _S("attn_qkv_read", "W:read", "top-r right singular vectors of the layer's [W_q; W_k; W_v]"),
-    _S("attn_ov_write", "W:OV", "top-r left singular vectors of Σ_h W_o,h W_v,kv(h), query head h using kv head h // (n_heads/n_kv) (head-correct GQA)"),
-    _S("mlp_roundtrip_write", "W:MLP", "top-r left singular vectors of W_down W_up (the residual-to-residual linear MLP path)"),
-    _S("qk_circuit", "W:QK", "top-r left singular vectors of Σ_h W_q,hᵀ W_k,kv(h), query head h using kv head h // (n_heads/n_kv) (head-correct GQA)"),
-    _S("input_super", "W:read", "top-r right singular vectors of the layer's [W_q; W_k; W_v; W_up; W_gate] (top eigenvectors of read_gram(l))"),
-    _S("kv_super", "W:read", "top-r right singular vectors of the layer's [W_k; W_v]"),
-    _S("gate_kernel", "W:MLP", "top-r left singular vectors of W_down·diag(mean_i silu(W_gate x_i))·W_up, x_i = clean FIT inputs of mlp.up_proj"),
-    _S("attention_sink", "W:OV", "centred PCA over query heads h of the sink vectors W_o,h W_v,kv(h) e_BOS (e_BOS = embedding of bos, else eos; kv head h // group); rank ≤ n_heads − 1"),
+    _S("mlp_up_read", "W:read", "top-r right singular vectors of the layer's W_up·diag(γ_mlp)"),
+    _S("mlp_gate_read", "W:read", "top-r right singular vectors of the layer's W_gate·diag(γ_mlp)"),
+    _S("attn_qkv_read", "W:read", "top-r right singular vectors of the layer's [W_q; W_k; W_v]·diag(γ_attn)"),
+    _S("attn_ov_write", "W:OV", "top-r left singular vectors of Σ_h W_o,h W_v,kv(h)·diag(γ_attn), query head h using kv head h // (n_heads/n_kv) (head-correct GQA)"),
+    _S("mlp_roundtrip_write", "W:MLP", "top-r left singular vectors of W_down W_up·diag(γ_mlp) (the residual-to-residual linear MLP path)"),
+    _S("qk_circuit", "W:QK", "top-r left singular vectors of Σ_h diag(γ_attn) W_q,hᵀ diag(γ_q ⊙ γ_k) W_k,kv(h) diag(γ_attn) (three gains: the attention norm's and q_norm/k_norm's where the model has them), query head h using kv head h // (n_heads/n_kv) (head-correct GQA)"),
+    _S("input_super", "W:read", "top-r right singular vectors of the layer's [W_q·diag(γ_attn); W_k·diag(γ_attn); W_v·diag(γ_attn); W_up·diag(γ_mlp); W_gate·diag(γ_mlp)] (top eigenvectors of read_gram(l))"),
+    _S("kv_super", "W:read", "top-r right singular vectors of the layer's [W_k; W_v]·diag(γ_attn)"),
+    _S("gate_kernel", "W:MLP", "top-r left singular vectors of W_down·diag(mean_i silu(W_gate x_i))·W_up·diag(γ_mlp), x_i = clean FIT inputs of mlp.up_proj (the MLP norm's outputs)"),
+    _S("attention_sink", "W:OV", "centred PCA over query heads h of the sink vectors W_o,h W_v,kv(h) s_l, s_l = the sink token (bos, else eos) alone at position 0 as layer l's attention reads it (its attention norm's output, captured on the base model); kv head h // group; rank ≤ n_heads − 1"),
     _S("causally_isolated", "W:write-not-read", f"left((I − P_F)·{_WRITERS}), F = orthonormal union(input_super, kv_super, LMK)"),
     _S("input_super_not_lm_read", "W:read", "the first r columns of orthonormalize((I − P_LMK)·input_super)"),
     _S("suppressed", "act:clean", "centred PCA over FIT prompts of min(Σ_l relu(Δ_l|h|), Σ_l relu(−Δ_l|h|)), Δ_l|h| = |h_{l+1}| − |h_l| over all layers of the clean activations; same basis at every layer"),
@@ -173,7 +173,7 @@ DEFINITIONS: tuple[CandidateSpec, ...] = (
     _S("attn_max_taskdiff", "act:attn-selected", f"weighted PCA, w = max(a⁺, a⁻); {_ATTN_W}"),
     _S("attn_diff_taskdiff", "act:attn-selected", f"weighted PCA, w = |a⁺ − a⁻|; {_ATTN_W}"),
     _S("attn_min_x_diffnorm_taskdiff", "act:attn-selected", f"weighted PCA, w = min(a⁺, a⁻)·‖diff‖ / (mean of the nonzero ‖diff‖ at the layer); {_ATTN_W}"),
-    _S("up_proj_input_contrast", "act:up_proj", "centred PCA of up_in⁺ − up_in⁻ (inputs of mlp.up_proj under persona±)"),
+    _S("up_proj_input_contrast", "act:up_proj", "centred PCA of (up_in⁺ − up_in⁻)/γ_mlp, up_in = the inputs of mlp.up_proj under persona± (the MLP norm's outputs γ_mlp ⊙ x/rms(x)), so the rows are x⁺/rms(x⁺) − x⁻/rms(x⁻) in residual coordinates"),
     _S("up_proj_output_written_contrast", "act:up_proj", "centred PCA of up_written⁺ − up_written⁻ (mlp.up_proj outputs mapped back by W_downᵀ)"),
     _S("gate_active_written", "act:MLP", "centred PCA of the MLP outputs (silu(W_gate x)⊙(W_up x))·W_downᵀ over the clean FIT inputs x of mlp.up_proj"),
     _S("chars_clusters", "act:cluster", f"k-means with k = r + 1 clusters (so the centroid differences reach rank r; the seed's k = r gave r − 1) on the centred clean ∪ persona± activations at the layer, init = the k largest-norm points, {KMEANS_ITERS} Lloyd iterations; centred PCA of the centroids"),
@@ -299,11 +299,17 @@ def expand_kv_heads(W_kv: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Ten
     return W_kv.reshape(n_kv, head_dim, d).repeat_interleave(group, dim=0).reshape(n_heads * head_dim, d)
 
 
-def qk_circuit_matrix(q: Tensor, k: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
-    """``Σ_h W_q,hᵀ W_k,kv(h)`` (d x d) = ``Σ_g (Σ_{h∈g} W_q,h)ᵀ W_k,g``: sum query blocks per group first."""
+def qk_circuit_matrix(
+    q: Tensor, k: Tensor, n_heads: int, n_kv: int, head_dim: int, qk_gain: Tensor | None = None
+) -> Tensor:
+    """``Σ_h W_q,hᵀ diag(γ_qk) W_k,kv(h)`` (d x d) = ``Σ_g (Σ_{h∈g} W_q,h)ᵀ diag(γ_qk) W_k,g``: sum
+    query blocks per group first. ``qk_gain`` (head_dim,) is ``γ_q ⊙ γ_k`` of q/k norms shared by
+    every head (None: no q/k norms)."""
     group = _check_heads(n_heads, n_kv, head_dim)
     d = q.shape[1]
     q_grouped = q.reshape(n_kv, group, head_dim, d).sum(dim=1).reshape(n_kv * head_dim, d)
+    if qk_gain is not None:
+        k = (k.reshape(n_kv, head_dim, d) * qk_gain.to(k.dtype)[None, :, None]).reshape(n_kv * head_dim, d)
     return q_grouped.T @ k
 
 
@@ -315,11 +321,26 @@ def ov_circuit_matrix(o: Tensor, v: Tensor, n_heads: int, n_kv: int, head_dim: i
     return o_grouped @ v
 
 
-def attention_sink_vectors(o: Tensor, v: Tensor, e_bos: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
-    """Rows h = ``W_o,h W_v,kv(h) e_BOS`` (n_heads x d, float64), kv(h) = h // group."""
+def qk_circuit(lw: LayerWeights, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    """The layer's QK circuit in residual coordinates (SPEC §4.1), d x d: ``Σ_h diag(γ_in)
+    W_q,hᵀ diag(γ_q ⊙ γ_k) W_k,kv(h) diag(γ_in)``. Up to positive per-token scalars (the RMS of
+    the residual and of each head's q and k) and RoPE, which cancels at equal positions, head h's
+    pre-softmax score of query residual x and key residual y is ``xᵀ M_h y``."""
+    return residual_gram(qk_circuit_matrix(lw.q, lw.k, n_heads, n_kv, head_dim, lw.qk_gain), lw.attn_gain)
+
+
+def ov_circuit(lw: LayerWeights, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    """The layer's OV circuit in residual coordinates, d x d: ``Σ_h W_o,h W_v,kv(h) diag(γ_in)``;
+    up to the residual's RMS, head h writes ``OV_h y`` for each attended residual y."""
+    return residual_columns(ov_circuit_matrix(lw.o, lw.v, n_heads, n_kv, head_dim), lw.attn_gain)
+
+
+def attention_sink_vectors(o: Tensor, v: Tensor, sink: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
+    """Rows h = ``W_o,h W_v,kv(h) s`` (n_heads x d, float64), kv(h) = h // group, for the sink
+    token's normed residual s (what v_proj reads: the output of the attention norm)."""
     group = _check_heads(n_heads, n_kv, head_dim)
     d = o.shape[0]
-    v_bos = (linalg.as64(v) @ linalg.as64(e_bos)).reshape(n_kv, head_dim)  # one value vector per kv head
+    v_bos = (linalg.as64(v) @ linalg.as64(sink)).reshape(n_kv, head_dim)  # one value vector per kv head
     per_head = v_bos.repeat_interleave(group, dim=0)  # (n_heads, hd): head h gets kv head h // group
     return torch.einsum("dhk,hk->hd", linalg.as64(o).reshape(d, n_heads, head_dim), per_head)
 
@@ -498,8 +519,14 @@ def _check_weights(W: BaseWeights) -> tuple[int, int, int]:
             if got != shape:
                 raise InputError(f"layer {i} {name}_proj has shape {got}, expected {shape} "
                                  f"(d={d}, n_heads={W.n_heads}, n_kv={W.n_kv_heads}, head_dim={W.head_dim}, d_mlp={d_mlp})")
-    if tuple(W.bos_embedding.shape) != (d,):
-        raise InputError(f"bos_embedding has shape {tuple(W.bos_embedding.shape)}, expected ({d},)")
+    if tuple(W.final_gain.shape) != (d,):
+        raise InputError(f"final_gain has shape {tuple(W.final_gain.shape)}, expected ({d},)")
+    for i, lw in enumerate(W.layers):
+        gains = {"attn_gain": (lw.attn_gain, d), "mlp_gain": (lw.mlp_gain, d),
+                 "q_gain": (lw.q_gain, W.head_dim), "k_gain": (lw.k_gain, W.head_dim)}
+        for name, (gain, width) in gains.items():
+            if gain is not None and tuple(gain.shape) != (width,):
+                raise InputError(f"layer {i} {name} has shape {tuple(gain.shape)}, expected ({width},)")
     return d, d_mlp, int(vocab)
 
 
@@ -520,6 +547,7 @@ def _check_acts(A: ActivationCaptures, n_layers: int, d: int) -> int:
         "persona_pos": (L, n, d), "persona_neg": (L, n, d), "up_in_clean": (L, n, d), "up_in_pos": (L, n, d),
         "up_in_neg": (L, n, d), "up_written_pos": (L, n, d), "up_written_neg": (L, n, d),
         "tokens_pos": (L, n, T, d), "tokens_neg": (L, n, T, d), "attn_pos": (L, n, T), "attn_neg": (L, n, T),
+        "sink": (L, d),
     }
     for name, shape in shapes.items():
         got = tuple(getattr(A, name).shape)
@@ -582,12 +610,7 @@ def _declared_ranks(
         "input_super": full,
         "kv_super": entry(2 * hkv, "few k/v rows"),
         "gate_kernel": entry(d_mlp, f"factors through d_mlp = {d_mlp}"),
-        "attention_sink": (
-            entry(W.n_heads - 1, f"centred PCA over n_heads = {W.n_heads} sink vectors: rank ≤ n_heads − 1")
-            if bool(W.bos_embedding.any())
-            # e.g. a bos token that is also the pad token of an nn.Embedding with padding_idx
-            else (0, "e_BOS is the zero vector (a padding embedding?): every sink vector is zero", {})
-        ),
+        "attention_sink": _sink_declared(acts, layers, cap(W.n_heads - 1), r, W.n_heads),
         "input_super_not_lm_read": not_read,
         "suppressed": pca_n,
         "amplified": pca_n,
@@ -636,12 +659,25 @@ def _declared_ranks(
     return out
 
 
+def _sink_declared(acts: ActivationCaptures, layers: Sequence[int], rank: int, r: int, n_heads: int) -> Declared:
+    """attention_sink: rank ≤ n_heads − 1, and 0 where the sink's normed residual is zero (e.g. a
+    bos token that is also the pad token of an nn.Embedding with padding_idx, at layer 0)."""
+    zero = {layer: 0 for layer in layers if not bool(acts.sink[layer].any())}
+    note = [f"centred PCA over n_heads = {n_heads} sink vectors: rank ≤ n_heads − 1"] if rank < r else []
+    if zero:
+        note.append("empty where the sink token's normed residual is the zero vector")
+    if len(zero) == len(layers):
+        return 0, "; ".join(note), {}
+    return rank, "; ".join(note), zero
+
+
 # ---------------------------------------------------------------------------- weight bases
 
 
 @dataclass(frozen=True)
 class _LayerGrams:
-    """Component Grams of one layer in float64 (GEMMs in float32, the weights' precision)."""
+    """Component Grams of one layer in float64 (GEMMs in float32, the weights' precision), in
+    residual coordinates: each reader's Gram ``diag(γ) WᵀW diag(γ)`` with the gain of its norm."""
 
     q: Tensor
     k: Tensor
@@ -654,11 +690,9 @@ class _LayerGrams:
     @classmethod
     def of(cls, lw: LayerWeights) -> _LayerGrams:
         with compute.gemm_threads():
-            return cls(
-                q=linalg.col_gram(lw.q), k=linalg.col_gram(lw.k), v=linalg.col_gram(lw.v),
-                up=linalg.col_gram(lw.up), gate=linalg.col_gram(lw.gate),
-                o=linalg.row_gram(lw.o), down=linalg.row_gram(lw.down),
-            )
+            attn = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.attn_gain) for n in ("q", "k", "v")}
+            mlp = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.mlp_gain) for n in ("up", "gate")}
+            return cls(**attn, **mlp, o=linalg.row_gram(lw.o), down=linalg.row_gram(lw.down))
 
     @functools.cached_property
     def read(self) -> Tensor:
@@ -675,8 +709,8 @@ Bases = dict[str, dict[int, Tensor]]
 
 
 def _layer_weight_bases(
-    lw: LayerWeights, g: _LayerGrams, W: BaseWeights, up_in: Tensor, *, r: int, K: int, rank: Mapping[str, int],
-    LM: Tensor, downstream_gram: Tensor,
+    lw: LayerWeights, g: _LayerGrams, W: BaseWeights, up_in: Tensor, sink: Tensor, *, r: int, K: int,
+    rank: Mapping[str, int], LM: Tensor, downstream_gram: Tensor,
 ) -> dict[str, Tensor]:
     """Every per-layer weight basis except write_not_global_read (which needs the global read Gram).
 
@@ -688,17 +722,19 @@ def _layer_weight_bases(
     Gw = g.write
     # The MLP on the n clean FIT inputs of up_proj: products in the weights' float32 (converting
     # three d_mlp x d matrices to float64 per layer would cost more than these n-row GEMMs),
-    # the nonlinearity and everything after it in float64.
+    # the nonlinearity and everything after it in float64. The captured inputs are already
+    # normed (the MLP norm's output), so the module's own weights apply to them.
     x = up_in.to(lw.gate.dtype)
     gate_act = F.silu(linalg.as64(x @ lw.gate.T))  # (n, d_mlp)
     hidden = gate_act * linalg.as64(x @ lw.up.T)
     mean_gate = gate_act.mean(dim=0).to(lw.down.dtype)
-    # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs).
+    # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs),
+    # each read side in residual coordinates (the gain of the norm it reads through).
     with compute.gemm_threads():
-        ov_gram = linalg.row_gram(ov_circuit_matrix(lw.o, lw.v, h, kv, hd))
-        qk_gram = linalg.row_gram(qk_circuit_matrix(lw.q, lw.k, h, kv, hd))
-        roundtrip_gram = linalg.row_gram(lw.down @ lw.up)
-        gate_kernel_gram = linalg.row_gram((lw.down * mean_gate[None, :]) @ lw.up)
+        ov_gram = linalg.row_gram(ov_circuit(lw, h, kv, hd))
+        qk_gram = linalg.row_gram(qk_circuit(lw, h, kv, hd))
+        roundtrip_gram = linalg.row_gram(residual_columns(lw.down @ lw.up, lw.mlp_gain))
+        gate_kernel_gram = linalg.row_gram(residual_columns((lw.down * mean_gate[None, :]) @ lw.up, lw.mlp_gain))
 
     # Wave 1: independent eigenproblems (run in parallel when a pool exists).
     grams = {
@@ -718,7 +754,7 @@ def _layer_weight_bases(
         "causally_isolated": _job(Gw, rank["causally_isolated"], forbidden),
     }))
     out["input_super_not_lm_read"] = linalg.project_away(out["input_super"], LM)[:, : rank["input_super_not_lm_read"]]
-    out["attention_sink"] = linalg.pca(attention_sink_vectors(lw.o, lw.v, W.bos_embedding, h, kv, hd), r)
+    out["attention_sink"] = linalg.pca(attention_sink_vectors(lw.o, lw.v, sink, h, kv, hd), r)
     # The MLP's outputs on the clean FIT inputs of up_proj.
     out["gate_active_written"] = linalg.pca(linalg.as64(hidden.to(lw.down.dtype) @ lw.down.T), r)
     return out
@@ -734,10 +770,11 @@ def _weight_bases(
     def put_global(name: str, B: Tensor) -> None:
         out[name] = {layer: B for layer in layers}  # one tensor object at every layer
 
-    # Unembedding through its d x d Gram (never an SVD of vocab x d). The top-r bases are the
-    # first columns of the top-max(r, K) ones, so lm_head_read ⊂ LMK exactly.
+    # Unembedding through its d x d Gram (never an SVD of vocab x d), read through the final
+    # norm's gain. The top-r bases are the first columns of the top-max(r, K) ones, so
+    # lm_head_read ⊂ LMK exactly.
     with compute.gemm_threads():
-        lm_gram = linalg.col_gram(W.unembed)
+        lm_gram = residual_gram(linalg.col_gram(W.unembed), W.final_gain)
     lm = compute.run_jobs({
         "top": _job(lm_gram, max(rank["lm_head_read"], K), single=False),
         "bottom": functools.partial(linalg.top_eigvecs, lm_gram, r, largest=False),
@@ -758,7 +795,8 @@ def _weight_bases(
         g = _LayerGrams.of(lw)
         if layer in selected:
             per_layer[layer] = _layer_weight_bases(
-                lw, g, W, acts.up_in_clean[layer], r=r, K=K, rank=rank, LM=LM, downstream_gram=running
+                lw, g, W, acts.up_in_clean[layer], acts.sink[layer], r=r, K=K, rank=rank, LM=LM,
+                downstream_gram=running,
             )
             write_grams[layer] = g.write
         running += g.read  # only after layer's jobs have finished with DS(l)
@@ -801,7 +839,17 @@ def _magnitude_features(clean: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _activation_bases(acts: ActivationCaptures, *, r: int, layers: Sequence[int]) -> tuple[Bases, dict[str, dict[int, dict[str, float]]]]:
+def _residual_direction(normed: Tensor, gain: Tensor) -> Tensor:
+    """Rows ``γ ⊙ x/rms(x)`` (a norm's outputs) -> ``x/rms(x)``: the residual direction the norm
+    read, in residual coordinates. A zero-gain channel is invisible to the reader: it stays 0."""
+    g = linalg.as64(gain)
+    inv = torch.where(g != 0, 1.0 / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
+    return linalg.as64(normed) * inv
+
+
+def _activation_bases(
+    acts: ActivationCaptures, mlp_gains: Mapping[int, Tensor], *, r: int, layers: Sequence[int]
+) -> tuple[Bases, dict[str, dict[int, dict[str, float]]]]:
     L = acts.n_layers
     d = acts.clean.shape[-1]
     clean = linalg.as64(acts.clean)
@@ -827,7 +875,9 @@ def _activation_bases(acts: ActivationCaptures, *, r: int, layers: Sequence[int]
     for layer in layers:
         put("layer_clean_resid_pca", layer, linalg.pca(clean[layer], r))
         put("TaskDiff_contrast", layer, linalg.pca(pos[layer] - neg[layer], r))
-        put("up_proj_input_contrast", layer, linalg.pca(linalg.as64(acts.up_in_pos[layer] - acts.up_in_neg[layer]), r))
+        g = mlp_gains[layer]
+        put("up_proj_input_contrast", layer,
+            linalg.pca(_residual_direction(acts.up_in_pos[layer], g) - _residual_direction(acts.up_in_neg[layer], g), r))
         put("up_proj_output_written_contrast", layer,
             linalg.pca(linalg.as64(acts.up_written_pos[layer]) - linalg.as64(acts.up_written_neg[layer]), r))
 
@@ -887,7 +937,8 @@ def build_a_side(
     declared = _declared_ranks(weights, acts, d_mlp, vocab, n, r, K, sel)
     with compute.policy():
         bases = _weight_bases(weights, acts, r=r, K=K, layers=sel, rank={k: v[0] for k, v in declared.items()})
-        act_bases, diagnostics = _activation_bases(acts, r=r, layers=sel)
+        act_bases, diagnostics = _activation_bases(
+            acts, {layer: weights.layers[layer].mlp_gain for layer in sel}, r=r, layers=sel)
         bases.update(act_bases)
 
         qk_chars: dict[int, Tensor] = {}
@@ -995,6 +1046,7 @@ def definitions_table() -> list[dict[str, str]]:
 __all__ = [
     "A_SIDE_NAMES", "AXIS_KINDS", "B_SIDE_NAMES", "CANDIDATE_NAMES", "DEFINITIONS", "FAMILY_AXIS", "ORACLE_NAMES",
     "PANEL_AXES", "Candidate", "CandidateSpec", "attention_sink_vectors", "build_a_side", "build_b_side",
-    "definitions_table", "expand_kv_heads", "get_spec", "kmeans_centroids", "ov_circuit_matrix", "qk_circuit_matrix",
+    "definitions_table", "expand_kv_heads", "get_spec", "kmeans_centroids", "ov_circuit", "ov_circuit_matrix", "qk_circuit",
+    "qk_circuit_matrix",
     "procrustes_rotation", "ranking_pool", "rotation_contrast_basis", "skew_rank_bound",
 ]

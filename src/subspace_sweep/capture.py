@@ -14,12 +14,14 @@ clean (FIT)        raw probe                block outputs, up_proj input (last t
 persona+ (FIT)     chat, system=persona+    block outputs (last token and every token),
 persona- (FIT)     chat, system=persona-    up_proj input and output (last token),
                                             final token's attention (mean over heads)
+sink               the sink token alone     the attention norm's output (attention_sink)
 alpha=+1           raw probe, FIT + EVAL    block outputs (last token)
 alpha=-1           raw probe, FIT + EVAL    block outputs (last token)
 =================  =======================  ===========================================
 
-So ``capture_activations`` makes 3 forward passes and ``capture_labels`` 2 (with the default
-``batch_size=None``; with a batch size each condition takes ``ceil(n / batch_size)``).
+So ``capture_activations`` makes 4 forward passes (the sink's is one token long) and
+``capture_labels`` 2 (with the default ``batch_size=None``; with a batch size each prompt
+condition takes ``ceil(n / batch_size)``).
 ``count_forward_passes`` counts them.
 
 Padding: the last real token is found from the attention mask, so left and right padding both
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 
 from .capture_types import ActivationCaptures, SteeredLabels
 from .errors import InputError
-from .model import block_name, model_device, module_name, n_layers_of, weight_key
+from .model import ATTN_NORM, attention_sink_token_id, block_name, model_device, module_name, n_layers_of, weight_key
 from .prompts import ProbeSet
 from .steering import weight_steer
 
@@ -347,10 +349,24 @@ def a_side_conditions(tokenizer, probes: ProbeSet) -> dict[str, tuple[list[str],
     }
 
 
+def capture_sink(model: nn.Module, token_id: int) -> Tensor:
+    """(L, d) float32: the token ``token_id`` alone at position 0, as each layer's attention reads
+    it (the output of the layer's attention norm). At position 0 a token attends only to itself,
+    so this is also its residual at the start of any prompt it begins (one forward pass)."""
+    dev = model_device(model)
+    ids = torch.tensor([[int(token_id)]], device=dev)
+    names = [f"{block_name(i)}.{ATTN_NORM}" for i in range(n_layers_of(model))]
+    with torch.no_grad(), record_activations(model, names, transform=lambda x: x[0, 0]) as rec:
+        model.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
+                    use_cache=False)
+    return torch.stack([rec.output(n).float().cpu() for n in names])
+
+
 def capture_activations(
     model: nn.Module, tokenizer, probes: ProbeSet, *, batch_size: int | None = None
 ) -> ActivationCaptures:
-    """A-side captures on the FIT prompts: clean, persona+ and persona- (3 forward passes)."""
+    """A-side captures on the FIT prompts: clean, persona+ and persona-, and the sink token
+    (4 forward passes)."""
     full = _Want(up_in=True, up_out=True, tokens=True, attn=True)
     want = {"clean": _Want(up_in=True), "persona_pos": full, "persona_neg": full}
     got = {
@@ -379,6 +395,7 @@ def capture_activations(
         tokens_neg=_left_pad_time(neg["tokens"], T),
         attn_pos=_left_pad_time(pos["attn"], T),
         attn_neg=_left_pad_time(neg["attn"], T),
+        sink=capture_sink(model, attention_sink_token_id(model, tokenizer)),
     )
 
 

@@ -27,6 +27,7 @@ class ActivationCaptures:
     tokens_neg: Tensor  # (L, n, T, d) same for persona-, same T
     attn_pos: Tensor  # (L, n, T) final token's attention (mean over heads) to each position, right-aligned
     attn_neg: Tensor  # (L, n, T)
+    sink: Tensor  # (L, d) the sink token alone (position 0) as each layer reads it: its attention norm's output
 
     @property
     def n_layers(self) -> int:

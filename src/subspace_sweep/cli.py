@@ -186,14 +186,16 @@ def bluf_table(result, top: int = 12) -> str:
     """The joint A-side ranking's head as a fixed-width table."""
     rows = result.ranking("joint").head(top)
     ci = "R_act_lo" in rows.columns
-    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "")
-            + f"{'R_w_comb':>9} {'joint':>8} {'%orc_w':>7} {'z_w':>7}")
-    lines = ["A-side write+mixed ranking (joint = sqrt(R_act * R_w_combined), mean over scored layers)", head]
+    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
+            f"{'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "") + f"{'R_w_comb':>9} {'%orc_w':>7} {'z_w':>7}")
+    lines = ["A-side write+mixed ranking (joint oracle gain, mean over scored layers; "
+             "gain: 0 = random subspace, 1 = oracle of the same rank)", head]
     for i, r in enumerate(rows.iter_rows(named=True), 1):
         interval = f"[{r['R_act_lo']:>6.2f},{r['R_act_hi']:>6.2f}] " if ci else ""
         lines.append(
-            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['R_act']:>8.2f} {interval}{r['R_w_combined']:>9.2f} "
-            f"{r['joint']:>8.2f} {r['pct_oracle_combined']:>7.1f} {r['z_w_combined']:>7.1f}"
+            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['rank']:>5.1f} {r['joint_gain']:>7.3f} "
+            f"{r['gain_act']:>7.3f} {r['gain_w_combined']:>7.3f} {r['R_act']:>8.2f} {interval}{r['R_w_combined']:>9.2f} "
+            f"{r['pct_oracle_combined']:>7.1f} {r['z_w_combined']:>7.1f}"
         )
     return "\n".join(lines)
 

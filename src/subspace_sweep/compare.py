@@ -1,9 +1,10 @@
 """Beyond one run: stability of the ranking across runs of the same model with different deltas
 (e.g. LoRA seeds). Reads run folders; writes one compare folder atomically.
 
-Per A-side candidate: median, IQR, min and max over runs of R_act, R_w_combined and
-z_w_combined; how often it is in the joint top-k; a stability filter (top-k in at least m of
-the n runs AND z_w_combined > z_min in every run). Between runs: Kendall τ of the joint
+Per A-side candidate: median, IQR, min and max over runs of the oracle gains (joint, act,
+combined weight), R_act, R_w_combined and z_w_combined; how often it is in the joint top-k; a
+stability filter (top-k in at least m of the n runs AND z_w_combined > z_min in every run),
+ordered rank-fairly by the median joint gain (SPEC §5). Between runs: Kendall τ of the joint
 rankings and the principal angles between the runs' weight oracles.
 """
 
@@ -26,7 +27,7 @@ import scipy.stats  # noqa: E402
 from . import linalg, report  # noqa: E402
 from .errors import InputError  # noqa: E402
 
-STATS = ("R_act", "R_w_combined", "z_w_combined", "joint")
+STATS = ("joint_gain", "gain_act", "gain_w_combined", "R_act", "R_w_combined", "z_w_combined", "joint")
 RUN_FILES = ("summary.tsv", "config.json", "manifest.json", "weight_oracles.safetensors")
 
 
@@ -100,7 +101,7 @@ def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None
     if top_k < 1:
         raise InputError(f"--top-k must be positive, got {top_k}")
     a_side = [r.summary.filter(pl.col("side") == "A").with_columns(run=pl.lit(r.name)) for r in runs]
-    long = pl.concat([f.select("run", "candidate", "family", "axis_kind", "panel", *STATS) for f in a_side])
+    long = pl.concat([f.select("run", "candidate", "family", "axis_kind", "panel", "rank", *STATS) for f in a_side])
     top = {r.name: set(r.joint_order[:top_k]) for r in runs}
     aggs = []
     for stat in STATS:
@@ -109,14 +110,15 @@ def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None
                  (col.quantile(0.75, "linear") - col.quantile(0.25, "linear")).alias(f"{stat}_iqr"),
                  col.min().alias(f"{stat}_min"), col.max().alias(f"{stat}_max")]
     per = long.group_by("candidate", maintain_order=True).agg(
-        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("panel").first(), pl.len().alias("n_runs"),
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("panel").first(),
+        pl.col("rank").cast(pl.Float64).median(), pl.len().alias("n_runs"),
         (pl.col("z_w_combined").cast(pl.Float64) > z_min).all().alias("z_w_above_min_in_every_run"), *aggs,
     )
     in_top = [sum(c in top[r.name] for r in runs) for c in per["candidate"]]
     per = per.with_columns(**{f"in_top{top_k}": pl.Series(in_top)}).with_columns(
         stable=(pl.col(f"in_top{top_k}") >= m) & pl.col("z_w_above_min_in_every_run") & (pl.col("n_runs") == n)
     )
-    per = report.sort_best_first(per, "joint_median")
+    per = report.rank_fair_order(per, "joint_gain_median", "z_w_combined_median")
 
     taus = pl.DataFrame(
         [{"run_a": a.name, "run_b": b.name, "kendall_tau": kendall_tau(a.joint_order, b.joint_order)}
@@ -136,22 +138,21 @@ def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None
 
 
 def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int = 25) -> None:
-    """Median joint score per A-side write/mixed candidate with min-max and IQR bars."""
+    """Median joint oracle gain per A-side write/mixed candidate with min-max and IQR bars."""
     rows = per.filter(pl.col("panel") == "joint").head(top)
     y = np.arange(rows.height)[::-1]
-    med = rows["joint_median"].to_numpy()
+    med = rows["joint_gain_median"].to_numpy()
     fig, ax = plt.subplots(figsize=(9, 0.3 * rows.height + 1.8))
-    lo, hi = rows["joint_min"].to_numpy(), rows["joint_max"].to_numpy()
+    lo, hi = rows["joint_gain_min"].to_numpy(), rows["joint_gain_max"].to_numpy()
     ax.hlines(y, lo, hi, color="grey", linewidth=1, label="min-max over runs")
-    ax.errorbar(med, y, xerr=rows["joint_iqr"].to_numpy() / 2, fmt="o", color="C0", capsize=3,
+    ax.errorbar(med, y, xerr=rows["joint_gain_iqr"].to_numpy() / 2, fmt="o", color="C0", capsize=3,
                 label="median ± IQR/2")
     stable = rows["stable"].to_numpy()
     ax.scatter(med[stable], y[stable], marker="*", s=120, color="C3", zorder=5, label="passes the stability filter")
-    ax.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
+    ax.axvline(0.0, color="black", linestyle="--", linewidth=0.8)
+    ax.axvline(1.0, color="grey", linestyle=":", linewidth=0.8)
     ax.set_yticks(y, rows["candidate"].to_list(), fontsize=8)
-    ax.set_xscale("log")
-    report.plain_log_ticks(ax.xaxis)
-    ax.set_xlabel("joint score √(R_act·R_w_combined) (null = 1)")
+    ax.set_xlabel("joint oracle gain √(max(gain_act,0)·max(gain_w_combined,0)) (random = 0, oracle = 1)")
     ax.set_title("Ranking stability across runs (A-side write + mixed)")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.25, axis="x", which="both")

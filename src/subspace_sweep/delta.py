@@ -236,7 +236,8 @@ def writer_layer(key: str) -> tuple[int, str] | None:
 
 
 def residual_writer_tensors(delta: Mapping[str, Tensor], layer: int) -> dict[str, Tensor]:
-    """The layer's o_proj / down_proj deltas as float32 CPU ``(d, n_in)`` tensors.
+    """The layer's o_proj / down_proj deltas as CPU ``(d, n_in)`` tensors in their stored dtype
+    (the precision they were stored in sets the targets' noise floor, ``scoring.Target``).
 
     Keys among ``"o_proj"``, ``"down_proj"``; a tensor that is absent or all zero is left out
     (an all-zero tensor defines no target: ``tr G = 0``).
@@ -245,7 +246,7 @@ def residual_writer_tensors(delta: Mapping[str, Tensor], layer: int) -> dict[str
     for proj in WRITER_PROJS:
         v = delta.get(weight_key(layer, proj))
         if v is not None and bool(v.any()):
-            out[WRITER_SHORT[proj]] = v.detach().to(device="cpu", dtype=torch.float32)
+            out[WRITER_SHORT[proj]] = v.detach().to(device="cpu")
     return out
 
 

@@ -1,8 +1,10 @@
 """The offline demo: the tiny Qwen3 plus a delta PLANTED in one A-side candidate's span.
 
 The delta's o_proj/down_proj columns lie in the planted candidate's basis at every planted
-layer, so that candidate's weight energy is 1 (the Ky Fan maximum) and it must rank first on
-R_w_combined among the A-side candidates. A sweep that misses it is broken.
+layer, so that candidate's weight energy is 1 (the Ky Fan maximum at its rank, gain 1) and it
+must rank first on gain_w_combined among the A-side candidates, whatever its rank (SPEC §5's
+rank-fair ranking: a larger basis containing it also reaches gain 1 and loses the tie to the
+lower rank). A sweep that misses it is broken.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .delta import random_delta, save_delta
 from .errors import InputError
 from .model import WRITER_PROJS, load_model, n_layers_of
 from .prompts import load_probe_set
-from .report import sort_best_first
+from .report import rank_fair_order
 from .a_side import build_a_side_for
 from .sweep import SweepConfig, SweepResult, run_sweep
 from .toy import save_tiny_model
@@ -65,7 +67,7 @@ def planted_delta(model, tokenizer, plant: str, layers: Sequence[int], config: S
 class DemoOutcome:
     result: SweepResult
     plant: str
-    rank_on_w: int  # 1 = first among A-side candidates on R_w_combined
+    rank_on_w: int  # 1 = first among A-side candidates on gain_w_combined (rank-fair order)
     pct_oracle_combined: float
 
     @property
@@ -74,12 +76,14 @@ class DemoOutcome:
 
     def verdict(self) -> str:
         state = "RECOVERED" if self.recovered else "NOT RECOVERED"
-        return (f"planted candidate `{self.plant}`: rank {self.rank_on_w} on R_w_combined among A-side candidates, "
+        return (f"planted candidate `{self.plant}`: rank {self.rank_on_w} on gain_w_combined among A-side candidates, "
                 f"{self.pct_oracle_combined:.1f}% of the combined weight oracle -> {state}")
 
 
-def plant_rank(result: SweepResult, plant: str) -> tuple[int, float]:
-    order = sort_best_first(result.summary.filter(pl.col("side") == "A"), "R_w_combined")
+def plant_rank(summary: pl.DataFrame, plant: str) -> tuple[int, float]:
+    """(place of ``plant`` among the A-side rows of ``summary`` on gain_w_combined, its pct of the
+    combined weight oracle)."""
+    order = rank_fair_order(summary.filter(pl.col("side") == "A"), "gain_w_combined", "z_w_combined")
     names = order["candidate"].to_list()
     row = order.filter(pl.col("candidate") == plant).row(0, named=True)
     return names.index(plant) + 1, float(row["pct_oracle_combined"])
@@ -100,5 +104,5 @@ def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int =
         config = replace(config, model=str(model_dir), delta=str(delta_path), layers=tuple(layers),
                          dtype="float32", device="cpu")
         result = run_sweep(config)
-    rank, pct = plant_rank(result, plant)
+    rank, pct = plant_rank(result.summary, plant)
     return DemoOutcome(result=result, plant=plant, rank_on_w=rank, pct_oracle_combined=pct)

@@ -20,6 +20,12 @@ ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 #: The projections that write into the residual stream (their delta is the R_w target).
 WRITER_PROJS = ("self_attn.o_proj", "mlp.down_proj")
+#: The norms in front of the readers (SPEC §4.1), relative to a decoder block; the final norm is
+#: ``FINAL_NORM``. q/k norms are optional (Qwen3 has them, Llama does not).
+ATTN_NORM = "input_layernorm"
+MLP_NORM = "post_attention_layernorm"
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+FINAL_NORM = "model.norm"
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -70,15 +76,17 @@ def check_architecture(model: nn.Module) -> None:
     if not isinstance(n, int) or n < 1:
         raise InputError(f"{type(model).__name__}: config.num_hidden_layers is missing or < 1 ({n!r})")
     names = dict(model.named_modules())
-    required = ["model.embed_tokens", "model.layers"]
+    required = ["model.embed_tokens", "model.layers", FINAL_NORM]
     for layer in range(n):
         required.append(block_name(layer))
         required += [module_name(layer, p) for p in ATTN_PROJS + MLP_PROJS]
+        required += [f"{block_name(layer)}.{norm}" for norm in (ATTN_NORM, MLP_NORM)]
     for name in required:
         if name not in names:
             raise InputError(
                 f"{type(model).__name__} has no module '{name}': the sweep needs a Llama/Qwen-style decoder "
-                f"(model.layers.{{i}}.self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj)"
+                f"(model.layers.{{i}}.self_attn.{{q,k,v,o}}_proj, mlp.{{gate,up,down}}_proj, {ATTN_NORM}, {MLP_NORM}; "
+                f"{FINAL_NORM})"
             )
         if name.endswith("_proj") and not isinstance(getattr(names[name], "weight", None), torch.Tensor):
             raise InputError(f"module '{name}' of {type(model).__name__} has no weight tensor")
@@ -226,7 +234,7 @@ def _cpu(t: torch.Tensor) -> torch.Tensor:
 
 
 def attention_sink_token_id(model: nn.Module, tokenizer=None) -> int:
-    """The token whose embedding ``attention_sink`` uses: bos, else eos, of the tokenizer, else the config."""
+    """The token whose residual ``attention_sink`` uses: bos, else eos, of the tokenizer, else the config."""
     for src in (tokenizer, model.config):
         for attr in ("bos_token_id", "eos_token_id"):
             v = getattr(src, attr, None) if src is not None else None
@@ -237,37 +245,61 @@ def attention_sink_token_id(model: nn.Module, tokenizer=None) -> int:
     raise InputError("neither the tokenizer nor the config has a bos or eos token id (needed for attention_sink)")
 
 
-def extract_base_weights(model: nn.Module, tokenizer=None) -> BaseWeights:
+#: The probe ``norm_gain`` feeds a norm: every entry 2^12, exact in every float format. Its mean
+#: square 2^24 swallows any eps ≤ 1 in float32, so the norm's ``x/rms(x)`` is exactly 1.
+_GAIN_PROBE = 4096.0
+
+
+def norm_gain(norm: nn.Module, width: int) -> torch.Tensor:
+    """What an RMSNorm module multiplies ``x/rms(x)`` by (float32, CPU), read from its own forward:
+    on an input whose every entry is equal, ``x/rms(x)`` is exactly 1, so the output is the gain
+    itself, whatever the module stores (``weight`` for Llama/Qwen, ``1 + weight`` for Gemma).
+    """
+    ref = next(iter(norm.parameters()), None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    with torch.no_grad():
+        out = norm(torch.full((1, width), _GAIN_PROBE, dtype=dtype, device=device))
+    return out.reshape(width).detach().to(device="cpu", dtype=torch.float32)
+
+
+def extract_base_weights(model: nn.Module) -> BaseWeights:
     """Everything the A-side may read, on the CPU in the model's dtype (no delta is applied here).
 
-    For a CPU model these are views of its parameters, not copies (a float32 copy of Qwen3-0.6B
-    is 2.4 GB and ~1.5 s of page faults); candidate building converts one layer at a time.
-    They change if the model's weights change: build the A-side before steering the model.
+    For a CPU model the matrices are views of its parameters, not copies (a float32 copy of
+    Qwen3-0.6B is 2.4 GB and ~1.5 s of page faults); candidate building converts one layer at a
+    time. They change if the model's weights change: build the A-side before steering the model.
+    The norm gains (SPEC §4.1) are read from the norm modules' forward (``norm_gain``).
     """
     check_architecture(model)
     cfg = model.config
+    d = int(cfg.hidden_size)
+    n_heads = int(cfg.num_attention_heads)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    modules = dict(model.named_modules())
     layers = []
     for i in range(n_layers_of(model)):
         get = lambda p: _cpu(model.get_parameter(weight_key(i, p)))  # noqa: E731
+        q_norm, k_norm = (modules.get(f"{block_name(i)}.{n}") for n in QK_NORMS)
         layers.append(
             LayerWeights(
                 q=get("q_proj"), k=get("k_proj"), v=get("v_proj"), o=get("o_proj"),
                 gate=get("gate_proj"), up=get("up_proj"), down=get("down_proj"),
+                attn_gain=norm_gain(modules[f"{block_name(i)}.{ATTN_NORM}"], d),
+                mlp_gain=norm_gain(modules[f"{block_name(i)}.{MLP_NORM}"], d),
+                q_gain=norm_gain(q_norm, head_dim) if q_norm is not None else None,
+                k_gain=norm_gain(k_norm, head_dim) if k_norm is not None else None,
             )
         )
     embed = model.get_input_embeddings().weight
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     # The unembedding is only reduced to its d x d Gram, chunk by chunk (linalg.col_gram).
     unembed = _cpu(lm_head.weight if lm_head is not None and getattr(lm_head, "weight", None) is not None else embed)
-
-    bos_id = attention_sink_token_id(model, tokenizer)
-    n_heads = int(cfg.num_attention_heads)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
     return BaseWeights(
         layers=tuple(layers),
         unembed=unembed,
-        bos_embedding=embed[bos_id].detach().to(device="cpu", dtype=torch.float32),
+        final_gain=norm_gain(modules[FINAL_NORM], d),
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,

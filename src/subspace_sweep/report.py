@@ -29,15 +29,20 @@ from .errors import InputError  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
 PANELS = ("joint", "read", "reference")
-SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "rank", "R_act", "z_act",
+SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "rank", "joint_gain", "gain_act",
+                *[f"gain_w_{t}" for t in WEIGHT_TARGETS], "R_act", "z_act",
                 *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("R", "z")], "z_slice_w_combined",
                 "joint", "act_w_gap_log2"]
 #: Columns that exist only with an option: bootstrap intervals (--n-boot > 0), topic holdout.
 OPTIONAL_COLS = ["R_act_lo", "R_act_hi", "joint_lo", "joint_hi", "R_act_holdout", "z_act_holdout",
-                 "pct_oracle_act_holdout", "joint_holdout"]
-PCT_COLS = ["candidate", "family", "axis_kind", "side", "rank", "R_act", "R_w_combined", "joint",
+                 "gain_act_holdout", "pct_oracle_act_holdout", "joint_holdout", "joint_gain_holdout"]
+PCT_COLS = ["candidate", "family", "axis_kind", "side", "rank", "joint_gain", "gain_act", "gain_w_combined",
+            "R_act", "R_w_combined", "joint",
             *[f"pct_oracle_{t}" for t in TARGETS], *[f"cos_oracle_{t}_{m}" for t in TARGETS for m in ("mean", "min")],
             "bisector_cos_mean", "bisector_cos_min"]
+#: Gains closer than this are ties (SPEC §5): a basis and a larger one containing it reach the
+#: same gain up to round-off, and 0.1% of the attainable excess energy is no evidence either way.
+GAIN_RESOLUTION = 1e-3
 PACKAGES = ("subspace-sweep", "torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "polars", "matplotlib")
 
 
@@ -48,6 +53,22 @@ def sort_best_first(frame: pl.DataFrame, column: str) -> pl.DataFrame:
     """
     key = pl.when(pl.col(column).is_nan()).then(None).otherwise(pl.col(column))
     return frame.with_columns(_key=key).sort(["_key", "candidate"], descending=[True, False], nulls_last=True).drop("_key")
+
+
+def rank_fair_order(frame: pl.DataFrame, gain: str, z: str | tuple[str, ...]) -> pl.DataFrame:
+    """Best first by the oracle gain ``gain`` (SPEC §5, rank-fair): gains on a grid of step
+    ``GAIN_RESOLUTION`` (closer ones tie), ties to the lower rank, then to the higher z (with
+    several z columns: the smallest of them, i.e. the weaker axis), then by name; NaN last."""
+    def no_nan(expr: pl.Expr) -> pl.Expr:
+        return pl.when(expr.is_nan()).then(None).otherwise(expr)
+
+    zs = (z,) if isinstance(z, str) else tuple(z)
+    z_key = pl.min_horizontal([no_nan(pl.col(c).cast(pl.Float64)) for c in zs])
+    if len(zs) > 1:  # min_horizontal skips nulls: a NaN on either axis must rank last, not win
+        z_key = pl.when(pl.any_horizontal([pl.col(c).is_nan() for c in zs])).then(None).otherwise(z_key)
+    return frame.with_columns(
+        _gain=no_nan((pl.col(gain) / GAIN_RESOLUTION).round(0)), _z=z_key,
+    ).sort(["_gain", "rank", "_z", "candidate"], descending=[True, False, True, False], nulls_last=True).drop("_gain", "_z")
 
 
 
@@ -132,6 +153,16 @@ def definitions_markdown(candidates) -> str:
         "LoRA delta is used only to score them. B-side rows are references built from the LoRA and are",
         "never ranked as hypotheses. `axis_kind` is derived from `family` by one table.",
         "",
+        "**Coordinates.** Every basis lives in the residual stream itself. A block reads",
+        "`n(x) = γ ⊙ x / rms(x)`; the per-token `1/rms(x)` drops out of every subspace, the gain `γ` does",
+        "not, so each reader is taken as the module sees the residual: `W·diag(γ)`, with `γ_attn` (the",
+        "attention norm) for W_q, W_k, W_v, `γ_mlp` (the norm before the MLP) for W_gate, W_up, and the final",
+        "norm's gain for the unembedding `lm`; the QK circuit also carries q_norm/k_norm's `γ_q ⊙ γ_k`.",
+        "Each gain is read from its norm module's own forward pass (what it multiplies `x/rms(x)` by).",
+        "o_proj and down_proj write into the residual directly (no gain on the write side).",
+        "Captured activations (block outputs, the MLP's normed inputs, the sink token's normed residual)",
+        "are used as the model computes them.",
+        "",
         "| name | side | family | axis_kind | expected rank | definition |",
         "|---|---|---|---|---|---|",
     ]
@@ -150,8 +181,8 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
     read = ranked.filter(pl.col("panel") == "read")
     refs = ranked.filter(pl.col("panel") == "reference")
     best = joint.row(0, named=True)
-    top_act = sort_best_first(joint, "R_act").head(5)["candidate"].to_list()
-    top_w = sort_best_first(joint, "R_w_combined").head(5)["candidate"].to_list()
+    top_act = rank_fair_order(joint, "gain_act", "z_act").head(5)["candidate"].to_list()
+    top_w = rank_fair_order(joint, "gain_w_combined", "z_w_combined").head(5)["candidate"].to_list()
     overlap = [c for c in top_act if c in top_w]
     significant = (best["z_act"] or 0) > 2 and (best["z_w_combined"] or 0) > 2
     lines = [
@@ -159,40 +190,50 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         "",
         "## BLUF",
         "",
-        f"Best A-side write/mixed candidate by joint score √(R_act·R_w_combined): **`{best['candidate']}`** "
-        f"({best['family']}, {best['axis_kind']}), mean over {len(result.scored_layers)} scored layers "
-        f"{result.scored_layers[0]}..{result.scored_layers[-1]}:",
+        f"Best A-side write/mixed candidate by joint oracle gain √(max(gain_act, 0)·max(gain_w_combined, 0)): "
+        f"**`{best['candidate']}`** ({best['family']}, {best['axis_kind']}, rank {_fmt(best['rank'], '.0f')}), "
+        f"mean over {len(result.scored_layers)} scored layers {result.scored_layers[0]}..{result.scored_layers[-1]}:",
         "",
-        "| R_act | z_act | R_w_combined | z_w_combined | joint | % of act oracle | % of combined weight oracle |",
-        "|---|---|---|---|---|---|---|",
+        "| joint_gain | gain_act | gain_w_combined | R_act | z_act (Stouffer) | R_w_combined | z_w_combined (Stouffer) "
+        "| % of act oracle | % of combined weight oracle |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {_fmt(best['joint_gain'], '.3f')} | {_fmt(best['gain_act'], '.3f')} | {_fmt(best['gain_w_combined'], '.3f')} "
         f"| {_fmt(best['R_act'])} | {_fmt(best['z_act'], '.1f')} | {_fmt(best['R_w_combined'])} | "
-        f"{_fmt(best['z_w_combined'], '.1f')} | {_fmt(best['joint'])} | {_fmt(best['pct_oracle_act'], '.1f')} | "
+        f"{_fmt(best['z_w_combined'], '.1f')} | {_fmt(best['pct_oracle_act'], '.1f')} | "
         f"{_fmt(best['pct_oracle_combined'], '.1f')} |",
+        "",
+        "gain = (e − r/d)/(e_max(r) − r/d) at each basis's own rank r: 0 for a random subspace of any rank, 1 "
+        "for the best subspace of that rank (the Ky Fan oracle); ties (within "
+        f"{GAIN_RESOLUTION:g}) go to the lower rank, then to the higher z. R = e/(r/d) is capped at d/r, so it is "
+        "shown but not ranked on. Summary z = Stouffer's Σ_l z_l/√L over the scored layers (layers are not "
+        "independent: a screening figure, not a p-value).",
         "",
         *([f"{100 * config.ci_level:.0f}% bootstrap interval over EVAL prompts ({config.n_boot} resamples): "
            f"R_act [{_fmt(best['R_act_lo'])}, {_fmt(best['R_act_hi'])}], joint [{_fmt(best['joint_lo'])}, "
            f"{_fmt(best['joint_hi'])}].", ""] if "R_act_lo" in best else []),
         *([f"Topic holdout (EVAL probes whose claim did not train the LoRA, claims ≥ {config.topic_holdout}): "
-           f"R_act = {_fmt(best['R_act_holdout'])}, z_act = {_fmt(best['z_act_holdout'], '.1f')}, "
-           f"joint = {_fmt(best['joint_holdout'])}.", ""] if "R_act_holdout" in best else []),
+           f"gain_act = {_fmt(best['gain_act_holdout'], '.3f')}, R_act = {_fmt(best['R_act_holdout'])}, "
+           f"z_act = {_fmt(best['z_act_holdout'], '.1f')}, joint_gain = {_fmt(best['joint_gain_holdout'], '.3f')}.", ""]
+          if "R_act_holdout" in best else []),
         ("Both its activation and weight concentrations are above the exact random-subspace null (z > 2)."
          if significant else
          "It does NOT clear the exact random-subspace null on both axes (z > 2): treat it as no evidence."),
         "",
-        f"Top-5 by R_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
-        f"Top-5 by R_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
+        f"Top-5 by gain_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
+        f"Top-5 by gain_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
         f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
         "",
     ]
     if read.height:
         r0 = read.row(0, named=True)
         lines += [
-            f"Best read-side row (own table; its R_w measures read/write alignment, not 'explains the delta'): "
-            f"`{r0['candidate']}` R_act = {_fmt(r0['R_act'])}, R_w_combined = {_fmt(r0['R_w_combined'])}.",
+            f"Best read-side row (own table; its weight score measures read/write alignment, not 'explains the "
+            f"delta'): `{r0['candidate']}` joint_gain = {_fmt(r0['joint_gain'], '.3f')}, R_act = {_fmt(r0['R_act'])}, "
+            f"R_w_combined = {_fmt(r0['R_w_combined'])}.",
             "",
         ]
-    ref_bits = [f"`{r['candidate']}` R_act = {_fmt(r['R_act'])}, R_w_combined = {_fmt(r['R_w_combined'])}"
-                for r in refs.iter_rows(named=True)]
+    ref_bits = [f"`{r['candidate']}` gain_act = {_fmt(r['gain_act'], '.3f')}, gain_w_combined = "
+                f"{_fmt(r['gain_w_combined'], '.3f')}" for r in refs.iter_rows(named=True)]
     lines += ["B-side references (built from the LoRA, never ranked): " + "; ".join(ref_bits) + ".", ""]
     deficient = [
         r["candidate"] for r in ranked.filter(pl.col("side") == "A").iter_rows(named=True)
@@ -215,7 +256,8 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
     lines += [
         "- The null is a uniformly random subspace of the residual stream; the residual stream is anisotropic, "
         "so see `specific_summary.tsv` (scores after removing the clean principal components).",
-        f"- Scores are rank-matched at r = {config.r}; pct_oracle uses the Ky Fan oracle at each basis's own rank.",
+        f"- Bases have rank r = {config.r} unless declared lower (unions up to 2r); gain and pct_oracle use the Ky "
+        "Fan oracle at each basis's own rank, so the ranking is fair across ranks.",
     ]
     if deficient:
         lines.append(f"- Below their declared rank on some layer (scored at their effective rank): "

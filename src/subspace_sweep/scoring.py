@@ -5,10 +5,20 @@ A *target* is a PSD ``d x d`` matrix ``G`` with ``t = tr G > 0``. For an orthono
 
 - energy ``e(B) = tr(Bᵀ G B) / t`` and concentration ``R = e / (r/d)``;
 - exact null (B uniform on the Grassmannian): ``E[e] = r/d`` and
-  ``Var[e] = 2r(d-r) / (d(d-1)(d+2)) · (tr(G²)/t² - 1/d)``; ``z = (e - r/d) / SD[e]``
+  ``Var[e] = 2r(d-r) / (d(d-1)(d+2)) · ‖G − (t/d)I‖²_F / t²`` (the spread ``‖G − (t/d)I‖²_F/t²``
+  equals ``tr(G²)/t² − 1/d`` but keeps its digits for near-isotropic G); ``z = (e - r/d) / SD[e]``
   (identical to ``(R - 1)/SD[R]``);
 - Ky Fan oracle: ``max_B e(B)`` over rank-r bases is the sum of the top-r eigenvalues / t,
-  reached by the top-r eigenvectors; ``pct_oracle = 100 · e(B) / e_max(rank B)``.
+  reached by the top-r eigenvectors; ``pct_oracle = 100 · e(B) / e_max(rank B)``;
+- oracle gain (the rank-fair ranking key, SPEC §5): ``gain = (e − r/d) / (e_max(r) − r/d)``,
+  0 in expectation for a random basis of any rank, 1 for the oracle of its rank, NaN where
+  the target is isotropic (``e_max(r) = r/d``).
+
+Numerical rank (oracle ranks, the LoRA slice) counts eigenvalues above a floor that follows the
+precision the delta was stored in: rounding each entry of M to a format with unit roundoff u moves
+every singular value by at most ``‖E‖₂ ≤ u·‖M‖_F``, so eigenvalues of ``M Mᵀ`` below ``u²·tr(M Mᵀ)``
+cannot be told from rounding (``Target.noise_floor``). A bf16-stored delta then has the slice of
+its float32 copy instead of ~n_in "directions" of rounding noise.
 
 Restricted nulls replace the ambient space by a subspace S (dimension D) and G by its
 compression ``Sᵀ G S``. Everything is float64.
@@ -45,12 +55,13 @@ class Target:
     name: str
     gram: Tensor
     trace: float
-    trace_sq: float  # tr(G²) = ‖G‖_F² for symmetric G: the null variance needs no eigenvalues
+    spread: float  # ‖G − (t/d)I‖²_F / t²: the null variance's target term, no eigenvalues needed
     factor: Tensor | None = None  # d x m with G = F Fᵀ and m < d, when the target was built from m rows
-    _spectrum: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    noise_floor: float = 0.0  # eigenvalues at or below this are storage rounding, not directions
+    _spectrum: dict[str, Tensor | tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_gram(cls, name: str, gram: Tensor, factor: Tensor | None = None) -> Target:
+    def from_gram(cls, name: str, gram: Tensor, factor: Tensor | None = None, noise_floor: float = 0.0) -> Target:
         G = linalg.as64(gram)
         if G.ndim != 2 or G.shape[0] != G.shape[1]:
             raise InputError(f"target {name!r}: expected a square Gram, got shape {tuple(G.shape)}")
@@ -60,7 +71,8 @@ class Target:
         t = float(torch.trace(G))
         if not t > 0.0:
             raise InputError(f"target {name!r} is zero (trace {t}); nothing to explain")
-        return cls(name=name, gram=G, trace=t, trace_sq=float((G * G).sum()), factor=factor)
+        return cls(name=name, gram=G, trace=t, spread=isotropic_spread(G, t), factor=factor,
+                   noise_floor=float(noise_floor))
 
     @classmethod
     def from_rows(cls, name: str, rows: Tensor) -> Target:
@@ -78,17 +90,20 @@ class Target:
 
     @classmethod
     def from_matrix(cls, name: str, M: Tensor) -> Target:
-        """Weight target for one residual-writing tensor M (d x n_in): ``G = M Mᵀ``, formed in
-        float64 (a float32 Gram of a rank-2 delta has round-off eigenvalues ~1e-7 of the top,
-        which would pass for directions)."""
-        return cls.from_gram(name, linalg.row_gram(linalg.as64(M)))
+        """Weight target for one residual-writing tensor M (d x n_in) as stored: ``G = M Mᵀ``,
+        formed in float64 (a float32 Gram of a rank-2 delta has round-off eigenvalues ~1e-7 of
+        the top, which would pass for directions). Its noise floor follows M's dtype."""
+        G = linalg.row_gram(linalg.as64(M))
+        return cls.from_gram(name, G, noise_floor=unit_roundoff(M.dtype) ** 2 * float(torch.trace(G)))
 
     @classmethod
     def combine(cls, name: str, targets: Sequence[Target]) -> Target:
-        """Frobenius-balanced combination ``Σ_T G_T / tr G_T``: each tensor counts once, whatever its size."""
+        """Frobenius-balanced combination ``Σ_T G_T / tr G_T``: each tensor counts once, whatever its
+        size. Noise floors add (Weyl), each in its tensor's normalisation."""
         if not targets:
             raise InputError(f"target {name!r}: no tensors to combine")
-        return cls.from_gram(name, sum((t.gram / t.trace for t in targets[1:]), targets[0].gram / targets[0].trace))
+        G = sum((t.gram / t.trace for t in targets[1:]), targets[0].gram / targets[0].trace)
+        return cls.from_gram(name, G, noise_floor=sum(t.noise_floor / t.trace for t in targets))
 
     @classmethod
     def balanced(cls, name: str, matrices: Mapping[str, Tensor] | Sequence[Tensor]) -> Target:
@@ -108,7 +123,7 @@ class Target:
         """
         k = max(0, min(k, self.d))
         cached = self._spectrum.get("top")
-        if cached is None or cached[0].shape[0] < k:
+        if cached is None or cached[0].shape[0] < k:  # type: ignore[union-attr]
             if self.factor is not None:
                 evals, evecs = linalg.top_eigh_rows(self.factor.T, k)
                 evals = torch.cat([evals, evals.new_zeros(k - evals.shape[0])])
@@ -116,7 +131,32 @@ class Target:
                 evals, evecs = linalg.top_eigh(self.gram, k)
             cached = (evals.clamp_min(0.0), evecs)
             self._spectrum["top"] = cached
-        return cached[0][:k], cached[1][:, :k]
+        return cached[0][:k], cached[1][:, :k]  # type: ignore[index]
+
+    def eigenvalues(self) -> Tensor:
+        """Every nonzero-capable eigenvalue of G, descending, clipped at 0 (values only, once):
+        d of them, or the m of the kernel when the target has an m-column factor (the rest are 0)."""
+        cached = self._spectrum.get("all")
+        if cached is None:
+            if self.factor is not None:
+                with compute.gemm_threads():
+                    kernel = self.factor.T @ self.factor
+                cached = linalg.eigenvalues(kernel).flip(0).clamp_min(0.0)
+            else:
+                cached = linalg.eigenvalues(self.gram).flip(0).clamp_min(0.0)
+            self._spectrum["all"] = cached
+        return cached  # type: ignore[return-value]
+
+    def _above_floor(self, evals: Tensor) -> Tensor:
+        """Which of ``evals`` (descending) are directions: above ``RANK_TOL`` x the largest (float64
+        round-off) and above the storage noise floor."""
+        if not evals.numel() or not float(evals[0]) > 0.0:
+            return torch.zeros(evals.shape, dtype=torch.bool)
+        return evals > max(linalg.RANK_TOL * float(evals[0]), self.noise_floor)
+
+    def numerical_rank(self) -> int:
+        """The dimension of G's range at the precision the target was stored in."""
+        return int(self._above_floor(self.eigenvalues()).sum())
 
     def restrict(self, S: Tensor, name: str | None = None) -> Target:
         """Compression ``Sᵀ G S`` to an orthonormal d x D basis S, in S's coordinates."""
@@ -128,9 +168,9 @@ class Target:
         return float(self.spectrum(r)[0].sum()) / self.trace
 
     def rank(self, r: int) -> int:
-        """Numerical rank of G capped at r (eigenvalues above ``RANK_TOL`` x the largest)."""
+        """Numerical rank of G capped at r (see ``numerical_rank``)."""
         evals = self.spectrum(max(r, 1))[0]
-        return int((evals[:r] > linalg.RANK_TOL * float(evals[0])).sum()) if evals.numel() else 0
+        return int(self._above_floor(evals[:r]).sum())
 
     def oracle_basis(self, r: int) -> Tensor:
         """Top-r eigenvectors of G (reaching ``oracle_energy(r)``), zero-eigenvalue directions dropped."""
@@ -165,21 +205,34 @@ def energies(target: Target, bases: Sequence[Tensor]) -> Tensor:
     return out / target.trace
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the distance from 1 to the next number of a floating format: the largest relative
+    error of rounding to it (bf16 2^-8, fp16 2^-11, float32 2^-24, float64 2^-53)."""
+    return float(torch.finfo(dtype).eps) / 2.0
+
+
+def isotropic_spread(G: Tensor, t: float) -> float:
+    """``‖G − (t/d)I‖²_F / t²`` (= tr(G²)/t² − 1/d, without the cancellation of that difference)."""
+    d = G.shape[0]
+    off = G - torch.diag(torch.diagonal(G))
+    diag = torch.diagonal(G) - t / d
+    return float((off * off).sum() + (diag * diag).sum()) / t**2
+
+
 def null_moments(target: Target, r: int) -> tuple[float, float]:
     """Exact mean and variance of e(B) for B uniform among rank-r subspaces of R^d."""
-    return _moments(r, target.d, target.trace_sq / target.trace**2)
+    return _moments(r, target.d, target.spread)
 
 
-def _moments(r: int, d: int, purity: float) -> tuple[float, float]:
+def _moments(r: int, d: int, spread: float) -> tuple[float, float]:
     """Null mean and variance of e(B), B uniform among rank-r subspaces of R^d, for a target
-    with ``purity = tr(G²)/tr(G)²``."""
+    with ``spread = ‖G − (t/d)I‖²_F / t²``."""
     if r < 0 or r > d:
         raise InputError(f"rank r = {r} outside [0, d = {d}]")
     mean = r / d
     if d == 1:
         return mean, 0.0
-    spread = max(purity - 1.0 / d, 0.0)
-    var = 2.0 * r * (d - r) / (d * (d - 1) * (d + 2)) * spread
+    var = 2.0 * r * (d - r) / (d * (d - 1) * (d + 2)) * max(spread, 0.0)
     return mean, var
 
 
@@ -191,6 +244,7 @@ class Score:
     z: float  # NaN when the null has zero variance (r = 0, r = d, or an isotropic target)
     oracle_energy: float  # e_max at the same rank
     pct_oracle: float  # 100 · e / e_max(rank); NaN for rank 0
+    gain: float  # (e − r/d) / (e_max − r/d); NaN for rank 0 or where e_max = r/d (isotropic, r = d)
 
 
 def _z(e: float, mean: float, var: float) -> float:
@@ -207,7 +261,7 @@ def score_energy(target: Target, r: int, e: float) -> Score:
     mean, var = null_moments(target, r)
     e_max = target.oracle_energy(r)
     if r == 0:
-        return Score(0, 0.0, math.nan, math.nan, 0.0, math.nan)
+        return Score(0, 0.0, math.nan, math.nan, 0.0, math.nan, math.nan)
     return Score(
         rank=r,
         energy=e,
@@ -215,7 +269,19 @@ def score_energy(target: Target, r: int, e: float) -> Score:
         z=_z(e, mean, var),
         oracle_energy=e_max,
         pct_oracle=100.0 * e / e_max if e_max > 0 else math.nan,
+        gain=oracle_gain(e, mean, e_max),
     )
+
+
+#: Relative size of ``e_max − r/d`` below which a target counts as isotropic at that rank (the
+#: gain's denominator is then round-off of the Ky Fan sum, not an attainable excess).
+ISOTROPIC_TOL = 1e-12
+
+
+def oracle_gain(e: float, null_mean: float, e_max: float) -> float:
+    """``(e − null mean) / (e_max − null mean)``: the fraction of the attainable excess energy."""
+    excess = e_max - null_mean
+    return (e - null_mean) / excess if excess > ISOTROPIC_TOL * max(e_max, 1.0) else math.nan
 
 
 @dataclass(frozen=True)
@@ -224,15 +290,16 @@ class RestrictedNull:
 
     Energies keep the ambient normalisation by tr G; inside S a random basis has
     ``E[e] = (r/D)·tr(G_S)/t`` and the variance scales by ``(tr(G_S)/t)²``, where
-    ``G_S = Sᵀ G S``. When S contains the target's column space (the LoRA slice; the complement
-    of the clean PCs for a label projected away from them), ``G_S`` has G's trace and tr(G²):
-    only D is needed (``containing``). Built once per (target, S) and shared by every candidate.
+    ``G_S = Sᵀ G S``. When S is spanned by the target's top-D eigenvectors, or contains its
+    column space (the LoRA slice; the complement of the clean PCs for a label projected away from
+    them), the eigenvalues of ``G_S`` are G's top D: no basis is needed (``top_eigenspace``).
+    Built once per (target, S) and shared by every candidate.
     """
 
     target: Target
     dim: int  # D
     trace_s: float  # tr(G_S); 0 when S is empty or G vanishes on it
-    purity_s: float  # tr(G_S²) / tr(G_S)²
+    spread_s: float  # ‖G_S − (tr G_S / D) I‖²_F / tr(G_S)²
 
     @classmethod
     def inside(cls, target: Target, S: Tensor) -> RestrictedNull:
@@ -243,20 +310,30 @@ class RestrictedNull:
         t_s = float(torch.trace(G_S))
         if not t_s > 0.0:
             return cls(target, int(S.shape[1]), 0.0, 0.0)
-        return cls(target, int(S.shape[1]), t_s, float((G_S * G_S).sum()) / t_s**2)
+        return cls(target, int(S.shape[1]), t_s, isotropic_spread((G_S + G_S.T) / 2, t_s))
 
     @classmethod
-    def containing(cls, target: Target, dim: int) -> RestrictedNull:
-        """S of dimension ``dim`` known to contain the target's column space (no basis needed)."""
+    def top_eigenspace(cls, target: Target, dim: int) -> RestrictedNull:
+        """S = the span of the target's top ``dim`` eigenvectors, or any S of that dimension that
+        contains the target's column space: ``G_S`` has G's top ``dim`` eigenvalues (zeros past
+        G's rank), from the values-only spectrum (``Target.eigenvalues``)."""
         if not 0 <= dim <= target.d:
             raise InputError(f"subspace dimension {dim} outside [0, d = {target.d}]")
-        return cls(target, int(dim), target.trace, target.trace_sq / target.trace**2)
+        if dim == 0:
+            return cls(target, 0, 0.0, 0.0)
+        top = target.eigenvalues()[:dim]
+        t_s = float(top.sum())
+        if not t_s > 0.0:
+            return cls(target, int(dim), 0.0, 0.0)
+        # Σ_{i≤D} (λ_i − t_S/D)², the (D − len(top)) zero eigenvalues included
+        dev = float(((top - t_s / dim) ** 2).sum()) + (dim - top.shape[0]) * (t_s / dim) ** 2
+        return cls(target, int(dim), t_s, dev / t_s**2)
 
     def moments(self, r: int) -> tuple[float, float] | None:
         """(mean, variance) of e(B) for random rank-r B inside S, or None when undefined."""
         if self.trace_s == 0.0 or r == 0 or r > self.dim:
             return None
-        mean, var = _moments(r, self.dim, self.purity_s)
+        mean, var = _moments(r, self.dim, self.spread_s)
         ratio = self.trace_s / self.target.trace
         return mean * ratio, var * ratio**2
 

@@ -27,7 +27,7 @@ from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_fi
 from .errors import InputError
 from .model import load_model, n_layers_of, state_dict_sha256
 from .prompts import ProbeSet, load_probe_set
-from .report import sort_best_first
+from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
 
 
@@ -108,8 +108,9 @@ class SweepResult:
 
 
 def rank_rows(summary: pl.DataFrame) -> pl.DataFrame:
-    """The ranking order: joint score, best first."""
-    return sort_best_first(summary, "joint")
+    """The ranking order (SPEC §5, rank-fair): joint_gain, best first; ties to the lower rank,
+    then to the higher z (the smaller of the two axes' Stouffer z)."""
+    return rank_fair_order(summary, "joint_gain", ("z_act", "z_w_combined"))
 
 
 # ------------------------------------------------------------------------------- targets
@@ -136,12 +137,18 @@ def build_targets(
         per: dict[str, Target] = {"act": Target.from_rows(f"act@{layer}", labels_eval[layer])}
         if holdout is not None:
             per["act_holdout"] = Target.from_rows(f"act_holdout@{layer}", labels_eval[layer][list(holdout)])
-        weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in residual_writer_tensors(delta, layer).items()}
-        per.update(weights)
-        if weights:
-            per["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
+        per.update(weight_targets(delta, layer))
         out[layer] = per
     return out
+
+
+def weight_targets(delta: Mapping[str, Tensor], layer: int) -> dict[str, Target]:
+    """The layer's weight targets (SPEC §5): each present residual writer's, and their balanced
+    combination; none when the delta writes nothing to the residual stream there."""
+    weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in residual_writer_tensors(delta, layer).items()}
+    if weights:
+        weights["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
+    return weights
 
 
 # ------------------------------------------------------------------------------- scoring
@@ -191,6 +198,7 @@ def score_layer(
             row[f"R_{prefix}"] = s.concentration if s else math.nan
             row[f"z_{prefix}"] = (s.z if z is None else z) if s else math.nan
             row[f"pct_oracle_{name}"] = s.pct_oracle if s else math.nan
+            row[f"gain_{prefix}"] = s.gain if s else math.nan
             if name not in TARGETS:
                 continue
             cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
@@ -205,18 +213,35 @@ def score_layer(
 
 
 def prepare_spectra(targets: Mapping[int, Mapping[str, Target]], k: int) -> dict[int, int]:
-    """Compute each target's top-k spectrum (cached on the target) and return, per layer with a
-    combined target, the dimension of the LoRA slice: the writers' column space, which is the
-    range of the combined Gram (its rank). Runs as independent jobs (``compute.run_jobs``)."""
-    spectra: dict[tuple[int, str], Callable[[], object]] = {
+    """Compute each target's top-k spectrum and the combined targets' full eigenvalues (cached on
+    the targets) and return, per layer with a combined target, the dimension of the LoRA slice:
+    the writers' column space, which is the range of the combined Gram (its numerical rank at
+    the delta's storage precision). Runs as independent jobs (``compute.run_jobs``)."""
+    jobs: dict[tuple[int, str], Callable[[], object]] = {
         (layer, name): functools.partial(t.spectrum, k) for layer, per in targets.items() for name, t in per.items()
     }
-    ranks: dict[tuple[int, str], Callable[[], object]] = {
-        (layer, "slice_dim"): functools.partial(linalg.numerical_rank, per["combined"].gram)
-        for layer, per in targets.items() if "combined" in per
-    }
-    done = compute.run_jobs({**spectra, **ranks})
-    return {layer: int(done[layer, name]) for layer, name in ranks}  # type: ignore[arg-type]
+    jobs.update({(layer, "all"): per["combined"].eigenvalues for layer, per in targets.items() if "combined" in per})
+    compute.run_jobs(jobs)
+    return {layer: per["combined"].numerical_rank() for layer, per in targets.items() if "combined" in per}
+
+
+def score_layers(
+    candidates: Sequence[Candidate], targets: Mapping[int, Mapping[str, Target]], slice_dims: Mapping[int, int],
+    config: SweepConfig, *, quiet: bool = True,
+) -> tuple[list[dict[str, float | int | str]], dict[int, dict[str, Tensor]]]:
+    """Every candidate's per_layer rows at every layer of ``targets`` (after ``prepare_spectra``),
+    and the weight targets' oracle bases per layer."""
+    rows: list[dict[str, float | int | str]] = []
+    weight_oracles: dict[int, dict[str, Tensor]] = {}
+    for layer in tqdm(list(targets), desc="scoring", disable=quiet, leave=False, unit="layer"):
+        per = targets[layer]
+        oracles = {name: per[name].oracle_basis(config.r) for name in TARGETS if name in per}
+        weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
+        comb = per.get("combined")
+        slice_null = scoring.RestrictedNull.top_eigenspace(comb, slice_dims[layer]) if comb is not None else None
+        rows += score_layer(candidates, layer, per, oracles, slice_null,
+                            null=config.null, n_null=config.n_null, seed=config.seed)
+    return rows, weight_oracles
 
 
 @dataclass(frozen=True)
@@ -224,8 +249,8 @@ class Specificity:
     """Activation scoring after removing the clean PCs C (SPEC §5): label rows and candidates are
     projected away from C and scored inside the complement of C (dimension D = d - rank C).
 
-    The projected label lives in the complement, so its null there needs only D
-    (``RestrictedNull.containing``); energies are taken in ambient coordinates.
+    The projected label lives in the complement, so its null there needs only D and its spectrum
+    (``RestrictedNull.top_eigenspace``); energies are taken in ambient coordinates.
     """
 
     clean_pcs: Tensor
@@ -239,7 +264,7 @@ class Specificity:
         except InputError:
             return cls(clean_pcs, None, None)
         # clean_pcs is a candidate basis: orthonormal, so its width is rank C
-        return cls(clean_pcs, target, scoring.RestrictedNull.containing(target, target.d - clean_pcs.shape[1]))
+        return cls(clean_pcs, target, scoring.RestrictedNull.top_eigenspace(target, target.d - clean_pcs.shape[1]))
 
     def rows(self, candidates: Sequence[Candidate], layer: int) -> list[dict]:
         projected = [linalg.project_away(c.bases[layer], self.clean_pcs) for c in candidates]
@@ -260,28 +285,41 @@ class Specificity:
 # ------------------------------------------------------------------------------- summaries
 
 MEAN_COLS = [
-    "rank", "e_act", "R_act", "z_act", "pct_oracle_act",
-    *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("e", "R", "z")],
+    "rank", "e_act", "R_act", "gain_act", "pct_oracle_act",
+    *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("e", "R", "gain")],
     *[f"pct_oracle_{t}" for t in WEIGHT_TARGETS],
-    "z_slice_w_combined",
     *[f"cos_oracle_{t}_{m}" for t in TARGETS for m in ("mean", "min")],
     "bisector_cos_mean", "bisector_cos_min",
 ]
-HOLDOUT_COLS = ["e_act_holdout", "R_act_holdout", "z_act_holdout", "pct_oracle_act_holdout"]
+#: Summary z columns: Stouffer's Σ_l z_l / √L over the L scored layers (layers are not
+#: independent, so it is a screening figure, not a p-value).
+STOUFFER_COLS = ["z_act", *[f"z_w_{t}" for t in WEIGHT_TARGETS], "z_slice_w_combined"]
+HOLDOUT_COLS = ["e_act_holdout", "R_act_holdout", "gain_act_holdout", "pct_oracle_act_holdout"]
+
+
+def _joint_gain(act: str, w: str) -> pl.Expr:
+    """√(max(gain_act, 0)·max(gain_w, 0)), NaN where either gain is NaN."""
+    clip = lambda c: pl.when(pl.col(c) < 0).then(0.0).otherwise(pl.col(c))  # noqa: E731 (NaN stays NaN)
+    return (clip(act) * clip(w)).sqrt()
 
 
 def summarise(per_layer: pl.DataFrame) -> pl.DataFrame:
-    """Mean over scored layers (NaN-aware: a NaN layer makes the mean NaN, never silently dropped)."""
+    """Mean over scored layers of every energy, R, gain and pct column, Stouffer's z over layers
+    (NaN-aware: a NaN layer makes the summary NaN, never silently dropped), and the joint scores."""
     holdout = [c for c in HOLDOUT_COLS if c in per_layer.columns]
+    stouffer = [c for c in (*STOUFFER_COLS, "z_act_holdout") if c in per_layer.columns]
     out = per_layer.group_by("candidate", maintain_order=True).agg(
         pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
         *[pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *holdout)],
+        *[(pl.col(c).cast(pl.Float64).sum() / pl.len().sqrt()).alias(c) for c in stouffer],
     ).with_columns(
         joint=(pl.col("R_act") * pl.col("R_w_combined")).sqrt(),
+        joint_gain=_joint_gain("gain_act", "gain_w_combined"),
         act_w_gap_log2=(pl.col("R_act") / pl.col("R_w_combined")).log(2),
     )
     if holdout:
-        out = out.with_columns(joint_holdout=(pl.col("R_act_holdout") * pl.col("R_w_combined")).sqrt())
+        out = out.with_columns(joint_holdout=(pl.col("R_act_holdout") * pl.col("R_w_combined")).sqrt(),
+                               joint_gain_holdout=_joint_gain("gain_act_holdout", "gain_w_combined"))
     return out
 
 
@@ -392,16 +430,9 @@ def sweep(
 
         t0 = time.perf_counter()
         clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
-        rows, specific = [], []
-        weight_oracles: dict[int, dict[str, Tensor]] = {}
-        for layer in tqdm(layers, desc="scoring", disable=config.quiet, leave=False, unit="layer"):
-            oracles = {name: targets[layer][name].oracle_basis(config.r) for name in TARGETS if name in targets[layer]}
-            weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
-            comb = targets[layer].get("combined")
-            slice_null = scoring.RestrictedNull.containing(comb, slice_dims[layer]) if comb is not None else None
-            rows += score_layer(candidates, layer, targets[layer], oracles, slice_null,
-                                null=config.null, n_null=config.n_null, seed=config.seed)
-            specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)
+        rows, weight_oracles = score_layers(candidates, targets, slice_dims, config, quiet=config.quiet)
+        specific = [row for layer in layers
+                    for row in Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)]
     per_layer = pl.DataFrame(rows)
     specific_per_layer = pl.DataFrame(specific)
     summary = summarise(per_layer)

@@ -2,7 +2,10 @@
 
 The model has the structure the sweep relies on (GQA with ``n_kv < n_heads`` and
 ``head_dim > 1``, q/k norms, SwiGLU MLP with ``d_mlp = 3 d``, tied embeddings) at a size
-that builds in milliseconds. Its weights are a pure function of ``seed``.
+that builds in milliseconds. Its weights are a pure function of ``seed``. Every RMSNorm gain
+(input, pre-MLP, final, q_norm, k_norm) is drawn per channel as ``exp(N(0, GAIN_LOG_STD²))``:
+with all gains 1 (transformers' initialisation) a formula that forgets a gain would pass every
+test (SPEC §4.1).
 
 The tokenizer is a byte-level BPE trained offline on the package's probe and persona texts,
 wrapped as a transformers fast tokenizer with Qwen's special tokens and a Qwen-style chat
@@ -26,6 +29,8 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
 VOCAB_SIZE = 512
+#: Log-standard deviation of the toy's norm gains (see the module docstring).
+GAIN_LOG_STD = 0.3
 #: A vocabulary large enough that every word of the corpus becomes one token, as in Qwen's
 #: 151k-token BPE: ~19 tokens per raw probe and ~55 per chat-formatted persona probe (the
 #: 512-token default gives ~28 and ~88). Benchmarks use it for realistic prompt lengths.
@@ -119,10 +124,22 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
+        randomise_norm_gains(model, seed)
     model.set_attn_implementation("eager")
     model.to(torch.float32).eval()
     model.requires_grad_(False)
     return model, tok
+
+
+def randomise_norm_gains(model: torch.nn.Module, seed: int, log_std: float = GAIN_LOG_STD) -> None:
+    """Set every RMSNorm gain of ``model`` to seeded ``exp(N(0, log_std²))`` per channel, in
+    module order (a pure function of ``seed`` and the architecture)."""
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    with torch.no_grad():
+        for _, module in model.named_modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                w = module.weight
+                w.copy_(torch.exp(log_std * torch.randn(w.shape, generator=gen, dtype=torch.float32)).to(w.dtype))
 
 
 def save_tiny_model(path: str | Path, seed: int = 0, **kwargs) -> Path:

@@ -1,7 +1,18 @@
 """Base-model weights as the A-side sees them: CPU tensors in HF Linear layout (out x in), in the
-model's dtype. ``extract_base_weights`` returns views of a CPU model's parameters (no copy of a
-0.6B model), so builders never modify them in place and compute in float32 or float64
+model's dtype, with the gains of the norms in front of them (SPEC §4.1).
+
+``extract_base_weights`` returns views of a CPU model's parameters (no copy of a 0.6B model), so
+builders never modify them in place and compute in float32 or float64
 (``LayerWeights.at_least_float32``, one layer at a time).
+
+**Residual coordinates.** A block does not read the residual x but ``n(x) = γ ⊙ x / rms(x)``.
+The per-token ``1/rms(x)`` drops out of every subspace; the gain γ does not: what a projection W
+reads, in residual coordinates, is ``W·diag(γ)``. The matrices here are the modules' own weights;
+the gains travel beside them (``attn_gain``: the norm before attention, so q, k and v;
+``mlp_gain``: the norm before the MLP, so gate and up; ``BaseWeights.final_gain``: the final norm,
+so the unembedding; ``q_gain``/``k_gain``: Qwen3's per-head q_norm/k_norm, which enter only the
+QK circuit). ``residual_gram`` folds a gain into a d x d Gram: ``diag(γ) G diag(γ)``, which is how
+every read-side Gram and circuit is put in residual coordinates without copying a d_mlp x d matrix.
 
 This is everything a candidate builder may read about the model. The LoRA delta is never
 part of it (SPEC §1: A-side bases are built from base weights and base activations only).
@@ -9,7 +20,7 @@ part of it (SPEC §1: A-side bases are built from base weights and base activati
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -24,20 +35,37 @@ class LayerWeights:
     gate: Tensor  # (d_mlp, d)
     up: Tensor  # (d_mlp, d)
     down: Tensor  # (d, d_mlp)
+    attn_gain: Tensor  # (d,) float32: what the norm before attention multiplies x/rms(x) by
+    mlp_gain: Tensor  # (d,) float32: the same for the norm before the MLP
+    q_gain: Tensor | None = None  # (head_dim,) float32: q_norm's gain (shared by every head), if any
+    k_gain: Tensor | None = None  # (head_dim,) float32: k_norm's gain, if any
+
+    _MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
     def at_least_float32(self) -> LayerWeights:
-        """This layer with half-precision tensors converted to float32 (float32/64 kept as they are)."""
+        """This layer with half-precision matrices converted to float32 (float32/64 kept as they are)."""
         def conv(t: Tensor) -> Tensor:
             return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
-        return LayerWeights(**{f.name: conv(getattr(self, f.name)) for f in fields(self)})
+        return replace(self, **{name: conv(getattr(self, name)) for name in self._MATRICES})
+
+    @property
+    def qk_gain(self) -> Tensor | None:
+        """``γ_q ⊙ γ_k`` (head_dim,): the per-head score is ``q̂ᵀ diag(γ_q ⊙ γ_k) k̂`` for the
+        normalised q̂, k̂ (None without q/k norms)."""
+        if self.q_gain is None and self.k_gain is None:
+            return None
+        ones = torch.ones_like(self.q_gain if self.q_gain is not None else self.k_gain)
+        q = self.q_gain if self.q_gain is not None else ones
+        k = self.k_gain if self.k_gain is not None else ones
+        return q * k
 
 
 @dataclass(frozen=True)
 class BaseWeights:
     layers: tuple[LayerWeights, ...]
     unembed: Tensor  # (vocab, d): lm_head, or the tied embedding when there is no lm_head
-    bos_embedding: Tensor  # (d,): embedding of bos, else eos
+    final_gain: Tensor  # (d,) float32: the final norm's gain, through which the unembedding reads
     n_heads: int
     n_kv_heads: int
     head_dim: int
@@ -54,3 +82,17 @@ class BaseWeights:
     def group(self) -> int:
         """Query heads per kv head (GQA): query head h reads kv head h // group."""
         return self.n_heads // self.n_kv_heads
+
+
+def residual_gram(G: Tensor, gain: Tensor) -> Tensor:
+    """``diag(γ) G diag(γ)``: the Gram ``WᵀW`` of a reader W in residual coordinates (``W·diag(γ)``)."""
+    g = gain.to(G.dtype)
+    return g[:, None] * G * g[None, :]
+
+
+def residual_columns(M: Tensor, gain: Tensor) -> Tensor:
+    """``M·diag(γ)``: a map that reads the normed residual, in residual coordinates."""
+    return M * gain.to(M.dtype)[None, :]
+
+
+__all__ = ["BaseWeights", "LayerWeights", "residual_columns", "residual_gram"]

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from subspace_sweep import linalg
-from subspace_sweep.candidates import attention_sink_vectors, ov_circuit_matrix, qk_circuit_matrix
-from subspace_sweep.capture import record_activations
-from subspace_sweep.model import block_name, extract_base_weights
+from subspace_sweep.candidates import attention_sink_vectors, ov_circuit, qk_circuit
+from subspace_sweep.capture import capture_sink, record_activations
+from subspace_sweep.model import attention_sink_token_id, block_name, extract_base_weights
 from tests.integration.conftest import is_real_qwen3_06b
 
 pytestmark = pytest.mark.integration
@@ -56,12 +56,15 @@ def test_block_hook_equals_hidden_states(qwen):
         torch.testing.assert_close(rec.output(name), out.hidden_states[i + 1])
 
 
-def _headwise_reference(W, layer: int):
+def _headwise_reference(W, layer: int, sink_residual):
     lw = W.layers[layer].at_least_float32()  # the model may be bfloat16
     hd, g = W.head_dim, W.group
-    qk = sum(lw.q[h * hd:(h + 1) * hd].T @ lw.k[(h // g) * hd:(h // g + 1) * hd] for h in range(W.n_heads))
-    ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v[(h // g) * hd:(h // g + 1) * hd] for h in range(W.n_heads))
-    sink = torch.stack([lw.o[:, h * hd:(h + 1) * hd] @ (lw.v[(h // g) * hd:(h // g + 1) * hd] @ W.bos_embedding)
+    D = torch.diag(lw.attn_gain)
+    qk_gain = torch.diag(lw.q_gain * lw.k_gain) if lw.q_gain is not None else torch.eye(hd)
+    qk = sum(D @ lw.q[h * hd:(h + 1) * hd].T @ qk_gain @ lw.k[(h // g) * hd:(h // g + 1) * hd] @ D
+             for h in range(W.n_heads))
+    ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v[(h // g) * hd:(h // g + 1) * hd] @ D for h in range(W.n_heads))
+    sink = torch.stack([lw.o[:, h * hd:(h + 1) * hd] @ (lw.v[(h // g) * hd:(h // g + 1) * hd] @ sink_residual)
                         for h in range(W.n_heads)])
     return qk, ov, sink
 
@@ -69,14 +72,15 @@ def _headwise_reference(W, layer: int):
 @pytest.mark.parametrize("where", ["first", "middle", "last"])
 def test_head_correct_gqa_on_real_shapes(qwen, where):
     model, tok = qwen
-    W = extract_base_weights(model, tok)
+    W = extract_base_weights(model)
     layer = {"first": 0, "middle": W.n_layers // 2, "last": W.n_layers - 1}[where]
-    qk, ov, sink = _headwise_reference(W, layer)
+    s = capture_sink(model, attention_sink_token_id(model, tok))[layer]
+    qk, ov, sink = _headwise_reference(W, layer, s)
     lw = W.layers[layer].at_least_float32()  # the model may be bfloat16
     args = (W.n_heads, W.n_kv_heads, W.head_dim)
-    torch.testing.assert_close(qk_circuit_matrix(lw.q, lw.k, *args).float(), qk, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ov_circuit_matrix(lw.o, lw.v, *args).float(), ov, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(attention_sink_vectors(lw.o, lw.v, W.bos_embedding, *args).float(), sink, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(qk_circuit(lw, *args).float(), qk, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ov_circuit(lw, *args).float(), ov, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(attention_sink_vectors(lw.o, lw.v, s, *args).float(), sink, rtol=1e-4, atol=1e-4)
 
 
 def test_planted_candidate_is_recovered(real_run):

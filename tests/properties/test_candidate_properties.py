@@ -22,7 +22,7 @@ from subspace_sweep.candidates import (
     Candidate,
     build_a_side,
     build_b_side,
-    qk_circuit_matrix,
+    qk_circuit,
     ranking_pool,
 )
 from subspace_sweep.capture_types import ActivationCaptures
@@ -120,15 +120,24 @@ def test_concern4_b_side_references_are_never_ranked(everything):
 # ------------------------------------------------------------------ concern 6: GQA at the basis level
 
 
+def _folded_qk(W: BaseWeights, lw) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the score sees the residual (float64): rows scaled by q_norm's / k_norm's gain,
+    columns by the attention norm's (SPEC §4.1), so that only the GQA pairing is left to test."""
+    D = linalg.as64(lw.attn_gain)
+    q = linalg.as64(lw.q) * linalg.as64(lw.q_gain).repeat(W.n_heads)[:, None] * D[None, :]
+    k = linalg.as64(lw.k) * linalg.as64(lw.k_gain).repeat(W.n_kv_heads)[:, None] * D[None, :]
+    return q, k
+
+
 def _headwise_qk(W: BaseWeights, layer: int) -> torch.Tensor:
-    lw, hd = W.layers[layer], W.head_dim
-    q, k = linalg.as64(lw.q), linalg.as64(lw.k)
+    hd = W.head_dim
+    q, k = _folded_qk(W, W.layers[layer])
     return sum(q[h * hd:(h + 1) * hd].T @ k[(h // W.group) * hd:(h // W.group + 1) * hd] for h in range(W.n_heads))
 
 
 QK_MATRICES = {
-    "head_wise": lambda W, lw: qk_circuit_matrix(lw.q, lw.k, W.n_heads, W.n_kv_heads, W.head_dim),
-    "legacy_row_repeat": lambda W, lw: legacy.seed_qk_circuit_matrix(lw.q, lw.k),
+    "head_wise": lambda W, lw: qk_circuit(lw, W.n_heads, W.n_kv_heads, W.head_dim),
+    "legacy_row_repeat": lambda W, lw: legacy.seed_qk_circuit_matrix(*_folded_qk(W, lw)),
 }
 
 
@@ -197,25 +206,35 @@ def test_concern8_churn_at_the_last_layer_is_empty_not_arbitrary(method):
 
 
 def _transform(W: BaseWeights, A: ActivationCaptures, Q: torch.Tensor) -> tuple[BaseWeights, ActivationCaptures]:
-    """The same model and captures in a residual basis rotated by Q (x -> Qx): readers W -> W Qᵀ,
-    writers W -> Q W, residual captures h -> Q h. Float32 in and out, like the real inputs."""
+    """The same model and captures in a residual basis rotated by Q (x -> Qx). A norm's gain is
+    diagonal, so it does not commute with Q: it is first folded into its readers (W -> W·diag(γ),
+    γ -> 1; an RMSNorm's x/rms(x) commutes with Q), the normed captures become x/rms(x) = n(x)/γ;
+    then readers W -> W Qᵀ, writers W -> Q W, residual captures h -> Q h. Float32 in and out,
+    like the real inputs."""
     Q64 = Q.to(DT)
 
-    def read(M):
-        return (M.to(DT) @ Q64.T).float()
+    def read(M, gain):
+        return (M.to(DT) * gain.to(DT)[None, :] @ Q64.T).float()
 
     def write(M):
         return (Q64 @ M.to(DT)).float()
 
-    def resid(X):
-        return (X.to(DT) @ Q64.T).float()
+    def resid(X, gain=None):
+        X = X.to(DT) if gain is None else X.to(DT) / gain.to(DT)
+        return (X @ Q64.T).float()
 
-    layers = tuple(LayerWeights(q=read(lw.q), k=read(lw.k), v=read(lw.v), o=write(lw.o), gate=read(lw.gate),
-                                up=read(lw.up), down=write(lw.down)) for lw in W.layers)
-    W2 = dataclasses.replace(W, layers=layers, unembed=read(W.unembed), bos_embedding=(Q64 @ W.bos_embedding.to(DT)).float())
-    names = ("clean", "persona_pos", "persona_neg", "up_in_clean", "up_in_pos", "up_in_neg", "up_written_pos",
-             "up_written_neg", "tokens_pos", "tokens_neg")
-    A2 = dataclasses.replace(A, **{n: resid(getattr(A, n)) for n in names})
+    ones = torch.ones(W.d_model)
+    layers = tuple(LayerWeights(q=read(lw.q, lw.attn_gain), k=read(lw.k, lw.attn_gain), v=read(lw.v, lw.attn_gain),
+                                o=write(lw.o), gate=read(lw.gate, lw.mlp_gain), up=read(lw.up, lw.mlp_gain),
+                                down=write(lw.down), attn_gain=ones, mlp_gain=ones, q_gain=lw.q_gain, k_gain=lw.k_gain)
+                   for lw in W.layers)
+    W2 = dataclasses.replace(W, layers=layers, unembed=read(W.unembed, W.final_gain), final_gain=ones)
+    names = ("clean", "persona_pos", "persona_neg", "up_written_pos", "up_written_neg", "tokens_pos", "tokens_neg")
+    per_layer = lambda X, gains: torch.stack([resid(X[i], gains[i]) for i in range(X.shape[0])])  # noqa: E731
+    mlp, attn = [lw.mlp_gain for lw in W.layers], [lw.attn_gain for lw in W.layers]
+    A2 = dataclasses.replace(A, **{n: resid(getattr(A, n)) for n in names},
+                             **{n: per_layer(getattr(A, n), mlp) for n in ("up_in_clean", "up_in_pos", "up_in_neg")},
+                             sink=per_layer(A.sink, attn))
     return W2, A2
 
 

@@ -83,6 +83,31 @@ def test_oracle_basis_reaches_100_percent(target, seed, data):
     assert s.pct_oracle == pytest.approx(100.0, abs=1e-8)
 
 
+@settings(max_examples=25)
+@given(st.sampled_from(KINDS).flatmap(lambda k: targets(kind=k, max_d=14)), st.integers(0, 2**31 - 1), st.data())
+def test_oracle_gain_is_zero_for_random_bases_of_any_rank_and_one_at_every_oracle(target, seed, data):
+    """gain = (e − r/d)/(e_max(r) − r/d) (SPEC §5): affine in e, so its null mean is exactly the
+    gain of the null mean energy r/d, i.e. 0, for every rank; a Monte-Carlo mean over random bases
+    of that rank sits within 5 standard errors (from the exact variance) of it; the oracle of
+    every rank k up to the target's rank has gain 1, and no basis exceeds 1."""
+    d = target.d
+    r = data.draw(st.integers(1, d - 1))  # r = d: every basis is the whole space, gain undefined
+    mean, var = scoring.null_moments(target, r)
+    e_max = target.oracle_energy(r)
+    if e_max - r / d <= 1e-9:  # isotropic at this rank: undefined, not 0/0 noise
+        assert math.isnan(scoring.score(target, haar(d, r, seed)).gain)
+        return
+    assert scoring.oracle_gain(mean, r / d, e_max) == 0.0
+    gains = (scoring.random_energies(target, r, N_MC, torch.Generator().manual_seed(seed)) - r / d) / (e_max - r / d)
+    assert abs(float(gains.mean())) <= 5 * math.sqrt(var / N_MC) / (e_max - r / d) + 1e-12
+    for k in range(1, min(r, target.rank(d)) + 1):
+        s = scoring.score(target, target.oracle_basis(k))
+        assert s.rank == k and s.gain == pytest.approx(1.0, abs=1e-9), (k, s)
+    for B in _adversarial_bases(target, r, seed):
+        s = scoring.score(target, B)
+        assert math.isnan(s.gain) or s.gain <= 1.0 + 1e-9, s
+
+
 @given(st.sampled_from(KINDS).flatmap(targets), st.integers(0, 2**31 - 1), st.data())
 def test_scores_are_invariant_to_rotation_within_span(target, seed, data):
     r = data.draw(st.integers(1, target.d - 1))
@@ -90,7 +115,7 @@ def test_scores_are_invariant_to_rotation_within_span(target, seed, data):
     B = linalg.random_orthonormal(target.d, r, gen)
     Q = linalg.random_orthonormal(r, r, gen)
     a, b = scoring.score(target, B), scoring.score(target, B @ Q)
-    for field in ("energy", "concentration", "z", "pct_oracle"):
+    for field in ("energy", "concentration", "z", "pct_oracle", "gain"):
         x, y = getattr(a, field), getattr(b, field)
         assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=1e-9, abs=1e-12)
 
@@ -189,12 +214,16 @@ def test_factored_spectrum_equals_the_dense_one(target, data):
 @settings(max_examples=10)
 @given(st.sampled_from(["o_proj", "down_proj", "combined", "act"]).flatmap(lambda k: targets(kind=k, max_d=12)), st.data())
 def test_null_inside_a_subspace_containing_the_target_needs_only_its_dimension(target, data):
-    """``RestrictedNull.containing(target, D)`` equals ``inside(target, S)`` for any S of dimension D
-    that contains the target's column space (the LoRA slice; the complement of the clean PCs)."""
+    """``RestrictedNull.top_eigenspace(target, D)`` equals ``inside(target, S)`` for any S of
+    dimension D that contains the target's column space (the complement of the clean PCs), and for
+    S = the span of its top D eigenvectors, D below its rank too (the LoRA slice at a precision)."""
     support = linalg.top_eigvecs(target.gram, target.d)
-    extra = data.draw(st.integers(0, target.d - support.shape[1]))
-    S = linalg.union(support, haar(target.d, target.d, data.draw(st.integers(0, 2**31 - 1))))[:, : support.shape[1] + extra]
-    inside, containing = scoring.RestrictedNull.inside(target, S), scoring.RestrictedNull.containing(target, S.shape[1])
+    extra = data.draw(st.integers(-support.shape[1] + 1, target.d - support.shape[1]))
+    if extra >= 0:
+        S = linalg.union(support, haar(target.d, target.d, data.draw(st.integers(0, 2**31 - 1))))[:, : support.shape[1] + extra]
+    else:
+        S = support[:, : support.shape[1] + extra]
+    inside, containing = scoring.RestrictedNull.inside(target, S), scoring.RestrictedNull.top_eigenspace(target, S.shape[1])
     B = haar(target.d, data.draw(st.integers(1, S.shape[1])), 5)
     e = scoring.energy(target, B)
     z_in, z_con = inside.z_of(B.shape[1], e), containing.z_of(B.shape[1], e)

@@ -50,7 +50,7 @@ def test_a_rerun_loads_the_built_a_side_bit_for_bit_without_forward_passes(tiny,
     plain = build_a_side_for(model, tokenizer, SweepConfig(), LAYERS, probes)
     config = SweepConfig(a_side_cache=str(tmp_path / "cache"))
     first = build_a_side_for(model, tokenizer, config, LAYERS, probes)
-    assert first.cache["status"] == "miss" and first.forward_passes == 3
+    assert first.cache["status"] == "miss" and first.forward_passes == 4  # clean, persona±, the sink token
     assert len(_entries(tmp_path / "cache")) == 1
     with count_forward_passes(model) as counter:
         second = build_a_side_for(model, tokenizer, config, LAYERS, probes)
@@ -149,7 +149,7 @@ def test_a_broken_entry_is_rebuilt_and_replaced_with_a_warning(tiny, probes, tmp
         meta_file.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="unreadable"):
         again = build_a_side_for(model, tokenizer, config, LAYERS, probes)
-    assert again.cache["status"] == "miss" and again.forward_passes == 3
+    assert again.cache["status"] == "miss" and again.forward_passes == 4
     _assert_same_a_side(again, built)
     _assert_same_a_side(load_entry(entry, built.cache["key"]), built)  # the entry is whole again
     assert _entries(tmp_path) == [entry] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
@@ -184,7 +184,7 @@ def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path
     assert manifests["plain"]["a_side_cache"] is None
     assert manifests["cold"]["a_side_cache"]["status"] == "miss"
     assert manifests["warm"]["a_side_cache"]["status"] == "hit"
-    assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [5, 5, 2]
+    assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [6, 6, 2]
     # The cached runs take the weights' digest from the key instead of hashing them again.
     assert manifests["warm"]["a_side_cache"]["model_sha256"] == manifests["plain"]["model_sha256"]
     assert manifests["cold"]["model_sha256"] == manifests["warm"]["model_sha256"] == manifests["plain"]["model_sha256"]

@@ -1,7 +1,9 @@
 """Candidate registry (issue 4, SPEC §4): every basis, its tags, its rank, and spot checks per family.
 
 Spot checks compare each family with an INDEPENDENT float64 computation (explicit SVDs of the
-stacked / projected / head-wise-summed matrices), not with the Gram route the module uses.
+stacked / projected / head-wise-summed matrices, readers multiplied by explicit ``diag(γ)``
+matrices: SPEC §4.1's residual coordinates), not with the Gram route the module uses. The
+synthetic weights have norm gains exp(N(0, 0.3²)), so a reference that forgot a gain fails.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def tiny_inputs(tiny):
     from subspace_sweep.prompts import load_probe_set
 
     model, tok = tiny
-    return extract_base_weights(model, tok), capture_activations(model, tok, load_probe_set())
+    return extract_base_weights(model), capture_activations(model, tok, load_probe_set())
 
 
 # ------------------------------------------------------------------------------ the table
@@ -197,16 +199,19 @@ def test_every_candidate_on_synthetic_inputs(syn):
     assert cs["churn"].empty_layers == [3]
 
 
-def test_zero_bos_embedding_gives_a_declared_empty_sink(tiny_inputs):
-    """A bos token that is also the pad token of an embedding with padding_idx has a zero row:
-    every sink vector is zero, and attention_sink says so instead of returning noise."""
+def test_zero_sink_residual_gives_a_declared_empty_sink(tiny_inputs):
+    """A bos token that is also the pad token of an embedding with padding_idx has a zero row, so
+    its normed residual at layer 0 is zero: every sink vector there is zero, and attention_sink
+    says so (a per-layer exception) instead of returning noise; all layers zero: declared empty."""
     W, A = tiny_inputs
-    sink = by_name(build_a_side(dataclasses.replace(W, bos_embedding=torch.zeros(64)), A, k_broad=K_SMALL))["attention_sink"]
-    assert sink.expected_rank == 0 and "zero" in sink.rank_note
-    assert sink.undeclared_ranks() == {} and sink.ranks == {0: 0, 1: 0, 2: 0, 3: 0}
-    W2 = dataclasses.replace(W, bos_embedding=W.unembed[2].clone())  # a nonzero token embedding
-    sink2 = by_name(build_a_side(W2, A, k_broad=K_SMALL))["attention_sink"]
-    assert sink2.expected_rank == W.n_heads - 1 and sink2.undeclared_ranks() == {}
+    sink0 = A.sink.clone()
+    sink0[0] = 0.0
+    sink = by_name(build_a_side(W, dataclasses.replace(A, sink=sink0), k_broad=K_SMALL))["attention_sink"]
+    assert sink.expected_rank == W.n_heads - 1 and sink.rank_exceptions == {0: 0} and "zero" in sink.rank_note
+    assert sink.undeclared_ranks() == {} and sink.ranks == {0: 0, 1: 3, 2: 3, 3: 3}
+    none = by_name(build_a_side(W, dataclasses.replace(A, sink=torch.zeros_like(A.sink)), k_broad=K_SMALL))
+    assert none["attention_sink"].expected_rank == 0 and none["attention_sink"].ranks == {0: 0, 1: 0, 2: 0, 3: 0}
+    assert none["attention_sink"].undeclared_ranks() == {}
 
 
 def test_global_bases_are_one_tensor_at_every_layer(syn):
@@ -344,7 +349,7 @@ def test_two_deltas_give_bit_identical_a_side_bases(tiny):
     for seed in (1, 2):
         delta = random_delta(model, [1, 2], rank=2, seed=seed, scale=0.5)
         labels = capture_labels(model, tok, delta, probes)
-        a_side = build_a_side(extract_base_weights(model, tok), capture_activations(model, tok, probes), k_broad=K_SMALL)
+        a_side = build_a_side(extract_base_weights(model), capture_activations(model, tok, probes), k_broad=K_SMALL)
         targets = {layer: {"act": Target.from_rows(f"act@{layer}", labels.eval[layer])} for layer in (1, 2)}
         runs.append((by_name(a_side), by_name(build_b_side(labels, targets))))
     (a1, b1), (a2, b2) = runs
@@ -361,9 +366,21 @@ def _stack_T(*Ms):
     return torch.cat([linalg.as64(M) for M in Ms], dim=0)
 
 
+def resid(lw) -> dict[str, torch.Tensor]:
+    """The layer's readers in residual coordinates, as dense float64 products ``W @ diag(γ)``."""
+    a, m = torch.diag(linalg.as64(lw.attn_gain)), torch.diag(linalg.as64(lw.mlp_gain))
+    out = {n: linalg.as64(getattr(lw, n)) @ a for n in ("q", "k", "v")}
+    out.update({n: linalg.as64(getattr(lw, n)) @ m for n in ("up", "gate")})
+    return out
+
+
+def unembed_resid(W) -> torch.Tensor:
+    return linalg.as64(W.unembed) @ torch.diag(linalg.as64(W.final_gain))
+
+
 def test_unembed_family(syn):
     W, _, cs = syn
-    lm = linalg.as64(W.unembed)
+    lm = unembed_resid(W)
     _, _, Vh = torch.linalg.svd(lm, full_matrices=False)
     assert same_span(cs["lm_head_read"].bases[0], Vh[:R].T)
     assert same_span(cs["logits_null"].bases[0], Vh[-R:].T, tol=1e-5)
@@ -386,25 +403,26 @@ def test_write_families_span_the_top_left_singular_vectors(syn):
 def test_read_families_span_the_top_right_singular_vectors(syn):
     W, _, cs = syn
     for layer in range(W.n_layers):
-        lw = W.layers[layer]
+        x = resid(W.layers[layer])
         refs = {
-            "mlp_up_read": top_right(lw.up), "mlp_gate_read": top_right(lw.gate),
-            "attn_qkv_read": top_right(_stack_T(lw.q, lw.k, lw.v)),
-            "input_super": top_right(_stack_T(lw.q, lw.k, lw.v, lw.up, lw.gate)),
-            "kv_super": top_right(_stack_T(lw.k, lw.v)),
+            "mlp_up_read": top_right(x["up"]), "mlp_gate_read": top_right(x["gate"]),
+            "attn_qkv_read": top_right(_stack_T(x["q"], x["k"], x["v"])),
+            "input_super": top_right(_stack_T(x["q"], x["k"], x["v"], x["up"], x["gate"])),
+            "kv_super": top_right(_stack_T(x["k"], x["v"])),
         }
         for name, ref in refs.items():
             assert same_span(cs[name].bases[layer], ref), (name, layer)
 
 
 def _read_gram64(lw) -> torch.Tensor:
-    M = _stack_T(lw.q, lw.k, lw.v, lw.up, lw.gate)
+    x = resid(lw)
+    M = _stack_T(x["q"], x["k"], x["v"], x["up"], x["gate"])
     return M.T @ M
 
 
 def test_global_and_downstream_read_and_their_write_not_x(syn):
     W, _, cs = syn
-    lm = linalg.as64(W.unembed)
+    lm = unembed_resid(W)
     L = W.n_layers
     global_gram = sum(_read_gram64(lw) for lw in W.layers) + lm.T @ lm
     evals, evecs = torch.linalg.eigh(global_gram)
@@ -432,19 +450,22 @@ def test_global_and_downstream_read_and_their_write_not_x(syn):
         assert same_span(isnl, linalg.orthonormalize(linalg.project_out(LM, cs["input_super"].bases[layer])))
 
 
-def _headwise(W: BaseWeights, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Independent loops over query heads: (Σ_h W_q,hᵀ W_k,kv(h), Σ_h W_o,h W_v,kv(h), sink rows)."""
+def _headwise(W: BaseWeights, layer: int, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Independent loops over query heads, in residual coordinates: (Σ_h D W_q,hᵀ diag(γ_q γ_k)
+    W_k,kv(h) D, Σ_h W_o,h W_v,kv(h) D, sink rows W_o,h W_v,kv(h) s), D = diag(γ_attn)."""
     lw, hd, group = W.layers[layer], W.head_dim, W.group
     q, k, v, o = (linalg.as64(x) for x in (lw.q, lw.k, lw.v, lw.o))
-    e = linalg.as64(W.bos_embedding)
+    D = torch.diag(linalg.as64(lw.attn_gain))
+    QK = torch.diag(linalg.as64(lw.q_gain) * linalg.as64(lw.k_gain))
+    e = linalg.as64(sink)
     qk = torch.zeros(W.d_model, W.d_model, dtype=DT)
     ov = torch.zeros_like(qk)
     sinks = []
     for h in range(W.n_heads):
         g = h // group
         qh, kg, vg, oh = q[h * hd:(h + 1) * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd], o[:, h * hd:(h + 1) * hd]
-        qk += qh.T @ kg
-        ov += oh @ vg
+        qk += D @ qh.T @ QK @ kg @ D
+        ov += oh @ vg @ D
         sinks.append(oh @ (vg @ e))
     return qk, ov, torch.stack(sinks)
 
@@ -453,15 +474,16 @@ def test_head_wise_circuits_and_mlp_paths(syn):
     W, A, cs = syn
     for layer in range(W.n_layers):
         lw = W.layers[layer]
-        qk, ov, sinks = _headwise(W, layer)
+        qk, ov, sinks = _headwise(W, layer, A.sink[layer])
         assert same_span(cs["qk_circuit"].bases[layer], top_left(qk)), layer
         assert same_span(cs["attn_ov_write"].bases[layer], top_left(ov)), layer
         assert same_span(cs["attention_sink"].bases[layer], linalg.pca(sinks, R)), layer
         down, up, gate = (linalg.as64(x) for x in (lw.down, lw.up, lw.gate))
-        assert same_span(cs["mlp_roundtrip_write"].bases[layer], top_left(down @ up)), layer
-        x = linalg.as64(A.up_in_clean[layer])
+        Dm = torch.diag(linalg.as64(lw.mlp_gain))
+        assert same_span(cs["mlp_roundtrip_write"].bases[layer], top_left(down @ up @ Dm)), layer
+        x = linalg.as64(A.up_in_clean[layer])  # normed inputs: the raw weights apply to them
         silu = torch.nn.functional.silu(x @ gate.T)
-        kernel = down @ torch.diag(silu.mean(dim=0)) @ up
+        kernel = down @ torch.diag(silu.mean(dim=0)) @ up @ Dm
         assert same_span(cs["gate_kernel"].bases[layer], top_left(kernel), tol=1e-5), layer
         outputs = (silu * (x @ up.T)) @ down.T
         assert same_span(cs["gate_active_written"].bases[layer], linalg.pca(outputs, R)), layer
@@ -475,14 +497,15 @@ def test_attention_sink_uses_kv_head_h_over_group():
     v = lw.v.clone()
     v[16:] = 0.0
     W = dataclasses.replace(W, layers=(dataclasses.replace(lw, v=v), *W.layers[1:]))
-    rows = cands.attention_sink_vectors(W.layers[0].o, v, W.bos_embedding, 4, 2, 16)
+    A = synthetic_captures()
+    rows = cands.attention_sink_vectors(W.layers[0].o, v, A.sink[0], 4, 2, 16)
     assert rows[2:].abs().max() == 0 and rows[:2].norm(dim=1).min() > 0
-    _, _, ref = _headwise(W, 0)
+    _, _, ref = _headwise(W, 0, A.sink[0])
     assert torch.allclose(rows, ref, atol=1e-12)
-    B = by_name(build_a_side(W, synthetic_captures(), k_broad=K_SMALL))["attention_sink"].bases[0]
+    B = by_name(build_a_side(W, A, k_broad=K_SMALL))["attention_sink"].bases[0]
     assert same_span(B, linalg.pca(ref, R))
     o = linalg.as64(W.layers[0].o)
-    wrong = torch.stack([o[:, h * 16:(h + 1) * 16] @ (linalg.as64(v)[(h % 2) * 16:(h % 2 + 1) * 16] @ linalg.as64(W.bos_embedding))
+    wrong = torch.stack([o[:, h * 16:(h + 1) * 16] @ (linalg.as64(v)[(h % 2) * 16:(h % 2 + 1) * 16] @ linalg.as64(A.sink[0]))
                          for h in range(4)])
     assert not same_span(B, linalg.pca(wrong, R), tol=1e-3)
 
@@ -493,7 +516,8 @@ def test_activation_families(syn):
     for layer in range(L):
         assert same_span(cs["layer_clean_resid_pca"].bases[layer], linalg.pca(A.clean[layer], R))
         assert same_span(cs["TaskDiff_contrast"].bases[layer], linalg.pca(A.persona_pos[layer] - A.persona_neg[layer], R))
-        assert same_span(cs["up_proj_input_contrast"].bases[layer], linalg.pca(A.up_in_pos[layer] - A.up_in_neg[layer], R))
+        g = W.layers[layer].mlp_gain
+        assert same_span(cs["up_proj_input_contrast"].bases[layer], linalg.pca((A.up_in_pos[layer] - A.up_in_neg[layer]) / g, R))
         if layer + 1 < L:
             assert same_span(cs["churn"].bases[layer], linalg.pca(A.clean[layer + 1] - A.clean[layer], R))
         else:
@@ -708,7 +732,7 @@ def test_building_from_views_leaves_the_model_bit_identical(tiny):
 
     model, tok = tiny
     before = state_dict_sha256(model)
-    W = extract_base_weights(model, tok)
+    W = extract_base_weights(model)
     assert W.layers[0].down.data_ptr() == model.model.layers[0].mlp.down_proj.weight.data_ptr()
     build_a_side(W, capture_activations(model, tok, load_probe_set()), k_broad=K_SMALL)
     assert state_dict_sha256(model) == before

@@ -217,14 +217,39 @@ def test_one_forward_pass_per_condition(tiny):
     probes = small_probes(n_fit=4, n_eval=3)
     with count_forward_passes(model) as c:
         capture_activations(model, tok, probes)
-    assert c.n == 3  # clean, persona+, persona-
+    assert c.n == 4  # clean, persona+, persona-, the sink token alone
     delta = random_delta(model, [2], rank=1, seed=0)
     with count_forward_passes(model) as c:
         capture_labels(model, tok, delta, probes)
     assert c.n == 2  # alpha=+1 and alpha=-1, FIT and EVAL together
     with count_forward_passes(model) as c:
         capture_activations(model, tok, probes, batch_size=2)
-    assert c.n == 3 * 2
+    assert c.n == 3 * 2 + 1
+
+
+def test_sink_capture_is_what_each_layer_reads_of_the_sink_token(tiny):
+    """capture_sink = the attention norm's output at the sink token when it starts a prompt (at
+    position 0 a token attends only to itself, so what follows cannot change it); at layer 0 it
+    is the norm of the token's embedding row, gain included."""
+    from subspace_sweep.capture import capture_sink
+    from subspace_sweep.model import attention_sink_token_id
+
+    model, tok = tiny
+    sink_id = attention_sink_token_id(model, tok)
+    got = capture_sink(model, sink_id)
+    L, d = model.config.num_hidden_layers, model.config.hidden_size
+    assert got.shape == (L, d) and got.dtype == torch.float32
+    ids = torch.tensor([[sink_id, *tok("I think so. Do you agree?")["input_ids"]]])
+    names = [f"model.layers.{i}.input_layernorm" for i in range(L)]
+    with torch.no_grad(), record_activations(model, names) as rec:
+        model(input_ids=ids)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(got[i], rec.output(name)[0, 0], atol=1e-5, rtol=1e-5)
+    e = model.model.embed_tokens.weight[sink_id]
+    norm = model.model.layers[0].input_layernorm
+    want = norm.weight * e / torch.sqrt(e.pow(2).mean() + norm.variance_epsilon)
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got[0], e / torch.sqrt(e.pow(2).mean()), atol=1e-3)  # the gain matters
 
 
 def test_batch_size_does_not_change_captures(tiny):

@@ -189,7 +189,7 @@ def test_residual_writer_tensors_and_scored_layers():
     w1 = residual_writer_tensors({k: v.to(torch.bfloat16) for k, v in d.items()}, 1)
     assert set(w1) == {"o_proj", "down_proj"}
     assert w1["o_proj"].shape == (64, 64) and w1["down_proj"].shape == (64, 192)
-    assert w1["down_proj"].dtype == torch.float32 and w1["down_proj"].device.type == "cpu"
+    assert w1["down_proj"].dtype == torch.bfloat16 and w1["down_proj"].device.type == "cpu"  # as stored
     assert set(residual_writer_tensors(d, 3)) == {"o_proj"}
     assert residual_writer_tensors(d, 0) == {} and residual_writer_tensors(d, 2) == {}
     assert scored_layers(d) == [1, 3]

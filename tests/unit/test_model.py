@@ -83,7 +83,7 @@ def test_check_architecture_rejects_a_model_without_config():
 
 def test_extract_base_weights(tiny):
     model, tok = tiny
-    bw = extract_base_weights(model, tok)
+    bw = extract_base_weights(model)
     cfg = model.config
     assert bw.n_layers == 4 and bw.d_model == 64
     assert (bw.n_heads, bw.n_kv_heads, bw.head_dim, bw.group) == (4, 2, 16, 2)
@@ -91,28 +91,57 @@ def test_extract_base_weights(tiny):
     assert lw.q.shape == (64, 64) and lw.k.shape == (32, 64) and lw.v.shape == (32, 64)
     assert lw.o.shape == (64, 64) and lw.up.shape == (192, 64) and lw.gate.shape == (192, 64)
     assert lw.down.shape == (64, 192)
-    for t in (lw.q, lw.down, bw.unembed, bw.bos_embedding):
+    for t in (lw.q, lw.down, bw.unembed, lw.attn_gain, lw.q_gain, bw.final_gain):
         assert t.dtype == torch.float32 and t.device.type == "cpu"
     # views of the CPU model's parameters (no copy), in the model's dtype
     assert lw.o.data_ptr() == model.model.layers[1].self_attn.o_proj.weight.data_ptr()
-    half = extract_base_weights(build_tiny_model(seed=0)[0].to(torch.bfloat16), tok)  # (not the shared model)
+    half_model = build_tiny_model(seed=0)[0].to(torch.bfloat16)  # (not the shared model)
+    half = extract_base_weights(half_model)
     assert half.layers[1].o.dtype == torch.bfloat16 and half.unembed.dtype == torch.bfloat16
-    assert half.bos_embedding.dtype == torch.float32
+    assert half.layers[1].mlp_gain.dtype == torch.float32
+    assert torch.equal(half.layers[1].mlp_gain, half_model.model.layers[1].post_attention_layernorm.weight.float())
     assert half.layers[1].at_least_float32().o.dtype == torch.float32
     assert torch.equal(bw.unembed, model.model.embed_tokens.weight)  # tied
     assert bw.unembed.shape == (cfg.vocab_size, 64)
-    assert torch.equal(bw.bos_embedding, model.model.embed_tokens.weight[tok.bos_token_id])
+    # the gains: the modules' own (toy gains are exp(N(0, 0.3²)), not ones)
+    blk = model.model.layers[1]
+    assert torch.equal(lw.attn_gain, blk.input_layernorm.weight) and torch.equal(lw.mlp_gain, blk.post_attention_layernorm.weight)
+    assert torch.equal(lw.q_gain, blk.self_attn.q_norm.weight) and torch.equal(lw.k_gain, blk.self_attn.k_norm.weight)
+    assert torch.equal(bw.final_gain, model.model.norm.weight)
+    assert float((lw.attn_gain - 1).abs().max()) > 0.1
 
 
-def test_bos_embedding_falls_back_to_eos(tiny):
-    model, tok = tiny
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_norm_gain_is_what_the_module_multiplies_by(dtype):
+    """norm_gain reads the gain from the norm's forward; on random inputs the module's output is
+    gain ⊙ x/rms(x), also for a Gemma-style norm that multiplies by 1 + weight."""
+    from subspace_sweep.model import norm_gain
 
-    class NoBos:
-        bos_token_id = None
-        eos_token_id = tok.eos_token_id
+    class OnePlusWeightRMSNorm(torch.nn.Module):  # Gemma's convention
+        def __init__(self, w):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w)
 
-    bw = extract_base_weights(model, NoBos())
-    assert torch.equal(bw.bos_embedding, model.model.embed_tokens.weight[tok.eos_token_id])
+        def forward(self, x):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight.float())).to(x.dtype)
+
+    model = build_tiny_model(seed=3)[0].to(dtype)
+    g = torch.Generator().manual_seed(0)
+    norms = [model.model.layers[0].input_layernorm, model.model.norm, model.model.layers[2].self_attn.k_norm,
+             OnePlusWeightRMSNorm(0.3 * torch.randn(64, generator=g)).to(dtype)]
+    for norm in norms:
+        width = norm.weight.shape[0]
+        gain = norm_gain(norm, width)
+        assert gain.dtype == torch.float32
+        x = torch.randn(5, width, generator=g, dtype=torch.float64)
+        rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+        got = norm(x.to(dtype)).double()
+        want = gain.double() * (x.to(dtype).double() / rms)
+        tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # the Gemma-style gain is 1 + weight, not weight
+    assert torch.allclose(norm_gain(norms[-1], 64), (1.0 + norms[-1].weight.float()).to(dtype).float())
 
 
 def test_residual_writer_keys():

@@ -139,3 +139,47 @@ def test_specificity_equals_scoring_inside_the_complement_coordinates():
         assert row["specific_e_act"] == pytest.approx(want.energy, rel=1e-10)
         assert row["specific_R_act"] == pytest.approx(want.concentration, rel=1e-10)
         assert row["specific_z_act"] == pytest.approx(want.z, rel=1e-8)
+
+
+def test_oracle_gain_pinned_values():
+    """G = diag(3, 1, 0, 0) (t = 4): e(e1) = 3/4, e(e2) = 1/4, e(e3) = 0; r/d = 1/4; e_max(1) = 3/4,
+    e_max(2) = 1, so gain(e1) = 1, gain(e2) = 0, gain(e3) = −1/2, gain([e1 e3]) = (3/4 − 1/2)/(1 − 1/2)."""
+    t = Target.from_gram("g", torch.diag(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=DT)))
+    e = torch.eye(4, dtype=DT)
+    assert scoring.score(t, e[:, [0]]).gain == pytest.approx(1.0, abs=1e-15)
+    assert scoring.score(t, e[:, [1]]).gain == pytest.approx(0.0, abs=1e-15)
+    assert scoring.score(t, e[:, [2]]).gain == pytest.approx(-0.5, abs=1e-15)
+    assert scoring.score(t, e[:, [0, 2]]).gain == pytest.approx(0.5, abs=1e-15)
+    assert scoring.score(t, e[:, [0, 1]]).gain == pytest.approx(1.0, abs=1e-15)
+    assert math.isnan(scoring.score(t, e).gain)  # r = d: e_max = r/d
+    assert math.isnan(scoring.score(t, linalg.empty_basis(4)).gain)
+    iso = Target.from_gram("iso", torch.eye(4, dtype=DT))
+    assert math.isnan(scoring.score(iso, e[:, [0]]).gain)
+
+
+def test_null_spread_keeps_its_digits_for_a_near_isotropic_target():
+    """G = I + ε·diag(1, −1, 0, …): ‖G − (t/d)I‖²_F/t² = 2ε²/d² exactly, which the difference
+    tr(G²)/t² − 1/d rounds to 0 in float64 for ε = 1e-9 (its terms are ~1/d apart from 2ε²/d²)."""
+    eps = 1e-9
+    G = torch.eye(D, dtype=DT)
+    G[0, 0] += eps
+    G[1, 1] -= eps
+    t = Target.from_gram("near_iso", G)
+    assert t.spread == pytest.approx(2 * eps**2 / D**2, rel=1e-6)
+    difference = float((t.gram * t.gram).sum()) / t.trace**2 - 1.0 / D
+    assert abs(difference - 2 * eps**2 / D**2) >= 0.5 * 2 * eps**2 / D**2  # the old form: no correct digit
+    mean, var = scoring.null_moments(t, 3)
+    assert var == pytest.approx(2 * 3 * (D - 3) / (D * (D - 1) * (D + 2)) * 2 * eps**2 / D**2, rel=1e-6)
+
+
+def test_noise_floor_follows_the_stored_precision():
+    """u² · tr(M Mᵀ) for one tensor; the balanced combination adds each tensor's floor / its trace."""
+    gen = torch.Generator().manual_seed(1)
+    M = torch.randn(D, 20, generator=gen)
+    N = torch.randn(D, 5, generator=gen)
+    a = Target.from_matrix("m", M.to(torch.bfloat16))
+    assert a.noise_floor == pytest.approx(2.0**-16 * a.trace, rel=1e-12)
+    b = Target.from_matrix("n", N.to(torch.float16))
+    c = Target.combine("c", [a, b])
+    assert c.noise_floor == pytest.approx(2.0**-16 + 2.0**-22, rel=1e-12)
+    assert Target.from_matrix("m64", M.double()).noise_floor == pytest.approx(2.0**-106 * float((M.double() ** 2).sum()))

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from subspace_sweep import report
+from subspace_sweep.report import GAIN_RESOLUTION
 from subspace_sweep.candidates import ranking_pool
 from subspace_sweep.demo import run_demo
 from subspace_sweep.sweep import SweepConfig
@@ -56,7 +57,7 @@ def test_manifest_records_provenance(demo_run):
     assert m["package_versions"]["torch"] and m["package_versions"]["transformers"]
     assert m["seed"] == 0 and m["null"] == "exact"
     assert set(m["timings_s"]) >= {"model_load", "captures", "candidates", "scoring"}
-    assert m["forward_passes"] == 5  # clean, persona+, persona-, alpha=+1, alpha=-1
+    assert m["forward_passes"] == 6  # clean, persona+, persona-, the sink token, alpha=+1, alpha=-1
 
 
 def test_per_layer_columns_and_rows(demo_run):
@@ -82,9 +83,11 @@ def test_rankings_keep_read_and_b_side_apart(demo_run):
     assert summary["candidate"].n_unique() == summary.height
     names = {c.name for c in ranking_pool(outcome.result.candidates, "joint")}
     assert set(joint["candidate"]) == names
-    j = joint["joint"].to_list()
-    finite = [x for x in j if x is not None and not math.isnan(x)]
-    assert finite == sorted(finite, reverse=True)
+    # rank-fair order (SPEC §5): joint_gain on its tie grid, non-increasing; NaN last
+    j = joint["joint_gain"].to_list()
+    finite = [round(x / GAIN_RESOLUTION) for x in j if x is not None and not math.isnan(x)]
+    assert finite == sorted(finite, reverse=True) and len(finite) >= 30
+    assert all(x is None or math.isnan(x) for x in j[len(finite):])
 
 
 def test_conclusion_has_bluf_and_caveats(demo_run):
@@ -92,7 +95,7 @@ def test_conclusion_has_bluf_and_caveats(demo_run):
     text = (out / "conclusion.md").read_text()
     best = outcome.result.ranking("joint").filter(pl.col("axis_kind").is_in(["write", "mixed"]))["candidate"][0]
     assert "## BLUF" in text and f"`{best}`" in text
-    assert "Top-5 by R_act" in text and "Overlap" in text
+    assert "Top-5 by gain_act" in text and "Overlap" in text and "Stouffer" in text
     assert "single delta" in text.lower() and "small probe set" in text.lower()
 
 
