@@ -15,10 +15,12 @@ from .delta import check_keys_and_shapes
 def weight_steer(model: nn.Module, delta: Mapping[str, Tensor], alpha: float) -> Iterator[nn.Module]:
     """Add ``alpha * delta[k]`` to each parameter ``k`` for the duration of the block.
 
-    The sum is formed in float32 and cast to the parameter's dtype (a float32 delta on a bf16
-    model is rounded once, not twice). On exit — normal or by exception — every touched
-    parameter is restored from a saved copy: subtracting ``alpha * w`` again would not undo the
-    rounding. Keys and shapes are checked before anything is changed.
+    The sum is formed in the wider of float32 and the parameter's dtype and cast to the
+    parameter's dtype: in float32 for half and float32 parameters (a float32 delta on a bf16
+    model is rounded once, not twice), in float64 for a float64 parameter (``alpha * w`` is not
+    rounded through float32). On exit — normal or by exception — every touched parameter is
+    restored from a saved copy: subtracting ``alpha * w`` again would not undo the rounding.
+    Keys and shapes are checked before anything is changed.
     """
     params = check_keys_and_shapes(delta, model)
     # Tied aliases (lm_head.weight / embed_tokens.weight) are one tensor: save it once, before
@@ -31,10 +33,11 @@ def weight_steer(model: nn.Module, delta: Mapping[str, Tensor], alpha: float) ->
             if alpha != 0:
                 acc: dict[int, Tensor] = {}
                 for k, p in params.items():
+                    work = torch.promote_types(torch.float32, p.dtype)
                     base = acc.get(id(p))
                     if base is None:
-                        base = p.detach().to(torch.float32)
-                    acc[id(p)] = base + float(alpha) * delta[k].detach().to(device=p.device, dtype=torch.float32)
+                        base = p.detach().to(work)
+                    acc[id(p)] = base + float(alpha) * delta[k].detach().to(device=p.device, dtype=work)
                 for pid, new in acc.items():
                     p = originals[pid][0]
                     p.copy_(new.to(p.dtype))

@@ -79,6 +79,43 @@ def test_bf16_model_float32_delta_adds_in_float32_and_restores_exactly(model):
     assert not torch.equal(undone, W)
 
 
+def _float64_model_and_delta():
+    model = build_tiny_model(seed=0)[0].to(torch.float64)
+    keys = random_delta(model, [1, 3], rank=2, seed=0).keys()
+    gen = torch.Generator().manual_seed(7)
+    params = dict(model.named_parameters())
+    delta = {k: torch.randn(params[k].shape, dtype=torch.float64, generator=gen) * 0.01 for k in keys}
+    return model, delta
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.37])
+def test_float64_model_float64_delta_adds_in_float64_and_restores_exactly(alpha):
+    model, delta = _float64_model_and_delta()
+    h = state_dict_sha256(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with weight_steer(model, delta, alpha):
+        sd = model.state_dict()
+        for k, v in sd.items():
+            assert v.dtype == torch.float64, k
+            if k in delta:
+                assert torch.equal(v, before[k] + alpha * delta[k]), k
+            else:
+                assert torch.equal(v, before[k]), k
+    assert state_dict_sha256(model) == h
+
+
+@pytest.mark.parametrize("alpha", [1.0, -1.0, 0.37])
+def test_float64_steering_differs_from_the_old_float32_rounded_sum(alpha):
+    # teeth for the test above: the old path (sum in float32, cast up) gives other numbers
+    model, delta = _float64_model_and_delta()
+    before = {k: model.get_parameter(k).detach().clone() for k in delta}
+    with weight_steer(model, delta, alpha):
+        for k in delta:
+            inside = model.get_parameter(k).detach()
+            old_path = (before[k].to(torch.float32) + alpha * delta[k].to(torch.float32)).to(torch.float64)
+            assert not torch.equal(inside, old_path), k
+
+
 def test_tied_alias_key_steers_the_shared_embedding_and_restores(model):
     h = state_dict_sha256(model)
     E = model.model.embed_tokens.weight.detach().clone()
