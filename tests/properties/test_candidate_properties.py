@@ -1,6 +1,6 @@
 """Review concerns 3, 4, 6 and 8 of SPEC §6 for the candidates, and invariances of the whole registry.
 
-Legacy cases reproduce the seed notebook (``subspace_sweep.legacy_candidates``) and are strict
+Legacy cases reproduce the seed notebook (``tests/legacy_candidates.py``) and are strict
 xfails: they must keep failing, so a test that loses the power to see the old flaw shows up.
 """
 
@@ -13,7 +13,6 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from subspace_sweep import legacy_candidates as legacy
 from subspace_sweep import linalg
 from subspace_sweep.candidates import (
     A_SIDE_NAMES,
@@ -28,6 +27,7 @@ from subspace_sweep.candidates import (
 from subspace_sweep.capture_types import ActivationCaptures
 from subspace_sweep.scoring import Target
 from subspace_sweep.weights import BaseWeights, LayerWeights
+from tests import legacy_candidates as legacy
 from tests.helpers_candidates import synthetic_captures, synthetic_labels, synthetic_weights
 
 DT = torch.float64

@@ -13,7 +13,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from subspace_sweep import candidates as cands
-from subspace_sweep import legacy_candidates as legacy
+from tests import legacy_candidates as legacy
 
 DT = torch.float64
 NO_SHRINK = settings(phases=[Phase.explicit, Phase.reuse, Phase.generate])

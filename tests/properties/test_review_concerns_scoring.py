@@ -12,8 +12,9 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from subspace_sweep import legacy, linalg, scoring
+from subspace_sweep import linalg, scoring
 from subspace_sweep.scoring import Target
+from tests import legacy
 from tests.strategies import DT, haar, spectra
 
 # The legacy cases are expected to fail; shrinking their counterexamples would only cost time.

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 SCRIPT = r"""
 import sys, torch
-from subspace_sweep import legacy, scoring
+from subspace_sweep import scoring
 from subspace_sweep.scoring import Target
+from tests import legacy
 method = sys.argv[1]
 gen = torch.Generator().manual_seed(0)
 target = Target.from_matrix("mlp.down_proj.weight", torch.randn(24, 72, generator=gen, dtype=torch.float64))
@@ -29,10 +31,13 @@ exact = scoring.null_moments(target, r)
 print(repr((mean, var, exact)))
 """
 
+# the script imports ``tests.legacy``: run it from the repository root, whatever pytest's cwd
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _run(method: str, hash_seed: str) -> str:
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-    out = subprocess.run([sys.executable, "-c", SCRIPT, method], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, method], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return out.stdout
 
 

@@ -1,6 +1,7 @@
 """The seed notebook's scoring methodology, kept ONLY so tests can show its flaws (SPEC §6).
 
-Nothing in the sweep imports this module. Each function reproduces one old behaviour:
+It lives under ``tests/``, outside the installed package: nothing in the sweep imports it.
+Each function reproduces one old behaviour:
 
 - ``concatenated_target``: v6's weight score on the unbalanced concatenation [M_o | M_down]
   (Frobenius-dominated by the tensor with more parameters; concern 1).
@@ -18,8 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from . import linalg
-from .scoring import Target, energy, monte_carlo_null
+from subspace_sweep import linalg
+from subspace_sweep.scoring import Target, energy, monte_carlo_null
 
 N_NULL_SEED = 120  # the seed's number of Monte-Carlo draws
 

@@ -1,6 +1,7 @@
 """The seed notebook's candidate-building behaviours, kept ONLY so tests can show their flaws (SPEC §6).
 
-Nothing in the sweep imports this module. Each function reproduces one old behaviour:
+It lives under ``tests/``, outside the installed package: nothing in the sweep imports it.
+Each function reproduces one old behaviour:
 
 - ``expand_rows_repeat_interleave`` / ``seed_qk_circuit_matrix`` / ``seed_ov_circuit_matrix``: GQA
   expansion by repeating single ROWS of W_k / W_v (``repeat_interleave`` on dim 0), which
@@ -23,8 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import linalg
-from .candidates import Candidate, kmeans_centroids
+from subspace_sweep import linalg
+from subspace_sweep.candidates import Candidate, kmeans_centroids
 
 
 def expand_rows_repeat_interleave(W_small: Tensor, out_rows: int) -> Tensor:
