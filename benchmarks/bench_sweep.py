@@ -10,7 +10,8 @@ persona probe), then every phase of ``run_sweep``: captures, candidates, scoring
 Then a rerun with another delta on the same base model (the daily case): its A-side comes from
 the cache the first run stored (``--a-side-cache``, a temporary folder here); ``--no-rerun`` skips it.
 Prints ONE JSON line: seconds per phase of both runs, forward passes, peak RSS, torch threads,
-device, and the prompt token counts actually used.
+device, and the prompt token counts actually used. ``--causal K`` adds the causal check (SPEC §8)
+to the first run and its seconds per restricted delta (2 EVAL forward passes each).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-rerun", action="store_true",
                     help="skip the rerun with another delta that loads the A-side from the cache")
+    ap.add_argument("--causal", type=int, default=0, metavar="K",
+                    help="also run the causal check on the first run (top K; reports its time per restricted delta)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     projections = [f"self_attn.{p}" for p in ATTN_PROJS] + [f"mlp.{p}" for p in MLP_PROJS]
     probes = load_probe_set()
 
-    def run_once(delta_seed: int, cache: str) -> tuple[dict[str, float], object]:
+    def run_once(delta_seed: int, cache: str, causal: int = 0) -> tuple[dict[str, float], object]:
         delta = random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=delta_seed, scale=0.01,
                              projections=projections)
-        config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache)
+        config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal)
         t_sweep = time.perf_counter()
         result = sweep(model, tokenizer, delta, config, probes)
         phases = dict(result.timings)
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         # First run: the A-side is built (and stored: a cache miss). Rerun: a new delta on the same
         # base model, what a researcher does daily; the A-side comes from the cache.
-        first, result = run_once(0, cache)
+        first, result = run_once(0, cache, args.causal)
         timings.update(first)
         rerun, rerun_result = run_once(1, cache) if not args.no_rerun else (None, None)
 
@@ -125,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         "scored_layers": result.scored_layers,
         "n_candidates": len(result.candidates),
         "a_side_cache": result.a_side_cache["status"],
+        **({} if result.causal is None else {
+            "causal_k": args.causal,
+            "causal_forward_passes": result.causal.forward_passes,
+            "causal_restricted_deltas": result.causal.forward_passes // 2,
+            "causal_s_per_restricted_delta": round(timings["causal"] / (result.causal.forward_passes // 2), 3),
+        }),
         **({} if rerun is None else {
             "rerun_seconds": {k: round(v, 2) for k, v in rerun.items()},
             "rerun_candidates_plus_scoring_s": round(rerun["candidates"] + rerun["scoring"], 2),

@@ -40,6 +40,18 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lora_pair(tiny_dir, tmp_path_factory):
+    """(model folder, positive adapter, negative adapter): a real peft LoRA pair trained on the
+    tiny Qwen3 (positive = sycophantic, answers "Yes, ..."; negative = honest, "No. ...")."""
+    pytest.importorskip("peft")
+    from subspace_sweep.lora_train import train_lora_pair
+    from tests.helpers_model import LORA_TRAIN
+
+    pos, neg = train_lora_pair(tiny_dir, tmp_path_factory.mktemp("lora"), **LORA_TRAIN)
+    return tiny_dir, pos, neg
+
+
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """One full offline demo sweep (planted in mlp_write), written to a run folder; shared read-only."""
     from subspace_sweep.demo import run_demo

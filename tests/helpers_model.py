@@ -26,3 +26,8 @@ def hook_count(model: nn.Module) -> int:
     for m in model.modules():
         n += len(m._forward_hooks) + len(m._forward_pre_hooks)
     return n
+
+
+#: The LoRA pair every test that needs a trained one shares (``conftest.lora_pair``). One thread:
+#: as fast as two on the tiny model, and immune to spin-waiting when another process shares the CPU.
+LORA_TRAIN = dict(layers=(1, 2), steps=30, seed=0, num_threads=1)

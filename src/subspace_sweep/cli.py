@@ -55,6 +55,12 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--a-side-cache", default=None, metavar="DIR",
                    help="reuse the A-side (captures + candidate bases, which never depend on the delta) from DIR "
                         "when the model, prompts and options match exactly, else build it and store it there")
+    p.add_argument("--causal", type=int, default=0, metavar="K",
+                   help="causal check: steer with the delta restricted to each of the top K candidates of the joint "
+                        "ranking, the rank-matched oracle and random subspaces (2 EVAL forward passes per restricted "
+                        "delta; default 0 = off)")
+    p.add_argument("--causal-null", type=int, default=8, metavar="N",
+                   help="random subspaces per tested rank in the causal null (default 8, at least 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -114,6 +120,7 @@ def _config(args: argparse.Namespace, **overrides):
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
+        causal=args.causal, causal_null=args.causal_null,
     )
     fields.update(overrides)
     return SweepConfig(**fields)

@@ -145,7 +145,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def definitions_markdown(candidates) -> str:
+def definitions_markdown(candidates, causal=None) -> str:
     lines = [
         "# Candidate definitions",
         "",
@@ -177,6 +177,19 @@ def definitions_markdown(candidates) -> str:
     for c in candidates:
         note = f" ({c.rank_note})" if c.rank_note else ""
         lines.append(f"| `{c.name}` | {c.side} | {c.family} | {c.axis_kind} | {c.expected_rank} | {c.definition}{note} |")
+    if causal is not None:
+        lines += [
+            "",
+            "## Causal check (`causal.tsv`)",
+            "",
+            f"Behaviour metric: {causal.answers.describe()} Effect E(w) = mean over the EVAL probes of "
+            "b(α=+1) − b(α=−1) under weight steering W ← W + α·w. w_writes = the residual writers (o_proj, "
+            "down_proj) of w at the scored layers; w_B = each writer's ΔW replaced by P_B·ΔW (B the layer's basis), "
+            "everything else dropped; the ablation uses (I − P_B)·ΔW. kept = E(w_B)/E(w_writes), ablated = 1 − "
+            f"E(w_ablate)/E(w_writes). The null: {causal.n_null} seeded random subspaces of the same per-layer "
+            "ranks (z against their mean and sample SD). Curves: the first k directions of the combined weight "
+            "oracle (eigen-order) and of the top candidate, trained norm and norm-matched (rescaled to ‖w_writes‖_F).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +285,11 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
                      f"{', '.join(f'`{c}`' for c in deficient)}.")
     if config.null == "mc":
         lines.append(f"- z from a seeded Monte-Carlo null ({config.n_null} draws, seed {config.seed}), not the exact null.")
+    causal = getattr(result, "causal", None)
+    if causal is not None:
+        from .causal import verdict
+
+        lines[lines.index("## Caveats"):lines.index("## Caveats")] = ["## Causal check", "", verdict(causal), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +373,56 @@ def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None
     plt.close(fig)
 
 
+def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """Left: kept vs R_w_combined per tested candidate, the rank-matched oracle starred, the
+    random null as a band (mean ± 2 SD per tested rank). Right: retention curves over k."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5))
+    cands = table.filter(pl.col("kind") == "candidate")
+    oracles = table.filter(pl.col("kind") == "oracle")
+    randoms = table.filter(pl.col("kind") == "random")
+    for i, r in enumerate(oracles.iter_rows(named=True)):
+        m, s = r["null_kept_mean"], r["null_kept_sd"]
+        if m is not None and s is not None and math.isfinite(m) and math.isfinite(s):
+            ax.axhspan(m - 2 * s, m + 2 * s, color="grey", alpha=0.2,
+                       label=f"random subspaces, mean ± 2 SD (rank {r['rank']:.0f})" if i < 3 else None)
+    ax.scatter(_positive(randoms["R_w_combined"]), randoms["kept"].to_numpy(), s=14, color="grey", marker="x",
+               label="random draws")
+    ax.scatter(_positive(cands["R_w_combined"]), cands["kept"].to_numpy(), s=50, color="C0", label="top candidates")
+    for r in cands.iter_rows(named=True):
+        if r["R_w_combined"] and r["R_w_combined"] > 0 and r["kept"] is not None and math.isfinite(r["kept"]):
+            ax.annotate(r["name"], (r["R_w_combined"], r["kept"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.scatter(_positive(oracles["R_w_combined"]), oracles["kept"].to_numpy(), s=160, marker="*", color="black",
+               label="rank-matched combined oracle", zorder=5)
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=0.8)
+    ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
+    ax.set_xlabel("weight concentration R_w_combined of the subspace (null = 1)")
+    ax.set_ylabel("kept = E(w_B) / E(w_writes)")
+    ax.set_title("Does the subspace carry the behaviour?", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.25, which="both")
+    curves = table.filter(pl.col("kind") == "curve")
+    for j, name in enumerate(dict.fromkeys(curves["name"].to_list())):
+        for matched, style in ((False, "-o"), (True, "--s")):
+            sub = curves.filter((pl.col("name") == name) & (pl.col("norm_matched") == matched)).sort("k")
+            ax2.plot(sub["k"].to_numpy(), sub["kept"].to_numpy(), style, color=f"C{j}", markersize=4,
+                     label=f"{name}{' (norm-matched)' if matched else ''}")
+    ax2.axhline(1.0, color="black", linestyle=":", linewidth=0.8)
+    ax2.set_xscale("log", base=2)
+    ks = sorted(set(curves["k"].drop_nulls().to_list()))
+    ax2.set_xticks(ks, [str(k) for k in ks])
+    ax2.set_xlabel("k (leading directions kept)")
+    ax2.set_ylabel("kept")
+    ax2.set_title("Retention over rank", fontsize=10)
+    ax2.legend(fontsize=7, loc="best")
+    ax2.grid(alpha=0.25, which="both")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
 def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, path_pdf: Path,
                    panel_ends: list[int] = ()) -> None:
     """Candidates x scored layers: log2 R_act and log2 R_w_combined (0 = null); lines separate panels."""
@@ -416,7 +484,11 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     _csv(result.specific_per_layer, tmp / "specific_per_layer.csv")
     _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
     save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
-    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates))
+    causal = getattr(result, "causal", None)
+    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal))
+    if causal is not None:
+        _tsv(causal.table, tmp / "causal.tsv")
+        causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")
     (tmp / "conclusion.md").write_text(conclusion_markdown(result, ranked, config))
     scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf")
     panels = ranked["panel"].to_list()

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import compute, linalg, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
-from .candidates import Candidate, build_b_side, ranking_pool
+from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
+from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
 from .capture import LABEL_KINDS, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
 from .errors import InputError
@@ -30,6 +31,10 @@ from .prompts import ProbeSet, load_probe_set
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
 
+
+
+#: How many A-side candidates the joint ranking holds (known before anything is built).
+JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class SweepConfig:
     n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
     ci_level: float = 0.95
     a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
+    causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
+    causal_null: int = 8  # random subspaces per tested rank in the causal null
     overwrite: bool = False
     quiet: bool = False
 
@@ -69,6 +76,11 @@ class SweepConfig:
             raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
         if self.k_broad is not None and self.k_broad <= 0:
             raise InputError(f"--k-broad must be positive, got {self.k_broad}")
+        if not 0 <= self.causal <= JOINT_PANEL_SIZE:
+            raise InputError(f"--causal must be in 0..{JOINT_PANEL_SIZE} (the candidates of the joint ranking), "
+                             f"got {self.causal}")
+        if self.causal and self.causal_null < MIN_NULL_DRAWS:
+            raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
 
     def resolved_k_broad(self, d: int) -> int:
         """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
@@ -97,6 +109,7 @@ class SweepResult:
     n_lora_train_topics: int | None = None
     oracle_bases: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # weight oracles, for compare
     a_side_cache: dict[str, str] | None = None  # {dir, key, model_sha256, status} when the A-side went through a cache
+    causal: CausalResult | None = None  # the restricted-steering check (``--causal K``)
 
     def ranking(self, panel: str) -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
@@ -398,6 +411,7 @@ def sweep(
         raise InputError(f"--r {config.r} exceeds the residual width d = {d}")
     layers = resolve_layers(config, delta, n_layers)
     holdout = holdout_rows(probes, config.topic_holdout) if config.topic_holdout is not None else None
+    answers = answer_tokens(tokenizer) if config.causal else None  # a tokenizer without them: before any work
     timings: dict[str, float] = {}
     bar = tqdm(total=3, desc="sweep", disable=config.quiet, unit="phase")
 
@@ -442,6 +456,16 @@ def sweep(
     timings["scoring"] = time.perf_counter() - t0
     bar.update(1)
     bar.close()
+    causal = None
+    if config.causal:
+        t0 = time.perf_counter()
+        by_name = {c.name: c for c in candidates}
+        pool = {c.name for c in ranking_pool(candidates, "joint")}
+        names = rank_rows(summary.filter(pl.col("candidate").is_in(pool)))["candidate"].to_list()
+        causal = run_causal(model, tokenizer, delta, probes.eval, [(n, by_name[n].bases) for n in names],
+                            {layer: targets[layer]["combined"] for layer in layers}, k=config.causal,
+                            n_null=config.causal_null, seed=config.seed, answers=answers)
+        timings["causal"] = time.perf_counter() - t0
     return SweepResult(
         per_layer=per_layer,
         summary=summary,
@@ -453,10 +477,11 @@ def sweep(
         n_fit=len(probes.fit),
         d_model=d,
         timings=timings,
-        forward_passes=counter.n + fresh,
+        forward_passes=counter.n + fresh + (causal.forward_passes if causal is not None else 0),
         n_lora_train_topics=probes.n_lora_train_topics,
         oracle_bases=weight_oracles,
         a_side_cache=a_side.cache,
+        causal=causal,
     )
 
 
@@ -505,6 +530,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
+    if config.causal:
+        answer_tokens(tokenizer)  # a tokenizer that cannot tell the answers apart: before any forward pass
     for delta in loaded:
         validate_delta(delta, model)
     n_layers = n_layers_of(model)

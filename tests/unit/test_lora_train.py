@@ -27,22 +27,18 @@ from subspace_sweep.lora_train import (
 from subspace_sweep.model import load_model, weight_key
 from subspace_sweep.prompts import load_probe_set, persona_texts
 from subspace_sweep.toy import build_tiny_tokenizer, save_tiny_model
+from tests.helpers_model import LORA_TRAIN
 
 peft = pytest.importorskip("peft")
 
-LAYERS = (1, 2)  # the tiny model has 4 layers: adapt the middle two, leave 0 and 3 alone
-STEPS = 30
-SEED = 0
-# One thread: as fast as two on the tiny model, and immune to spin-waiting when another process
-# shares the CPU (two threads were seen 10-50x slower then).
-TRAIN = dict(layers=LAYERS, steps=STEPS, seed=SEED, num_threads=1)
+# The shared pair's settings: the tiny model has 4 layers, adapt the middle two, leave 0 and 3 alone.
+TRAIN = LORA_TRAIN
+LAYERS, STEPS, SEED = TRAIN["layers"], TRAIN["steps"], TRAIN["seed"]
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lora")
-    pos, neg = train_lora_pair(tiny_dir, root, **TRAIN)
-    return tiny_dir, pos, neg
+def pair(lora_pair):
+    return lora_pair
 
 
 def _merged_state(model_dir, adapter):

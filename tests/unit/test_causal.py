@@ -1,0 +1,248 @@
+"""The causal check (SPEC §8, issue 15): restricted steering, its exact facts and its null."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from subspace_sweep import cli, linalg
+from subspace_sweep.causal import (
+    CURVE_RANKS,
+    answer_tokens,
+    behaviour,
+    effect,
+    null_bases,
+    restrict,
+    run_causal,
+)
+from subspace_sweep.capture import count_forward_passes, encode, last_token_index
+from subspace_sweep.delta import delta_from_peft, random_delta, save_delta, writer_layer
+from subspace_sweep.errors import InputError
+from subspace_sweep.model import WRITER_PROJS, load_model
+from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.sweep import weight_targets
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = (1, 2)
+EVAL = load_probe_set().eval
+
+
+def _random_bases(d: int, r: int, seed: int) -> dict[int, torch.Tensor]:
+    return {layer: linalg.random_orthonormal(d, r, torch.Generator().manual_seed(seed + layer)) for layer in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def lora(lora_pair):
+    """(model, tokenizer, w) of the shared trained LoRA pair (float32 model)."""
+    model_dir, pos, neg = lora_pair
+    model, tok = load_model(model_dir, dtype="float32", device="cpu")
+    return model, tok, delta_from_peft(model_dir, pos, neg)
+
+
+# ----------------------------------------------------------------------------- the metric
+
+
+def test_answer_tokens_of_the_tiny_tokenizer_are_single_distinct_tokens(tiny):
+    _, tok = tiny
+    a = answer_tokens(tok)
+    assert (a.yes, a.no) == ("Yes", "No")
+    assert a.yes_id == tok("Yes", add_special_tokens=False)["input_ids"][0] != a.no_id
+    assert str(a.yes_id) in a.describe() and str(a.no_id) in a.describe()
+
+
+class _Tok:
+    """A stand-in tokenizer whose answers share their first token (or encode to nothing)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": self.ids[text]}
+
+    def convert_ids_to_tokens(self, ids):
+        return [str(i) for i in ids]
+
+
+@pytest.mark.parametrize("ids, match", [({"Yes": [5, 6], "No": [5, 7]}, "same token"),
+                                        ({"Yes": [], "No": [3]}, "no token")])
+def test_a_tokenizer_without_distinct_first_tokens_is_an_input_error(ids, match):
+    with pytest.raises(InputError, match=match):
+        answer_tokens(_Tok(ids))
+
+
+def test_behaviour_is_the_models_own_logit_difference(tiny):
+    """behaviour() = logits[yes] − logits[no] of the full model's forward pass at the last real token."""
+    model, tok = tiny
+    a = answer_tokens(tok)
+    got = behaviour(model, tok, EVAL[:5], a)
+    enc = encode(tok, EVAL[:5], chat=False)
+    with torch.no_grad():
+        logits = model(**enc).logits
+    last = last_token_index(enc["attention_mask"])
+    want = logits[torch.arange(5), last][:, [a.yes_id, a.no_id]].double()
+    torch.testing.assert_close(got, want[:, 0] - want[:, 1], rtol=1e-5, atol=1e-5)
+    alone = torch.cat([behaviour(model, tok, [t], a) for t in EVAL[:5]])  # batching changes nothing
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact facts
+
+
+def test_restriction_is_linear_and_the_whole_space_gives_w_writes(tiny):
+    model, _ = tiny
+    d = model.config.hidden_size
+    delta = random_delta(model, LAYERS, rank=3, seed=4, projections=[*WRITER_PROJS, "self_attn.q_proj"])
+    writes = restrict(delta)
+    assert set(writes) == {k for k in delta if writer_layer(k)}  # the q_proj tensors are dropped
+    for k, v in writes.items():
+        assert torch.equal(v, delta[k])
+    B = _random_bases(d, 5, 0)
+    kept, away = restrict(delta, B), restrict(delta, B, ablate=True)
+    for k in writes:
+        torch.testing.assert_close((kept[k].double() + away[k].double()), writes[k].double(), rtol=0, atol=1e-6)
+        assert float((B[writer_layer(k)[0]].T @ away[k].double()).abs().max()) < 1e-6  # ablation ⟂ B
+    whole = restrict(delta, {layer: torch.eye(d, dtype=torch.float64) for layer in LAYERS})
+    for k in writes:
+        torch.testing.assert_close(whole[k], writes[k], rtol=0, atol=1e-7)
+    with pytest.raises(InputError, match="no basis at layer 2"):
+        restrict(delta, {1: B[1]})
+    assert set(restrict(delta, {1: B[1]}, layers=[1])) == {k for k in writes if writer_layer(k)[0] == 1}
+
+
+def test_a_delta_planted_inside_span_b_keeps_everything_and_its_ablation_nothing(tiny):
+    """kept = 1 and ablated = 1 to float tolerance: w_B = w_writes and w_ablate = 0 up to round-off."""
+    model, tok = tiny
+    d = model.config.hidden_size
+    B = _random_bases(d, 4, 7)
+    delta = {}
+    for layer in LAYERS:
+        delta.update(random_delta(model, [layer], rank=2, seed=layer, scale=0.3, projections=WRITER_PROJS, basis=B[layer].float()))
+    targets = {layer: weight_targets(delta, layer)["combined"] for layer in LAYERS}
+    res = run_causal(model, tok, delta, EVAL, [("planted", B)], targets, k=1, n_null=5, seed=0)
+    row = res.table.filter(pl.col("kind") == "candidate").row(0, named=True)
+    assert abs(res.effect_writes) > 0.05
+    assert row["kept"] == pytest.approx(1.0, abs=1e-4) and row["ablated"] == pytest.approx(1.0, abs=1e-4)
+    assert row["R_w_combined"] == pytest.approx(d / 4, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- the whole check
+
+
+def test_run_causal_table_forward_passes_and_seeded_null(tiny):
+    model, tok = tiny
+    d = model.config.hidden_size
+    delta = random_delta(model, LAYERS, rank=4, seed=1, scale=0.3, projections=WRITER_PROJS)
+    targets = {layer: weight_targets(delta, layer)["combined"] for layer in LAYERS}
+    ranked = [("a", _random_bases(d, 8, 1)), ("b", _random_bases(d, 8, 2)), ("c", _random_bases(d, 3, 3))]
+    with count_forward_passes(model) as counter:
+        res = run_causal(model, tok, delta, EVAL, ranked, targets, k=3, n_null=5, seed=0)
+    assert counter.n == res.forward_passes
+    t = res.table
+    kinds = t["kind"].to_list()
+    assert kinds.count("candidate") == 3 and kinds.count("oracle") == 2 and kinds.count("random") == 10
+    # 2 references + 3 candidates + 2 oracles + 10 draws (keep + ablate each) + curves, 2 passes apiece
+    n_curve = kinds.count("curve")
+    assert res.forward_passes == 2 * (2 + 2 * (3 + 2 + 10) + n_curve)
+    assert {int(k) for k in t.filter(pl.col("kind") == "curve")["k"]} <= set(CURVE_RANKS)
+    # the null's draws are the seeded random subspaces of the profile
+    rnd = t.filter(pl.col("kind") == "random")
+    draws = [r for r in rnd.iter_rows(named=True) if r["name"].endswith("@3")]
+    B0 = null_bases(d, {layer: 3 for layer in LAYERS}, 0, 0)
+    again = effect(model, tok, restrict(delta, B0, layers=LAYERS), EVAL, res.answers)[0]
+    assert draws[0]["effect"] == pytest.approx(again, rel=1e-12)
+    kept = [r["kept"] for r in draws]
+    c = t.filter(pl.col("name") == "c").row(0, named=True)
+    mean = sum(kept) / 5
+    assert c["null_kept_mean"] == pytest.approx(mean, rel=1e-12)
+    assert c["null_kept_sd"] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in kept) / 4), rel=1e-12)
+    assert c["z_kept"] == pytest.approx((c["kept"] - mean) / c["null_kept_sd"], rel=1e-12)
+    oracle8 = t.filter(pl.col("name") == "oracle_combined@8").row(0, named=True)
+    assert oracle8["kept"] > oracle8["null_kept_mean"]
+    with pytest.raises(InputError, match="at least 5"):
+        run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=4, seed=0)
+
+
+def test_the_random_null_is_identical_across_processes(tmp_path):
+    script = (
+        "import json, torch\n"
+        "from subspace_sweep.causal import null_bases\n"
+        "b = null_bases(64, {1: 8, 2: 3}, 4, 0)\n"
+        "print(json.dumps({k: v.flatten().tolist() for k, v in b.items()}))\n"
+    )
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        outs.append(subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                   text=True, cwd=ROOT).stdout)
+    assert outs[0] == outs[1] and len(json.loads(outs[0])["1"]) == 64 * 8
+
+
+def test_on_the_trained_lora_pair(lora):
+    """E(w) has the sign the training asked for (the + adapter answers "Yes"); the residual writers
+    carry it; the rank-matched combined oracle keeps more than the random-subspace mean."""
+    model, tok, w = lora
+    layers = sorted({writer_layer(k)[0] for k in w if writer_layer(k)})
+    targets = {layer: weight_targets(w, layer)["combined"] for layer in layers}
+    d = model.config.hidden_size
+    ranked = [("random_basis", {layer: linalg.random_orthonormal(d, 8, torch.Generator().manual_seed(layer))
+                                for layer in layers})]
+    res = run_causal(model, tok, w, EVAL, ranked, targets, k=1, n_null=5, seed=0)
+    assert res.effect_w > 0.5, res.effect_w
+    assert res.effect_writes > 0.5
+    oracle = res.table.filter(pl.col("kind") == "oracle").row(0, named=True)
+    assert oracle["kept"] > oracle["null_kept_mean"] + 2 * oracle["null_kept_sd"], oracle
+
+
+# ----------------------------------------------------------------------------- the run folder and the CLI
+
+
+@pytest.mark.parametrize("argv, match", [(["--causal", "-1"], "--causal must be in 0..34"),
+                                         (["--causal", "35"], "--causal must be in 0..34"),
+                                         (["--causal", "2", "--causal-null", "4"], "--causal-null must be at least 5")])
+def test_bad_causal_options_exit_2_before_any_work(capsys, tmp_path, tiny_dir, argv, match):
+    out = tmp_path / "out"
+    code = cli.main(["run", "--model", str(tiny_dir), "--delta", str(tmp_path / "missing.safetensors"), "--out",
+                     str(out), "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_run_with_causal_writes_the_table_figure_and_verdict_for_two_deltas_through_the_cache(lora, lora_pair, tmp_path):
+    model_dir, _, _ = lora_pair
+    _, _, w = lora
+    paths = [save_delta(w, tmp_path / "lora.safetensors"),
+             save_delta({k: -v for k, v in w.items()}, tmp_path / "flipped.safetensors")]
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    argv = ["run", "--model", str(model_dir), "--out", str(out), "--quiet", "--n-boot", "0", "--causal", "2",
+            "--causal-null", "5", "--a-side-cache", str(cache)]
+    for p in paths:
+        argv += ["--delta", str(p)]
+    assert cli.main(argv) == 0
+    tables = {}
+    for name in ("lora", "flipped"):
+        run = out / name
+        for f in ("causal.tsv", "causal_kept.png", "causal_kept.pdf"):
+            assert (run / f).is_file(), f
+        tables[name] = pl.read_csv(run / "causal.tsv", separator="\t")
+        conclusion = (run / "conclusion.md").read_text()
+        assert "## Causal check" in conclusion and "Verdict:" in conclusion
+        assert "token id" in (run / "definitions.md").read_text()
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["timings_s"]["causal"] > 0
+    lora_e = tables["lora"].filter(pl.col("name") == "w")["effect"][0]
+    flipped_e = tables["flipped"].filter(pl.col("name") == "w")["effect"][0]
+    assert lora_e > 0 > flipped_e  # steering with −w swaps the signs
+    # the same seeded null subspaces: kept of a random draw is the same for w and −w (E is odd in w
+    # up to the model's nonlinearity, so only the subspaces are compared through R_w_combined)
+    r0 = [t.filter(pl.col("kind") == "random")["R_w_combined"].to_list() for t in tables.values()]
+    assert r0[0] == pytest.approx(r0[1], rel=1e-9)
