@@ -45,7 +45,7 @@ def random_weights(seed: int = 0, *, n_layers: int, d: int, d_mlp: int, n_heads:
         LayerWeights(
             q=randn(n_heads * head_dim, d), k=randn(n_kv * head_dim, d), v=randn(n_kv * head_dim, d),
             o=randn(d, n_heads * head_dim), gate=randn(d_mlp, d), up=randn(d_mlp, d), down=randn(d, d_mlp),
-            attn_gain=gain(d), mlp_gain=gain(d), q_gain=gain(head_dim), k_gain=gain(head_dim),
+            attn_gain=gain(d), mlp_gain=gain(d), q_gain=gain(head_dim).repeat(n_heads), k_gain=gain(head_dim).repeat(n_kv),
         )
         for _ in range(n_layers)
     )

@@ -46,8 +46,8 @@ def synthetic_weights(
             down=randn(d, d_mlp),
             attn_gain=gain(d),
             mlp_gain=gain(d),
-            q_gain=gain(head_dim),
-            k_gain=gain(head_dim),
+            q_gain=gain(head_dim).repeat(n_heads),  # per row of W_q: one gain shared by the heads (Qwen3)
+            k_gain=gain(head_dim).repeat(n_kv),
         )
         for _ in range(n_layers)
     )

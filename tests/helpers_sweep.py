@@ -19,10 +19,12 @@ CONFIG = SweepConfig(quiet=True)
 def weight_summary(
     candidates: Sequence[Candidate], delta: Mapping[str, Tensor], layers: Sequence[int], *,
     slice_dim: Callable[[Target], int] | None = None, per_layer: bool = False,
+    write_gains: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> pl.DataFrame:
     """The sweep's summary (or per_layer frame) of ``candidates`` on the delta's weight targets
-    alone. ``slice_dim`` replaces the LoRA slice's dimension rule (for legacy cases)."""
-    targets = {layer: weight_targets(delta, layer) for layer in layers}
+    alone. ``slice_dim`` replaces the LoRA slice's dimension rule (for legacy cases);
+    ``write_gains`` are a post-norm model's (``model.write_gains``)."""
+    targets = {layer: weight_targets(delta, layer, (write_gains or {}).get(layer)) for layer in layers}
     widest = max(int(B.shape[1]) for c in candidates for B in c.bases.values())
     with compute.policy():
         slice_dims = prepare_spectra(targets, widest)

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from . import report
 from .candidates import A_SIDE_NAMES, Candidate, build_a_side
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
+from .arch import architecture_of
 from .errors import InputError
 from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
 from .prompts import ProbeSet
@@ -145,6 +146,7 @@ def a_side_key_inputs(model, tokenizer, config: SweepConfig, layers: Sequence[in
         "cpu": _cpu_name(),
         "model_sha256": state_dict_sha256(model),
         "model_config_sha256": _model_config_sha256(model),
+        "architecture": repr(architecture_of(model.config)),  # where the table says the modules and norms are
         "attn_implementation": str(getattr(model.config, "_attn_implementation", None)),
         "model_dtype": str(next(model.parameters()).dtype),
         "device": str(device) + (f" {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),

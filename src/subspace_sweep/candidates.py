@@ -47,7 +47,7 @@ from . import compute, linalg
 from .capture_types import ActivationCaptures, SteeredLabels
 from .errors import InputError
 from .scoring import Target, stable_seed
-from .weights import BaseWeights, LayerWeights, residual_columns, residual_gram
+from .weights import BaseWeights, LayerWeights, residual_columns, residual_gram, residual_rows
 
 DTYPE = torch.float64
 
@@ -300,16 +300,17 @@ def expand_kv_heads(W_kv: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Ten
 
 
 def qk_circuit_matrix(
-    q: Tensor, k: Tensor, n_heads: int, n_kv: int, head_dim: int, qk_gain: Tensor | None = None
+    q: Tensor, k: Tensor, n_heads: int, n_kv: int, head_dim: int,
+    q_gain: Tensor | None = None, k_gain: Tensor | None = None,
 ) -> Tensor:
-    """``Σ_h W_q,hᵀ diag(γ_qk) W_k,kv(h)`` (d x d) = ``Σ_g (Σ_{h∈g} W_q,h)ᵀ diag(γ_qk) W_k,g``: sum
-    query blocks per group first. ``qk_gain`` (head_dim,) is ``γ_q ⊙ γ_k`` of q/k norms shared by
-    every head (None: no q/k norms)."""
+    """``Σ_h (D_q,h W_q,h)ᵀ (D_k,kv(h) W_k,kv(h))`` (d x d) = ``Σ_g (Σ_{h∈g} D_q,h W_q,h)ᵀ D_k,g W_k,g``:
+    sum query blocks per group first. ``q_gain`` / ``k_gain`` are the q/k norms' gains per row of
+    W_q / W_k (None: no such norm)."""
     group = _check_heads(n_heads, n_kv, head_dim)
     d = q.shape[1]
+    q = residual_rows(q, q_gain)
+    k = residual_rows(k, k_gain)
     q_grouped = q.reshape(n_kv, group, head_dim, d).sum(dim=1).reshape(n_kv * head_dim, d)
-    if qk_gain is not None:
-        k = (k.reshape(n_kv, head_dim, d) * qk_gain.to(k.dtype)[None, :, None]).reshape(n_kv * head_dim, d)
     return q_grouped.T @ k
 
 
@@ -323,16 +324,20 @@ def ov_circuit_matrix(o: Tensor, v: Tensor, n_heads: int, n_kv: int, head_dim: i
 
 def qk_circuit(lw: LayerWeights, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
     """The layer's QK circuit in residual coordinates (SPEC §4.1), d x d: ``Σ_h diag(γ_in)
-    W_q,hᵀ diag(γ_q ⊙ γ_k) W_k,kv(h) diag(γ_in)``. Up to positive per-token scalars (the RMS of
-    the residual and of each head's q and k) and RoPE, which cancels at equal positions, head h's
+    W_q,hᵀ diag(γ_q,h ⊙ γ_k,kv(h)) W_k,kv(h) diag(γ_in)``. Up to positive per-token scalars (the
+    RMS of the residual and of q and k) and RoPE, which cancels at equal positions, head h's
     pre-softmax score of query residual x and key residual y is ``xᵀ M_h y``."""
-    return residual_gram(qk_circuit_matrix(lw.q, lw.k, n_heads, n_kv, head_dim, lw.qk_gain), lw.attn_gain)
+    M = qk_circuit_matrix(lw.q, lw.k, n_heads, n_kv, head_dim, lw.q_gain, lw.k_gain)
+    return residual_gram(M, lw.attn_gain)
 
 
 def ov_circuit(lw: LayerWeights, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
-    """The layer's OV circuit in residual coordinates, d x d: ``Σ_h W_o,h W_v,kv(h) diag(γ_in)``;
-    up to the residual's RMS, head h writes ``OV_h y`` for each attended residual y."""
-    return residual_columns(ov_circuit_matrix(lw.o, lw.v, n_heads, n_kv, head_dim), lw.attn_gain)
+    """The layer's OV circuit in residual coordinates, d x d: ``Σ_h diag(γ_post) W_o,h W_v,kv(h)
+    diag(γ_in)`` (γ_post: a post-projection norm's gain, where there is one); up to the residual's
+    RMS (and, after a post-projection norm, the RMS of the attention output), head h writes
+    ``OV_h y`` for each attended residual y."""
+    return residual_rows(residual_columns(ov_circuit_matrix(lw.o, lw.v, n_heads, n_kv, head_dim), lw.attn_gain),
+                         lw.o_gain)
 
 
 def attention_sink_vectors(o: Tensor, v: Tensor, sink: Tensor, n_heads: int, n_kv: int, head_dim: int) -> Tensor:
@@ -522,8 +527,8 @@ def _check_weights(W: BaseWeights) -> tuple[int, int, int]:
     if tuple(W.final_gain.shape) != (d,):
         raise InputError(f"final_gain has shape {tuple(W.final_gain.shape)}, expected ({d},)")
     for i, lw in enumerate(W.layers):
-        gains = {"attn_gain": (lw.attn_gain, d), "mlp_gain": (lw.mlp_gain, d),
-                 "q_gain": (lw.q_gain, W.head_dim), "k_gain": (lw.k_gain, W.head_dim)}
+        gains = {"attn_gain": (lw.attn_gain, d), "mlp_gain": (lw.mlp_gain, d), "q_gain": (lw.q_gain, hq),
+                 "k_gain": (lw.k_gain, hkv), "o_gain": (lw.o_gain, d), "down_gain": (lw.down_gain, d)}
         for name, (gain, width) in gains.items():
             if gain is not None and tuple(gain.shape) != (width,):
                 raise InputError(f"layer {i} {name} has shape {tuple(gain.shape)}, expected ({width},)")
@@ -689,10 +694,14 @@ class _LayerGrams:
 
     @classmethod
     def of(cls, lw: LayerWeights) -> _LayerGrams:
+        def write(W: Tensor, gain: Tensor | None) -> Tensor:
+            G = linalg.row_gram(W)
+            return G if gain is None else residual_gram(G, gain)
+
         with compute.gemm_threads():
             attn = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.attn_gain) for n in ("q", "k", "v")}
             mlp = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.mlp_gain) for n in ("up", "gate")}
-            return cls(**attn, **mlp, o=linalg.row_gram(lw.o), down=linalg.row_gram(lw.down))
+            return cls(**attn, **mlp, o=write(lw.o, lw.o_gain), down=write(lw.down, lw.down_gain))
 
     @functools.cached_property
     def read(self) -> Tensor:
@@ -725,7 +734,7 @@ def _layer_weight_bases(
     # the nonlinearity and everything after it in float64. The captured inputs are already
     # normed (the MLP norm's output), so the module's own weights apply to them.
     x = up_in.to(lw.gate.dtype)
-    gate_act = F.silu(linalg.as64(x @ lw.gate.T))  # (n, d_mlp)
+    gate_act = mlp_activation(W.mlp_act)(linalg.as64(x @ lw.gate.T))  # (n, d_mlp)
     hidden = gate_act * linalg.as64(x @ lw.up.T)
     mean_gate = gate_act.mean(dim=0).to(lw.down.dtype)
     # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs),
@@ -733,8 +742,9 @@ def _layer_weight_bases(
     with compute.gemm_threads():
         ov_gram = linalg.row_gram(ov_circuit(lw, h, kv, hd))
         qk_gram = linalg.row_gram(qk_circuit(lw, h, kv, hd))
-        roundtrip_gram = linalg.row_gram(residual_columns(lw.down @ lw.up, lw.mlp_gain))
-        gate_kernel_gram = linalg.row_gram(residual_columns((lw.down * mean_gate[None, :]) @ lw.up, lw.mlp_gain))
+        down = residual_rows(lw.down, lw.down_gain)
+        roundtrip_gram = linalg.row_gram(residual_columns(down @ lw.up, lw.mlp_gain))
+        gate_kernel_gram = linalg.row_gram(residual_columns((down * mean_gate[None, :]) @ lw.up, lw.mlp_gain))
 
     # Wave 1: independent eigenproblems (run in parallel when a pool exists).
     grams = {
@@ -754,9 +764,9 @@ def _layer_weight_bases(
         "causally_isolated": _job(Gw, rank["causally_isolated"], forbidden),
     }))
     out["input_super_not_lm_read"] = linalg.project_away(out["input_super"], LM)[:, : rank["input_super_not_lm_read"]]
-    out["attention_sink"] = linalg.pca(attention_sink_vectors(lw.o, lw.v, sink, h, kv, hd), r)
-    # The MLP's outputs on the clean FIT inputs of up_proj.
-    out["gate_active_written"] = linalg.pca(linalg.as64(hidden.to(lw.down.dtype) @ lw.down.T), r)
+    out["attention_sink"] = linalg.pca(attention_sink_vectors(residual_rows(lw.o, lw.o_gain), lw.v, sink, h, kv, hd), r)
+    # The MLP's outputs on the clean FIT inputs of up_proj (through a post-projection norm's gain).
+    out["gate_active_written"] = linalg.pca(linalg.as64(hidden.to(down.dtype) @ down.T), r)
     return out
 
 
@@ -837,6 +847,15 @@ def _magnitude_features(clean: Tensor) -> dict[str, Tensor]:
         "amplified": torch.relu(mag[-1] - mag[0]),
         "added_features": up,
     }
+
+
+def mlp_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The MLP gate's activation by its transformers name (``silu``, ``gelu_pytorch_tanh``, ...)."""
+    from transformers.activations import ACT2FN
+
+    if name not in ACT2FN:
+        raise InputError(f"unknown MLP activation {name!r}")
+    return ACT2FN[name]
 
 
 def _residual_direction(normed: Tensor, gain: Tensor) -> Tensor:

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from .capture_types import ActivationCaptures, SteeredLabels
 from .errors import InputError
-from .model import ATTN_NORM, attention_sink_token_id, block_name, model_device, module_name, n_layers_of, weight_key
+from .arch import architecture_of, fused_rows
+from .model import attention_sink_token_id, block_name, model_device, n_layers_of, projection_weight, write_gains
 from .prompts import ProbeSet
 from .steering import weight_steer
 
@@ -275,9 +276,15 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     B = ids.shape[0]
     rows = torch.arange(B, device=dev)
     L = n_layers_of(model)
+    arch = architecture_of(model.config)
     blocks = [block_name(i) for i in range(L)]
-    ups = [module_name(i, "up_proj") for i in range(L)]
-    attns = [f"{block_name(i)}.self_attn" for i in range(L)]
+    # What the MLP reads (its input: the normed residual) and the up projection's output (the up
+    # rows of a fused gate_up projection).
+    mlps = [f"{block_name(i)}.{arch.mlp}" for i in range(L)]
+    up_path, up_part = arch.projection("up")
+    ups = [f"{block_name(i)}.{up_path}" for i in range(L)]
+    up_rows = fused_rows(arch, "up", model.config) if up_part is not None else slice(None)
+    attns = [f"{block_name(i)}.{arch.attention}" for i in range(L)]
 
     def at_last(x: Tensor) -> Tensor:
         return x[rows, last]
@@ -290,8 +297,8 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
         _eager_attention(model, want.attn),
         record_activations(model, blocks, inputs=want.block_in,
                            transform=None if want.tokens else at_last) as rb,
-        record_activations(model, ups if (want.up_in or want.up_out) else [], inputs=want.up_in,
-                           outputs=want.up_out, transform=at_last) as ru,
+        record_activations(model, mlps if want.up_in else [], inputs=True, outputs=False, transform=at_last) as rm,
+        record_activations(model, ups if want.up_out else [], transform=lambda x: at_last(x)[..., up_rows]) as ru,
         record_activations(model, attns if want.attn else [], index=1, transform=final_attn) as ra,
     ):
         # The decoder alone: no capture needs logits. (Not logits_to_keep=1: its strided
@@ -310,7 +317,7 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     if want.block_in:
         out["block_in"] = f32([rb.input(n) for n in blocks])
     if want.up_in:
-        out["up_in"] = f32([ru.input(n) for n in ups])
+        out["up_in"] = f32([rm.input(n) for n in mlps])
     if want.up_out:
         out["up_out"] = f32([ru.output(n) for n in ups])
     if want.attn:
@@ -351,15 +358,17 @@ def a_side_conditions(tokenizer, probes: ProbeSet) -> dict[str, tuple[list[str],
 
 def capture_sink(model: nn.Module, token_id: int) -> Tensor:
     """(L, d) float32: the token ``token_id`` alone at position 0, as each layer's attention reads
-    it (the output of the layer's attention norm). At position 0 a token attends only to itself,
-    so this is also its residual at the start of any prompt it begins (one forward pass)."""
+    it (the attention module's input: its norm's output, or the raw residual where a block has no
+    norm in front of attention). At position 0 a token attends only to itself, so this is also
+    its residual at the start of any prompt it begins (one forward pass)."""
     dev = model_device(model)
     ids = torch.tensor([[int(token_id)]], device=dev)
-    names = [f"{block_name(i)}.{ATTN_NORM}" for i in range(n_layers_of(model))]
-    with torch.no_grad(), record_activations(model, names, transform=lambda x: x[0, 0]) as rec:
+    arch = architecture_of(model.config)
+    names = [f"{block_name(i)}.{arch.attention}" for i in range(n_layers_of(model))]
+    with torch.no_grad(), record_activations(model, names, inputs=True, outputs=False, transform=lambda x: x[0, 0]) as rec:
         model.model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.zeros_like(ids),
                     use_cache=False)
-    return torch.stack([rec.output(n).float().cpu() for n in names])
+    return torch.stack([rec.input(n).float().cpu() for n in names])
 
 
 def capture_activations(
@@ -376,11 +385,15 @@ def capture_activations(
     clean, pos, neg = got["clean"], got["persona_pos"], got["persona_neg"]
     T = max(pos["tokens"].shape[2], neg["tokens"].shape[2])
 
-    def written(up_out: Tensor) -> Tensor:  # (L, n, d_mlp) -> (L, n, d): x_up @ W_down^T per layer
-        return torch.stack([
-            up_out[i] @ model.get_parameter(weight_key(i, "down_proj")).detach().float().cpu().T
-            for i in range(up_out.shape[0])
-        ])
+    arch = architecture_of(model.config)
+
+    def written(up_out: Tensor) -> Tensor:  # (L, n, d_mlp) -> (L, n, d): x_up @ (diag(γ_post) W_down)^T per layer
+        out = []
+        for i in range(up_out.shape[0]):
+            down = projection_weight(model, arch, i, "down").detach().float().cpu()
+            gain = write_gains(model, i).get("down_proj")
+            out.append(up_out[i] @ (down if gain is None else down * gain[:, None]).T)
+        return torch.stack(out)
 
     return ActivationCaptures(
         clean=clean["blocks"],

@@ -102,6 +102,9 @@ def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: Answer
                              use_cache=False).last_hidden_state
         h = hidden[torch.arange(ids.shape[0], device=dev), last]
         logits = model.get_output_embeddings()(h).float()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:  # Gemma2: the model's own logits are tanh-capped
+            logits = torch.tanh(logits / cap) * cap
     return (logits[:, answers.yes_id] - logits[:, answers.no_id]).double().cpu()
 
 
@@ -118,17 +121,21 @@ def effect(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequ
 
 
 def restrict(delta: Mapping[str, Tensor], bases: Mapping[int, Tensor] | None = None, *,
-             ablate: bool = False, layers: Sequence[int] | None = None) -> dict[str, Tensor]:
-    """The residual writers of ``delta`` (o_proj, down_proj) at ``layers`` (default: every layer),
-    projected onto span(B) of their layer (``ablate``: onto its complement), everything else
-    dropped; ``bases=None``: the writers unchanged (w_writes). Products in float64, stored in the
-    wider of float32 and the delta's dtype."""
+             ablate: bool = False, layers: Sequence[int] | None = None,
+             write_gains: Mapping[int, Mapping[str, Tensor]] | None = None) -> dict[str, Tensor]:
+    """The residual writers of ``delta`` (o_proj, down_proj weights and biases) at ``layers``
+    (default: every layer), projected onto span(B) of their layer (``ablate``: onto its
+    complement), everything else dropped; ``bases=None``: the writers unchanged (w_writes).
+    Behind a post-projection norm of gain γ (``write_gains[layer][writer]``) the residual sees
+    ``diag(γ)·ΔW`` (SPEC §4.1), so the projection acts there: ``diag(γ)⁻¹ P_B diag(γ) ΔW``
+    (a zero-gain channel writes nothing and stays 0). Products in float64, stored in the wider of
+    float32 and the delta's dtype."""
     out: dict[str, Tensor] = {}
     for key, M in delta.items():
         wl = writer_layer(key)
         if wl is None or (layers is not None and wl[0] not in layers):
             continue
-        layer = wl[0]
+        layer, writer = wl
         dtype = torch.promote_types(M.dtype, torch.float32)
         if bases is None:
             out[key] = M.detach().to(dtype)
@@ -137,7 +144,14 @@ def restrict(delta: Mapping[str, Tensor], bases: Mapping[int, Tensor] | None = N
             raise InputError(f"no basis at layer {layer}, where the delta writes to the residual stream ({key})")
         B = linalg.as64(bases[layer])
         M64 = linalg.as64(M)
-        kept = B @ (B.T @ M64)
+        gain = (write_gains or {}).get(layer, {}).get(writer)
+        if gain is None:
+            kept = B @ (B.T @ M64)
+        else:
+            g = linalg.as64(gain)
+            shape = (-1,) + (1,) * (M64.dim() - 1)
+            seen = B @ (B.T @ (g.reshape(shape) * M64))
+            kept = torch.where(g.reshape(shape) != 0, seen / torch.where(g != 0, g, 1.0).reshape(shape), 0.0)
         out[key] = (M64 - kept if ablate else kept).to(dtype)
     return out
 
@@ -219,6 +233,7 @@ def run_causal(
     n_null: int,
     seed: int,
     answers: AnswerTokens | None = None,
+    write_gains: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> CausalResult:
     """The causal table for the first ``k`` of ``ranked`` ((name, per-layer bases), best first),
     with ``combined[layer]`` the combined weight target of each scored layer (for the oracles)."""
@@ -241,7 +256,7 @@ def run_causal(
         return sum(vals) / len(vals) if len(vals) == len(layers) else math.nan
 
     e_w = E(delta)
-    writes = restrict(delta, layers=layers)
+    writes = restrict(delta, layers=layers, write_gains=write_gains)
     e_writes = E(writes)
     writes_norm = frobenius(writes)
     rows.append({"kind": "reference", "name": "w", "effect": e_w, "kept": _ratio(e_w, e_writes)})
@@ -249,7 +264,8 @@ def run_causal(
                  "R_w_combined": 1.0})
 
     def tested(kind: str, name: str, bases: Mapping[int, Tensor]) -> dict:
-        e_b, e_abl = E(restrict(delta, bases, layers=layers)), E(restrict(delta, bases, ablate=True, layers=layers))
+        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains))
+        e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains))
         return {"kind": kind, "name": name, "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
                 "R_w_combined": R_w(bases), "effect": e_b, "effect_ablated": e_abl,
                 "kept": _ratio(e_b, e_writes), "ablated": 1.0 - _ratio(e_abl, e_writes)}
@@ -279,7 +295,7 @@ def run_causal(
         width = min(int(ordered[lay].shape[1]) for lay in layers)
         for kk in [x for x in CURVE_RANKS if x <= min(width, d)]:
             bases = {lay: ordered[lay][:, :kk] for lay in layers}
-            w_b = restrict(delta, bases, layers=layers)
+            w_b = restrict(delta, bases, layers=layers, write_gains=write_gains)
             for matched, w in ((False, w_b), (True, scaled(w_b, writes_norm))):
                 e_b = E(w)
                 rows.append({"kind": "curve", "name": name, "rank": float(kk), "k": kk, "norm_matched": matched,

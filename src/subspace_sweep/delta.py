@@ -24,12 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DeltaError
-from .model import WRITER_PROJS, weight_key
+from .model import WRITER_PROJS, module_name as module_name_of, weight_key
 
 PEFT_PREFIX = "base_model.model."
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
-_WRITER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
+_WRITER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
 #: Short names used by scoring for the residual-writer tensors.
 WRITER_SHORT = {"self_attn.o_proj": "o_proj", "mlp.down_proj": "down_proj"}
 
@@ -230,23 +230,33 @@ def validate_delta(delta: Mapping[str, Tensor], model: nn.Module) -> None:
 
 
 def writer_layer(key: str) -> tuple[int, str] | None:
-    """``(layer, "o_proj" | "down_proj")`` for a residual-writer key, else None."""
+    """``(layer, "o_proj" | "down_proj")`` for a residual-writer key (weight or bias), else None."""
     m = _WRITER_RE.match(key)
     return (int(m.group(1)), WRITER_SHORT[m.group(2)]) if m else None
 
 
 def residual_writer_tensors(delta: Mapping[str, Tensor], layer: int) -> dict[str, Tensor]:
     """The layer's o_proj / down_proj deltas as CPU ``(d, n_in)`` tensors in their stored dtype
-    (the precision they were stored in sets the targets' noise floor, ``scoring.Target``).
+    (the precision they were stored in sets the targets' noise floor, ``scoring.Target``). A bias
+    delta is one more column, ``[ΔW ‖ Δb]``: what the writer adds to the residual for an input z is
+    ``ΔW z + Δb = [ΔW ‖ Δb]·[z; 1]``.
 
-    Keys among ``"o_proj"``, ``"down_proj"``; a tensor that is absent or all zero is left out
-    (an all-zero tensor defines no target: ``tr G = 0``).
+    Keys among ``"o_proj"``, ``"down_proj"``; a writer whose weight and bias deltas are absent or
+    all zero is left out (an all-zero tensor defines no target: ``tr G = 0``).
     """
     out: dict[str, Tensor] = {}
     for proj in WRITER_PROJS:
-        v = delta.get(weight_key(layer, proj))
-        if v is not None and bool(v.any()):
-            out[WRITER_SHORT[proj]] = v.detach().to(device="cpu")
+        w = delta.get(weight_key(layer, proj))
+        b = delta.get(f"{module_name_of(layer, proj)}.bias")
+        parts = [v.detach().to("cpu") for v in (w, b) if v is not None and bool(v.any())]
+        if not parts:
+            continue
+        if b is not None and bool(b.any()):
+            d = b.shape[0]
+            weight = w.detach().to("cpu") if w is not None else torch.zeros(d, 0, dtype=b.dtype)
+            out[WRITER_SHORT[proj]] = torch.cat([weight, b.detach().to("cpu", weight.dtype)[:, None]], dim=1)
+        else:
+            out[WRITER_SHORT[proj]] = parts[0]
     return out
 
 
@@ -317,11 +327,16 @@ def _load_base_for_peft(base: str | Path | nn.Module) -> Callable[[], nn.Module]
     return load
 
 
-def _merged_touched(make_base: Callable[[], nn.Module], adapter: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(base values, merged values) in float32 of every weight the adapter touches."""
+class IdenticalAdaptersError(DeltaError):
+    """The two adapters merge to the same weights: w = 0, nothing to sweep."""
+
+
+def _merged_state(make_base: Callable[[], nn.Module], adapter: str | Path) -> dict[str, Tensor]:
+    """Every parameter (float32; a tied weight under its first name) of the base with ``adapter``
+    merged in: LoRA/DoRA updates, ``modules_to_save`` copies and trained biases alike
+    (``merge_and_unload``)."""
     try:
         from peft import PeftModel
-        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise DeltaError("a delta from PEFT adapters needs the optional extra: pip install 'subspace-sweep[peft]'") from e
     adapter = Path(adapter)
@@ -330,35 +345,44 @@ def _merged_touched(make_base: Callable[[], nn.Module], adapter: str | Path) -> 
     model = make_base()
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        merged = peft_model.merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise DeltaFormatError(f"{adapter}: could not apply the adapter to the base model ({type(e).__name__}: {e})") from None
-    inner = peft_model.get_base_model()
-    touched = [name for name, mod in inner.named_modules() if isinstance(mod, BaseTunerLayer)]
-    if not touched:
-        raise DeltaFormatError(f"{adapter}: the adapter modifies no module of the base model")
-    base_vals = {
-        f"{n}.weight": inner.get_submodule(n).get_base_layer().weight.detach().float().clone() for n in touched
-    }
-    merged = peft_model.merge_and_unload()
-    merged_vals = {k: merged.get_parameter(k).detach().float().clone() for k in base_vals}
-    return base_vals, merged_vals
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DeltaFormatError(f"{adapter}: could not apply the adapter to the base model "
+                               f"({type(e).__name__}: {first[:200]})") from None
+    return {k: v.detach().float().clone() for k, v in merged.named_parameters()}
 
 
 def delta_from_peft(
     base: str | Path | nn.Module, adapter_pos: str | Path, adapter_neg: str | Path
 ) -> dict[str, Tensor]:
-    """``w = merged⁺ − merged⁻`` (float32 CPU) over the weights either adapter touches.
+    """``w = merged⁺ − merged⁻`` (float32 CPU) over EVERY parameter the two merged models differ
+    in: LoRA/DoRA updates, ``modules_to_save`` copies, bias changes.
 
     Each adapter is merged into its own float32 copy of the base (a path is loaded fresh, a
-    model object is deep-copied and left unchanged). A weight touched by only one adapter takes
-    the base value on the other side, so its delta is that adapter's update (or minus it).
+    model object is deep-copied and left unchanged). Two adapters that merge to the same weights
+    are an ``IdenticalAdaptersError`` (w would be 0).
     """
     make_base = _load_base_for_peft(base)
-    base_p, merged_p = _merged_touched(make_base, adapter_pos)
-    base_n, merged_n = _merged_touched(make_base, adapter_neg)
+    pos = _merged_state(make_base, adapter_pos)
+    neg = _merged_state(make_base, adapter_neg)
+    if set(pos) != set(neg):
+        odd = sorted(set(pos) ^ set(neg))
+        raise DeltaFormatError(f"{adapter_pos} and {adapter_neg} merge to models with different parameters "
+                               f"(e.g. {odd[0]!r}): adapters of different base models?")
     out: dict[str, Tensor] = {}
-    for k in sorted(set(merged_p) | set(merged_n)):
-        pos = merged_p.get(k, base_n.get(k))
-        neg = merged_n.get(k, base_p.get(k))
-        out[k] = (pos - neg).contiguous()
+    for k in sorted(pos):
+        if pos[k].shape != neg[k].shape:
+            raise DeltaFormatError(f"'{k}' has shape {tuple(pos[k].shape)} with {adapter_pos} and "
+                                   f"{tuple(neg[k].shape)} with {adapter_neg}")
+        if not torch.equal(pos[k], neg[k]):
+            out[k] = (pos[k] - neg[k]).contiguous()
+    if not out:
+        raise IdenticalAdaptersError(f"{adapter_pos} and {adapter_neg} merge to identical weights: w = 0")
     return out
+
+
+def unscored_keys(delta: Mapping[str, Tensor]) -> list[str]:
+    """The delta's tensors the weight score does not read (everything but the residual writers'
+    weights and biases): they are steered with, and listed, but not scored."""
+    return sorted(k for k in delta if writer_layer(k) is None)

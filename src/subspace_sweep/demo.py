@@ -18,9 +18,10 @@ import polars as pl
 import torch
 
 from .candidates import Candidate, get_spec
-from .delta import random_delta, save_delta
+from . import linalg
+from .delta import WRITER_SHORT, random_delta, save_delta
 from .errors import InputError
-from .model import WRITER_PROJS, load_model, n_layers_of
+from .model import WRITER_PROJS, load_model, n_layers_of, write_gains
 from .prompts import load_probe_set
 from .report import rank_fair_order
 from .a_side import build_a_side_for
@@ -44,14 +45,24 @@ def base_candidates(model, tokenizer, layers: Sequence[int], config: SweepConfig
 
 
 def plant_in(model, candidate: Candidate, layers: Sequence[int], *, seed: int) -> dict[str, torch.Tensor]:
-    """A delta whose o_proj/down_proj columns lie in ``candidate``'s basis at each layer."""
+    """A delta whose o_proj/down_proj columns lie in ``candidate``'s basis at each layer, as the
+    residual sees them: behind a post-projection norm of gain γ (SPEC §4.1) the columns are
+    ``diag(γ)⁻¹·B·c``, so that the weight target ``diag(γ)·ΔW`` lies in span(B)."""
     delta: dict[str, torch.Tensor] = {}
     for layer in layers:
         B = candidate.bases[layer]
         if B.shape[1] == 0:
             raise InputError(f"--plant {candidate.name}: its basis is empty at layer {layer}; choose other --layers")
-        delta.update(random_delta(model, [layer], rank=PLANT_RANK, seed=seed + layer, scale=PLANT_SCALE,
-                                  projections=WRITER_PROJS, basis=B.float()))
+        gains = write_gains(model, layer)
+        if not gains:  # both writers add to the residual directly: one draw for both
+            delta.update(random_delta(model, [layer], rank=PLANT_RANK, seed=seed + layer, scale=PLANT_SCALE,
+                                      projections=WRITER_PROJS, basis=B.float()))
+            continue
+        for i, proj in enumerate(WRITER_PROJS):
+            gain = gains.get(WRITER_SHORT[proj])
+            basis = B if gain is None else B / linalg.as64(gain)[:, None]
+            delta.update(random_delta(model, [layer], rank=PLANT_RANK, seed=seed + layer + 7919 * i, scale=PLANT_SCALE,
+                                      projections=[proj], basis=basis.float()))
     return delta
 
 

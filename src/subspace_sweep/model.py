@@ -1,7 +1,9 @@
-"""Loading a Llama/Qwen-style decoder and reading its weights (SPEC §2).
+"""Loading a supported decoder and reading its weights (SPEC §2, §9).
 
-Module and parameter names follow the HF layout the sweep assumes:
-``model.layers.{i}.self_attn.{q,k,v,o}_proj`` and ``model.layers.{i}.mlp.{gate,up,down}_proj``.
+Where a model keeps its projections and norms comes from the architecture table (``arch.py``):
+``model.layers.{i}`` blocks with ``self_attn.o_proj`` and ``mlp.down_proj`` writing the residual
+stream in every supported model; the readers separate or fused (Phi-3), the norms where the row
+says.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .arch import Architecture, architecture_of, fused_rows
 from .errors import InputError
 from .weights import BaseWeights, LayerWeights
 
@@ -20,12 +23,6 @@ ATTN_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJS = ("gate_proj", "up_proj", "down_proj")
 #: The projections that write into the residual stream (their delta is the R_w target).
 WRITER_PROJS = ("self_attn.o_proj", "mlp.down_proj")
-#: The norms in front of the readers (SPEC §4.1), relative to a decoder block; the final norm is
-#: ``FINAL_NORM``. q/k norms are optional (Qwen3 has them, Llama does not).
-ATTN_NORM = "input_layernorm"
-MLP_NORM = "post_attention_layernorm"
-QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
-FINAL_NORM = "model.norm"
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -69,27 +66,26 @@ def n_layers_of(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
 
-def check_architecture(model: nn.Module) -> None:
-    """Raise InputError naming the first missing module of the layout the sweep needs."""
+def check_architecture(model: nn.Module) -> Architecture:
+    """The model's architecture table row; InputError for an unsupported model_type or a module
+    the row names that the model lacks (the first one)."""
     config = getattr(model, "config", None)
     n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int) or n < 1:
         raise InputError(f"{type(model).__name__}: config.num_hidden_layers is missing or < 1 ({n!r})")
+    arch = architecture_of(config)
     names = dict(model.named_modules())
-    required = ["model.embed_tokens", "model.layers", FINAL_NORM]
+    required = ["model.embed_tokens", "model.layers", arch.final_norm]
     for layer in range(n):
         required.append(block_name(layer))
-        required += [module_name(layer, p) for p in ATTN_PROJS + MLP_PROJS]
-        required += [f"{block_name(layer)}.{norm}" for norm in (ATTN_NORM, MLP_NORM)]
+        required += [f"{block_name(layer)}.{p}" for p in arch.module_paths()]
     for name in required:
         if name not in names:
-            raise InputError(
-                f"{type(model).__name__} has no module '{name}': the sweep needs a Llama/Qwen-style decoder "
-                f"(model.layers.{{i}}.self_attn.{{q,k,v,o}}_proj, mlp.{{gate,up,down}}_proj, {ATTN_NORM}, {MLP_NORM}; "
-                f"{FINAL_NORM})"
-            )
+            raise InputError(f"{type(model).__name__} (model_type {arch.model_type!r}) has no module '{name}', "
+                             "which the architecture table expects")
         if name.endswith("_proj") and not isinstance(getattr(names[name], "weight", None), torch.Tensor):
             raise InputError(f"module '{name}' of {type(model).__name__} has no weight tensor")
+    return arch
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -179,7 +175,7 @@ def load_model(
     A model that cannot be found raises InputError saying where it looked.
     The tokenizer gets ``pad_token = eos_token`` when it has none (padding is needed for batching).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -204,6 +200,12 @@ def load_model(
         if not files_only and (why := _hub_unreachable()):
             errors.append(f"download: {why}")
             break
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=files_only)
+        except (OSError, ValueError, KeyError) as e:
+            errors.append(f"{'cache' if files_only else 'download'}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        architecture_of(config)  # an unsupported model_type: refused before any weight is read
         try:
             tok = AutoTokenizer.from_pretrained(source, local_files_only=files_only)
             mdl = AutoModelForCausalLM.from_pretrained(
@@ -263,33 +265,80 @@ def norm_gain(norm: nn.Module, width: int) -> torch.Tensor:
     return out.reshape(width).detach().to(device="cpu", dtype=torch.float32)
 
 
+def projection_weight(model: nn.Module, arch: Architecture, layer: int, name: str) -> torch.Tensor:
+    """The (out x in) weight of projection ``name`` (q/k/v/o/gate/up/down) at ``layer``: the
+    module's own parameter, or its rows inside a fused projection (a view, no copy)."""
+    path, part = arch.projection(name)
+    W = model.get_submodule(f"{block_name(layer)}.{path}").weight
+    return W if part is None else W[fused_rows(arch, part, model.config)]
+
+
+def _gain_or_ones(model: nn.Module, path: str | None, width: int) -> torch.Tensor:
+    """The gain of the norm at ``path`` (absolute module path), ones where there is no norm."""
+    if path is None:
+        return torch.ones(width)
+    return norm_gain(model.get_submodule(path), width)
+
+
+def _row_gain(model: nn.Module, path: str | None, n_heads: int, head_dim: int) -> torch.Tensor | None:
+    """A q/k norm's gain per projection row (n_heads·head_dim): tiled over the heads when the norm
+    acts on each head (Qwen3, Gemma3), as is when it acts on the whole projection (OLMo2)."""
+    if path is None:
+        return None
+    norm = model.get_submodule(path)
+    width = int(next(iter(norm.parameters())).shape[-1])
+    gain = norm_gain(norm, width)
+    if width == head_dim:
+        return gain.repeat(n_heads)
+    if width == n_heads * head_dim:
+        return gain
+    raise InputError(f"{path} has width {width}: neither head_dim {head_dim} nor n_heads·head_dim {n_heads * head_dim}")
+
+
+def mlp_activation_name(config) -> str:
+    """The MLP's gate activation (transformers' ACT2FN name)."""
+    return str(getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None) or "silu")
+
+
+def write_gains(model: nn.Module, layer: int) -> dict[str, torch.Tensor]:
+    """The post-projection norm gains of the layer's writers (``"o_proj"``, ``"down_proj"``), for
+    post-norm architectures; empty where the writers add to the residual directly."""
+    arch = architecture_of(model.config)
+    d = int(model.config.hidden_size)
+    return {w: norm_gain(model.get_submodule(f"{block_name(layer)}.{p}"), d)
+            for w in ("o_proj", "down_proj") if (p := arch.write_norm(w)) is not None}
+
+
 def extract_base_weights(model: nn.Module) -> BaseWeights:
     """Everything the A-side may read, on the CPU in the model's dtype (no delta is applied here).
 
     For a CPU model the matrices are views of its parameters, not copies (a float32 copy of
     Qwen3-0.6B is 2.4 GB and ~1.5 s of page faults); candidate building converts one layer at a
     time. They change if the model's weights change: build the A-side before steering the model.
-    The norm gains (SPEC §4.1) are read from the norm modules' forward (``norm_gain``).
+    The norm gains (SPEC §4.1) are read from the norm modules' forward (``norm_gain``); where the
+    architecture table puts a norm, its gain is used, else ones (readers) or None (writers).
     """
-    check_architecture(model)
+    arch = check_architecture(model)
     cfg = model.config
     d = int(cfg.hidden_size)
     n_heads = int(cfg.num_attention_heads)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    modules = dict(model.named_modules())
     layers = []
     for i in range(n_layers_of(model)):
-        get = lambda p: _cpu(model.get_parameter(weight_key(i, p)))  # noqa: E731
-        q_norm, k_norm = (modules.get(f"{block_name(i)}.{n}") for n in QK_NORMS)
+        blk = block_name(i)
+        get = lambda name: _cpu(projection_weight(model, arch, i, name))  # noqa: E731
+        at = lambda rel: None if rel is None else f"{blk}.{rel}"  # noqa: E731
+        post = write_gains(model, i)
         layers.append(
             LayerWeights(
-                q=get("q_proj"), k=get("k_proj"), v=get("v_proj"), o=get("o_proj"),
-                gate=get("gate_proj"), up=get("up_proj"), down=get("down_proj"),
-                attn_gain=norm_gain(modules[f"{block_name(i)}.{ATTN_NORM}"], d),
-                mlp_gain=norm_gain(modules[f"{block_name(i)}.{MLP_NORM}"], d),
-                q_gain=norm_gain(q_norm, head_dim) if q_norm is not None else None,
-                k_gain=norm_gain(k_norm, head_dim) if k_norm is not None else None,
+                q=get("q"), k=get("k"), v=get("v"), o=get("o"), gate=get("gate"), up=get("up"), down=get("down"),
+                attn_gain=_gain_or_ones(model, at(arch.attn_norm), d),
+                mlp_gain=_gain_or_ones(model, at(arch.mlp_norm), d),
+                q_gain=_row_gain(model, at(arch.q_norm), n_heads, head_dim),
+                k_gain=_row_gain(model, at(arch.k_norm), n_kv, head_dim),
+                o_gain=post.get("o_proj"),
+                down_gain=post.get("down_proj"),
             )
         )
     embed = model.get_input_embeddings().weight
@@ -299,10 +348,11 @@ def extract_base_weights(model: nn.Module) -> BaseWeights:
     return BaseWeights(
         layers=tuple(layers),
         unembed=unembed,
-        final_gain=norm_gain(modules[FINAL_NORM], d),
+        final_gain=norm_gain(model.get_submodule(arch.final_norm), d),
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
+        mlp_act=mlp_activation_name(cfg),
     )
 
 

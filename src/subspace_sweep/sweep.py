@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,9 +25,10 @@ from .a_side import ASide, build_a_side_for, check_cache_dir
 from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
 from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
 from .capture import LABEL_KINDS, capture_labels, count_forward_passes
-from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
+from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
 from .errors import InputError
-from .model import load_model, n_layers_of, state_dict_sha256
+from .model import load_model, n_layers_of, state_dict_sha256, write_gains
+from .weights import residual_rows
 from .prompts import ProbeSet, load_probe_set
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
@@ -141,7 +143,8 @@ def holdout_rows(probes: ProbeSet, n_train_topics: int) -> list[int]:
 
 
 def build_targets(
-    labels_eval: Tensor, delta: Mapping[str, Tensor], layers: Sequence[int], holdout: Sequence[int] | None = None
+    labels_eval: Tensor, delta: Mapping[str, Tensor], layers: Sequence[int], holdout: Sequence[int] | None = None,
+    gains: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> dict[int, dict[str, Target]]:
     """Per scored layer: the activation target, each present weight target (SPEC §5) and, with a
     topic holdout, the activation target on the held-out EVAL rows only (``act_holdout``)."""
@@ -150,15 +153,19 @@ def build_targets(
         per: dict[str, Target] = {"act": Target.from_rows(f"act@{layer}", labels_eval[layer])}
         if holdout is not None:
             per["act_holdout"] = Target.from_rows(f"act_holdout@{layer}", labels_eval[layer][list(holdout)])
-        per.update(weight_targets(delta, layer))
+        per.update(weight_targets(delta, layer, (gains or {}).get(layer)))
         out[layer] = per
     return out
 
 
-def weight_targets(delta: Mapping[str, Tensor], layer: int) -> dict[str, Target]:
+def weight_targets(delta: Mapping[str, Tensor], layer: int,
+                   gains: Mapping[str, Tensor] | None = None) -> dict[str, Target]:
     """The layer's weight targets (SPEC §5): each present residual writer's, and their balanced
-    combination; none when the delta writes nothing to the residual stream there."""
-    weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in residual_writer_tensors(delta, layer).items()}
+    combination; none when the delta writes nothing to the residual stream there. A writer behind
+    a post-projection norm (``gains[writer]``, SPEC §4.1) writes ``diag(γ)·ΔW`` to first order."""
+    gains = gains or {}
+    weights = {name: Target.from_matrix(f"{name}@{layer}", residual_rows(M, gains.get(name)))
+               for name, M in residual_writer_tensors(delta, layer).items()}
     if weights:
         weights["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
     return weights
@@ -427,7 +434,8 @@ def sweep(
     bar.update(1)
 
     t0 = time.perf_counter()
-    targets = build_targets(labels.eval, delta, layers, holdout)
+    gains = {layer: write_gains(model, layer) for layer in layers}
+    targets = build_targets(labels.eval, delta, layers, holdout, gains)
     with compute.policy():
         # Every spectrum the B-side and the scores need, once, as parallel jobs: each target's
         # top-k eigenpairs for k = the widest basis (pct_oracle is rank-matched), and the LoRA
@@ -464,7 +472,7 @@ def sweep(
         names = rank_rows(summary.filter(pl.col("candidate").is_in(pool)))["candidate"].to_list()
         causal = run_causal(model, tokenizer, delta, probes.eval, [(n, by_name[n].bases) for n in names],
                             {layer: targets[layer]["combined"] for layer in layers}, k=config.causal,
-                            n_null=config.causal_null, seed=config.seed, answers=answers)
+                            n_null=config.causal_null, seed=config.seed, answers=answers, write_gains=gains)
         timings["causal"] = time.perf_counter() - t0
     return SweepResult(
         per_layer=per_layer,
@@ -532,8 +540,11 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     load_s = time.perf_counter() - t0
     if config.causal:
         answer_tokens(tokenizer)  # a tokenizer that cannot tell the answers apart: before any forward pass
-    for delta in loaded:
+    for path, delta in zip(deltas, loaded):
         validate_delta(delta, model)
+        if unscored := unscored_keys(delta):
+            warnings.warn(f"{path}: {len(unscored)} delta tensors are steered with but not scored (the weight score "
+                          f"reads the residual writers only), e.g. {unscored[0]}; all are listed in the manifest")
     n_layers = n_layers_of(model)
     union = sorted({layer for delta in loaded for layer in resolve_layers(config, delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
@@ -551,8 +562,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
         base = model_manifest(model, config, results[0])
         runs = [(r, replace(config, delta=str(p)),
                  {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names,
-                  "a_side_cache": r.a_side_cache})
-                for r, p in zip(results, deltas)]
+                  "a_side_cache": r.a_side_cache, "delta_unscored_keys": unscored_keys(delta)})
+                for r, p, delta in zip(results, deltas, loaded)]
         if len(runs) == 1:
             report.write_run(*runs[0][:2], config.out, runs[0][2])
         else:

@@ -131,6 +131,67 @@ def build_tiny_model(
     return model, tok
 
 
+#: Per supported model_type (``arch.ARCHITECTURES``), the config options a tiny random model of it
+#: needs beyond the shared shape; ``bias`` rows turn on every bias the architecture can have.
+TINY_DECODER_OPTIONS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},  # q/k/v biases always
+    "qwen3": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "olmo2": {},
+    "phi3": {},
+}
+BIAS_OPTIONS: dict[str, dict] = {"llama": dict(attention_bias=True, mlp_bias=True)}
+
+
+def build_tiny_decoder(
+    model_type: str, seed: int = 0, *, bias: bool = False, n_layers: int = 3, d_model: int = 64, n_heads: int = 4,
+    n_kv_heads: int = 2, head_dim: int = 16, d_mlp: int = 96,
+):
+    """A seeded tiny random model of any supported ``model_type`` (float32, eval, eager attention,
+    non-trivial norm gains) and the offline tokenizer: the same shape for every architecture."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import architecture_of
+
+    tok = build_tiny_tokenizer()
+    options = {**TINY_DECODER_OPTIONS.get(model_type, {}), **(BIAS_OPTIONS.get(model_type, {}) if bias else {})}
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim, max_position_embeddings=512,
+        initializer_range=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        use_cache=False, **options,
+    )
+    architecture_of(config)  # only table rows
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        randomise_norm_gains(model, seed)
+        if bias:  # transformers initialises biases to 0: make them count
+            gen = torch.Generator().manual_seed(int(seed) + 104729)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name.endswith(".bias"):
+                        p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model.set_attn_implementation("eager")
+    model.to(torch.float32).eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def save_tiny_decoder(path: str | Path, model_type: str, seed: int = 0, **kwargs) -> Path:
+    """``build_tiny_decoder`` saved as a model folder (config, weights, tokenizer)."""
+    path = Path(path)
+    model, tok = build_tiny_decoder(model_type, seed, **kwargs)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def randomise_norm_gains(model: torch.nn.Module, seed: int, log_std: float = GAIN_LOG_STD) -> None:
     """Set every RMSNorm gain of ``model`` to seeded ``exp(N(0, log_std²))`` per channel, in
     module order (a pure function of ``seed`` and the architecture)."""

@@ -9,10 +9,14 @@ builders never modify them in place and compute in float32 or float64
 The per-token ``1/rms(x)`` drops out of every subspace; the gain γ does not: what a projection W
 reads, in residual coordinates, is ``W·diag(γ)``. The matrices here are the modules' own weights;
 the gains travel beside them (``attn_gain``: the norm before attention, so q, k and v;
-``mlp_gain``: the norm before the MLP, so gate and up; ``BaseWeights.final_gain``: the final norm,
-so the unembedding; ``q_gain``/``k_gain``: Qwen3's per-head q_norm/k_norm, which enter only the
-QK circuit). ``residual_gram`` folds a gain into a d x d Gram: ``diag(γ) G diag(γ)``, which is how
-every read-side Gram and circuit is put in residual coordinates without copying a d_mlp x d matrix.
+``mlp_gain``: the norm before the MLP, so gate and up (ones where a block reads the raw residual,
+OLMo2); ``BaseWeights.final_gain``: the final norm, so the unembedding; ``q_gain``/``k_gain``: the
+q/k norms' gains per projection row, which enter only the QK circuit; ``o_gain``/``down_gain``: a
+post-projection norm's gain, which a writer's output passes through before the residual add
+(Gemma2/3, OLMo2): its write space is ``diag(γ)·col(W)``). ``residual_gram`` folds a gain into a
+d x d Gram: ``diag(γ) G diag(γ)``, which is how every read-side Gram and circuit is put in
+residual coordinates without copying a d_mlp x d matrix; ``residual_columns`` /
+``residual_rows`` fold one into one side of a map.
 
 This is everything a candidate builder may read about the model. The LoRA delta is never
 part of it (SPEC §1: A-side bases are built from base weights and base activations only).
@@ -35,10 +39,12 @@ class LayerWeights:
     gate: Tensor  # (d_mlp, d)
     up: Tensor  # (d_mlp, d)
     down: Tensor  # (d, d_mlp)
-    attn_gain: Tensor  # (d,) float32: what the norm before attention multiplies x/rms(x) by
+    attn_gain: Tensor  # (d,) float32: what the norm before attention multiplies x/rms(x) by (ones: no norm)
     mlp_gain: Tensor  # (d,) float32: the same for the norm before the MLP
-    q_gain: Tensor | None = None  # (head_dim,) float32: q_norm's gain (shared by every head), if any
-    k_gain: Tensor | None = None  # (head_dim,) float32: k_norm's gain, if any
+    q_gain: Tensor | None = None  # (n_heads·head_dim,) float32: the q norm's gain per row of W_q, if any
+    k_gain: Tensor | None = None  # (n_kv·head_dim,) float32: the k norm's gain per row of W_k, if any
+    o_gain: Tensor | None = None  # (d,) float32: a norm between o_proj and the residual add, if any
+    down_gain: Tensor | None = None  # (d,) float32: a norm between down_proj and the residual add, if any
 
     _MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -49,17 +55,6 @@ class LayerWeights:
 
         return replace(self, **{name: conv(getattr(self, name)) for name in self._MATRICES})
 
-    @property
-    def qk_gain(self) -> Tensor | None:
-        """``γ_q ⊙ γ_k`` (head_dim,): the per-head score is ``q̂ᵀ diag(γ_q ⊙ γ_k) k̂`` for the
-        normalised q̂, k̂ (None without q/k norms)."""
-        if self.q_gain is None and self.k_gain is None:
-            return None
-        ones = torch.ones_like(self.q_gain if self.q_gain is not None else self.k_gain)
-        q = self.q_gain if self.q_gain is not None else ones
-        k = self.k_gain if self.k_gain is not None else ones
-        return q * k
-
 
 @dataclass(frozen=True)
 class BaseWeights:
@@ -69,6 +64,7 @@ class BaseWeights:
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    mlp_act: str = "silu"  # the MLP gate's activation (transformers' ACT2FN name)
 
     @property
     def n_layers(self) -> int:
@@ -95,4 +91,10 @@ def residual_columns(M: Tensor, gain: Tensor) -> Tensor:
     return M * gain.to(M.dtype)[None, :]
 
 
-__all__ = ["BaseWeights", "LayerWeights", "residual_columns", "residual_gram"]
+def residual_rows(M: Tensor, gain: Tensor | None) -> Tensor:
+    """``diag(γ)·M``: a map whose output passes a post-projection norm before the residual add
+    (to first order), in residual coordinates; ``M`` itself where there is no such norm."""
+    return M if gain is None else M * gain.to(M.dtype)[:, None]
+
+
+__all__ = ["BaseWeights", "LayerWeights", "residual_columns", "residual_gram", "residual_rows"]

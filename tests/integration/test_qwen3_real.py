@@ -62,9 +62,10 @@ def _headwise_reference(W, layer: int, sink_residual):
     lw = W.layers[layer].at_least_float32()  # the model may be bfloat16
     hd, g = W.head_dim, W.group
     D = torch.diag(lw.attn_gain)
-    qk_gain = torch.diag(lw.q_gain * lw.k_gain) if lw.q_gain is not None else torch.eye(hd)
-    qk = sum(D @ lw.q[h * hd:(h + 1) * hd].T @ qk_gain @ lw.k[(h // g) * hd:(h // g + 1) * hd] @ D
-             for h in range(W.n_heads))
+    gq = lw.q_gain if lw.q_gain is not None else torch.ones(W.n_heads * hd)
+    gk = lw.k_gain if lw.k_gain is not None else torch.ones(W.n_kv_heads * hd)
+    qk = sum(D @ lw.q[h * hd:(h + 1) * hd].T @ torch.diag(gq[h * hd:(h + 1) * hd] * gk[(h // g) * hd:(h // g + 1) * hd])
+             @ lw.k[(h // g) * hd:(h // g + 1) * hd] @ D for h in range(W.n_heads))
     ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v[(h // g) * hd:(h // g + 1) * hd] @ D for h in range(W.n_heads))
     sink = torch.stack([lw.o[:, h * hd:(h + 1) * hd] @ (lw.v[(h // g) * hd:(h // g + 1) * hd] @ sink_residual)
                         for h in range(W.n_heads)])

@@ -124,8 +124,8 @@ def _folded_qk(W: BaseWeights, lw) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k as the score sees the residual (float64): rows scaled by q_norm's / k_norm's gain,
     columns by the attention norm's (SPEC §4.1), so that only the GQA pairing is left to test."""
     D = linalg.as64(lw.attn_gain)
-    q = linalg.as64(lw.q) * linalg.as64(lw.q_gain).repeat(W.n_heads)[:, None] * D[None, :]
-    k = linalg.as64(lw.k) * linalg.as64(lw.k_gain).repeat(W.n_kv_heads)[:, None] * D[None, :]
+    q = linalg.as64(lw.q) * linalg.as64(lw.q_gain)[:, None] * D[None, :]
+    k = linalg.as64(lw.k) * linalg.as64(lw.k_gain)[:, None] * D[None, :]
     return q, k
 
 

@@ -456,7 +456,7 @@ def _headwise(W: BaseWeights, layer: int, sink: torch.Tensor) -> tuple[torch.Ten
     lw, hd, group = W.layers[layer], W.head_dim, W.group
     q, k, v, o = (linalg.as64(x) for x in (lw.q, lw.k, lw.v, lw.o))
     D = torch.diag(linalg.as64(lw.attn_gain))
-    QK = torch.diag(linalg.as64(lw.q_gain) * linalg.as64(lw.k_gain))
+    gq, gk = linalg.as64(lw.q_gain), linalg.as64(lw.k_gain)  # per row of W_q / W_k
     e = linalg.as64(sink)
     qk = torch.zeros(W.d_model, W.d_model, dtype=DT)
     ov = torch.zeros_like(qk)
@@ -464,7 +464,7 @@ def _headwise(W: BaseWeights, layer: int, sink: torch.Tensor) -> tuple[torch.Ten
     for h in range(W.n_heads):
         g = h // group
         qh, kg, vg, oh = q[h * hd:(h + 1) * hd], k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd], o[:, h * hd:(h + 1) * hd]
-        qk += D @ qh.T @ QK @ kg @ D
+        qk += D @ qh.T @ torch.diag(gq[h * hd:(h + 1) * hd] * gk[g * hd:(g + 1) * hd]) @ kg @ D
         ov += oh @ vg @ D
         sinks.append(oh @ (vg @ e))
     return qk, ov, torch.stack(sinks)

@@ -148,7 +148,7 @@ def test_existing_nonempty_output_without_overwrite(capsys, tmp_path, tiny_dir, 
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
-def test_model_lacking_expected_modules(capsys, tmp_path, good_delta):
+def test_model_of_an_unsupported_type(capsys, tmp_path, good_delta):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from subspace_sweep.toy import build_tiny_tokenizer
@@ -157,7 +157,18 @@ def test_model_lacking_expected_modules(capsys, tmp_path, good_delta):
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=512)).save_pretrained(folder)
     build_tiny_tokenizer().save_pretrained(folder)
     out = tmp_path / "out"
-    _run_fails(capsys, _run_argv(folder, good_delta, out), out, "model.layers")
+    _run_fails(capsys, _run_argv(folder, good_delta, out), out, "model_type 'gpt2' is not supported")
+
+
+def test_a_supported_model_lacking_a_module_the_table_names():
+    from subspace_sweep.errors import InputError
+    from subspace_sweep.model import check_architecture
+    from subspace_sweep.toy import build_tiny_model
+
+    model, _ = build_tiny_model(seed=0)
+    del model.model.layers[2].self_attn.k_norm
+    with pytest.raises(InputError, match="has no module 'model.layers.2.self_attn.k_norm'"):
+        check_architecture(model)
 
 
 def test_layers_without_delta_tensor(capsys, tmp_path, tiny_dir, good_delta):

@@ -106,7 +106,9 @@ def test_extract_base_weights(tiny):
     # the gains: the modules' own (toy gains are exp(N(0, 0.3²)), not ones)
     blk = model.model.layers[1]
     assert torch.equal(lw.attn_gain, blk.input_layernorm.weight) and torch.equal(lw.mlp_gain, blk.post_attention_layernorm.weight)
-    assert torch.equal(lw.q_gain, blk.self_attn.q_norm.weight) and torch.equal(lw.k_gain, blk.self_attn.k_norm.weight)
+    # per row of W_q / W_k: Qwen3's q_norm/k_norm act on each head with one shared gain
+    assert torch.equal(lw.q_gain, blk.self_attn.q_norm.weight.repeat(4))
+    assert torch.equal(lw.k_gain, blk.self_attn.k_norm.weight.repeat(2))
     assert torch.equal(bw.final_gain, model.model.norm.weight)
     assert float((lw.attn_gain - 1).abs().max()) > 0.1
 

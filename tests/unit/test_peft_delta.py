@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from subspace_sweep.delta import DeltaFormatError, delta_from_peft, validate_delta
+from subspace_sweep.delta import DeltaFormatError, IdenticalAdaptersError, delta_from_peft, validate_delta
 from subspace_sweep.model import state_dict_sha256
-from subspace_sweep.toy import build_tiny_model, save_tiny_model
+from subspace_sweep.toy import build_tiny_decoder, build_tiny_model, save_tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -76,10 +78,90 @@ def test_base_given_as_a_folder(adapters, tmp_path):
         torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5)
 
 
-def test_same_adapter_twice_gives_zero_and_missing_adapter_is_an_error(adapters, tmp_path):
+def test_same_adapter_twice_is_an_error_and_so_is_a_missing_one(adapters, tmp_path):
     pos_dir, _, _, _ = adapters
     base, _ = build_tiny_model(seed=0)
-    delta = delta_from_peft(base, pos_dir, pos_dir)
-    assert all(not v.any() for v in delta.values())
+    with pytest.raises(IdenticalAdaptersError, match="identical weights"):
+        delta_from_peft(base, pos_dir, pos_dir)
     with pytest.raises(DeltaFormatError, match="adapter_config.json"):
         delta_from_peft(base, pos_dir, tmp_path / "missing")
+
+
+def test_an_adapter_of_another_model_is_one_line(adapters):
+    """The LoRA of the 4-layer Qwen3 on a 3-layer Llama: one line, not peft's traceback text."""
+    pos_dir, _, _, _ = adapters
+    llama, _ = build_tiny_decoder("llama")
+    with pytest.raises(DeltaFormatError) as e:
+        delta_from_peft(llama, pos_dir, pos_dir)
+    assert len(str(e.value).splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- nothing lost (issue 13)
+
+
+def _trained_like(model, cfg, out_dir, seed):
+    """A peft model of ``cfg`` on a copy of ``model`` with every trainable tensor perturbed (LoRA
+    B nonzero, modules_to_save copies and biases moved), saved to ``out_dir``; eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    pm.save_pretrained(out_dir)
+    return pm.eval()
+
+
+def _effective_parameters(pm, base) -> dict[str, torch.Tensor]:
+    """Every base parameter as the UNMERGED peft model computes with it: each Linear probed
+    through its (wrapped) forward, W = f(I) − f(0), b = f(0); every other parameter as stored.
+    An independent route from merge_and_unload."""
+    out = {}
+    inner = pm.get_base_model()
+    linear_names = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for name in linear_names:
+            mod = inner.get_submodule(name)
+            n_in = base.get_submodule(name).in_features
+            zero = mod(torch.zeros(1, n_in))[0]
+            out[f"{name}.weight"] = (mod(torch.eye(n_in)) - zero).T
+            if base.get_submodule(name).bias is not None:
+                out[f"{name}.bias"] = zero
+    for name, p in base.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if owner not in linear_names:
+            out[name] = dict(inner.named_parameters()).get(name, p).detach()
+    return out
+
+
+PEFT_CASES = {
+    "lora_attention_only+modules_to_save_o_proj": (
+        dict(target_modules=["q_proj", "v_proj"], modules_to_save=["o_proj"]),
+        dict(target_modules=["q_proj", "k_proj"], modules_to_save=["o_proj"])),
+    "lora_mlp_only+bias_all": (dict(target_modules=["gate_proj", "up_proj", "down_proj"], bias="all"),
+                               dict(target_modules=["gate_proj", "up_proj", "down_proj"], bias="all")),
+    "dora_attention": (dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True),
+                       dict(target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True)),
+    "lora_mlp_vs_attention": (dict(target_modules=["down_proj", "up_proj"]), dict(target_modules=["o_proj", "q_proj"])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_the_delta_is_every_parameter_that_differs(case, tmp_path):
+    """w = merged⁺ − merged⁻ over every parameter that differs, against an independent computation
+    of each parameter from the unmerged adapters' forward (Llama with every bias)."""
+    base, _ = build_tiny_decoder("llama", seed=1, bias=True)
+    configs = [peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, lora_dropout=0.0, **kw)
+               for kw in PEFT_CASES[case]]
+    pms = [_trained_like(base, cfg, tmp_path / sign, seed) for cfg, sign, seed in zip(configs, ("pos", "neg"), (1, 2))]
+    eff = [_effective_parameters(pm, base) for pm in pms]
+    delta = delta_from_peft(base, tmp_path / "pos", tmp_path / "neg")
+    expected = {k: eff[0][k] - eff[1][k] for k in eff[0] if (eff[0][k] - eff[1][k]).abs().max() > 1e-6}
+    assert set(delta) == set(expected), (sorted(set(delta) ^ set(expected)))[:5]
+    for k, v in delta.items():
+        torch.testing.assert_close(v, expected[k], atol=2e-5, rtol=1e-4, msg=k)
+    if "modules_to_save" in case:
+        assert any(k.endswith("o_proj.weight") for k in delta)  # the o_proj copy is part of w
+    if "bias_all" in case:
+        assert sum(k.endswith(".bias") for k in delta) >= 3 * 3  # gate/up/down biases of every layer

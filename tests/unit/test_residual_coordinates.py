@@ -95,12 +95,15 @@ def weights_for(model, method: str) -> BaseWeights:
 
 
 def one_head(lw: LayerWeights, h: int, g: int, hd: int) -> LayerWeights:
-    """Layer ``lw`` cut down to query head h and its kv head g, matrices in float64 (gains kept):
-    ``qk_circuit``/``ov_circuit`` of it with n_heads = n_kv = 1 are the per-head M_h / OV_h."""
+    """Layer ``lw`` cut down to query head h and its kv head g, matrices in float64 (gains kept,
+    the per-row q/k gains cut with their rows): ``qk_circuit``/``ov_circuit`` of it with
+    n_heads = n_kv = 1 are the per-head M_h / OV_h."""
     q, k, v, o = (linalg.as64(t) for t in (lw.q, lw.k, lw.v, lw.o))
+    rows = lambda t, i: None if t is None else t[i * hd:(i + 1) * hd]  # noqa: E731
     return dataclasses.replace(
         lw,
         q=q[h * hd:(h + 1) * hd], k=k[g * hd:(g + 1) * hd], v=v[g * hd:(g + 1) * hd], o=o[:, h * hd:(h + 1) * hd],
+        q_gain=rows(lw.q_gain, h), k_gain=rows(lw.k_gain, g),
     )
 
 
@@ -354,8 +357,12 @@ def test_probe_recovers_the_module_readers(tiny, probed, method):
         for name, gain in (("q", lw.attn_gain), ("k", lw.attn_gain), ("v", lw.attn_gain),
                            ("gate", lw.mlp_gain), ("up", lw.mlp_gain)):
             close(linalg.as64(getattr(lw, name)) * linalg.as64(gain)[None, :], getattr(p, name), f"layer {layer} {name}")
-        close(one(lw.q_gain), p.q_gain, f"layer {layer} q_gain")
-        close(one(lw.k_gain), p.k_gain, f"layer {layer} k_gain")
+        # per row of W_q / W_k: q_norm/k_norm act on each head with one shared gain
+        close(one(lw.q_gain)[: W.head_dim], p.q_gain, f"layer {layer} q_gain")
+        close(one(lw.k_gain)[: W.head_dim], p.k_gain, f"layer {layer} k_gain")
+        if lw.q_gain is not None:
+            assert torch.equal(lw.q_gain, lw.q_gain[: W.head_dim].repeat(W.n_heads))
+            assert torch.equal(lw.k_gain, lw.k_gain[: W.head_dim].repeat(W.n_kv_heads))
     close(linalg.as64(W.unembed) * linalg.as64(W.final_gain)[None, :], probed.lm, "lm")
 
 

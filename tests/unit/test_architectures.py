@@ -1,0 +1,326 @@
+"""Every row of the architecture table (SPEC §9, issue 13) gets the same checks, on a seeded tiny
+random model of it built in the test (non-trivial norm gains; Llama also with every bias):
+
+- captures equal the model's own hidden states; weight steering is bit-exact and restores;
+- the readers the A-side uses are what the modules multiply the residual by (probed through the
+  real norm and projection modules, fused Phi-3 projections split by their documented layout);
+- the QK circuit is each head's bilinear score form up to per-token scalars (the ratio of the real
+  q̂·k̂ to xᵀM_h y is an outer product c_t·c'_s), the OV circuit reproduces o_proj's output;
+- post-norm rows (Gemma2/3, OLMo2): the write space is diag(γ_post)·col(W), and a small o_proj
+  delta changes the residual inside span(diag(γ_post)·col(ΔW), diag(γ_post)·o_t) to first order
+  (the second direction is the norm's own rescaling, which the first-order target leaves out);
+- a planted delta is recovered and ``run`` on the saved folder writes a sane run folder.
+A new row of the table gets every check (the parametrisation reads ``ARCHITECTURES``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import polars as pl
+import pytest
+import torch
+
+from subspace_sweep import cli, linalg
+from subspace_sweep.arch import ARCHITECTURES, architecture_of, fused_rows
+from subspace_sweep.candidates import build_a_side, ov_circuit, qk_circuit
+from subspace_sweep.capture import capture_activations, record_activations
+from subspace_sweep.delta import save_delta
+from subspace_sweep.demo import plant_in, plant_rank
+from subspace_sweep.model import block_name, extract_base_weights, state_dict_sha256, write_gains
+from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.steering import weight_steer
+from subspace_sweep.sweep import SweepConfig
+from subspace_sweep.toy import build_tiny_decoder, save_tiny_decoder
+from tests.helpers_sweep import weight_summary
+
+DT = torch.float64
+CASES = [*ARCHITECTURES, "llama+bias"]
+PROBES = load_probe_set()
+
+
+def _build(case: str):
+    model_type, _, extra = case.partition("+")
+    return build_tiny_decoder(model_type, seed=3, bias=extra == "bias")
+
+
+@pytest.fixture(scope="module", params=CASES)
+def tiny_arch(request):
+    model, tok = _build(request.param)
+    W = extract_base_weights(model)
+    A = capture_activations(model, tok, PROBES)
+    return request.param, model, tok, W, A
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _eps(module) -> float:
+    return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+
+# ----------------------------------------------------------------------------- captures and steering
+
+
+def test_captures_are_the_models_hidden_states(tiny_arch):
+    _, model, tok, _, A = tiny_arch
+    enc = tok(list(PROBES.fit[:3]), return_tensors="pt", padding=True)
+    last = enc["attention_mask"].sum(1) - 1  # right padding
+    with torch.no_grad():
+        hs = model(**enc, output_hidden_states=True).hidden_states
+    for i in range(model.config.num_hidden_layers - 1):  # hidden_states[-1] is after the final norm
+        torch.testing.assert_close(A.clean[i, :3], hs[i + 1][torch.arange(3), last].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_weight_steering_is_bit_exact_and_restores(tiny_arch):
+    _, model, _, _, _ = tiny_arch
+    gen = torch.Generator().manual_seed(0)
+    delta = {n: 0.01 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
+             if n.startswith(block_name(1) + ".") and n.endswith((".weight", ".bias"))}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h = state_dict_sha256(model)
+    with weight_steer(model, delta, 0.5):
+        for k, v in model.state_dict().items():
+            want = before[k] + 0.5 * delta[k] if k in delta else before[k]
+            assert torch.equal(v, want), k
+    assert state_dict_sha256(model) == h
+
+
+# ----------------------------------------------------------------------------- readers and circuits
+
+
+def _reader_outputs(model, layer: int, X: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each reader of ``layer`` outputs for residual rows X, through the real modules, minus
+    the projection's bias (the affine part is not a subspace)."""
+    arch = architecture_of(model.config)
+    blk = model.get_submodule(block_name(layer))
+    out = {}
+    for name, norm in (("q", arch.attn_norm), ("k", arch.attn_norm), ("v", arch.attn_norm),
+                       ("gate", arch.mlp_norm), ("up", arch.mlp_norm)):
+        path, part = arch.projection(name)
+        proj = blk.get_submodule(path)
+        x = blk.get_submodule(norm)(X) if norm is not None else X
+        y = proj(x) - (proj.bias if proj.bias is not None else 0.0)
+        out[name] = y if part is None else y[..., fused_rows(arch, part, model.config)]
+    return out
+
+
+def test_readers_are_what_the_modules_multiply_the_residual_by(tiny_arch):
+    """Probe with X = √d·I (each row has rms 1, up to eps): the module chain gives W·diag(γ)·√d/√(1+eps)."""
+    _, model, _, W, _ = tiny_arch
+    arch = architecture_of(model.config)
+    d = W.d_model
+    X = math.sqrt(d) * torch.eye(d)
+    for layer, lw in enumerate(W.layers):
+        blk = model.get_submodule(block_name(layer))
+        with torch.no_grad():
+            outs = _reader_outputs(model, layer, X)
+        for name, gain in (("q", lw.attn_gain), ("k", lw.attn_gain), ("v", lw.attn_gain),
+                           ("gate", lw.mlp_gain), ("up", lw.mlp_gain)):
+            norm = arch.attn_norm if name in ("q", "k", "v") else arch.mlp_norm
+            scale = math.sqrt(d) / math.sqrt(1.0 + _eps(blk.get_submodule(norm))) if norm else math.sqrt(d)
+            probed = outs[name].double().T / scale
+            torch.testing.assert_close(linalg.as64(getattr(lw, name)) * linalg.as64(gain)[None, :], probed,
+                                       rtol=1e-5, atol=1e-6, msg=f"layer {layer} {name}")
+    with torch.no_grad():
+        final = model.get_submodule(arch.final_norm)
+        lm = model.get_output_embeddings()(final(X)).double().T * math.sqrt(1.0 + _eps(final)) / math.sqrt(d)
+    torch.testing.assert_close(linalg.as64(W.unembed) * linalg.as64(W.final_gain)[None, :], lm, rtol=1e-5, atol=1e-6)
+
+
+def _one_head(lw, h: int, g: int, hd: int):
+    rows = lambda t, i: None if t is None else t[i * hd:(i + 1) * hd]  # noqa: E731
+    return dataclasses.replace(lw, q=lw.q[h * hd:(h + 1) * hd], k=lw.k[g * hd:(g + 1) * hd],
+                               v=lw.v[g * hd:(g + 1) * hd], o=lw.o[:, h * hd:(h + 1) * hd],
+                               q_gain=rows(lw.q_gain, h), k_gain=rows(lw.k_gain, g))
+
+
+def _qk_hat(model, layer: int, X: torch.Tensor):
+    """q̂ and k̂ of residual rows X as the scores see them (before RoPE, which cancels at equal
+    positions): the real projections, then the real q/k norms where the row has them; and the
+    per-token scalars those norms divide by (per head, or one for the whole projection)."""
+    arch = architecture_of(model.config)
+    blk = model.get_submodule(block_name(layer))
+    outs = _reader_outputs(model, layer, X)
+    hd = int(model.config.head_dim)
+    hats, scalars = [], []
+    for name, norm in (("q", arch.q_norm), ("k", arch.k_norm)):
+        y = outs[name]
+        heads = y.shape[-1] // hd
+        if norm is None:
+            hats.append(y.double())
+            scalars.append(torch.ones(y.shape[0], heads, dtype=DT))
+            continue
+        mod = blk.get_submodule(norm)
+        per_head = mod.weight.shape[-1] == hd
+        yh = y.view(y.shape[0], heads, hd)
+        hats.append((mod(yh).reshape(y.shape) if per_head else mod(y)).double())
+        r = _rms(yh.double(), _eps(mod))[..., 0] if per_head else _rms(y.double(), _eps(mod)).expand(-1, heads)
+        scalars.append(r)
+    return hats, scalars
+
+
+def test_qk_circuit_is_each_heads_score_form_up_to_per_token_scalars(tiny_arch):
+    """q̂_h(x)·k̂_g(y) = xᵀ M_h y / (r(x) r(y) ρ_h(x) ρ'_g(y)): r the attention norm's RMS of the
+    residual (1 without one), ρ the q/k norms' RMS of the projections (1 without them)."""
+    _, model, _, W, _ = tiny_arch
+    arch = architecture_of(model.config)
+    hd, g = W.head_dim, W.group
+    X = torch.randn(6, W.d_model, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.5, 3, 6)[:, None]
+    for layer, lw in enumerate(W.layers):
+        with torch.no_grad():
+            (qh, kh), (rq, rk) = _qk_hat(model, layer, X)
+        norm = model.get_submodule(f"{block_name(layer)}.{arch.attn_norm}") if arch.attn_norm else None
+        r = _rms(linalg.as64(X), _eps(norm))[:, 0] if norm is not None else torch.ones(6, dtype=DT)
+        for h in range(W.n_heads):
+            M = linalg.as64(qk_circuit(_one_head(lw, h, h // g, hd), 1, 1, hd))
+            real = qh[:, h * hd:(h + 1) * hd] @ kh[:, (h // g) * hd:((h // g) + 1) * hd].T
+            bil = linalg.as64(X) @ M @ linalg.as64(X).T
+            pred = bil / ((r * rq[:, h])[:, None] * (r * rk[:, h // g])[None, :])
+            torch.testing.assert_close(real, pred, rtol=1e-4, atol=1e-5 * float(real.abs().max()),
+                                       msg=f"layer {layer} head {h}")
+
+
+def test_ov_circuit_reproduces_the_attention_output(tiny_arch):
+    """o_proj's output at each token = Σ_h Σ_s a_hts·OV_h x_s / r_s (+ the biases' part), OV_h the
+    per-head circuit without a post-projection norm; with one, the norm's output is ∝ diag(γ_post)·it."""
+    _, model, tok, W, _ = tiny_arch
+    arch = architecture_of(model.config)
+    hd, g = W.head_dim, W.group
+    enc = tok([PROBES.fit[0]], return_tensors="pt")
+    layer = 1
+    blk = block_name(layer)
+    names = [blk, f"{blk}.{arch.attention}", f"{blk}.{arch.attention}.o_proj"]
+    post = f"{blk}.{arch.attn_out_norm}" if arch.attn_out_norm else None
+    with torch.no_grad(), record_activations(model, [f"{blk}.{arch.attention}"], index=1) as ra, \
+            record_activations(model, names[:1], inputs=True, outputs=False) as rx, \
+            record_activations(model, [names[2]] + ([post] if post else [])) as ro:
+        model(**enc)
+    x = rx.input(blk)[0].double()  # (S, d) residual entering the block
+    a = ra.output(names[1])[0].double()  # (H, S, S)
+    o_out = ro.output(names[2])[0].double()
+    lw = W.layers[layer]
+    attn = model.get_submodule(f"{blk}.{arch.attention}")
+    norm = model.get_submodule(f"{blk}.{arch.attn_norm}") if arch.attn_norm else None
+    r = _rms(x, _eps(norm)) if norm is not None else torch.ones(x.shape[0], 1, dtype=DT)
+    v_path, v_part = arch.projection("v")
+    v_mod = attn.get_submodule(v_path.split(".", 1)[1])
+    v_bias = v_mod.bias[fused_rows(arch, "v", model.config)] if (v_mod.bias is not None and v_part) else v_mod.bias
+    pred = torch.zeros_like(o_out)
+    for h in range(W.n_heads):
+        one = dataclasses.replace(_one_head(lw, h, h // g, hd), o_gain=None)
+        OV = linalg.as64(ov_circuit(one, 1, 1, hd))
+        pred += a[h] @ ((x / r) @ OV.T)
+        if v_bias is not None:  # Σ_s a = 1: the value bias adds W_o,h b_v at every token
+            pred += linalg.as64(lw.o[:, h * hd:(h + 1) * hd]) @ v_bias[(h // g) * hd:((h // g) + 1) * hd].double()
+    o_bias = attn.o_proj.bias
+    if o_bias is not None:
+        pred += o_bias.double()
+    torch.testing.assert_close(o_out, pred, rtol=1e-4, atol=1e-5)
+    if post:
+        out = ro.output(post)[0].double()
+        want = o_out * linalg.as64(lw.o_gain)[None, :]
+        cos = (out * want).sum(1) / (out.norm(dim=1) * want.norm(dim=1))
+        assert float(cos.min()) > 1 - 1e-6
+
+
+def test_post_norm_write_space_to_first_order(tiny_arch):
+    """A small o_proj delta ΔW changes what the attention adds to the residual, to first order, by
+    J(o_t)·ΔW z_t: J the Jacobian of the post-projection norm at o_proj's output o_t (its own
+    forward, differentiated with torch.func.jvp), z_t o_proj's input. That lies inside
+    span(diag(γ)·col(ΔW), diag(γ)·o_t): the weight target's write space diag(γ)·col(ΔW) plus the
+    norm's rescaling along the token's own output, which the first-order target leaves out.
+    Pre-norm rows: the change is ΔW z_t itself, inside col(ΔW)."""
+    case, model, tok, W, _ = tiny_arch
+    arch = architecture_of(model.config)
+    layer, blk = 1, block_name(1)
+    o_name = f"{blk}.{arch.attention}.o_proj"
+    gen = torch.Generator().manual_seed(5)
+    dW = (torch.randn(W.d_model, 2, generator=gen) @ torch.randn(2, W.layers[layer].o.shape[1], generator=gen)).double()
+    enc = tok([PROBES.fit[1]], return_tensors="pt")
+    with torch.no_grad(), record_activations(model, [o_name], inputs=True) as rec:
+        model(**enc)
+    z, o = rec.input(o_name)[0].double(), rec.output(o_name)[0].double()
+    gain = W.layers[layer].o_gain
+    U = linalg.orthonormalize((linalg.as64(gain)[:, None] if gain is not None else 1.0) * dW)
+    if not arch.attn_out_norm:
+        assert gain is None
+        change = z @ dW.T
+    else:
+        norm = copy.deepcopy(model.get_submodule(f"{blk}.{arch.attn_out_norm}")).double()
+        change = torch.stack([torch.func.jvp(norm, (o[t],), (dW @ z[t],))[1] for t in range(z.shape[0])])
+    outside_write_space = []
+    for t in range(change.shape[0]):
+        span = U if gain is None else linalg.orthonormalize(torch.cat([U, (linalg.as64(gain) * o[t])[:, None]], 1))
+        resid = change[t] - span @ (span.T @ change[t])
+        assert float(resid.norm()) <= 1e-5 * float(change[t].norm()), (case, t)
+        outside_write_space.append(float((change[t] - U @ (U.T @ change[t])).norm() / change[t].norm()))
+    if gain is not None:  # the own-output direction is really needed: the write space alone misses some
+        assert max(outside_write_space) > 1e-2, outside_write_space
+
+
+# ----------------------------------------------------------------------------- recovery and the CLI
+
+
+def test_a_planted_delta_is_recovered(tiny_arch):
+    _, model, tok, W, A = tiny_arch
+    layers = [1]
+    cands = build_a_side(W, A, k_broad=16, layers=layers)
+    by = {c.name: c for c in cands}
+    for plant in ("mlp_write", "attn_ov_write", "TaskDiff_contrast"):
+        delta = plant_in(model, by[plant], layers, seed=11)
+        rank, pct = plant_rank(weight_summary(cands, delta, layers, write_gains={1: write_gains(model, 1)}), plant)
+        assert rank == 1 and pct >= 95.0, (plant, rank, pct)
+
+
+@pytest.mark.parametrize("case", ["phi3", "gemma2", "olmo2", "llama+bias"])
+def test_run_end_to_end_on_the_saved_folder(tmp_path, case):
+    model_type, _, extra = case.partition("+")
+    folder = save_tiny_decoder(tmp_path / "model", model_type, seed=3, bias=extra == "bias")
+    model, tok = build_tiny_decoder(model_type, seed=3, bias=extra == "bias")
+    gen = torch.Generator().manual_seed(2)
+    delta = {n: 0.02 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
+             if n.startswith(block_name(1) + ".") and "norm" not in n}
+    path = save_delta(delta, tmp_path / "w.safetensors")
+    out = tmp_path / "run"
+    assert cli.main(["run", "--model", str(folder), "--delta", str(path), "--out", str(out), "--quiet",
+                     "--n-boot", "0"]) == 0
+    s = pl.read_csv(out / "summary.tsv", separator="\t")
+    joint = s.filter(pl.col("panel") == "joint")
+    assert joint["joint_gain"].is_nan().sum() == 0 and joint["joint_gain"].null_count() == 0
+    pct = pl.read_csv(out / "summary_pct.tsv", separator="\t").select(pl.col("^pct_oracle_.*$")).to_numpy()
+    assert (pct[pct == pct] <= 100.0 + 1e-6).all()
+    if extra == "bias":  # the writer biases are scored (one more column), the rest listed as unscored
+        import json
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert all("o_proj" not in k and "down_proj" not in k for k in manifest["delta_unscored_keys"])
+        assert any(k.endswith("q_proj.bias") for k in manifest["delta_unscored_keys"])
+
+
+@pytest.mark.parametrize("model_type, build", [
+    ("qwen3_moe", lambda: __import__("transformers").Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2, num_experts_per_tok=1)),
+    ("gpt2", lambda: __import__("transformers").GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2)),
+])
+def test_an_unsupported_model_type_is_refused_before_its_weights_load(capsys, tmp_path, tiny_dir, model_type, build):
+    """The weights file is garbage: the refusal must come from the config alone."""
+    folder = tmp_path / model_type
+    folder.mkdir()
+    build().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_dir / name).exists():
+            (folder / name).write_bytes((tiny_dir / name).read_bytes())
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    gen = torch.Generator().manual_seed(0)
+    path = save_delta({"model.layers.0.self_attn.o_proj.weight": torch.randn(4, 4, generator=gen)}, tmp_path / "w.safetensors")
+    out = tmp_path / "out"
+    code = cli.main(["run", "--model", str(folder), "--delta", str(path), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1, err
+    assert model_type in err and "supported: llama" in err, err
+    assert not out.exists()
