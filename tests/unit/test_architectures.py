@@ -276,7 +276,7 @@ def test_a_planted_delta_is_recovered(tiny_arch):
         assert rank == 1 and pct >= 95.0, (plant, rank, pct)
 
 
-@pytest.mark.parametrize("case", ["phi3", "gemma2", "olmo2", "llama+bias"])
+@pytest.mark.parametrize("case", CASES)
 def test_run_end_to_end_on_the_saved_folder(tmp_path, case):
     model_type, _, extra = case.partition("+")
     folder = save_tiny_decoder(tmp_path / "model", model_type, seed=3, bias=extra == "bias")
