@@ -437,12 +437,17 @@ def capture_labels(
         raise InputError(f"label must be one of {LABEL_KINDS}, got {label!r}")
     validate_delta(delta, model)
     texts = list(probes.fit) + list(probes.eval)
-    want = _Want(block_in=label == "block_local")
-    steered = {}
+    want = _Want(block_in=True)  # both kinds from the same passes (the scope diagnostic reads both)
+    steered: dict[tuple[float, str], Tensor] = {}
     for alpha in (+1.0, -1.0):
         with weight_steer(model, delta, alpha):
             got = _run_condition(model, tokenizer, texts, want, chat=False, batch_size=batch_size)
-        steered[alpha] = got["blocks"] - got["block_in"] if want.block_in else got["blocks"]
-    diff = steered[+1.0] - steered[-1.0]
+        steered[alpha, "block_output"] = got["blocks"]
+        steered[alpha, "block_local"] = got["blocks"] - got["block_in"]
+    diffs = {kind: steered[+1.0, kind] - steered[-1.0, kind] for kind in LABEL_KINDS}
     n_fit = len(probes.fit)
-    return SteeredLabels(eval=diff[:, n_fit:].contiguous(), fit=diff[:, :n_fit].contiguous())
+    return SteeredLabels(
+        eval=diffs[label][:, n_fit:].contiguous(), fit=diffs[label][:, :n_fit].contiguous(),
+        eval_cumulative=diffs["block_output"][:, n_fit:].contiguous(),
+        eval_local=diffs["block_local"][:, n_fit:].contiguous(),
+    )

@@ -38,5 +38,7 @@ class ActivationCaptures:
 class SteeredLabels:
     """B-side label: block output with alpha=+1 minus with alpha=-1, last real token, raw text."""
 
-    eval: Tensor  # (L, n_eval, d)
+    eval: Tensor  # (L, n_eval, d) the label the sweep scores (--label)
     fit: Tensor  # (L, n_fit, d)
+    eval_cumulative: Tensor | None = None  # (L, n_eval, d) block output change (the scope diagnostic)
+    eval_local: Tensor | None = None  # (L, n_eval, d) change of (block output − block input)

@@ -183,6 +183,20 @@ def definitions_markdown(candidates, causal=None) -> str:
     for c in candidates:
         note = f" ({c.rank_note})" if c.rank_note else ""
         lines.append(f"| `{c.name}` | {c.side} | {c.family} | {c.axis_kind} | {c.expected_rank} | {c.definition}{note} |")
+    lines += [
+        "",
+        "## Scope (`scope.tsv`) and spectra (`spectra.tsv`)",
+        "",
+        "scope.tsv, per scored layer: `overlap_A_B = ‖AᵀB‖²_F / min(rank A, rank B)` between the combined "
+        "weight oracle (w), the oracle of the cumulative label (the block output's change) and of the "
+        "block-local label (the change of output − input); `null_A_B` its exact mean over random subspaces "
+        "of those ranks (r_A·r_B/(d·min)), `z_A_B` against the exact null SD; `norm_ratio_local_cumulative` "
+        "the mean over EVAL prompts of ‖local row‖/‖cumulative row‖. At the first steered layer the two "
+        "labels are equal.",
+        "spectra.tsv, per scored layer and target: `energy` = the top-k Ky Fan sum / trace for k = 1..32, "
+        "`participation_rank` = (Σλ)²/Σλ² (k for a target isotropic on k dimensions); target "
+        "`w_combined_in_act_topk`: the combined weight energy inside the top-k activation oracle.",
+    ]
     if causal is not None:
         lines += [
             "",
@@ -291,11 +305,17 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
                      f"{', '.join(f'`{c}`' for c in deficient)}.")
     if config.null == "mc":
         lines.append(f"- z from a seeded Monte-Carlo null ({config.n_null} draws, seed {config.seed}), not the exact null.")
+    extra = []
+    if getattr(result, "scope", None) is not None and result.scope.height:
+        from .diagnostics import scope_verdict
+
+        extra += ["## Scope", "", scope_verdict(result.scope), ""]
     causal = getattr(result, "causal", None)
     if causal is not None:
         from .causal import verdict
 
-        lines[lines.index("## Caveats"):lines.index("## Caveats")] = ["## Causal check", "", verdict(causal), ""]
+        extra += ["## Causal check", "", verdict(causal), ""]
+    lines[lines.index("## Caveats"):lines.index("## Caveats")] = extra
     return "\n".join(lines) + "\n"
 
 
@@ -375,6 +395,31 @@ def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None
     fig.suptitle("Which base-model subspace explains the LoRA? (mean over scored layers)")
     fig.tight_layout()
     fig.savefig(path_png, dpi=150, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def spectra_figure(spectra: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """Top-k energy curves (mean over scored layers) of every target, and the combined weight
+    energy inside the top-k activation oracle; participation ranks in the legend."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, name in enumerate(("act", "o_proj", "down_proj", "combined", "w_combined_in_act_topk")):
+        sub = spectra.filter(pl.col("target") == name)
+        if not sub.height:
+            continue
+        curve = sub.group_by("k").agg(pl.col("energy").mean(), pl.col("participation_rank").mean()).sort("k")
+        pr = curve["participation_rank"][0]
+        label = name if name == "w_combined_in_act_topk" else f"{name} (participation rank {pr:.1f})"
+        ax.plot(curve["k"].to_numpy(), curve["energy"].to_numpy(), "--" if "in_act" in name else "-o",
+                markersize=3, color=f"C{i}", label=label)
+    ax.set_xlabel("k")
+    ax.set_ylabel("energy in the top-k directions (Ky Fan sum / trace)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("How low-rank is each side? (mean over scored layers)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
     fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
 
@@ -492,6 +537,11 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
     causal = getattr(result, "causal", None)
     (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal))
+    if getattr(result, "scope", None) is not None:
+        _tsv(result.scope, tmp / "scope.tsv")
+    if getattr(result, "spectra", None) is not None:
+        _tsv(result.spectra, tmp / "spectra.tsv")
+        spectra_figure(result.spectra, tmp / "spectra.png", tmp / "spectra.pdf")
     if causal is not None:
         _tsv(causal.table, tmp / "causal.tsv")
         causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")

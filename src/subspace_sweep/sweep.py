@@ -24,6 +24,7 @@ from . import compute, linalg, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
 from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
+from .diagnostics import scope_rows, spectra_rows
 from .capture import LABEL_KINDS, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
 from .errors import InputError
@@ -112,6 +113,8 @@ class SweepResult:
     oracle_bases: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # weight oracles, for compare
     a_side_cache: dict[str, str] | None = None  # {dir, key, model_sha256, status} when the A-side went through a cache
     causal: CausalResult | None = None  # the restricted-steering check (``--causal K``)
+    scope: pl.DataFrame | None = None  # per layer: weight vs label oracle overlaps (diagnostics.py)
+    spectra: pl.DataFrame | None = None  # per layer and target: top-k energy curves, participation ranks
 
     def ranking(self, panel: str) -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
@@ -461,6 +464,9 @@ def sweep(
     if config.n_boot:
         prompt_R = {c.name: prompt_concentrations(c, labels.eval, layers, d) for c in candidates}
         summary = with_bootstrap(summary, prompt_R, config)
+    scope = pl.DataFrame(scope_rows(layers, {layer: targets[layer]["combined"] for layer in layers},
+                                    labels.eval_cumulative, labels.eval_local, config.r))
+    spectra = pl.DataFrame(spectra_rows(layers, targets))
     timings["scoring"] = time.perf_counter() - t0
     bar.update(1)
     bar.close()
@@ -490,6 +496,8 @@ def sweep(
         oracle_bases=weight_oracles,
         a_side_cache=a_side.cache,
         causal=causal,
+        scope=scope,
+        spectra=spectra,
     )
 
 
