@@ -450,4 +450,5 @@ def capture_labels(
         eval=diffs[label][:, n_fit:].contiguous(), fit=diffs[label][:, :n_fit].contiguous(),
         eval_cumulative=diffs["block_output"][:, n_fit:].contiguous(),
         eval_local=diffs["block_local"][:, n_fit:].contiguous(),
+        eval_midpoint=((steered[+1.0, "block_output"] + steered[-1.0, "block_output"]) / 2)[:, n_fit:].contiguous(),
     )

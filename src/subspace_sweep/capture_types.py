@@ -42,3 +42,4 @@ class SteeredLabels:
     fit: Tensor  # (L, n_fit, d)
     eval_cumulative: Tensor | None = None  # (L, n_eval, d) block output change (the scope diagnostic)
     eval_local: Tensor | None = None  # (L, n_eval, d) change of (block output − block input)
+    eval_midpoint: Tensor | None = None  # (L, n_eval, d) (h(α=+1) + h(α=−1))/2: the unsteered residual to first order

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import polars as pl
 import torch
 from torch import Tensor
 
-from . import scoring
+from . import linalg, scoring
 from .errors import InputError
 from .scoring import Target
 
@@ -123,4 +124,87 @@ def spectra_rows(layers: Sequence[int], targets: Mapping[int, Mapping[str, Targe
                 rows.append({"layer": layer, "target": "w_combined_in_act_topk", "k": k,
                              "energy": scoring.energy(comb, vecs[:, :min(k, vecs.shape[1])]),
                              "participation_rank": math.nan})
+    return rows
+
+
+# ---------------------------------------------------------------------------- readout
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What the output reads of the residual stream (SPEC §10): Û = lm·diag(γ_final) with unit
+    rows (V of them) through its d x d Gram, and the answers' readout direction."""
+
+    unit_gram: Tensor  # ÛᵀÛ (d x d, float64), rows of Û normalised to unit length
+    vocab: int
+    direction: Tensor  # diag(γ_final)(u_yes − u_no) (d,), float64: the Yes/No logit difference's reader
+    final_gain: Tensor  # (d,) float64
+    eps: float  # the final norm's eps
+
+    @classmethod
+    def of(cls, model, yes_id: int, no_id: int, chunk: int = 8192) -> Readout:
+        from .arch import architecture_of
+        from .model import norm_gain
+
+        arch = architecture_of(model.config)
+        final = model.get_submodule(arch.final_norm)
+        d = int(model.config.hidden_size)
+        gain = norm_gain(final, d).double()
+        U = model.get_output_embeddings().weight.detach()
+        G = torch.zeros(d, d, dtype=torch.float64)
+        g32 = gain.float()
+        for start in range(0, U.shape[0], chunk):  # float32 chunks, summed in float64 (as linalg.col_gram)
+            X = U[start:start + chunk].to("cpu", torch.float32) * g32[None, :]
+            X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            G += linalg.col_gram(X)
+        direction = (U[yes_id].double().cpu() - U[no_id].double().cpu()) * gain
+        eps = float(getattr(final, "variance_epsilon", getattr(final, "eps", 1e-6)))
+        return cls(G, int(U.shape[0]), direction, gain, eps)
+
+    def token_energy(self, v: Tensor) -> float:
+        """``(d/V)·‖Û v̂‖²``, with V taken as tr(ÛᵀÛ) (= V up to the float32 rounding of the unit
+        rows): exactly 1 in expectation over uniformly random unit directions (E[v̂v̂ᵀ] = I/d);
+        > 1: the output reads v more than a random direction."""
+        v = v.double()
+        n = float(v.norm())
+        if n == 0.0:
+            return math.nan
+        v = v / n
+        return float(v @ self.unit_gram @ v) * self.unit_gram.shape[0] / float(torch.trace(self.unit_gram))
+
+    def logit_lens(self, delta_rows: Tensor, base_rows: Tensor) -> float:
+        """Mean over prompts of the first-order change of logit(yes) − logit(no) if the final norm
+        read the residual here: ``rᵀ J(h_i) Δh_i`` with r = the readout direction and J the final
+        norm's Jacobian at h_i, ``diag(γ)(I/ρ − h hᵀ/(d ρ³))``, ρ = √(mean(h²) + eps) (γ is in r)."""
+        h, dh = base_rows.double(), delta_rows.double()
+        d = h.shape[1]
+        rho = torch.sqrt(h.pow(2).mean(1) + self.eps)
+        r = self.direction  # diag(γ)(u_yes − u_no): the gain of J is folded into r
+        first = (dh @ r) / rho
+        second = (h @ r) * (h * dh).sum(1) / (d * rho**3)
+        return float((first - second).mean())
+
+    def share(self, B: Tensor) -> float:
+        """``‖P_B r‖² / ‖r‖²``: the share of the readout direction inside span(B)."""
+        r = self.direction
+        return float((B.double().T @ r).pow(2).sum() / (r @ r)) if B.shape[1] else 0.0
+
+
+def readout_rows(readout: Readout, layers: Sequence[int], labels_eval: Tensor, midpoint: Tensor,
+                 candidates: Sequence) -> list[dict]:
+    """Per scored layer (kind ``layer``): the token energy of the mean label and of the mean clean
+    reference (the midpoint of the ±1-steered residuals), the logit lens; per candidate (kind
+    ``candidate``): its share of the readout direction, mean over the layers."""
+    rows = []
+    for layer in layers:
+        rows.append({"kind": "layer", "name": str(layer), "layer": layer,
+                     "token_energy_label": readout.token_energy(labels_eval[layer].double().mean(0)),
+                     "token_energy_clean": readout.token_energy(midpoint[layer].double().mean(0)),
+                     "logit_lens": readout.logit_lens(labels_eval[layer], midpoint[layer]),
+                     "readout_share": math.nan})
+    for c in candidates:
+        shares = [readout.share(c.bases[layer]) for layer in layers]
+        rows.append({"kind": "candidate", "name": c.name, "layer": None, "token_energy_label": math.nan,
+                     "token_energy_clean": math.nan, "logit_lens": math.nan,
+                     "readout_share": sum(shares) / len(shares)})
     return rows

@@ -196,6 +196,14 @@ def definitions_markdown(candidates, causal=None) -> str:
         "spectra.tsv, per scored layer and target: `energy` = the top-k Ky Fan sum / trace for k = 1..32, "
         "`participation_rank` = (Σλ)²/Σλ² (k for a target isotropic on k dimensions); target "
         "`w_combined_in_act_topk`: the combined weight energy inside the top-k activation oracle.",
+        "readout.tsv (Û = the unembedding·diag(γ_final) with unit rows, V of them; r = diag(γ_final)·(u_Yes − "
+        "u_No), the answer tokens of the causal check): per layer `token_energy_label` = (d/V)·‖Û v̂‖² of the "
+        "mean EVAL label (exactly 1 in expectation for a uniformly random direction; this is the plain "
+        "unit-row variant, not Wendler et al.'s), `token_energy_clean` the same for the mean unsteered "
+        "residual (the midpoint of the ±1-steered ones), `logit_lens` = mean over prompts of rᵀJ(h)Δh, the "
+        "first-order change of logit(Yes) − logit(No) if the final norm (Jacobian J at h) read the residual "
+        "there (before any final logit softcap); per candidate `readout_share` = ‖P_B r‖²/‖r‖², mean over "
+        "the scored layers.",
     ]
     if causal is not None:
         lines += [
@@ -424,6 +432,38 @@ def spectra_figure(spectra: pl.DataFrame, path_png: Path, path_pdf: Path) -> Non
     plt.close(fig)
 
 
+def readout_figure(readout: pl.DataFrame, path_png: Path, path_pdf: Path, top: int = 20) -> None:
+    """Three panels: token energy per layer (mean label vs clean reference; random direction = 1),
+    the Yes/No logit lens per layer, and the candidates' share of the readout direction."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    layers = readout.filter(pl.col("kind") == "layer").sort("layer")
+    x = layers["layer"].to_numpy()
+    axes[0].plot(x, layers["token_energy_label"].to_numpy(), "-o", label="mean label")
+    axes[0].plot(x, layers["token_energy_clean"].to_numpy(), "-s", label="clean reference")
+    axes[0].axhline(1.0, color="grey", linestyle="--", linewidth=0.9, label="random direction (exactly 1)")
+    axes[0].set_xticks(x)
+    axes[1].set_xticks(x)
+    axes[0].set_xlabel("layer")
+    axes[0].set_ylabel("token energy (d/V)·‖Û v̂‖²")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(x, layers["logit_lens"].to_numpy(), color="C2")
+    axes[1].axhline(0.0, color="black", linewidth=0.8)
+    axes[1].set_xlabel("layer")
+    axes[1].set_ylabel("logit lens: Δ(logit Yes − logit No), first order")
+    cands = readout.filter(pl.col("kind") == "candidate").sort("readout_share", descending=True).head(top)
+    y = np.arange(cands.height)[::-1]
+    axes[2].barh(y, cands["readout_share"].to_numpy(), color="C4")
+    axes[2].set_yticks(y, cands["name"].to_list(), fontsize=7)
+    axes[2].set_xlabel("share of the Yes/No readout direction in span(B), mean over layers")
+    for ax, title in zip(axes, ("Does the output read the label?", "Logit lens of the label", "Who holds the readout direction?")):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
 def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
     """Left: kept vs R_w_combined per tested candidate, the rank-matched oracle starred, the
     random null as a band (mean ± 2 SD per tested rank). Right: retention curves over k."""
@@ -542,6 +582,9 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     if getattr(result, "spectra", None) is not None:
         _tsv(result.spectra, tmp / "spectra.tsv")
         spectra_figure(result.spectra, tmp / "spectra.png", tmp / "spectra.pdf")
+    if getattr(result, "readout", None) is not None:
+        _tsv(result.readout, tmp / "readout.tsv")
+        readout_figure(result.readout, tmp / "readout.png", tmp / "readout.pdf")
     if causal is not None:
         _tsv(causal.table, tmp / "causal.tsv")
         causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")

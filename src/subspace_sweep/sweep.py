@@ -24,7 +24,7 @@ from . import compute, linalg, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
 from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
-from .diagnostics import scope_rows, spectra_rows
+from .diagnostics import Readout, readout_rows, scope_rows, spectra_rows
 from .capture import LABEL_KINDS, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
 from .errors import InputError
@@ -115,6 +115,7 @@ class SweepResult:
     causal: CausalResult | None = None  # the restricted-steering check (``--causal K``)
     scope: pl.DataFrame | None = None  # per layer: weight vs label oracle overlaps (diagnostics.py)
     spectra: pl.DataFrame | None = None  # per layer and target: top-k energy curves, participation ranks
+    readout: pl.DataFrame | None = None  # token energy, logit lens per layer; readout share per candidate
 
     def ranking(self, panel: str) -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
@@ -467,6 +468,14 @@ def sweep(
     scope = pl.DataFrame(scope_rows(layers, {layer: targets[layer]["combined"] for layer in layers},
                                     labels.eval_cumulative, labels.eval_local, config.r))
     spectra = pl.DataFrame(spectra_rows(layers, targets))
+    readout = None
+    try:
+        tokens = answers or answer_tokens(tokenizer)
+    except InputError as exc:
+        warnings.warn(f"no readout diagnostics: {exc}")
+    else:
+        reader = Readout.of(model, tokens.yes_id, tokens.no_id)
+        readout = pl.DataFrame(readout_rows(reader, layers, labels.eval, labels.eval_midpoint, candidates))
     timings["scoring"] = time.perf_counter() - t0
     bar.update(1)
     bar.close()
@@ -498,6 +507,7 @@ def sweep(
         causal=causal,
         scope=scope,
         spectra=spectra,
+        readout=readout,
     )
 
 

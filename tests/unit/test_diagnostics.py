@@ -93,3 +93,65 @@ def test_run_folder_has_the_scope_and_spectra_tables_figure_and_verdict(demo_run
     assert set(spectra["target"]) == {"act", "o_proj", "down_proj", "combined", "w_combined_in_act_topk"}
     assert (out / "spectra.png").is_file() and (out / "spectra.pdf").is_file()
     assert "## Scope" in (out / "conclusion.md").read_text()
+
+
+# ----------------------------------------------------------------------------- readout
+
+
+@pytest.fixture(scope="module")
+def reader(tiny):
+    from subspace_sweep.causal import answer_tokens
+    from subspace_sweep.diagnostics import Readout
+
+    model, tok = tiny
+    a = answer_tokens(tok)
+    return Readout.of(model, a.yes_id, a.no_id, chunk=100)  # several chunks on the toy's 512 rows
+
+
+def test_token_energy_of_a_random_direction_is_one_in_expectation(tiny, reader):
+    model, _ = tiny
+    d = model.config.hidden_size
+    # exact: E[v̂v̂ᵀ] = I/d, so E = d·tr(ÛᵀÛ)/(d·tr(ÛᵀÛ)) = 1; and tr(ÛᵀÛ) = Σ‖unit rows‖² = V
+    # up to the float32 normalisation of each row (~1e-7 relative)
+    assert float(torch.trace(reader.unit_gram)) == pytest.approx(reader.vocab, rel=1e-6)
+    d_ = reader.unit_gram.shape[0]
+    assert sum(reader.token_energy(e) for e in torch.eye(d_, dtype=DT)) / d_ == pytest.approx(1.0, abs=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    vals = torch.tensor([reader.token_energy(torch.randn(d, generator=gen, dtype=DT)) for _ in range(3000)])
+    assert abs(float(vals.mean()) - 1.0) <= 5 * float(vals.std()) / math.sqrt(3000)
+    # the unembedding's own top direction is read far more than a random one
+    top = torch.linalg.eigh(reader.unit_gram)[1][:, -1]
+    assert reader.token_energy(top) > 2.0
+
+
+def test_the_logit_lens_at_the_last_layer_is_the_models_first_order_logit_change(tiny, reader):
+    """A small delta: the lens of the label at the last block = E(w), the real forward pass's
+    change of logit(Yes) − logit(No) between α = +1 and −1 (a central difference: first order)."""
+    from subspace_sweep.causal import answer_tokens, effect
+
+    model, tok = tiny
+    delta = random_delta(model, [2, 3], rank=2, seed=1, scale=1e-3)
+    probes = small_probes(n_fit=2, n_eval=5)
+    labels = capture_labels(model, tok, delta, probes)
+    last = model.config.num_hidden_layers - 1
+    lens = reader.logit_lens(labels.eval[last], labels.eval_midpoint[last])
+    real = effect(model, tok, delta, probes.eval, answer_tokens(tok))[0]
+    assert abs(real) > 1e-4
+    assert lens == pytest.approx(real, rel=2e-3)
+    assert reader.logit_lens(labels.eval[last], labels.eval_midpoint[last] * 3.0) != pytest.approx(real, rel=2e-3)
+
+
+def test_readout_share_is_one_inside_and_zero_orthogonal(reader):
+    r = reader.direction / reader.direction.norm()
+    assert reader.share(r[:, None]) == pytest.approx(1.0, abs=1e-12)
+    Q = linalg.orthonormalize(torch.cat([r[:, None], torch.randn(r.shape[0], 3, dtype=DT)], 1))[:, 1:]
+    assert reader.share(Q) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_run_folder_has_the_readout_table_and_figure(demo_run):
+    _, out = demo_run
+    t = pl.read_csv(out / "readout.tsv", separator="\t")
+    assert set(t["kind"]) == {"layer", "candidate"}
+    shares = t.filter(pl.col("kind") == "candidate")["readout_share"].to_numpy()
+    assert ((shares >= 0) & (shares <= 1 + 1e-12)).all()
+    assert (out / "readout.png").is_file() and (out / "readout.pdf").is_file()

@@ -18,7 +18,7 @@ EXPECTED_FILES = {
     "config.json", "manifest.json", "per_layer.csv", "summary.tsv", "summary_pct.tsv", "specific_per_layer.csv",
     "specific_summary.tsv", "definitions.md", "conclusion.md", "joint_act_weight_scatter.png",
     "joint_act_weight_scatter.pdf", "per_layer_heatmap.png", "per_layer_heatmap.pdf", "weight_oracles.safetensors",
-    "scope.tsv", "spectra.tsv", "spectra.png", "spectra.pdf",  # SPEC §10 diagnostics
+    "scope.tsv", "spectra.tsv", "spectra.png", "spectra.pdf", "readout.tsv", "readout.png", "readout.pdf",  # SPEC §10
 }
 
 
