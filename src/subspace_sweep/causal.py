@@ -88,9 +88,89 @@ def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1]) -> Ans
     return AnswerTokens(yes, no, int(ids[yes][0]), int(ids[no][0]), pieces[yes], pieces[no])
 
 
-def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: AnswerTokens) -> Tensor:
-    """``logit(yes) − logit(no)`` at each prompt's last real token (float64, CPU): ONE forward
+@dataclass(frozen=True)
+class BehaviourSet:
+    """Prompts, the first token of each prompt's two answers, and which answer is the behaviour:
+    ``b_i = sign_i · (logit(first_i) − logit(second_i))`` (positive: the behaviour)."""
+
+    texts: tuple[str, ...]
+    first_ids: tuple[int, ...]
+    second_ids: tuple[int, ...]
+    signs: tuple[float, ...]
+    source: str  # where it came from (definitions.md)
+    description: str  # how the token ids were found (definitions.md)
+
+    @classmethod
+    def from_probes(cls, tokenizer, texts: Sequence[str], answers: AnswerTokens | None = None) -> BehaviourSet:
+        """The shipped EVAL probes with the answers ``Yes`` / ``No`` (sign +1: sycophantic agreement)."""
+        a = answers or answer_tokens(tokenizer)
+        n = len(texts)
+        return cls(tuple(texts), (a.yes_id,) * n, (a.no_id,) * n, (1.0,) * n, "the shipped EVAL probes", a.describe())
+
+    @classmethod
+    def from_jsonl(cls, path: str, tokenizer) -> BehaviourSet:
+        """``--behaviour FILE``: one JSON object per line, ``{"prompt": str, "answers": [str, str],
+        "sign": +1 | -1}`` (sign +1: the first answer is the behaviour). InputError naming the
+        file and line of the first malformed one."""
+        rows = read_behaviour_file(path)
+        texts, first, second, signs, notes = [], [], [], [], []
+        for i, (prompt, answers, sign) in enumerate(rows, 1):
+            try:
+                a = answer_tokens(tokenizer, answers[0], answers[1])
+            except InputError as e:
+                raise InputError(f"{path}, line {i}: {e}") from None
+            texts.append(prompt)
+            first.append(a.yes_id)
+            second.append(a.no_id)
+            signs.append(float(sign))
+            if i <= 3:
+                notes.append(a.describe())
+        return cls(tuple(texts), tuple(first), tuple(second), tuple(signs), str(path),
+                   f"per prompt, sign·(logit(first answer) − logit(second answer)); e.g. " + " ".join(notes))
+
+
+def read_behaviour_file(path: str) -> list[tuple[str, tuple[str, str], int]]:
+    """(prompt, (answer, answer), sign) of every line of a behaviour JSONL file; needs no model, so
+    a malformed file is refused before any work."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--behaviour {path}: no such file")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--behaviour {path}, line {i}: not JSON ({e.msg})") from None
+        ok = (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"]
+              and isinstance(obj.get("answers"), list) and len(obj["answers"]) == 2
+              and all(isinstance(a, str) and a for a in obj["answers"]) and obj.get("sign") in (1, -1))
+        if not ok:
+            raise InputError(f'--behaviour {path}, line {i}: expected {{"prompt": str, "answers": [str, str], '
+                             f'"sign": 1 or -1}}, got {line.strip()[:80]}')
+        out.append((obj["prompt"], (obj["answers"][0], obj["answers"][1]), int(obj["sign"])))
+    if len(out) < 2:
+        raise InputError(f"--behaviour {path}: needs at least 2 prompts, has {len(out)}")
+    return out
+
+
+def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: AnswerTokens | BehaviourSet) -> Tensor:
+    """``b`` of each prompt (float64, CPU): ``logit(yes) − logit(no)`` at its last real token, or a
+    behaviour set's signed difference; see ``behaviour_and_mass``."""
+    return behaviour_and_mass(model, tokenizer, texts, answers)[0]
+
+
+def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
+                       answers: AnswerTokens | BehaviourSet) -> tuple[Tensor, Tensor]:
+    """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
+    first tokens together (coherence: steering that breaks the answer format loses it). ONE forward
     pass over the decoder, the unembedding applied to the last positions only."""
+    if isinstance(answers, AnswerTokens):
+        answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
     enc = encode(tokenizer, texts, chat=False)
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
@@ -105,19 +185,32 @@ def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: Answer
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:  # Gemma2: the model's own logits are tanh-capped
             logits = torch.tanh(logits / cap) * cap
-    return (logits[:, answers.yes_id] - logits[:, answers.no_id]).double().cpu()
+    logits = logits.double().cpu()
+    rows = torch.arange(logits.shape[0])
+    first, second = torch.tensor(answers.first_ids), torch.tensor(answers.second_ids)
+    b = torch.tensor(answers.signs, dtype=torch.float64) * (logits[rows, first] - logits[rows, second])
+    logp = torch.log_softmax(logits, dim=1)
+    mass = logp[rows, first].exp() + logp[rows, second].exp()
+    return b, mass
 
 
 def effect(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
-           answers: AnswerTokens) -> tuple[float, Tensor]:
+           answers: AnswerTokens | BehaviourSet) -> tuple[float, Tensor]:
     """``E(w)`` and the per-prompt ``b(α=+1) − b(α=−1)`` (two forward passes; the model is
     restored bit for bit after each)."""
-    per = []
+    steered = steered_behaviour(model, tokenizer, delta, texts, answers)
+    diff = steered[+1.0][0] - steered[-1.0][0]
+    return float(diff.mean()), diff
+
+
+def steered_behaviour(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
+                      answers: AnswerTokens | BehaviourSet) -> dict[float, tuple[Tensor, Tensor]]:
+    """α -> (b, mass) per prompt at α = +1 and α = −1 (two forward passes)."""
+    out = {}
     for alpha in (+1.0, -1.0):
         with weight_steer(model, delta, alpha):
-            per.append(behaviour(model, tokenizer, texts, answers))
-    diff = per[0] - per[1]
-    return float(diff.mean()), diff
+            out[alpha] = behaviour_and_mass(model, tokenizer, texts, answers)
+    return out
 
 
 def restrict(delta: Mapping[str, Tensor], bases: Mapping[int, Tensor] | None = None, *,
@@ -172,7 +265,7 @@ def scaled(delta: Mapping[str, Tensor], norm: float) -> dict[str, Tensor]:
 @dataclass
 class CausalResult:
     table: pl.DataFrame  # one row per restricted delta (see ``COLUMNS``)
-    answers: AnswerTokens
+    answers: BehaviourSet
     effect_w: float
     effect_writes: float
     top: list[str]  # the tested candidates, best first
@@ -187,7 +280,11 @@ COLUMNS = {
     "k": pl.Int64,  # curve: the number of leading directions (else null)
     "norm_matched": pl.Boolean,
     "R_w_combined": pl.Float64,  # of the tested subspace, mean over layers (the x of the figure)
-    "effect": pl.Float64,  # E(w_B)
+    "effect": pl.Float64,  # E(w_B) = mean b(α=+1) − b(α=−1)
+    "effect_plus": pl.Float64,  # mean b(α=+1) − b(α=0)
+    "effect_minus": pl.Float64,  # mean b(α=−1) − b(α=0)
+    "mass_plus": pl.Float64,  # mean probability of the two answers at α=+1 (coherence)
+    "mass_minus": pl.Float64,  # the same at α=−1
     "effect_ablated": pl.Float64,  # E(w_ablate)
     "kept": pl.Float64,
     "ablated": pl.Float64,
@@ -232,48 +329,66 @@ def run_causal(
     k: int,
     n_null: int,
     seed: int,
-    answers: AnswerTokens | None = None,
+    answers: AnswerTokens | BehaviourSet | None = None,
     write_gains: Mapping[int, Mapping[str, Tensor]] | None = None,
+    act_oracles: Sequence[tuple[str, Mapping[int, Tensor]]] = (),
 ) -> CausalResult:
     """The causal table for the first ``k`` of ``ranked`` ((name, per-layer bases), best first),
-    with ``combined[layer]`` the combined weight target of each scored layer (for the oracles)."""
+    with ``combined[layer]`` the combined weight target of each scored layer (for the oracles);
+    ``act_oracles`` (name, bases) are tested beside them (kind ``act_oracle``, curves too).
+    ``answers`` a BehaviourSet: its prompts replace ``texts``."""
     if n_null < MIN_NULL_DRAWS:
         raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {n_null}")
-    answers = answers or answer_tokens(tokenizer)
+    if not isinstance(answers, BehaviourSet):
+        answers = BehaviourSet.from_probes(tokenizer, texts, answers)
+    texts = answers.texts
     layers = sorted(combined)
     d = next(iter(combined.values())).d
     rows: list[dict] = []
-    passes = 0
+    passes = 1
+    b0, mass0 = behaviour_and_mass(model, tokenizer, texts, answers)  # the α = 0 reference
 
-    def E(w: Mapping[str, Tensor]) -> float:
+    def E(w: Mapping[str, Tensor], into: dict | None = None) -> float:
         nonlocal passes
         passes += 2
-        return effect(model, tokenizer, w, texts, answers)[0]
+        got = steered_behaviour(model, tokenizer, w, texts, answers)
+        (bp, mp), (bm, mm) = got[+1.0], got[-1.0]
+        if into is not None:
+            into.update(effect_plus=float((bp - b0).mean()), effect_minus=float((bm - b0).mean()),
+                        mass_plus=float(mp.mean()), mass_minus=float(mm.mean()))
+        return float((bp - bm).mean())
 
     def R_w(bases: Mapping[int, Tensor]) -> float:
         vals = [energy(combined[layer], bases[layer]) / (bases[layer].shape[1] / d)
                 for layer in layers if bases[layer].shape[1] > 0]
         return sum(vals) / len(vals) if len(vals) == len(layers) else math.nan
 
-    e_w = E(delta)
+    rows.append({"kind": "reference", "name": "alpha_0", "effect": float(b0.mean()), "mass_plus": float(mass0.mean()),
+                 "mass_minus": float(mass0.mean())})
+    ref_w: dict = {}
+    e_w = E(delta, ref_w)
     writes = restrict(delta, layers=layers, write_gains=write_gains)
-    e_writes = E(writes)
+    ref_writes: dict = {}
+    e_writes = E(writes, ref_writes)
     writes_norm = frobenius(writes)
-    rows.append({"kind": "reference", "name": "w", "effect": e_w, "kept": _ratio(e_w, e_writes)})
+    rows.append({"kind": "reference", "name": "w", "effect": e_w, "kept": _ratio(e_w, e_writes), **ref_w})
     rows.append({"kind": "reference", "name": "w_writes", "effect": e_writes, "kept": 1.0 if e_writes else math.nan,
-                 "R_w_combined": 1.0})
+                 "R_w_combined": 1.0, **ref_writes})
 
     def tested(kind: str, name: str, bases: Mapping[int, Tensor]) -> dict:
-        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains))
+        row: dict = {}
+        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), row)
         e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains))
-        return {"kind": kind, "name": name, "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
-                "R_w_combined": R_w(bases), "effect": e_b, "effect_ablated": e_abl,
-                "kept": _ratio(e_b, e_writes), "ablated": 1.0 - _ratio(e_abl, e_writes)}
+        row.update({"kind": kind, "name": name, "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
+                    "R_w_combined": R_w(bases), "effect": e_b, "effect_ablated": e_abl,
+                    "kept": _ratio(e_b, e_writes), "ablated": 1.0 - _ratio(e_abl, e_writes)})
+        return row
 
     top = list(ranked[:k])
-    subjects = [tested("candidate", name, bases) for name, bases in top]
+    tested_sets = [*(("candidate", n, b) for n, b in top), *(("act_oracle", n, b) for n, b in act_oracles)]
+    subjects = [tested(kind, name, bases) for kind, name, bases in tested_sets]
     profiles: dict[tuple[tuple[int, int], ...], list[dict]] = {}
-    for (_, bases), row in zip(top, subjects):
+    for (_, _, bases), row in zip(tested_sets, subjects):
         profiles.setdefault(tuple((lay, int(bases[lay].shape[1])) for lay in layers), []).append(row)
     for profile, members in profiles.items():
         ranks = dict(profile)
@@ -291,6 +406,7 @@ def run_causal(
     curves = [("oracle_combined", {lay: combined[lay].oracle_basis(max(CURVE_RANKS)) for lay in layers})]
     if top:
         curves.append((top[0][0], dict(top[0][1])))
+    curves += [(name, dict(bases)) for name, bases in act_oracles]
     for name, ordered in curves:
         width = min(int(ordered[lay].shape[1]) for lay in layers)
         for kk in [x for x in CURVE_RANKS if x <= min(width, d)]:
@@ -317,8 +433,8 @@ def verdict(result: CausalResult) -> str:
 
     carries = best["z_kept"] is not None and math.isfinite(best["z_kept"]) and best["z_kept"] > 2.0
     lines = [
-        f"Causal check (restricted steering, {result.answers.yes.strip()}/{result.answers.no.strip()} logit difference on "
-        f"the EVAL probes): E(w) = {f(result.effect_w, '.3f')}, E(w_writes) = {f(result.effect_writes, '.3f')} "
+        f"Causal check (restricted steering, the behaviour b of {result.answers.source}): "
+        f"E(w) = {f(result.effect_w, '.3f')}, E(w_writes) = {f(result.effect_writes, '.3f')} "
         f"(the residual writers alone carry {f(_ratio(result.effect_writes, result.effect_w))} of the effect). "
         f"The delta restricted to the winner `{best['name']}` (rank {f(best['rank'], '.0f')}) keeps "
         f"{f(best['kept'])} of E(w_writes); {result.n_null} random subspaces of the same ranks keep "

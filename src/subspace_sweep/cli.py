@@ -59,6 +59,9 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="causal check: steer with the delta restricted to each of the top K candidates of the joint "
                         "ranking, the rank-matched oracle and random subspaces (2 EVAL forward passes per restricted "
                         "delta; default 0 = off)")
+    p.add_argument("--behaviour", default=None, metavar="FILE",
+                   help="the causal check's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1} "
+                        "(default: the shipped EVAL probes with Yes/No)")
     p.add_argument("--causal-null", type=int, default=8, metavar="N",
                    help="random subspaces per tested rank in the causal null (default 8, at least 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -120,7 +123,7 @@ def _config(args: argparse.Namespace, **overrides):
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
-        causal=args.causal, causal_null=args.causal_null,
+        causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour,
     )
     fields.update(overrides)
     return SweepConfig(**fields)

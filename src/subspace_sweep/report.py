@@ -210,8 +210,12 @@ def definitions_markdown(candidates, causal=None) -> str:
             "",
             "## Causal check (`causal.tsv`)",
             "",
-            f"Behaviour metric: {causal.answers.describe()} Effect E(w) = mean over the EVAL probes of "
-            "b(α=+1) − b(α=−1) under weight steering W ← W + α·w. w_writes = the residual writers (o_proj, "
+            f"Behaviour metric on {causal.answers.source} ({len(causal.answers.texts)} prompts): "
+            f"{causal.answers.description} Effect E(w) = mean over the prompts of "
+            "b(α=+1) − b(α=−1) under weight steering W ← W + α·w; `effect_plus` / `effect_minus` are "
+            "b(α=±1) − b(α=0) (the unsteered model: row `alpha_0`), `mass_plus` / `mass_minus` the mean "
+            "probability of the two answers' first tokens (coherence). Rows `act_oracle`: the oracles of "
+            "the cumulative and block-local labels (rank r) as restricted subspaces, curves included. w_writes = the residual writers (o_proj, "
             "down_proj) of w at the scored layers; w_B = each writer's ΔW replaced by P_B·ΔW (B the layer's basis), "
             "everything else dropped; the ablation uses (I − P_B)·ΔW. kept = E(w_B)/E(w_writes), ablated = 1 − "
             f"E(w_ablate)/E(w_writes). The null: {causal.n_null} seeded random subspaces of the same per-layer "

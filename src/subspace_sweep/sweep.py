@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import compute, linalg, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
-from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
+from .causal import MIN_NULL_DRAWS, BehaviourSet, CausalResult, answer_tokens, read_behaviour_file, run_causal
 from .diagnostics import Readout, readout_rows, scope_rows, spectra_rows
 from .capture import LABEL_KINDS, capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
@@ -61,6 +61,7 @@ class SweepConfig:
     a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
     causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
     causal_null: int = 8  # random subspaces per tested rank in the causal null
+    behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
     overwrite: bool = False
     quiet: bool = False
 
@@ -84,6 +85,10 @@ class SweepConfig:
                              f"got {self.causal}")
         if self.causal and self.causal_null < MIN_NULL_DRAWS:
             raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
+        if self.behaviour is not None:
+            if not self.causal:
+                raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
+            read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
 
     def resolved_k_broad(self, d: int) -> int:
         """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
@@ -422,7 +427,10 @@ def sweep(
         raise InputError(f"--r {config.r} exceeds the residual width d = {d}")
     layers = resolve_layers(config, delta, n_layers)
     holdout = holdout_rows(probes, config.topic_holdout) if config.topic_holdout is not None else None
-    answers = answer_tokens(tokenizer) if config.causal else None  # a tokenizer without them: before any work
+    # the causal check's prompts and answers: a tokenizer without them is refused before any work
+    answers = answer_tokens(tokenizer) if config.causal and config.behaviour is None else None
+    bset = (BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour is not None
+            else BehaviourSet.from_probes(tokenizer, probes.eval, answers) if config.causal else None)
     timings: dict[str, float] = {}
     bar = tqdm(total=3, desc="sweep", disable=config.quiet, unit="phase")
 
@@ -485,9 +493,13 @@ def sweep(
         by_name = {c.name: c for c in candidates}
         pool = {c.name for c in ranking_pool(candidates, "joint")}
         names = rank_rows(summary.filter(pl.col("candidate").is_in(pool)))["candidate"].to_list()
-        causal = run_causal(model, tokenizer, delta, probes.eval, [(n, by_name[n].bases) for n in names],
+        act_oracles = [(f"oracle_act_{kind}", {layer: Target.from_rows(f"{kind}@{layer}", rows[layer]).oracle_basis(config.r)
+                                                for layer in layers})
+                       for kind, rows in (("cumulative", labels.eval_cumulative), ("local", labels.eval_local))]
+        causal = run_causal(model, tokenizer, delta, bset.texts, [(n, by_name[n].bases) for n in names],
                             {layer: targets[layer]["combined"] for layer in layers}, k=config.causal,
-                            n_null=config.causal_null, seed=config.seed, answers=answers, write_gains=gains)
+                            n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
+                            act_oracles=act_oracles)
         timings["causal"] = time.perf_counter() - t0
     return SweepResult(
         per_layer=per_layer,
@@ -556,8 +568,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
-    if config.causal:
-        answer_tokens(tokenizer)  # a tokenizer that cannot tell the answers apart: before any forward pass
+    if config.causal:  # a tokenizer that cannot tell the answers apart: before any forward pass
+        BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour else answer_tokens(tokenizer)
     for path, delta in zip(deltas, loaded):
         validate_delta(delta, model)
         if unscored := unscored_keys(delta):

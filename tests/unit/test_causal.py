@@ -148,9 +148,15 @@ def test_run_causal_table_forward_passes_and_seeded_null(tiny):
     t = res.table
     kinds = t["kind"].to_list()
     assert kinds.count("candidate") == 3 and kinds.count("oracle") == 2 and kinds.count("random") == 10
-    # 2 references + 3 candidates + 2 oracles + 10 draws (keep + ablate each) + curves, 2 passes apiece
+    # the α = 0 pass, then 2 references + 3 candidates + 2 oracles + 10 draws (keep + ablate each)
+    # + curves, 2 passes apiece
     n_curve = kinds.count("curve")
-    assert res.forward_passes == 2 * (2 + 2 * (3 + 2 + 10) + n_curve)
+    assert res.forward_passes == 1 + 2 * (2 + 2 * (3 + 2 + 10) + n_curve)
+    a0 = t.filter(pl.col("name") == "alpha_0").row(0, named=True)  # the unsteered model's own output
+    assert a0["effect"] == pytest.approx(float(behaviour(model, tok, EVAL, res.answers).mean()), rel=1e-12)
+    w = t.filter(pl.col("name") == "w").row(0, named=True)
+    assert w["effect_plus"] - w["effect_minus"] == pytest.approx(w["effect"], rel=1e-9)  # (b+ − b0) − (b− − b0)
+    assert 0 < w["mass_plus"] <= 1 and 0 < w["mass_minus"] <= 1
     assert {int(k) for k in t.filter(pl.col("kind") == "curve")["k"]} <= set(CURVE_RANKS)
     # the null's draws are the seeded random subspaces of the profile
     rnd = t.filter(pl.col("kind") == "random")
@@ -236,6 +242,9 @@ def test_run_with_causal_writes_the_table_figure_and_verdict_for_two_deltas_thro
         tables[name] = pl.read_csv(run / "causal.tsv", separator="\t")
         conclusion = (run / "conclusion.md").read_text()
         assert "## Causal check" in conclusion and "Verdict:" in conclusion
+        kinds = set(tables[name]["kind"])
+        assert {"act_oracle", "curve", "reference", "candidate", "oracle", "random"} <= kinds
+        assert {"oracle_act_cumulative", "oracle_act_local"} <= set(tables[name]["name"])
         assert "token id" in (run / "definitions.md").read_text()
         manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["timings_s"]["causal"] > 0
@@ -246,3 +255,36 @@ def test_run_with_causal_writes_the_table_figure_and_verdict_for_two_deltas_thro
     # up to the model's nonlinearity, so only the subspaces are compared through R_w_combined)
     r0 = [t.filter(pl.col("kind") == "random")["R_w_combined"].to_list() for t in tables.values()]
     assert r0[0] == pytest.approx(r0[1], rel=1e-9)
+
+
+def test_the_shipped_behaviour_example_is_a_valid_set(tiny):
+    from importlib import resources
+
+    from subspace_sweep.causal import BehaviourSet
+
+    _, tok = tiny
+    path = str(resources.files("subspace_sweep").joinpath("data/behaviour_example.jsonl"))
+    b = BehaviourSet.from_jsonl(path, tok)
+    assert len(b.texts) == 6 and set(b.signs) == {1.0, -1.0}
+    yes, no = answer_tokens(tok).yes_id, answer_tokens(tok).no_id
+    assert b.first_ids[0] == yes and b.first_ids[3] == no  # the second answer is the behaviour where sign = −1
+    got = behaviour(tiny[0], tok, b.texts, b)
+    raw = behaviour(tiny[0], tok, b.texts, answer_tokens(tok))
+    torch.testing.assert_close(got, raw, rtol=1e-12, atol=1e-12)  # sign·(first − second) = Yes − No for both kinds
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"prompt": "a", "answers": ["Yes", "No"], "sign": 1}\nnot json\n', "line 2: not JSON"),
+    ('{"prompt": "a", "answers": ["Yes"], "sign": 1}\n{"prompt": "b", "answers": ["Yes", "No"], "sign": 1}\n', "line 1: expected"),
+    ('{"prompt": "a", "answers": ["Yes", "No"], "sign": 2}\n{"prompt": "b", "answers": ["Yes", "No"], "sign": 1}\n', "line 1: expected"),
+])
+def test_a_malformed_behaviour_file_is_exit_2_with_its_line(capsys, tmp_path, tiny_dir, text, match):
+    f = tmp_path / "b.jsonl"
+    f.write_text(text)
+    out = tmp_path / "out"
+    code = cli.main(["run", "--model", str(tiny_dir), "--delta", str(tmp_path / "missing.safetensors"), "--out",
+                     str(out), "--quiet", "--causal", "1", "--behaviour", str(f)])
+    err = capsys.readouterr().err.strip()
+    assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1 and match in err, err
+    assert not out.exists()
+
