@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,12 +34,10 @@ from safetensors.torch import load_file, save_file
 from . import report
 from .candidates import A_SIDE_NAMES, Candidate, build_a_side
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
+from .config import SweepConfig
 from .errors import InputError
 from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
 from .prompts import ProbeSet
-
-if TYPE_CHECKING:
-    from .sweep import SweepConfig
 
 #: Bump when the entry layout changes (the package source is in the key already).
 CACHE_FORMAT = 1

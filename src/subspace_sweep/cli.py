@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, **overrides):
-    from .sweep import SweepConfig
+    from .config import SweepConfig
 
     holdout = args.topic_holdout
     if holdout == -1:

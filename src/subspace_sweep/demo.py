@@ -24,7 +24,8 @@ from .model import WRITER_PROJS, load_model, n_layers_of
 from .prompts import load_probe_set
 from .report import rank_fair_order
 from .a_side import build_a_side_for
-from .sweep import SweepConfig, SweepResult, run_sweep
+from .config import SweepConfig
+from .sweep import SweepResult, run_sweep
 from .toy import save_tiny_model
 
 #: Frobenius norm of each planted tensor relative to the base weight: large enough that the

@@ -11,7 +11,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -21,76 +21,16 @@ from tqdm.auto import tqdm
 
 from . import compute, linalg, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
-from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
-from .causal import MIN_NULL_DRAWS, CausalResult, answer_tokens, run_causal
-from .capture import LABEL_KINDS, capture_labels, count_forward_passes
+from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
+from .candidates import Candidate, build_b_side, ranking_pool
+from .causal import CausalResult, answer_tokens, run_causal
+from .capture import capture_labels, count_forward_passes
 from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
 from .errors import InputError
 from .model import load_model, n_layers_of, state_dict_sha256
 from .prompts import ProbeSet, load_probe_set
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
-
-
-
-#: How many A-side candidates the joint ranking holds (known before anything is built).
-JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    model: str = "Qwen/Qwen3-0.6B"
-    delta: str | None = None
-    out: str | None = None
-    r: int = 8
-    k_broad: int | None = None  # None: 64, capped at d/4 (see resolved_k_broad)
-    layers: tuple[int, ...] | None = None  # None: the layers where the delta writes to the residual stream
-    n_fit: int | None = None  # None: first half of the probes
-    dtype: str | None = None
-    device: str | None = None
-    null: str = "exact"  # "exact" or "mc" (seeded Monte-Carlo cross-check)
-    n_null: int = 2000
-    seed: int = 0
-    label: str = "block_output"  # or "block_local": the change of (block output - block input)
-    topic_holdout: int | None = None  # claims [0, N) trained the LoRA: also score on EVAL probes of the others
-    n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
-    ci_level: float = 0.95
-    a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
-    causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
-    causal_null: int = 8  # random subspaces per tested rank in the causal null
-    overwrite: bool = False
-    quiet: bool = False
-
-    def validate(self) -> None:
-        if self.null not in ("exact", "mc"):
-            raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
-        if self.null == "mc" and self.n_null < 2:
-            raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
-        if self.r <= 0:
-            raise InputError(f"--r must be positive, got {self.r}")
-        if self.label not in LABEL_KINDS:
-            raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
-        if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
-            raise InputError(f"--n-boot must be >= 0 and the CI level in (0, 1), got {self.n_boot}, {self.ci_level}")
-        if self.topic_holdout is not None and self.topic_holdout < 0:
-            raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
-        if self.k_broad is not None and self.k_broad <= 0:
-            raise InputError(f"--k-broad must be positive, got {self.k_broad}")
-        if not 0 <= self.causal <= JOINT_PANEL_SIZE:
-            raise InputError(f"--causal must be in 0..{JOINT_PANEL_SIZE} (the candidates of the joint ranking), "
-                             f"got {self.causal}")
-        if self.causal and self.causal_null < MIN_NULL_DRAWS:
-            raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
-
-    def resolved_k_broad(self, d: int) -> int:
-        """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
-        model) would leave every write-not-read basis empty."""
-        return self.k_broad if self.k_broad is not None else min(64, d // 4)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
 
 
 @dataclass
