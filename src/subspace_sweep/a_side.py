@@ -12,7 +12,9 @@ token ids of the three A-side conditions (so the tokenizer, chat template, probe
 r, K, the layers and the seed; this package's source files; the installed package versions,
 torch's build configuration, its thread count and the CPU (BLAS kernels and thread partitioning
 change last bits). An entry that cannot be read, or whose recorded key differs, is rebuilt and
-replaced, with a warning. Entries are written atomically; delete the folder to clear the cache.
+replaced, with a warning. Entries are published like run folders (``publish.write_folder``: staged,
+renamed into place; a killed store's staging is deleted by the next run); delete the folder to
+clear the cache.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import report
+from . import publish, report
 from .candidates import A_SIDE_NAMES, Candidate, build_a_side
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
 from .config import SweepConfig
@@ -65,6 +67,8 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
         return _build(model, tokenizer, config, layers, probes)
     t0 = time.perf_counter()
     root = Path(config.a_side_cache).expanduser()
+    for line in publish.recover(root):  # what a killed store left: its staging goes
+        warnings.warn(line, stacklevel=2)
     inputs = a_side_key_inputs(model, tokenizer, config, layers, probes)
     key = key_of(inputs)
     entry = root / f"a_side-{key[:32]}"
@@ -84,8 +88,11 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
     built.cache = {**info, "status": "miss"}
     t1 = time.perf_counter()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        report.write_atomically(entry, lambda tmp: write_entry(tmp, built, key), overwrite=True)
+        root.mkdir(exist_ok=True)
+        # The cache folder is this tool's: whatever sits under an entry's name (a broken entry, a
+        # file) is replaced, through the same staged rename as every output.
+        publish.write_folder(entry, lambda tmp: write_entry(tmp, built, key), overwrite=True, snapshot=None,
+                             replaceable=lambda _: True, what="--a-side-cache entry", label="cache")
     except (OSError, InputError) as exc:  # the sweep's results stand; only the next run is slower
         warnings.warn(f"could not store the A-side in {root} ({exc!r})", stacklevel=2)
     built.build_seconds += key_seconds + time.perf_counter() - t1

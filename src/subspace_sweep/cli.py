@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import InputError
@@ -152,27 +153,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_delta(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import publish
     from .delta import delta_from_peft, save_delta
 
+    publish.recover_for(args.out)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out}: the delta is written as .safetensors")
+    publish.check_file_destination(out, overwrite=args.overwrite)
     delta = delta_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    save_delta(delta, out)
+    save_delta(delta, out, overwrite=args.overwrite)
     print(f"wrote {out} ({len(delta)} tensors)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from . import publish
     from .compare import compare_runs, load_run, write_comparison
-    from .report import check_out_dir
 
-    check_out_dir(args.out, args.overwrite)
+    for line in publish.recover_for(args.out):
+        warnings.warn(line)
+    snapshot = publish.check_destination(args.out, overwrite=args.overwrite, inputs=args.runs)
     runs = [load_run(p) for p in args.runs]
     cmp = compare_runs(runs, top_k=args.top_k, min_runs=args.min_runs, z_min=args.z_min)
-    write_comparison(cmp, args.out, overwrite=args.overwrite,
+    write_comparison(cmp, args.out, overwrite=args.overwrite, snapshot=snapshot, run_paths=args.runs,
                      settings={"top_k": args.top_k, "min_runs": args.min_runs, "z_min": args.z_min})
     stable = [row["candidate"] for row in cmp.per_candidate.iter_rows(named=True) if row["stable"]]
     print(f"compared {len(runs)} runs; stable candidates: {', '.join(stable) if stable else 'none'}")

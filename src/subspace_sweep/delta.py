@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -131,9 +129,13 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     return _as_tensor_dict(obj, str(path))
 
 
-def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``delta`` as ``.safetensors`` (atomically: temp file + rename). Returns the path."""
+def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write ``delta`` as ``.safetensors`` (staged and renamed into place: ``publish.write_file``;
+    an existing file is replaced only with ``overwrite``). Returns the path."""
     from safetensors.torch import save_file
+
+    from .publish import write_file
 
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
@@ -142,14 +144,7 @@ def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[
     # clone: safetensors refuses tensors that share storage (e.g. tied weights) or are views.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
     return path
 
 

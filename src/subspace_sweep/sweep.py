@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import compute, linalg, report, scoring
+from . import compute, linalg, publish, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
 from .candidates import Candidate, build_b_side, ranking_pool
@@ -431,7 +432,7 @@ def model_manifest(model, config: SweepConfig, result: SweepResult | None = None
     path = Path(str(config.model)).expanduser()
     known = (result.a_side_cache or {}).get("model_sha256") if result is not None else None
     return {
-        "model": str(config.model),
+        "model": str(path.resolve()) if path.is_dir() else str(config.model),  # a folder: absolute
         "model_path": str(path.resolve()) if path.is_dir() else None,
         "model_revision": getattr(model.config, "_commit_hash", None),
         "model_sha256": known or state_dict_sha256(model),  # what compare checks: same weights, whatever the path
@@ -451,16 +452,23 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     return run_sweeps(config, [config.delta])[0]
 
 
-def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
+def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.Snapshot | None = None,
+               ) -> list[SweepResult]:
     """One sweep per delta on the same model and prompts, the A-side built once.
 
     With one delta, ``config.out`` is its run folder; with several, ``config.out`` holds one run
-    folder per delta (named by the file's stem), written together atomically.
+    folder per delta (named by the file's stem), published together (``publish.write_folder``).
+    ``snapshot``: what a caller's ``publish.check_destination`` of ``config.out`` saw when it
+    started (the demo checks before it builds its model), else it is taken here.
     """
+    # First finish what a killed run left where this one writes (the cache: build_a_side_for).
+    for line in publish.recover_for(config.out) if config.out is not None else []:
+        warnings.warn(line, stacklevel=2)
     config.validate()
     probes = load_probe_set(config.n_fit)
-    if config.out is not None:
-        report.check_out_dir(config.out, config.overwrite)
+    if config.out is not None and snapshot is None:
+        inputs = [*deltas, config.model, *([config.a_side_cache] if config.a_side_cache is not None else [])]
+        snapshot = publish.check_destination(config.out, overwrite=config.overwrite, inputs=inputs)
     if config.a_side_cache is not None:
         check_cache_dir(config.a_side_cache)
     names = [Path(p).stem for p in deltas]
@@ -489,17 +497,18 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     if config.out is not None:
         t0 = time.perf_counter()
         base = model_manifest(model, config, results[0])
+        outs = [snapshot.path] if len(deltas) == 1 else [snapshot.path / name for name in names]
         runs = [(r, replace(config, delta=str(p)),
-                 {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names,
-                  "a_side_cache": r.a_side_cache})
-                for r, p in zip(results, deltas)]
+                 {**base, "delta": str(Path(p).resolve()), "delta_sha256": sha256_file(p), "out": str(o),
+                  "a_side_shared_by": names, "a_side_cache": r.a_side_cache})
+                for r, p, o in zip(results, deltas, outs)]
         if len(runs) == 1:
-            report.write_run(*runs[0][:2], config.out, runs[0][2])
+            report.write_run(*runs[0][:2], config.out, runs[0][2], snapshot)
         else:
-            report.write_atomically(
+            publish.write_folder(
                 config.out,
                 lambda tmp: [report.fill_run(tmp / name, *run) for name, run in zip(names, runs)],
-                overwrite=config.overwrite,
+                overwrite=config.overwrite, snapshot=snapshot,
             )
         for r in results:
             r.timings["report"] = time.perf_counter() - t0
