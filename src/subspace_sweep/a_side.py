@@ -76,7 +76,7 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
     key = key_of(inputs)
     entry = root / f"a_side-{key[:32]}"
     # The weights' digest rides along so that the run's manifest need not hash them again.
-    info = {"dir": str(root), "key": key, "model_sha256": inputs["model_sha256"]}
+    info = {"dir": str(root.resolve()), "key": key, "model_sha256": inputs["model_sha256"]}
     if os.path.lexists(entry):
         try:
             loaded = load_entry(entry, key, d=int(model.config.hidden_size))

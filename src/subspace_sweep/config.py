@@ -16,6 +16,10 @@ from .errors import InputError
 
 #: How many A-side candidates the joint ranking holds (known before anything is built).
 JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
+#: ``--seed`` is an unsigned 32-bit integer: every consumer (torch generators, ``stable_seed``,
+#: the demo's per-layer offsets) takes it, and JSON readers that parse numbers as doubles keep it exact.
+SEED_MAX = 2**32 - 1
+
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -42,12 +46,20 @@ class SweepConfig:
     quiet: bool = False
 
     def validate(self) -> None:
+        """Every check that needs only the options (the model's width and layer count are
+        checked by ``validate_for_model`` once its config.json is read)."""
         if self.null not in ("exact", "mc"):
             raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
         if self.null == "mc" and self.n_null < 2:
             raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
         if self.r <= 0:
             raise InputError(f"--r must be positive, got {self.r}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise InputError(f"--seed must be in 0..{SEED_MAX} (an unsigned 32-bit integer), got {self.seed}")
+        if self.n_fit is not None and self.n_fit < 2:
+            raise InputError(f"--n-fit is the number of FIT probes: need at least 2 FIT and 2 EVAL prompts, got {self.n_fit}")
+        if self.layers is not None and not self.layers:
+            raise InputError("--layers names no layer; give e.g. 8..21 or 3,5,7 (or leave it out: the delta's layers)")
         if self.label not in LABEL_KINDS:
             raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
         if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
@@ -61,6 +73,18 @@ class SweepConfig:
                              f"got {self.causal}")
         if self.causal and self.causal_null < MIN_NULL_DRAWS:
             raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
+
+    def validate_for_model(self, d: int, n_layers: int, where: str) -> None:
+        """The checks that need the residual width ``d`` and the layer count (read from the model's
+        config, ``where``), before any weight is loaded."""
+        if self.r > d:
+            raise InputError(f"--r {self.r} exceeds the residual width d = {d} ({where})")
+        if self.k_broad is not None and self.k_broad > d:
+            raise InputError(f"--k-broad {self.k_broad} exceeds the residual width d = {d} ({where})")
+        if self.layers is not None:
+            bad = sorted({x for x in self.layers if not 0 <= x < n_layers})
+            if bad:
+                raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1} ({where})")
 
     def resolved_k_broad(self, d: int) -> int:
         """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny

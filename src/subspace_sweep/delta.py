@@ -15,6 +15,7 @@ import copy
 import hashlib
 import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -93,8 +94,15 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     Tensors come back on the CPU in their stored dtype.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DeltaFormatError(f"delta {path} is a folder; give a .safetensors or .pt file (two PEFT adapter "
+                               "folders become one with `subspace-sweep delta`)")
     if not path.is_file():
         raise DeltaFormatError(f"delta file {path} does not exist")
+    try:
+        open(path, "rb").close()  # the loaders' own errors do not say why a file cannot be opened
+    except OSError as e:
+        raise DeltaFormatError(f"delta file {path} cannot be read ({e.strerror or type(e).__name__})") from None
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
@@ -108,7 +116,9 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
         try:
             # weights_only: the unpickler only builds tensors and plain containers; any other
             # global (e.g. os.system in a __reduce__) is rejected before it can run.
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing about the file
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # A forbidden object and a pickle opcode the restricted unpickler does not know
             # (e.g. protocol 4 FRAME from plain pickle.dump) look alike here: refuse both.
@@ -197,9 +207,15 @@ def validate_delta(delta: Mapping[str, Tensor], model: nn.Module) -> None:
 
     Order: empty, unknown keys, shapes, non-finite values, all zero, no residual writer.
     """
+    check_keys_and_shapes(delta, model)
+    check_delta_values(delta)
+
+
+def check_delta_values(delta: Mapping[str, Tensor]) -> None:
+    """The checks of ``validate_delta`` that need no model (run before the weights load): empty,
+    non-finite values, all zero, no residual writer."""
     if not delta:
         raise ZeroDeltaError("the delta has no tensors")
-    check_keys_and_shapes(delta, model)
     for k, v in delta.items():
         finite = torch.isfinite(v)
         if not bool(finite.all()):

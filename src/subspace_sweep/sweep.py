@@ -20,15 +20,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import compute, linalg, publish, report, scoring
+from . import compute, linalg, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
 from .candidates import Candidate, build_b_side, ranking_pool
 from .causal import CausalResult, answer_tokens, run_causal
 from .capture import capture_labels, count_forward_passes
-from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
+from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, sha256_file, validate_delta
 from .errors import InputError
-from .model import load_model, n_layers_of, state_dict_sha256
+from .model import load_model, n_layers_of, resolve_dtype, state_dict_sha256
 from .prompts import ProbeSet, load_probe_set
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
@@ -442,6 +442,20 @@ def model_manifest(model, config: SweepConfig, result: SweepResult | None = None
     }
 
 
+#: ‖w‖_F/‖θ‖_F over the parameters a delta changes, outside of which it is not LoRA-sized: a
+#: LoRA step changes a few percent of the weights (the demo plants 0.2 of each writer); at 1 the
+#: delta is as large as the weights themselves, below 1e-6 it is float32 rounding noise.
+LORA_RATIO_RANGE = (1e-6, 1.0)
+
+
+def delta_weight_ratio(delta: Mapping[str, Tensor], model) -> float:
+    """‖w‖_F/‖θ‖_F over the parameters the delta changes (keys checked by ``validate_delta``)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    w2 = sum(float(v.detach().double().square().sum()) for v in delta.values())
+    theta2 = sum(float(params[k].detach().double().square().sum()) for k in delta)
+    return math.sqrt(w2 / theta2) if theta2 > 0 else math.inf
+
+
 def run_sweep(config: SweepConfig) -> SweepResult:
     """Load, validate, sweep and (when ``config.out`` is set) write the run folder atomically.
 
@@ -464,8 +478,16 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     # First finish what a killed run left where this one writes (the cache: build_a_side_for).
     for line in publish.recover_for(config.out) if config.out is not None else []:
         warnings.warn(line, stacklevel=2)
+    # Every check that needs only the options, the model's config and the delta files, before
+    # the weights load (preflight.py).
     config.validate()
     probes = load_probe_set(config.n_fit)
+    if config.topic_holdout is not None:
+        holdout_rows(probes, config.topic_holdout)
+    resolve_dtype(config.dtype, preflight.check_device(config.device))
+    shape = preflight.model_shape(config.model)
+    if shape is not None:
+        config.validate_for_model(shape.d, shape.n_layers, shape.where)
     if config.out is not None and snapshot is None:
         inputs = [*deltas, config.model, *([config.a_side_cache] if config.a_side_cache is not None else [])]
         snapshot = publish.check_destination(config.out, overwrite=config.overwrite, inputs=inputs)
@@ -475,13 +497,23 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     if len(set(names)) != len(names):
         raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
     loaded = [load_delta(p) for p in deltas]
+    for delta in loaded:
+        check_delta_values(delta)
+        if shape is not None:
+            resolve_layers(config, delta, shape.n_layers)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
     if config.causal:
         answer_tokens(tokenizer)  # a tokenizer that cannot tell the answers apart: before any forward pass
-    for delta in loaded:
+    ratios = []
+    for path, delta in zip(deltas, loaded):
         validate_delta(delta, model)
+        ratios.append(delta_weight_ratio(delta, model))
+        if not LORA_RATIO_RANGE[0] <= ratios[-1] <= LORA_RATIO_RANGE[1]:
+            warnings.warn(f"delta {path}: ‖w‖/‖θ‖ = {ratios[-1]:.3g} over the weights it changes, far outside what a "
+                          f"LoRA does ({LORA_RATIO_RANGE[0]:g}..{LORA_RATIO_RANGE[1]:g}): θ ± w is then no small "
+                          "steering step; check the delta's scale", stacklevel=2)
     n_layers = n_layers_of(model)
     union = sorted({layer for delta in loaded for layer in resolve_layers(config, delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
@@ -500,8 +532,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
         outs = [snapshot.path] if len(deltas) == 1 else [snapshot.path / name for name in names]
         runs = [(r, replace(config, delta=str(p)),
                  {**base, "delta": str(Path(p).resolve()), "delta_sha256": sha256_file(p), "out": str(o),
-                  "a_side_shared_by": names, "a_side_cache": r.a_side_cache})
-                for r, p, o in zip(results, deltas, outs)]
+                  "delta_weight_norm_ratio": ratio, "a_side_shared_by": names, "a_side_cache": r.a_side_cache})
+                for r, p, o, ratio in zip(results, deltas, outs, ratios)]
         if len(runs) == 1:
             report.write_run(*runs[0][:2], config.out, runs[0][2], snapshot)
         else:
