@@ -317,12 +317,19 @@ def test_the_table_covers_every_command():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-def test_a_float64_model_runs(tiny_dir, good_delta, tmp_path):
-    out = tmp_path / "run"
-    argv = ["run", "--model", str(tiny_dir), "--delta", str(good_delta), "--out", str(out), "--quiet", "--n-boot", "0",
-            "--dtype", "float64"]
-    assert cli.main(argv) == 0
-    assert json.loads((out / "manifest.json").read_text())["model_dtype"] == "torch.float64"
+def test_a_float64_model_runs(tiny_dir, good_delta, monkeypatch):
+    loaded = []
+
+    def load_and_record(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        loaded.append(next(model.parameters()).dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(sweep, "load_model", load_and_record)
+    result = sweep.run_sweep(sweep.SweepConfig(model=str(tiny_dir), delta=str(good_delta), dtype="float64",
+                                               n_boot=0, quiet=True))
+    assert loaded == [torch.float64]
+    assert result.summary.height >= 48 and result.ranking("joint")["joint_gain"].is_not_nan().sum() >= 30
 
 
 def test_a_delta_far_larger_than_a_lora_warns_once_in_one_line(tiny_dir, tiny_model, tmp_path, monkeypatch, capsys):

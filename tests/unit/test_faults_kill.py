@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,9 @@ def test_sigkill_with_the_new_run_staged_keeps_the_old_run_and_a_restart_publish
     manifest = json.loads((parent / "out" / publish.MANIFEST).read_text())
     assert manifest["delta_sha256"] == sha256_file(world["deltas"]["b"])  # the complete new run
     assert _listing(parent / "out") == _listing(world["old_run"])
+    mask = publish.umask()  # a shared results folder stays as readable as the umask allows
+    assert stat.S_IMODE((parent / "out").stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (parent / "out").iterdir()} == {0o666 & ~mask}
 
 
 def test_sigkill_between_the_two_renames_and_a_restart_restores_the_old_run(world, capsys):

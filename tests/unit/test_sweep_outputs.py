@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from subspace_sweep import publish, report
+from subspace_sweep import demo, publish, report
 from subspace_sweep.report import GAIN_RESOLUTION
 from subspace_sweep.candidates import ranking_pool
 from subspace_sweep.demo import run_demo
@@ -62,6 +62,7 @@ def test_manifest_records_provenance(demo_run):
     assert set(m["timings_s"]) >= {"model_load", "captures", "candidates", "scoring", "report"}
     assert m["timings_s"]["report"] > 0  # measured inside the report, before the manifest is written last
     assert m["out"] == str(out.resolve()) and Path(m["delta"]).is_absolute() and Path(m["model"]).is_absolute()
+    assert m["delta_weight_norm_ratio"] == pytest.approx(demo.PLANT_SCALE, rel=1e-5)  # each writer planted at 0.2‖W‖
     assert m["forward_passes"] == 6  # clean, persona+, persona-, the sink token, alpha=+1, alpha=-1
 
 
