@@ -1,8 +1,9 @@
 """The sweep: captures -> candidates -> scores -> frames (SPEC §5).
 
 ``sweep(model, tokenizer, delta, config)`` works on a loaded model and writes nothing;
-``run_sweep(config)`` loads the model and the delta, validates everything, runs ``sweep`` and
-writes the run folder atomically through ``report.write_run``.
+``run_sweep(config)`` checks every input it can before the weights load (``preflight.py``),
+loads the model and the delta, runs ``sweep`` and publishes the run folder through
+``report.write_run`` (``publish.write_folder``: staged, renamed into place).
 """
 
 from __future__ import annotations
@@ -457,7 +458,7 @@ def delta_weight_ratio(delta: Mapping[str, Tensor], model) -> float:
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
-    """Load, validate, sweep and (when ``config.out`` is set) write the run folder atomically.
+    """Load, validate, sweep and (when ``config.out`` is set) publish the run folder.
 
     Every input check runs before the first forward pass, and nothing is written on bad input.
     """
