@@ -11,8 +11,12 @@ The key covers the model's weights (``state_dict_sha256``), config, dtype and de
 token ids of the three A-side conditions (so the tokenizer, chat template, probes and personas);
 r, K, the layers and the seed; this package's source files; the installed package versions,
 torch's build configuration, its thread count and the CPU (BLAS kernels and thread partitioning
-change last bits). An entry that cannot be read, or whose recorded key differs, is rebuilt and
-replaced, with a warning. Entries are written atomically; delete the folder to clear the cache.
+change last bits). An entry is verified when it is loaded (``load_entry``: its metadata's own
+checksum and recorded key, the sha256 of its bases file, every basis a finite orthonormal d x r
+matrix, every definition this package's); one that fails, or that is not a folder, is rebuilt and
+replaced, with one warning. Entries are published like run folders (``publish.write_folder``:
+staged, renamed into place; a killed store's staging is deleted by the next use of the cache);
+delete the folder to clear the cache.
 """
 
 from __future__ import annotations
@@ -27,24 +31,22 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import report
-from .candidates import A_SIDE_NAMES, Candidate, build_a_side
+from . import publish, report
+from .candidates import A_SIDE_NAMES, Candidate, build_a_side, get_spec
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
 from .arch import architecture_of
+from .config import SweepConfig
+from .delta import sha256_file
 from .errors import InputError
 from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
 from .prompts import ProbeSet
 
-if TYPE_CHECKING:
-    from .sweep import SweepConfig
-
 #: Bump when the entry layout changes (the package source is in the key already).
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: checksums of the metadata and the bases file
 BASES_FILE = "bases.safetensors"
 META_FILE = "meta.json"
 
@@ -69,16 +71,20 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
         return _build(model, tokenizer, config, layers, probes)
     t0 = time.perf_counter()
     root = Path(config.a_side_cache).expanduser()
+    for line in publish.recover(root):  # what a killed store left: its staging goes
+        warnings.warn(line, stacklevel=2)
     inputs = a_side_key_inputs(model, tokenizer, config, layers, probes)
     key = key_of(inputs)
     entry = root / f"a_side-{key[:32]}"
     # The weights' digest rides along so that the run's manifest need not hash them again.
-    info = {"dir": str(root), "key": key, "model_sha256": inputs["model_sha256"]}
-    if entry.exists():
+    info = {"dir": str(root.resolve()), "key": key, "model_sha256": inputs["model_sha256"]}
+    if os.path.lexists(entry):
         try:
-            loaded = load_entry(entry, key)
-        except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt, never trusted
-            warnings.warn(f"A-side cache entry {entry} is unreadable ({exc!r}); rebuilding it", stacklevel=2)
+            loaded = load_entry(entry, key, d=int(model.config.hidden_size))
+        except Exception as exc:  # noqa: BLE001 - any entry that fails verification is rebuilt, never trusted
+            why = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")[:300]
+            warnings.warn(f"A-side cache entry {entry} is unreadable or damaged ({type(exc).__name__}: {why}); "
+                          "rebuilding and replacing it", stacklevel=2)
         else:
             loaded.build_seconds = time.perf_counter() - t0
             loaded.cache = {**info, "status": "hit"}
@@ -88,8 +94,11 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
     built.cache = {**info, "status": "miss"}
     t1 = time.perf_counter()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        report.write_atomically(entry, lambda tmp: write_entry(tmp, built, key), overwrite=True)
+        root.mkdir(exist_ok=True)
+        # The cache folder is this tool's: whatever sits under an entry's name (a broken entry, a
+        # file) is replaced, through the same staged rename as every output.
+        publish.write_folder(entry, lambda tmp: write_entry(tmp, built, key), overwrite=True, snapshot=None,
+                             replaceable=lambda _: True, what="--a-side-cache entry", label="cache")
     except (OSError, InputError) as exc:  # the sweep's results stand; only the next run is slower
         warnings.warn(f"could not store the A-side in {root} ({exc!r})", stacklevel=2)
     built.build_seconds += key_seconds + time.perf_counter() - t1
@@ -209,7 +218,8 @@ def _cpu_name() -> str:
 
 def write_entry(folder: Path, a_side: ASide, key: str) -> None:
     """Every basis to one safetensors file (a global basis once: it is one tensor at every layer),
-    everything else about the candidates to a JSON file."""
+    everything else about the candidates to a JSON file, with the sha256 of the bases file and
+    its own checksum (``load_entry`` verifies both)."""
     tensors: dict[str, torch.Tensor] = {}
     metas = []
     for c in a_side.candidates:
@@ -227,24 +237,64 @@ def write_entry(folder: Path, a_side: ASide, key: str) -> None:
             "rank_exceptions": {str(layer): v for layer, v in c.rank_exceptions.items()},
         })
     save_file(tensors, str(folder / BASES_FILE))
-    meta = {"format": CACHE_FORMAT, "key": key, "layers": a_side.layers, "candidates": metas}
+    meta = {"format": CACHE_FORMAT, "key": key, "layers": a_side.layers, "candidates": metas,
+            "files_sha256": {BASES_FILE: sha256_file(folder / BASES_FILE)}}
+    meta["meta_sha256"] = _meta_checksum(meta)
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
 
 
-def load_entry(folder: Path, key: str) -> ASide:
-    """The A-side stored in ``folder``; ValueError when it is not the entry of ``key``."""
+def _meta_checksum(meta: dict) -> str:
+    """sha256 of the entry's metadata without this checksum (canonical JSON)."""
+    return _sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True))
+
+
+#: A stored basis must be orthonormal like every basis the sweep builds (SPEC §4).
+ORTHONORMAL_TOL = 1e-4
+
+
+def _check_basis(name: str, B: torch.Tensor, d: int | None) -> None:
+    if B.ndim != 2 or not B.is_floating_point() or (d is not None and B.shape[0] != d):
+        raise ValueError(f"basis {name} has shape {tuple(B.shape)} and dtype {B.dtype}, not d x r floats (d = {d})")
+    if not bool(torch.isfinite(B).all()):
+        raise ValueError(f"basis {name} holds NaN or Inf entries")
+    if B.shape[1]:
+        B64 = B.to(torch.float64)
+        err = float((B64.T @ B64 - torch.eye(B.shape[1], dtype=torch.float64)).abs().max())
+        if err > ORTHONORMAL_TOL:
+            raise ValueError(f"basis {name} is not orthonormal (max |BᵀB − I| = {err:.2e})")
+
+
+def load_entry(folder: Path, key: str, d: int | None = None) -> ASide:
+    """The A-side stored in ``folder``, verified: ValueError when it is not the entry of ``key``,
+    when a checksum does not match (the metadata's own, the bases file's sha256), when a basis is
+    not a finite orthonormal d x r matrix, or when a candidate's definition is not this package's."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
     meta = json.loads((folder / META_FILE).read_text())
+    if not isinstance(meta, dict) or meta.get("meta_sha256") != _meta_checksum(meta):
+        raise ValueError(f"{folder / META_FILE} does not match its checksum (edited or damaged)")
     if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
         raise ValueError(f"{folder / META_FILE} records another key or format")
+    for name, digest in meta["files_sha256"].items():
+        if sha256_file(folder / name) != digest:
+            raise ValueError(f"{folder / name} does not match the sha256 in {META_FILE} (damaged)")
     tensors = load_file(str(folder / BASES_FILE))
     candidates = []
+    used: set[str] = set()
     for m in meta["candidates"]:
+        spec = get_spec(m["name"])
+        if (m["family"], m["definition"], m["side"]) != (spec.family, spec.definition, "A"):
+            raise ValueError(f"{folder / META_FILE}: {m['name']} is not this package's A-side definition")
         layers = [int(x) for x in m["layers"]]
+        names = [f"{m['name']}/*"] if m["shared"] else [f"{m['name']}/{layer}" for layer in layers]
+        for name in names:
+            _check_basis(name, tensors[name], d)
+        used.update(names)
         if m["shared"]:
-            B = tensors[f"{m['name']}/*"]
+            B = tensors[names[0]]
             bases = {layer: B for layer in layers}
         else:
-            bases = {layer: tensors[f"{m['name']}/{layer}"] for layer in layers}
+            bases = {layer: tensors[name] for layer, name in zip(layers, names)}
         candidates.append(Candidate(
             name=m["name"], family=m["family"], definition=m["definition"], side=m["side"], bases=bases,
             expected_rank=int(m["expected_rank"]), rank_note=m["rank_note"],
@@ -253,5 +303,7 @@ def load_entry(folder: Path, key: str) -> ASide:
         ))
     if [c.name for c in candidates] != list(A_SIDE_NAMES):
         raise ValueError(f"{folder / META_FILE} does not hold this version's A-side candidates")
+    if used != set(tensors):
+        raise ValueError(f"{folder / BASES_FILE} holds tensors {sorted(set(tensors) - used)[:3]} that no candidate names")
     return ASide(candidates, [int(x) for x in meta["layers"]], forward_passes=0, capture_seconds=0.0,
                  build_seconds=0.0)

@@ -1,38 +1,54 @@
-"""The ``subspace-sweep`` command line: run, demo, delta, explain.
+"""The ``subspace-sweep`` command line: run, demo, delta, compare, explain.
 
 Bad input ends with exit code 2 and one line naming the fault; nothing is written then.
+Ctrl-C ends with exit code 130 and one line. Warnings are one line each, without source lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
 EXIT_DEMO_NOT_RECOVERED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (its default prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _layers(text: str) -> tuple[int, ...]:
-    """``8..21``, ``8-21``, ``3,5,7`` or ``3 5 7`` pieces."""
+    """``8..21``, ``8-21``, ``3,5,7`` or ``3 5 7`` pieces; a range must run upwards."""
     out: list[int] = []
     for piece in text.replace(",", " ").split():
         for sep in ("..", "-"):
             if sep in piece:
-                a, b = piece.split(sep, 1)
-                out.extend(range(int(a), int(b) + 1))
+                a, b = (int(x) for x in piece.split(sep, 1))
+                if b < a:
+                    raise ValueError(f"the range {piece} runs backwards; write {b}{sep}{a}")
+                out.extend(range(a, b + 1))
                 break
         else:
             out.append(int(piece))
+    if not out:
+        raise ValueError("it names no layer")
     return tuple(out)
 
 
 def _layers_arg(text: str) -> tuple[int, ...]:
     try:
         return _layers(text)
-    except ValueError:
+    except ValueError as e:
+        if str(e).startswith(("the range", "it names")):
+            raise argparse.ArgumentTypeError(f"cannot read layers {text!r}: {e}") from None
         raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; use e.g. 8..21 or 3,5,7") from None
 
 
@@ -69,7 +85,7 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="subspace-sweep",
         description="Score base-model subspaces against a steering LoRA's activation change and weight delta.",
     )
@@ -81,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="w = θ⁺ − θ⁻ as .safetensors (preferred) or .pt; repeat for several deltas of the same "
                           "model (e.g. LoRA seeds): the A-side is built once, one run folder per delta under --out")
     run.add_argument("--out", required=True, help="output folder (written atomically)")
-    run.add_argument("--dtype", default=None, help="model dtype (default bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--dtype", default=None,
+                     help="model dtype: bfloat16, float16, float32 or float64 (default bfloat16 on GPU, float32 on CPU)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     _add_sweep_options(run)
 
@@ -112,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, **overrides):
-    from .sweep import SweepConfig
+    from .config import SweepConfig
 
     holdout = args.topic_holdout
     if holdout == -1:
@@ -155,27 +172,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_delta(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import preflight, publish
     from .delta import delta_from_peft, save_delta
 
+    publish.recover_for(args.out)
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} exists; pass --overwrite to replace it")
     if out.suffix != ".safetensors":
         raise InputError(f"--out {out}: the delta is written as .safetensors")
+    publish.check_file_destination(out, overwrite=args.overwrite)
+    preflight.model_shape(args.model)  # a damaged model folder: before anything loads
+    preflight.check_adapter_folder(args.adapter_pos, "--adapter-pos")
+    preflight.check_adapter_folder(args.adapter_neg, "--adapter-neg")
     delta = delta_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    save_delta(delta, out)
+    save_delta(delta, out, overwrite=args.overwrite)
     print(f"wrote {out} ({len(delta)} tensors)")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from . import publish
     from .compare import compare_runs, load_run, write_comparison
-    from .report import check_out_dir
 
-    check_out_dir(args.out, args.overwrite)
+    for line in publish.recover_for(args.out):
+        warnings.warn(line)
+    snapshot = publish.check_destination(args.out, overwrite=args.overwrite, inputs=args.runs)
     runs = [load_run(p) for p in args.runs]
     cmp = compare_runs(runs, top_k=args.top_k, min_runs=args.min_runs, z_min=args.z_min)
-    write_comparison(cmp, args.out, overwrite=args.overwrite,
+    write_comparison(cmp, args.out, overwrite=args.overwrite, snapshot=snapshot, run_paths=args.runs,
                      settings={"top_k": args.top_k, "min_runs": args.min_runs, "z_min": args.z_min})
     stable = [row["candidate"] for row in cmp.per_candidate.iter_rows(named=True) if row["stable"]]
     print(f"compared {len(runs)} runs; stable candidates: {', '.join(stable) if stable else 'none'}")
@@ -213,21 +236,42 @@ def bluf_table(result, top: int = 12) -> str:
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("subspace-sweep: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if args.command is None:
         parser.print_help()
         return 0
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
+    prog = f"subspace-sweep {args.command}"
+    shown = warnings.showwarning
 
-        hf_logging.disable_progress_bar()  # "Loading weights" bars are transformers', not ours
+    def show(message, category, filename, lineno, file=None, line=None):  # no source file or line
+        print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+
+    warnings.showwarning = show
     try:
+        if getattr(args, "quiet", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # "Loading weights" bars are transformers', not ours
         return COMMANDS[args.command](args)
     except InputError as e:
-        print(f"subspace-sweep {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Staging folders are removed on the way out (publish.write_folder); no partial output.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

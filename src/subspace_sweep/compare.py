@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import scipy.stats  # noqa: E402
 
-from . import linalg, report  # noqa: E402
+from . import linalg, publish, report  # noqa: E402
 from .errors import InputError  # noqa: E402
 
 STATS = ("joint_gain", "gain_act", "gain_w_combined", "R_act", "R_w_combined", "z_w_combined", "joint")
@@ -162,12 +162,21 @@ def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int =
     plt.close(fig)
 
 
-def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, settings: dict) -> Path:
+def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, settings: dict,
+                     snapshot: publish.Snapshot | None = None, run_paths: list[str] | None = None) -> Path:
+    """Write the compare folder and publish it as ``out`` (``publish.write_folder``); its
+    manifest.json (written last) makes it a folder ``--overwrite`` may replace."""
+    if snapshot is None:
+        snapshot = publish.check_destination(out, overwrite=overwrite)
+
     def fill(tmp: Path) -> None:
         (tmp / "compare_config.json").write_text(json.dumps({"runs": cmp.runs, **settings}, indent=2) + "\n")
         cmp.per_candidate.write_csv(tmp / "compare_summary.tsv", separator="\t", float_precision=6)
         cmp.taus.write_csv(tmp / "rank_stability.tsv", separator="\t", float_precision=6)
         cmp.angles.write_csv(tmp / "oracle_angles.tsv", separator="\t", float_precision=6)
         ranking_figure(cmp.per_candidate, tmp / "compare_ranking.png", tmp / "compare_ranking.pdf")
+        manifest = {"package_versions": report.package_versions(), "kind": "compare", "out": str(snapshot.path),
+                    "runs": [str(Path(p).expanduser().resolve()) for p in (run_paths or cmp.runs)]}
+        (tmp / publish.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    return report.write_atomically(out, fill, overwrite=overwrite)
+    return publish.write_folder(out, fill, overwrite=overwrite, snapshot=snapshot)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 import pickle
 import re
-import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -95,8 +94,15 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     Tensors come back on the CPU in their stored dtype.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DeltaFormatError(f"delta {path} is a folder; give a .safetensors or .pt file (two PEFT adapter "
+                               "folders become one with `subspace-sweep delta`)")
     if not path.is_file():
         raise DeltaFormatError(f"delta file {path} does not exist")
+    try:
+        open(path, "rb").close()  # the loaders' own errors do not say why a file cannot be opened
+    except OSError as e:
+        raise DeltaFormatError(f"delta file {path} cannot be read ({e.strerror or type(e).__name__})") from None
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError
@@ -110,7 +116,9 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
         try:
             # weights_only: the unpickler only builds tensors and plain containers; any other
             # global (e.g. os.system in a __reduce__) is rejected before it can run.
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on the pickle protocol says nothing about the file
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # A forbidden object and a pickle opcode the restricted unpickler does not know
             # (e.g. protocol 4 FRAME from plain pickle.dump) look alike here: refuse both.
@@ -131,9 +139,13 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     return _as_tensor_dict(obj, str(path))
 
 
-def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``delta`` as ``.safetensors`` (atomically: temp file + rename). Returns the path."""
+def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write ``delta`` as ``.safetensors`` (staged and renamed into place: ``publish.write_file``;
+    an existing file is replaced only with ``overwrite``). Returns the path."""
     from safetensors.torch import save_file
+
+    from .publish import write_file
 
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
@@ -142,14 +154,7 @@ def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[
     # clone: safetensors refuses tensors that share storage (e.g. tied weights) or are views.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
     return path
 
 
@@ -202,9 +207,15 @@ def validate_delta(delta: Mapping[str, Tensor], model: nn.Module) -> None:
 
     Order: empty, unknown keys, shapes, non-finite values, all zero, no residual writer.
     """
+    check_keys_and_shapes(delta, model)
+    check_delta_values(delta)
+
+
+def check_delta_values(delta: Mapping[str, Tensor]) -> None:
+    """The checks of ``validate_delta`` that need no model (run before the weights load): empty,
+    non-finite values, all zero, no residual writer."""
     if not delta:
         raise ZeroDeltaError("the delta has no tensors")
-    check_keys_and_shapes(delta, model)
     for k, v in delta.items():
         finite = torch.isfinite(v)
         if not bool(finite.all()):

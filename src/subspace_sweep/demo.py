@@ -10,6 +10,7 @@ lower rank). A sweep that misses it is broken.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from . import publish
 from .candidates import Candidate, get_spec
 from . import linalg
 from .delta import WRITER_SHORT, random_delta, save_delta
@@ -25,13 +27,16 @@ from .model import WRITER_PROJS, load_model, n_layers_of, write_gains
 from .prompts import load_probe_set
 from .report import rank_fair_order
 from .a_side import build_a_side_for
-from .sweep import SweepConfig, SweepResult, run_sweep
+from .config import SweepConfig
+from .sweep import SweepResult, run_sweeps
 from .toy import save_tiny_model
 
 #: Frobenius norm of each planted tensor relative to the base weight: large enough that the
 #: steered activations change measurably in float32, small enough to stay a perturbation.
 PLANT_SCALE = 0.2
 PLANT_RANK = 4
+#: The demo's scratch folder in the temp folder: ``.subspace-sweep-demo.work-{owner}``.
+WORK_NAME = "subspace-sweep-demo"
 
 
 def default_layers(n_layers: int) -> tuple[int, ...]:
@@ -102,8 +107,17 @@ def plant_rank(summary: pl.DataFrame, plant: str) -> tuple[int, float]:
 
 def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int = 0) -> DemoOutcome:
     """Build and save the tiny model, plant a delta, run the whole sweep from the saved files."""
-    get_spec(plant)  # unknown name -> InputError before the model is built
-    with tempfile.TemporaryDirectory(prefix="subspace-sweep-demo-") as tmp:
+    # First finish what a killed demo left (its scratch folder, its staging), then every check
+    # that needs only the options, before the model is built.
+    publish.recover(tempfile.gettempdir(), WORK_NAME)
+    for line in publish.recover_for(config.out) if config.out is not None else []:
+        warnings.warn(line, stacklevel=2)
+    if get_spec(plant).side != "A":  # unknown name -> InputError
+        raise InputError(f"--plant {plant!r} is a B-side reference; plant an A-side candidate")
+    config.validate()
+    snapshot = publish.check_destination(config.out, overwrite=config.overwrite) if config.out is not None else None
+    # The tiny model and the planted delta live in a scratch folder of this process.
+    with publish.work_dir(tempfile.gettempdir(), WORK_NAME) as tmp:
         model_dir = save_tiny_model(Path(tmp) / "tiny-qwen3", seed=model_seed)
         model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
         layers = config.layers or default_layers(n_layers_of(model))
@@ -114,6 +128,6 @@ def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int =
         delta_path = save_delta(delta, Path(tmp) / "planted_delta.safetensors")
         config = replace(config, model=str(model_dir), delta=str(delta_path), layers=tuple(layers),
                          dtype="float32", device="cpu")
-        result = run_sweep(config)
+        result = run_sweeps(config, [config.delta], snapshot=snapshot)[0]
     rank, pct = plant_rank(result.summary, plant)
     return DemoOutcome(result=result, plant=plant, rank_on_w=rank, pct_oracle_combined=pct)

@@ -33,6 +33,9 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
 }
 
 
@@ -175,6 +178,7 @@ def load_model(
     A model that cannot be found raises InputError saying where it looked.
     The tokenizer gets ``pad_token = eos_token`` when it has none (padding is needed for batching).
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -213,10 +217,13 @@ def load_model(
             )
             loaded = (mdl, tok)
             break
-        except (OSError, ValueError, KeyError) as e:
-            # OSError: not found / no connection; ValueError: invalid repo id or unknown architecture.
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            # OSError: not found / no connection; ValueError: invalid repo id or unknown architecture;
+            # SafetensorError: a damaged weight file.
             errors.append(f"{'cache' if files_only else 'download'}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
     if loaded is None:
+        if path.is_dir():  # a local folder: nothing was looked up or downloaded anywhere else
+            raise InputError(f"could not load the model folder {path.resolve()}: " + errors[0].split(": ", 1)[1])
         how = "offline (HF_HUB_OFFLINE=1 or local_files_only), nothing downloaded" if offline else "not downloaded either"
         raise InputError(f"could not load model '{name}': looked in {where}; {how}. Details: " + " | ".join(errors))
     mdl, tok = loaded

@@ -1,19 +1,18 @@
-"""The run folder (SPEC §7): tables, definitions, conclusion and figures, written atomically.
+"""The run folder (SPEC §7): tables, definitions, conclusion and figures.
 
-Everything is first written into a temporary sibling folder; only a complete folder is moved
-into place, so a crash leaves no partial output (and an existing folder is replaced only with
-``overwrite``).
+It is published through ``publish.write_folder`` (staged beside ``--out``, renamed into place:
+a crash leaves no partial output, and an existing folder is replaced only with ``overwrite``
+and only if it is a run folder). ``manifest.json`` is written last, so a folder with a manifest
+is complete.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from .errors import InputError  # noqa: E402
+from . import publish  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
 PANELS = ("joint", "read", "reference")
@@ -70,44 +69,6 @@ def rank_fair_order(frame: pl.DataFrame, gain: str, z: str | tuple[str, ...]) ->
         _gain=no_nan((pl.col(gain) / GAIN_RESOLUTION).round(0)), _z=z_key,
     ).sort(["_gain", "rank", "_z", "candidate"], descending=[True, False, True, False], nulls_last=True).drop("_gain", "_z")
 
-
-
-# ------------------------------------------------------------------------------- output folder
-
-
-def check_out_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` exists and is non-empty without ``overwrite``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise InputError(f"--out {out}: parent folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {out}: parent folder {parent} is not writable")
-    return out
-
-
-def write_atomically(out: str | Path, fill: Callable[[Path], None], *, overwrite: bool) -> Path:
-    """Call ``fill(tmp)`` on a fresh temporary folder next to ``out``, then move it into place."""
-    out = check_out_dir(out, overwrite)
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "run")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 # ------------------------------------------------------------------------------- tables
@@ -549,29 +510,23 @@ def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, pa
 # ------------------------------------------------------------------------------- the run folder
 
 
-def write_run(result, config, out: str | Path, manifest: Mapping[str, object]) -> Path:
-    """Write every SPEC §7 output of ``result`` into ``out`` atomically."""
-    return write_atomically(out, lambda tmp: fill_run(tmp, result, config, manifest), overwrite=config.overwrite)
+def write_run(result, config, out: str | Path, manifest: Mapping[str, object],
+              snapshot: publish.Snapshot | None = None) -> Path:
+    """Write every SPEC §7 output of ``result`` and publish it as ``out`` (``publish.write_folder``;
+    ``snapshot``: what ``publish.check_destination`` saw when the run started, else taken now)."""
+    if snapshot is None:
+        snapshot = publish.check_destination(out, overwrite=config.overwrite)
+    return publish.write_folder(out, lambda tmp: fill_run(tmp, result, config, manifest),
+                                overwrite=config.overwrite, snapshot=snapshot)
 
 
 def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
-    """Write every SPEC §7 output of ``result`` into the (new, empty) folder ``tmp``."""
+    """Write every SPEC §7 output of ``result`` into the (new, empty) folder ``tmp``; the manifest
+    last, with the time the report took (``timings_s.report``)."""
+    t0 = time.perf_counter()
     ranked = ranked_summary(result)
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config.to_json(), indent=2, sort_keys=True) + "\n")
-    full_manifest = {
-        "package_versions": package_versions(),
-        "scored_layers": result.scored_layers,
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "forward_passes": result.forward_passes,
-        "n_fit": result.n_fit,
-        "n_eval": result.n_eval,
-        "d_model": result.d_model,
-        "seed": config.seed,
-        "null": config.null,
-        **manifest,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
     _csv(result.per_layer, tmp / "per_layer.csv")
     optional = [c for c in OPTIONAL_COLS if c in ranked.columns]
     _tsv(ranked.select(["panel", "rank_in_panel", *SUMMARY_COLS, *optional]), tmp / "summary.tsv")
@@ -598,4 +553,18 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     ends = [i for i in range(1, len(panels)) if panels[i] != panels[i - 1]]
     heatmap_figure(result.per_layer, ranked["candidate"].to_list(), tmp / "per_layer_heatmap.png",
                    tmp / "per_layer_heatmap.pdf", ends)
+    timings = {**result.timings, "report": time.perf_counter() - t0}
+    full_manifest = {
+        "package_versions": package_versions(),
+        "scored_layers": result.scored_layers,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "forward_passes": result.forward_passes,
+        "n_fit": result.n_fit,
+        "n_eval": result.n_eval,
+        "d_model": result.d_model,
+        "seed": config.seed,
+        "null": config.null,
+        **manifest,
+    }
+    (tmp / publish.MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -1,8 +1,9 @@
 """The sweep: captures -> candidates -> scores -> frames (SPEC §5).
 
 ``sweep(model, tokenizer, delta, config)`` works on a loaded model and writes nothing;
-``run_sweep(config)`` loads the model and the delta, validates everything, runs ``sweep`` and
-writes the run folder atomically through ``report.write_run``.
+``run_sweep(config)`` checks every input it can before the weights load (``preflight.py``),
+loads the model and the delta, runs ``sweep`` and publishes the run folder through
+``report.write_run`` (``publish.write_folder``: staged, renamed into place).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import polars as pl
@@ -20,85 +21,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import compute, linalg, report, scoring
+from . import compute, linalg, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
-from .candidates import DEFINITIONS, PANEL_AXES, Candidate, build_b_side, ranking_pool
-from .causal import MIN_NULL_DRAWS, BehaviourSet, CausalResult, answer_tokens, read_behaviour_file, run_causal
+from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
+from .candidates import Candidate, build_b_side, ranking_pool
+from .causal import BehaviourSet, CausalResult, answer_tokens, run_causal
 from .diagnostics import Readout, readout_rows, scope_rows, spectra_rows
-from .capture import LABEL_KINDS, capture_labels, count_forward_passes
-from .delta import load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
+from .capture import capture_labels, count_forward_passes
+from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
 from .errors import InputError
-from .model import load_model, n_layers_of, state_dict_sha256, write_gains
+from .model import load_model, n_layers_of, resolve_dtype, state_dict_sha256, write_gains
 from .weights import residual_rows
 from .prompts import ProbeSet, load_probe_set
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
-
-
-
-#: How many A-side candidates the joint ranking holds (known before anything is built).
-JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    model: str = "Qwen/Qwen3-0.6B"
-    delta: str | None = None
-    out: str | None = None
-    r: int = 8
-    k_broad: int | None = None  # None: 64, capped at d/4 (see resolved_k_broad)
-    layers: tuple[int, ...] | None = None  # None: the layers where the delta writes to the residual stream
-    n_fit: int | None = None  # None: first half of the probes
-    dtype: str | None = None
-    device: str | None = None
-    null: str = "exact"  # "exact" or "mc" (seeded Monte-Carlo cross-check)
-    n_null: int = 2000
-    seed: int = 0
-    label: str = "block_output"  # or "block_local": the change of (block output - block input)
-    topic_holdout: int | None = None  # claims [0, N) trained the LoRA: also score on EVAL probes of the others
-    n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
-    ci_level: float = 0.95
-    a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
-    causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
-    causal_null: int = 8  # random subspaces per tested rank in the causal null
-    behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
-    overwrite: bool = False
-    quiet: bool = False
-
-    def validate(self) -> None:
-        if self.null not in ("exact", "mc"):
-            raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
-        if self.null == "mc" and self.n_null < 2:
-            raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
-        if self.r <= 0:
-            raise InputError(f"--r must be positive, got {self.r}")
-        if self.label not in LABEL_KINDS:
-            raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
-        if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
-            raise InputError(f"--n-boot must be >= 0 and the CI level in (0, 1), got {self.n_boot}, {self.ci_level}")
-        if self.topic_holdout is not None and self.topic_holdout < 0:
-            raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
-        if self.k_broad is not None and self.k_broad <= 0:
-            raise InputError(f"--k-broad must be positive, got {self.k_broad}")
-        if not 0 <= self.causal <= JOINT_PANEL_SIZE:
-            raise InputError(f"--causal must be in 0..{JOINT_PANEL_SIZE} (the candidates of the joint ranking), "
-                             f"got {self.causal}")
-        if self.causal and self.causal_null < MIN_NULL_DRAWS:
-            raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
-        if self.behaviour is not None:
-            if not self.causal:
-                raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
-            read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
-
-    def resolved_k_broad(self, d: int) -> int:
-        """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
-        model) would leave every write-not-read basis empty."""
-        return self.k_broad if self.k_broad is not None else min(64, d // 4)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if self.layers is not None else None
-        return d
 
 
 @dataclass
@@ -529,7 +465,7 @@ def model_manifest(model, config: SweepConfig, result: SweepResult | None = None
     path = Path(str(config.model)).expanduser()
     known = (result.a_side_cache or {}).get("model_sha256") if result is not None else None
     return {
-        "model": str(config.model),
+        "model": str(path.resolve()) if path.is_dir() else str(config.model),  # a folder: absolute
         "model_path": str(path.resolve()) if path.is_dir() else None,
         "model_revision": getattr(model.config, "_commit_hash", None),
         "model_sha256": known or state_dict_sha256(model),  # what compare checks: same weights, whatever the path
@@ -539,8 +475,22 @@ def model_manifest(model, config: SweepConfig, result: SweepResult | None = None
     }
 
 
+#: ‖w‖_F/‖θ‖_F over the parameters a delta changes, outside of which it is not LoRA-sized: a
+#: LoRA step changes a few percent of the weights (the demo plants 0.2 of each writer); at 1 the
+#: delta is as large as the weights themselves, below 1e-6 it is float32 rounding noise.
+LORA_RATIO_RANGE = (1e-6, 1.0)
+
+
+def delta_weight_ratio(delta: Mapping[str, Tensor], model) -> float:
+    """‖w‖_F/‖θ‖_F over the parameters the delta changes (keys checked by ``validate_delta``)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    w2 = sum(float(v.detach().double().square().sum()) for v in delta.values())
+    theta2 = sum(float(params[k].detach().double().square().sum()) for k in delta)
+    return math.sqrt(w2 / theta2) if theta2 > 0 else math.inf
+
+
 def run_sweep(config: SweepConfig) -> SweepResult:
-    """Load, validate, sweep and (when ``config.out`` is set) write the run folder atomically.
+    """Load, validate, sweep and (when ``config.out`` is set) publish the run folder.
 
     Every input check runs before the first forward pass, and nothing is written on bad input.
     """
@@ -549,29 +499,54 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     return run_sweeps(config, [config.delta])[0]
 
 
-def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
+def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.Snapshot | None = None,
+               ) -> list[SweepResult]:
     """One sweep per delta on the same model and prompts, the A-side built once.
 
     With one delta, ``config.out`` is its run folder; with several, ``config.out`` holds one run
-    folder per delta (named by the file's stem), written together atomically.
+    folder per delta (named by the file's stem), published together (``publish.write_folder``).
+    ``snapshot``: what a caller's ``publish.check_destination`` of ``config.out`` saw when it
+    started (the demo checks before it builds its model), else it is taken here.
     """
+    # First finish what a killed run left where this one writes (the cache: build_a_side_for).
+    for line in publish.recover_for(config.out) if config.out is not None else []:
+        warnings.warn(line, stacklevel=2)
+    # Every check that needs only the options, the model's config and the delta files, before
+    # the weights load (preflight.py).
     config.validate()
     probes = load_probe_set(config.n_fit)
-    if config.out is not None:
-        report.check_out_dir(config.out, config.overwrite)
+    if config.topic_holdout is not None:
+        holdout_rows(probes, config.topic_holdout)
+    resolve_dtype(config.dtype, preflight.check_device(config.device))
+    shape = preflight.model_shape(config.model)
+    if shape is not None:
+        config.validate_for_model(shape.d, shape.n_layers, shape.where)
+    if config.out is not None and snapshot is None:
+        inputs = [*deltas, config.model, *([config.a_side_cache] if config.a_side_cache is not None else [])]
+        snapshot = publish.check_destination(config.out, overwrite=config.overwrite, inputs=inputs)
     if config.a_side_cache is not None:
         check_cache_dir(config.a_side_cache)
     names = [Path(p).stem for p in deltas]
     if len(set(names)) != len(names):
         raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
     loaded = [load_delta(p) for p in deltas]
+    for delta in loaded:
+        check_delta_values(delta)
+        if shape is not None:
+            resolve_layers(config, delta, shape.n_layers)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
     if config.causal:  # a tokenizer that cannot tell the answers apart: before any forward pass
         BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour else answer_tokens(tokenizer)
+    ratios = []
     for path, delta in zip(deltas, loaded):
         validate_delta(delta, model)
+        ratios.append(delta_weight_ratio(delta, model))
+        if not LORA_RATIO_RANGE[0] <= ratios[-1] <= LORA_RATIO_RANGE[1]:
+            warnings.warn(f"delta {path}: ‖w‖/‖θ‖ = {ratios[-1]:.3g} over the weights it changes, far outside what a "
+                          f"LoRA does ({LORA_RATIO_RANGE[0]:g}..{LORA_RATIO_RANGE[1]:g}): θ ± w is then no small "
+                          "steering step; check the delta's scale", stacklevel=2)
         if unscored := unscored_keys(delta):
             warnings.warn(f"{path}: {len(unscored)} delta tensors are steered with but not scored (the weight score "
                           f"reads the residual writers only), e.g. {unscored[0]}; all are listed in the manifest")
@@ -590,17 +565,19 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str]) -> list[SweepResult]:
     if config.out is not None:
         t0 = time.perf_counter()
         base = model_manifest(model, config, results[0])
+        outs = [snapshot.path] if len(deltas) == 1 else [snapshot.path / name for name in names]
         runs = [(r, replace(config, delta=str(p)),
-                 {**base, "delta": str(p), "delta_sha256": sha256_file(p), "a_side_shared_by": names,
-                  "a_side_cache": r.a_side_cache, "delta_unscored_keys": unscored_keys(delta)})
-                for r, p, delta in zip(results, deltas, loaded)]
+                 {**base, "delta": str(Path(p).resolve()), "delta_sha256": sha256_file(p), "out": str(o),
+                  "delta_weight_norm_ratio": ratio, "a_side_shared_by": names, "a_side_cache": r.a_side_cache,
+                  "delta_unscored_keys": unscored_keys(delta)})
+                for r, p, o, ratio, delta in zip(results, deltas, outs, ratios, loaded)]
         if len(runs) == 1:
-            report.write_run(*runs[0][:2], config.out, runs[0][2])
+            report.write_run(*runs[0][:2], config.out, runs[0][2], snapshot)
         else:
-            report.write_atomically(
+            publish.write_folder(
                 config.out,
                 lambda tmp: [report.fill_run(tmp / name, *run) for name, run in zip(names, runs)],
-                overwrite=config.overwrite,
+                overwrite=config.overwrite, snapshot=snapshot,
             )
         for r in results:
             r.timings["report"] = time.perf_counter() - t0

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from subspace_sweep import a_side, cli
 from subspace_sweep.a_side import a_side_key, build_a_side_for, load_entry
 from subspace_sweep.capture import count_forward_passes
-from subspace_sweep.delta import random_delta, save_delta
+from subspace_sweep.delta import random_delta, save_delta, sha256_file
 from subspace_sweep.model import load_model
 from subspace_sweep.sweep import SweepConfig
 from tests.helpers_model import small_probes
@@ -129,8 +132,46 @@ def test_the_key_ignores_what_the_a_side_never_sees(tiny, probes):
     assert a_side_key(model, tokenizer, other, LAYERS, dataclasses.replace(probes, eval=probes.eval[:1])) == base
 
 
-@pytest.mark.parametrize("damage", ["truncated_bases", "garbage_meta", "other_key", "missing_candidate"])
-def test_a_broken_entry_is_rebuilt_and_replaced_with_a_warning(tiny, probes, tmp_path, damage):
+def _tamper_consistently(entry, edit_bases=None, edit_meta=None):
+    """Edit an entry AND recompute its checksums: only the content checks can catch it."""
+    bases_file, meta_file = entry / a_side.BASES_FILE, entry / a_side.META_FILE
+    if edit_bases is not None:
+        tensors = load_file(str(bases_file))
+        edit_bases(tensors)
+        save_file(tensors, str(bases_file))
+    meta = json.loads(meta_file.read_text())
+    if edit_meta is not None:
+        edit_meta(meta)
+    meta["files_sha256"] = {a_side.BASES_FILE: sha256_file(bases_file)}
+    meta["meta_sha256"] = a_side._meta_checksum(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def _first_basis(tensors):
+    return next(name for name, t in tensors.items() if t.numel() > 4)
+
+
+def _nan(tensors):
+    name = _first_basis(tensors)
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 0] = float("nan")
+
+
+def _skew(tensors):
+    name = _first_basis(tensors)
+    tensors[name] = tensors[name] * 1.5
+
+
+def _edit_definition(meta):
+    meta["candidates"][0]["definition"] += " (edited)"
+
+
+@pytest.mark.parametrize("damage", [
+    "truncated_bases", "garbage_meta", "other_key", "missing_candidate", "bit_flip", "edited_definition",
+    "nan_basis_consistent_checksums", "skewed_basis_consistent_checksums", "edited_definition_consistent_checksums",
+    "extra_tensor_consistent_checksums", "entry_is_a_file",
+])
+def test_a_broken_entry_is_rebuilt_and_replaced_with_one_warning(tiny, probes, tmp_path, damage):
     model, tokenizer = tiny
     config = SweepConfig(a_side_cache=str(tmp_path))
     built = build_a_side_for(model, tokenizer, config, LAYERS, probes)
@@ -140,19 +181,55 @@ def test_a_broken_entry_is_rebuilt_and_replaced_with_a_warning(tiny, probes, tmp
         bases.write_bytes(bases.read_bytes()[:1000])
     elif damage == "garbage_meta":
         meta_file.write_text("{not json")
+    elif damage == "bit_flip":
+        original = {n: t.clone() for n, t in load_file(str(bases)).items()}  # not views of the mapped file
+        data = bytearray(bases.read_bytes())
+        data[len(data) - 100] ^= 0x04  # inside the last tensor's data
+        bases.write_bytes(bytes(data))
+        flipped = load_file(str(bases))  # loads without complaint: only the sha256 tells
+        assert sum(not torch.equal(flipped[n], original[n]) for n in original) == 1
+    elif damage == "nan_basis_consistent_checksums":
+        _tamper_consistently(entry, edit_bases=_nan)
+    elif damage == "skewed_basis_consistent_checksums":
+        _tamper_consistently(entry, edit_bases=_skew)
+    elif damage == "extra_tensor_consistent_checksums":
+        _tamper_consistently(entry, edit_bases=lambda t: t.update({"planted/1": torch.eye(64, 2, dtype=torch.float64)}))
+    elif damage == "edited_definition_consistent_checksums":
+        _tamper_consistently(entry, edit_meta=_edit_definition)
+    elif damage == "entry_is_a_file":
+        shutil.rmtree(entry)
+        entry.write_text("not an entry")
     else:
         meta = json.loads(meta_file.read_text())
         if damage == "other_key":
             meta["key"] = "0" * 64
+        elif damage == "edited_definition":
+            _edit_definition(meta)
         else:
             meta["candidates"] = meta["candidates"][1:]
         meta_file.write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match="unreadable"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         again = build_a_side_for(model, tokenizer, config, LAYERS, probes)
+    assert len(caught) == 1 and "unreadable or damaged" in str(caught[0].message), [str(w.message) for w in caught]
+    assert "\n" not in str(caught[0].message) and str(entry) in str(caught[0].message)
     assert again.cache["status"] == "miss" and again.forward_passes == 4
     _assert_same_a_side(again, built)
-    _assert_same_a_side(load_entry(entry, built.cache["key"]), built)  # the entry is whole again
+    _assert_same_a_side(load_entry(entry, built.cache["key"], d=64), built)  # the entry is whole again
     assert _entries(tmp_path) == [entry] and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    with count_forward_passes(model) as counter:  # and it is trusted again
+        assert build_a_side_for(model, tokenizer, config, LAYERS, probes).cache["status"] == "hit"
+    assert counter.n == 0
+
+
+def test_verification_reads_the_checksums_the_entry_records(tiny, probes, tmp_path):
+    model, tokenizer = tiny
+    built = build_a_side_for(model, tokenizer, SweepConfig(a_side_cache=str(tmp_path)), LAYERS, probes)
+    (entry,) = _entries(tmp_path)
+    meta = json.loads((entry / a_side.META_FILE).read_text())
+    assert meta["files_sha256"] == {a_side.BASES_FILE: sha256_file(entry / a_side.BASES_FILE)}
+    assert meta["meta_sha256"] == a_side._meta_checksum(meta)
+    _assert_same_a_side(load_entry(entry, built.cache["key"], d=64), built)
 
 
 def test_a_failed_store_leaves_no_entry_and_keeps_the_result(tiny, probes, tmp_path, monkeypatch):

@@ -46,3 +46,24 @@ def test_no_package_module_imports_a_legacy_module():
             if any(part in LEGACY for part in mod.split(".")):
                 offenders.append(f"{f.relative_to(PACKAGE_DIR)}: {mod}")
     assert offenders == []
+
+
+def _package_imports(name: str) -> set[str]:
+    """The package modules ``name`` imports (relative imports resolved to bare module names)."""
+    tree = ast.parse((PACKAGE_DIR / f"{name}.py").read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out.update([node.module] if node.module else [a.name for a in node.names])
+    return out
+
+
+def test_the_run_configuration_sits_below_the_a_side_and_the_sweep():
+    """a_side.py and sweep.py read SweepConfig from config.py; neither imports the other's
+    module above it, and config.py imports neither (the layers read top-down)."""
+    from subspace_sweep import config, sweep
+
+    assert "sweep" not in _package_imports("a_side")
+    assert {"a_side", "sweep"}.isdisjoint(_package_imports("config"))
+    assert "config" in _package_imports("a_side") and "config" in _package_imports("sweep")
+    assert sweep.SweepConfig is config.SweepConfig  # the old import path keeps working

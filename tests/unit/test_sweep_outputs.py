@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import polars as pl
 import pytest
 
-from subspace_sweep import report
+from subspace_sweep import demo, publish, report
 from subspace_sweep.report import GAIN_RESOLUTION
 from subspace_sweep.candidates import ranking_pool
 from subspace_sweep.demo import run_demo
+from subspace_sweep.errors import InputError
 from subspace_sweep.sweep import SweepConfig
 
 EXPECTED_FILES = {
@@ -25,7 +28,7 @@ EXPECTED_FILES = {
 def test_run_folder_has_every_output(demo_run):
     _, out = demo_run
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
-    assert not list(out.parent.glob(".run.tmp-*"))  # the temporary folder is gone
+    assert [p.name for p in out.parent.iterdir()] == ["run"]  # the staging folder is gone
 
 
 @pytest.mark.parametrize("name,min_w,min_h", [("joint_act_weight_scatter.png", 800, 400), ("per_layer_heatmap.png", 600, 400)])
@@ -57,7 +60,10 @@ def test_manifest_records_provenance(demo_run):
     assert m["scored_layers"] == outcome.result.scored_layers == [1, 2]
     assert m["package_versions"]["torch"] and m["package_versions"]["transformers"]
     assert m["seed"] == 0 and m["null"] == "exact"
-    assert set(m["timings_s"]) >= {"model_load", "captures", "candidates", "scoring"}
+    assert set(m["timings_s"]) >= {"model_load", "captures", "candidates", "scoring", "report"}
+    assert m["timings_s"]["report"] > 0  # measured inside the report, before the manifest is written last
+    assert m["out"] == str(out.resolve()) and Path(m["delta"]).is_absolute() and Path(m["model"]).is_absolute()
+    assert m["delta_weight_norm_ratio"] == pytest.approx(demo.PLANT_SCALE, rel=1e-5)  # each writer planted at 0.2‖W‖
     assert m["forward_passes"] == 6  # clean, persona+, persona-, the sink token, alpha=+1, alpha=-1
 
 
@@ -120,12 +126,21 @@ def test_crash_while_writing_leaves_no_folder(tmp_path, monkeypatch):
 
 def test_overwrite_replaces_an_existing_run(tmp_path, demo_run):
     _, src = demo_run
-    out = tmp_path / "run"
-    out.mkdir()
+    out = shutil.copytree(src, tmp_path / "run")
     (out / "stale.txt").write_text("old")
-    report.write_atomically(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    snapshot = publish.check_destination(out, overwrite=True)
+    publish.write_folder(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True, snapshot=snapshot)
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not a run folder"):
+        publish.check_destination(out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_monte_carlo_null_cross_checks_the_exact_null(demo_run):

@@ -1,0 +1,102 @@
+"""The configuration of a sweep (``SweepConfig``) and the checks that need nothing but it.
+
+Both halves of a run read it: ``a_side.py`` (what the A-side and its cache key depend on) and
+``sweep.py`` (everything else), so it lives below both. ``from subspace_sweep.sweep import
+SweepConfig`` keeps working (a re-export).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .candidates import DEFINITIONS, PANEL_AXES
+from .capture import LABEL_KINDS
+from .causal import MIN_NULL_DRAWS, read_behaviour_file
+from .errors import InputError
+
+#: How many A-side candidates the joint ranking holds (known before anything is built).
+JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
+#: ``--seed`` is an unsigned 32-bit integer: every consumer (torch generators, ``stable_seed``,
+#: the demo's per-layer offsets) takes it, and JSON readers that parse numbers as doubles keep it exact.
+SEED_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    model: str = "Qwen/Qwen3-0.6B"
+    delta: str | None = None
+    out: str | None = None
+    r: int = 8
+    k_broad: int | None = None  # None: 64, capped at d/4 (see resolved_k_broad)
+    layers: tuple[int, ...] | None = None  # None: the layers where the delta writes to the residual stream
+    n_fit: int | None = None  # None: first half of the probes
+    dtype: str | None = None
+    device: str | None = None
+    null: str = "exact"  # "exact" or "mc" (seeded Monte-Carlo cross-check)
+    n_null: int = 2000
+    seed: int = 0
+    label: str = "block_output"  # or "block_local": the change of (block output - block input)
+    topic_holdout: int | None = None  # claims [0, N) trained the LoRA: also score on EVAL probes of the others
+    n_boot: int = 2000  # bootstrap resamples of EVAL prompts for R_act / joint intervals (0: none)
+    ci_level: float = 0.95
+    a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
+    causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
+    causal_null: int = 8  # random subspaces per tested rank in the causal null
+    behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
+    overwrite: bool = False
+    quiet: bool = False
+
+    def validate(self) -> None:
+        """Every check that needs only the options (the model's width and layer count are
+        checked by ``validate_for_model`` once its config.json is read)."""
+        if self.null not in ("exact", "mc"):
+            raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
+        if self.null == "mc" and self.n_null < 2:
+            raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
+        if self.r <= 0:
+            raise InputError(f"--r must be positive, got {self.r}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise InputError(f"--seed must be in 0..{SEED_MAX} (an unsigned 32-bit integer), got {self.seed}")
+        if self.n_fit is not None and self.n_fit < 2:
+            raise InputError(f"--n-fit is the number of FIT probes: need at least 2 FIT and 2 EVAL prompts, got {self.n_fit}")
+        if self.layers is not None and not self.layers:
+            raise InputError("--layers names no layer; give e.g. 8..21 or 3,5,7 (or leave it out: the delta's layers)")
+        if self.label not in LABEL_KINDS:
+            raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
+        if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
+            raise InputError(f"--n-boot must be >= 0 and the CI level in (0, 1), got {self.n_boot}, {self.ci_level}")
+        if self.topic_holdout is not None and self.topic_holdout < 0:
+            raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
+        if self.k_broad is not None and self.k_broad <= 0:
+            raise InputError(f"--k-broad must be positive, got {self.k_broad}")
+        if not 0 <= self.causal <= JOINT_PANEL_SIZE:
+            raise InputError(f"--causal must be in 0..{JOINT_PANEL_SIZE} (the candidates of the joint ranking), "
+                             f"got {self.causal}")
+        if self.causal and self.causal_null < MIN_NULL_DRAWS:
+            raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
+        if self.behaviour is not None:
+            if not self.causal:
+                raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
+            read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
+
+    def validate_for_model(self, d: int, n_layers: int, where: str) -> None:
+        """The checks that need the residual width ``d`` and the layer count (read from the model's
+        config, ``where``), before any weight is loaded."""
+        if self.r > d:
+            raise InputError(f"--r {self.r} exceeds the residual width d = {d} ({where})")
+        if self.k_broad is not None and self.k_broad > d:
+            raise InputError(f"--k-broad {self.k_broad} exceeds the residual width d = {d} ({where})")
+        if self.layers is not None:
+            bad = sorted({x for x in self.layers if not 0 <= x < n_layers})
+            if bad:
+                raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1} ({where})")
+
+    def resolved_k_broad(self, d: int) -> int:
+        """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny
+        model) would leave every write-not-read basis empty."""
+        return self.k_broad if self.k_broad is not None else min(64, d // 4)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
