@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from subspace_sweep.prompts import ProbeSet, load_probe_set
@@ -31,3 +32,25 @@ def hook_count(model: nn.Module) -> int:
 #: The LoRA pair every test that needs a trained one shares (``conftest.lora_pair``). One thread:
 #: as fast as two on the tiny model, and immune to spin-waiting when another process shares the CPU.
 LORA_TRAIN = dict(layers=(1, 2), steps=30, seed=0, num_threads=1)
+
+
+def effective_parameters(pm, base) -> dict[str, torch.Tensor]:
+    """Every base parameter as the UNMERGED peft model computes with it: each Linear probed
+    through its (wrapped) forward, W = f(I) − f(0), b = f(0); every other parameter as stored.
+    An independent route from merge_and_unload."""
+    out = {}
+    inner = pm.get_base_model()
+    linear_names = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for name in linear_names:
+            mod = inner.get_submodule(name)
+            n_in = base.get_submodule(name).in_features
+            zero = mod(torch.zeros(1, n_in))[0]
+            out[f"{name}.weight"] = (mod(torch.eye(n_in)) - zero).T
+            if base.get_submodule(name).bias is not None:
+                out[f"{name}.bias"] = zero
+    for name, p in base.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        if owner not in linear_names:
+            out[name] = dict(inner.named_parameters()).get(name, p).detach()
+    return out

@@ -90,6 +90,64 @@ class Comparison:
     taus: pl.DataFrame
     angles: pl.DataFrame
     runs: list[str]
+    headline: pl.DataFrame | None = None  # one row per run (e.g. per adapter family), SPEC §10
+
+
+HEADLINE_SCHEMA = {
+    "run": pl.String, "best_candidate": pl.String, "best_rank": pl.Float64, "best_joint_gain": pl.Float64,
+    "best_gain_act": pl.Float64, "best_gain_w_combined": pl.Float64, "overlap_w_cumulative": pl.Float64,
+    "overlap_w_local": pl.Float64, "scope_verdict": pl.String, "causal_winner": pl.String, "kept": pl.Float64,
+    "z_kept": pl.Float64,
+}
+
+
+def headline_table(runs: list[Run]) -> pl.DataFrame:
+    """The cross-adapter headline (SPEC §10), one row per run in the order given: the joint
+    ranking's best A-side write/mixed candidate and its gains, the mean weight-oracle overlaps with
+    the two label oracles and the scope verdict (scope.tsv), the causal winner's kept and z
+    (causal.tsv, when the run had --causal)."""
+    from .diagnostics import scope_verdict_code
+
+    rows = []
+    for run in runs:
+        joint = run.summary.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"]))
+        best = joint.sort("rank_in_panel").row(0, named=True)
+        row = {"run": run.name, "best_candidate": best["candidate"], "best_rank": best["rank"],
+               "best_joint_gain": best["joint_gain"], "best_gain_act": best["gain_act"],
+               "best_gain_w_combined": best["gain_w_combined"]}
+        scope_path, causal_path = run.path / "scope.tsv", run.path / "causal.tsv"
+        if scope_path.is_file():
+            scope = pl.read_csv(scope_path, separator="\t")
+            row.update(overlap_w_cumulative=float(scope["overlap_w_cumulative"].mean()),
+                       overlap_w_local=float(scope["overlap_w_local"].mean()), scope_verdict=scope_verdict_code(scope))
+        if causal_path.is_file():
+            causal = pl.read_csv(causal_path, separator="\t").filter(pl.col("kind") == "candidate")
+            if causal.height:
+                win = causal.row(0, named=True)
+                row.update(causal_winner=win["name"], kept=win["kept"], z_kept=win["z_kept"])
+        rows.append({c: row.get(c) for c in HEADLINE_SCHEMA})
+    return pl.DataFrame(rows, schema=HEADLINE_SCHEMA)
+
+
+def headline_figure(headline: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """Bars per run: the best joint gain, and the causal winner's kept where there is one."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * headline.height + 2), 4.5))
+    x = np.arange(headline.height)
+    ax.bar(x - 0.2, headline["best_joint_gain"].fill_null(np.nan).to_numpy(), width=0.4, label="best joint gain")
+    kept = headline["kept"].fill_null(np.nan).to_numpy()
+    if np.isfinite(kept).any():
+        ax.bar(x + 0.2, kept, width=0.4, label="causal winner's kept")
+    labels = [f"{r['run']}\n{r['best_candidate']}" for r in headline.iter_rows(named=True)]
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("oracle gain / kept")
+    ax.set_title("Across adapters: does one subspace explain them all?", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.25, axis="y")
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
 
 
 def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None, z_min: float = 2.0) -> Comparison:
@@ -134,7 +192,8 @@ def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None
                              "cos_min": float(cos.min()) if cos.numel() else math.nan})
     angles = pl.DataFrame(rows, schema={"run_a": pl.String, "run_b": pl.String, "layer": pl.Int64,
                                         "target": pl.String, "cos_mean": pl.Float64, "cos_min": pl.Float64})
-    return Comparison(per_candidate=per, taus=taus, angles=angles, runs=[r.name for r in runs])
+    return Comparison(per_candidate=per, taus=taus, angles=angles, runs=[r.name for r in runs],
+                      headline=headline_table(runs))
 
 
 def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int = 25) -> None:
@@ -174,6 +233,9 @@ def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, setti
         cmp.per_candidate.write_csv(tmp / "compare_summary.tsv", separator="\t", float_precision=6)
         cmp.taus.write_csv(tmp / "rank_stability.tsv", separator="\t", float_precision=6)
         cmp.angles.write_csv(tmp / "oracle_angles.tsv", separator="\t", float_precision=6)
+        if cmp.headline is not None:
+            cmp.headline.write_csv(tmp / "headline.tsv", separator="\t", float_precision=6)
+            headline_figure(cmp.headline, tmp / "headline.png", tmp / "headline.pdf")
         ranking_figure(cmp.per_candidate, tmp / "compare_ranking.png", tmp / "compare_ranking.pdf")
         manifest = {"package_versions": report.package_versions(), "kind": "compare", "out": str(snapshot.path),
                     "runs": [str(Path(p).expanduser().resolve()) for p in (run_paths or cmp.runs)]}

@@ -75,6 +75,20 @@ def scope_rows(layers: Sequence[int], combined: Mapping[int, Target], cumulative
     return rows
 
 
+SCOPE_VERDICTS = ("scope artifact", "real mismatch", "no scope artifact")
+
+
+def scope_verdict_code(scope: pl.DataFrame) -> str:
+    """``SCOPE_VERDICTS``: the block-local label agrees (beyond the null, 1.5x the cumulative
+    overlap) → scope artifact; neither label beyond the null → real mismatch; else none."""
+    m = {c: float(scope[c].mean()) for c in ("overlap_w_cumulative", "overlap_w_local", "z_w_cumulative", "z_w_local")}
+    if m["z_w_local"] > 2 and m["overlap_w_local"] > 1.5 * m["overlap_w_cumulative"]:
+        return SCOPE_VERDICTS[0]
+    if m["z_w_local"] <= 2 and m["z_w_cumulative"] <= 2:
+        return SCOPE_VERDICTS[1]
+    return SCOPE_VERDICTS[2]
+
+
 def scope_verdict(scope: pl.DataFrame) -> str:
     """One line: is a low weight-vs-activation agreement a scope artifact or a real mismatch?"""
     m = {c: float(scope[c].mean()) for c in ("overlap_w_cumulative", "overlap_w_local", "z_w_cumulative",
@@ -82,9 +96,10 @@ def scope_verdict(scope: pl.DataFrame) -> str:
     head = (f"Scope: the combined weight oracle overlaps the cumulative label's oracle {m['overlap_w_cumulative']:.2f} "
             f"(z = {m['z_w_cumulative']:.1f}) and the block-local one {m['overlap_w_local']:.2f} (z = {m['z_w_local']:.1f}; "
             f"random subspaces: {m['null_w_local']:.2f}), mean over the scored layers. ")
-    if m["z_w_local"] > 2 and m["overlap_w_local"] > 1.5 * m["overlap_w_cumulative"]:
+    code = scope_verdict_code(scope)
+    if code == SCOPE_VERDICTS[0]:
         return head + "The weights agree with what each block writes, not with the accumulated change: a low act-vs-weight agreement on the cumulative label is a scope artifact."
-    if m["z_w_local"] <= 2 and m["z_w_cumulative"] <= 2:
+    if code == SCOPE_VERDICTS[1]:
         return head + "Neither label's oracle overlaps the weight oracle beyond random subspaces: a real mismatch between where the delta writes and where the activations move."
     return head + "The weight oracle agrees with the cumulative label at least as well as with the block-local one: no scope artifact."
 

@@ -39,6 +39,9 @@ from .prompts import ProbeSet, load_probe_set, persona_texts
 #: Residual writers (the R_w targets) plus two read-side projections, so that the delta has
 #: tensors the weight score ignores but steering applies, as a real LoRA's delta does.
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "o_proj", "down_proj")
+#: The peft adapter families ``train_lora_adapter`` trains (SPEC §10): LoRA, DoRA, PiSSA-initialised
+#: LoRA (saved converted to a plain LoRA of rank 2r, so it applies to the unchanged base), OFT, IA3.
+ADAPTER_FAMILIES = ("lora", "dora", "pissa", "oft", "ia3")
 #: Written next to the adapter: the training configuration and the loss at every step.
 TRAIN_LOG = "lora_train.json"
 
@@ -185,8 +188,10 @@ def train_lora_adapter(
     n_topics: int | None = None,
     num_threads: int | None = None,
     overwrite: bool = False,
+    family: str = "lora",
 ) -> Path:
-    """Train one LoRA adapter (``sign`` +1 sycophantic, −1 honest) on CPU float32; save it to ``out_dir``.
+    """Train one adapter of ``family`` (``ADAPTER_FAMILIES``; ``sign`` +1 sycophantic, −1 honest)
+    on CPU float32; save it to ``out_dir``.
 
     ``out_dir`` receives the PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``)
     and ``lora_train.json`` (configuration and per-step loss). Returns ``out_dir``.
@@ -199,9 +204,11 @@ def train_lora_adapter(
     10-50x slower then).
     """
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise InputError("training a LoRA needs the optional extra: pip install 'subspace-sweep[peft]'") from e
+    if family not in ADAPTER_FAMILIES:
+        raise InputError(f"adapter family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
 
     sign = _check_sign(sign)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -220,15 +227,7 @@ def train_lora_adapter(
         raise InputError(f"layers {layers} outside the model's layers 0..{n_layers - 1}")
     batch = encode_examples(tokenizer, training_texts(sign, n_topics=n_topics))
 
-    config = LoraConfig(
-        r=int(rank),
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        layers_to_transform=list(layers),
-        lora_dropout=0.0,  # no dropout: training is a pure function of the seed and the data
-        init_lora_weights=True,  # B = 0: the untrained adapter is exactly the base model
-        bias="none",
-    )
+    config = adapter_config(family, rank=int(rank), alpha=alpha, target_modules=target_modules, layers=layers)
     threads_before = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
@@ -237,12 +236,18 @@ def train_lora_adapter(
         # caller's random stream (nor depend on what ran before).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
+            base_names = {n for n, _ in model.named_parameters()}
             peft_model = get_peft_model(model, config)
-            # load_model switched grads off on the base; PEFT turns them on for the LoRA tensors
-            # only. Check rather than assume: a silently frozen adapter would "train" to B = 0.
+            if family == "pissa":  # the initial adapter, to save the trained one as a plain LoRA
+                init_dir = out_dir.parent / f"{out_dir.name}_pissa_init"  # (a name peft can use as an adapter name)
+                peft_model.save_pretrained(str(init_dir))
+            # load_model switched grads off on the base; PEFT turns them on for the adapter's own
+            # tensors only. Check rather than assume: a silently frozen adapter would not train.
             params = [p for n, p in peft_model.named_parameters() if p.requires_grad]
-            if not params or not all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad):
-                raise RuntimeError("PEFT did not leave exactly the LoRA tensors trainable")
+            adapter_only = all(n.split("base_model.model.", 1)[-1] not in base_names
+                               for n, p in peft_model.named_parameters() if p.requires_grad)
+            if not params or not adapter_only:
+                raise RuntimeError("PEFT did not leave exactly the adapter's tensors trainable")
             # eval(): Qwen3 has no dropout in training either, but eval() pins that for any model.
             peft_model.eval()
             opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
@@ -259,9 +264,18 @@ def train_lora_adapter(
         torch.set_num_threads(threads_before)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(str(out_dir))
+    if family == "pissa":
+        import shutil
+
+        # PiSSA moved the principal part out of the base weights: converted on save to the plain
+        # LoRA (rank 2r) that applies to the unchanged base.
+        peft_model.save_pretrained(str(out_dir), path_initial_model_for_weight_conversion=str(init_dir))
+        shutil.rmtree(init_dir, ignore_errors=True)
+    else:
+        peft_model.save_pretrained(str(out_dir))
     log = {
         "sign": sign,
+        "family": family,
         "model": str(model_dir),
         "layers": layers,
         "target_modules": list(target_modules),
@@ -280,6 +294,30 @@ def train_lora_adapter(
     }
     (out_dir / TRAIN_LOG).write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8")
     return out_dir
+
+
+def adapter_config(family: str, *, rank: int, alpha: float, target_modules: Sequence[str], layers: Sequence[int]):
+    """The peft config of one family, each starting at the base model (identity adapter) except
+    PiSSA, which starts from the principal components (and is converted back on save)."""
+    import peft
+
+    targets, layers = list(target_modules), list(layers)
+    if family in ("lora", "dora", "pissa"):
+        return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, layers_to_transform=layers,
+                               lora_dropout=0.0,  # no dropout: training is a pure function of the seed and data
+                               init_lora_weights="pissa" if family == "pissa" else True,  # True: B = 0
+                               use_dora=family == "dora", bias="none")
+    if family == "oft":
+        return peft.OFTConfig(r=0, oft_block_size=rank, target_modules=targets, layers_to_transform=layers,
+                              module_dropout=0.0, init_weights=True)
+    # IA3 has no layers_to_transform: full-name patterns select the layers (feedforward modules,
+    # whose input IA3 scales, are the MLP ones among the targets)
+    def pattern(names: Sequence[str]) -> str:
+        return rf"model\.layers\.({'|'.join(map(str, layers))})\.(self_attn|mlp)\.({'|'.join(names)})"
+
+    ff = [t for t in targets if t in MLP_PROJS]
+    return peft.IA3Config(target_modules=pattern(targets), feedforward_modules=pattern(ff) if ff else None,
+                          init_ia3_weights=True)
 
 
 def train_lora_pair(

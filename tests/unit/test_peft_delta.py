@@ -10,6 +10,7 @@ import torch
 from subspace_sweep.delta import DeltaFormatError, IdenticalAdaptersError, delta_from_peft, validate_delta
 from subspace_sweep.model import state_dict_sha256
 from subspace_sweep.toy import build_tiny_decoder, build_tiny_model, save_tiny_model
+from tests.helpers_model import effective_parameters as _effective_parameters
 
 peft = pytest.importorskip("peft")
 
@@ -111,28 +112,6 @@ def _trained_like(model, cfg, out_dir, seed):
                     p.add_(0.05 * torch.randn_like(p))
     pm.save_pretrained(out_dir)
     return pm.eval()
-
-
-def _effective_parameters(pm, base) -> dict[str, torch.Tensor]:
-    """Every base parameter as the UNMERGED peft model computes with it: each Linear probed
-    through its (wrapped) forward, W = f(I) − f(0), b = f(0); every other parameter as stored.
-    An independent route from merge_and_unload."""
-    out = {}
-    inner = pm.get_base_model()
-    linear_names = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    with torch.no_grad():
-        for name in linear_names:
-            mod = inner.get_submodule(name)
-            n_in = base.get_submodule(name).in_features
-            zero = mod(torch.zeros(1, n_in))[0]
-            out[f"{name}.weight"] = (mod(torch.eye(n_in)) - zero).T
-            if base.get_submodule(name).bias is not None:
-                out[f"{name}.bias"] = zero
-    for name, p in base.named_parameters():
-        owner = name.rsplit(".", 1)[0]
-        if owner not in linear_names:
-            out[name] = dict(inner.named_parameters()).get(name, p).detach()
-    return out
 
 
 PEFT_CASES = {
