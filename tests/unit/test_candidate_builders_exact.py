@@ -229,9 +229,10 @@ def test_procrustes_joint_rank_is_capped_by_rows_minus_one_and_by_d():
     assert cands.procrustes_rotation(Z, Z @ rotation(8, 0, 1, 0.3))[0].shape == (8, 2)
 
 
-def test_procrustes_rotation_centres_each_side():
+def test_procrustes_rotation_ignores_an_offset_common_to_both_sides():
     """With noise (no exact rotation to find), an offset common to both sides leaves the joint
-    basis and R unchanged: each side is centred on its own mean before the fit."""
+    basis and R unchanged. (Centring either side alone already removes it from Xrᵀ Yr, so this
+    cannot tell whether both are centred: see MUTATION_EQUIVALENTS.md.)"""
     g = torch.Generator().manual_seed(6)
     X = torch.randn(10, 5, generator=g, dtype=DT)
     Y = X @ rotation(5, 0, 1, 0.7) + 0.3 * torch.randn(10, 5, generator=g, dtype=DT)
