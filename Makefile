@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
 
-.PHONY: demo test test-properties test-integration bench clean
+.PHONY: demo test test-properties test-integration bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,5 +28,36 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py
 
+# Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, linalg.py and the
+# circuit/basis builders of candidates.py, against the fast tiers ([tool.mutmut] in pyproject.toml).
+# Prints each file's share of non-equivalent mutants killed (equivalents: tests/MUTATION_EQUIVALENTS.md)
+# and fails below 90% for scoring.py or linalg.py. MUTATE_SCOPE='subspace_sweep.scoring.*' runs a part.
+MUTMUT_VERSION := 3.8.1
+MUTATE_JOBS ?= 1
+MUTATE_BUILDERS := qk_circuit_matrix ov_circuit_matrix qk_circuit ov_circuit attention_sink_vectors \
+	expand_kv_heads _check_heads kmeans_centroids procrustes_rotation _rotation_rank skew_rank_bound \
+	rotation_contrast_basis _top _uncentred_bases
+# linalg.py without the ctypes binding of LAPACK syevr (scipy_openblas, _LapackSyevr, gil_free_syevr):
+# its plumbing is pinned bit for bit against SciPy (tests/unit/test_candidates.py), and a mutated
+# Fortran argument crashes or corrupts memory rather than giving a wrong number a test could see.
+MUTATE_LINALG := as64 empty_basis fix_signs orthonormalize is_orthonormal _syevr top_eigh top_eigvecs \
+	eigenvalues numerical_rank row_gram _sym_gram col_gram left_basis right_basis pca weighted_pca_rows \
+	top_eigh_rows projector project_out project_out_gram project_away union principal_cosines bisector \
+	signed_qr random_orthonormal
+MUTATE_SCOPE ?= subspace_sweep.scoring.* \
+	$(foreach f,$(MUTATE_LINALG),subspace_sweep.linalg.x_$(f)__mutmut_*) \
+	$(foreach f,$(MUTATE_BUILDERS),subspace_sweep.candidates.x_$(f)__mutmut_*)
+MUTATE_PATTERNS = $(foreach p,$(MUTATE_SCOPE),'$(p)')
+
+mutate: $(STAMP)
+	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('mutmut') != '$(MUTMUT_VERSION)')" 2>/dev/null \
+		|| $(PY) -m pip install --quiet "mutmut==$(MUTMUT_VERSION)"
+	rm -rf mutants
+	@start=$$(date +%s); \
+		HYPOTHESIS_PROFILE=mutate $(PY) -m mutmut run --max-children $(MUTATE_JOBS) $(MUTATE_PATTERNS) || exit 1; \
+		echo "mutation campaign: $$(( $$(date +%s) - start )) s"
+	$(PY) tests/mutation_report.py --require src/subspace_sweep/scoring.py --require src/subspace_sweep/linalg.py \
+		$(MUTATE_PATTERNS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis mutants

@@ -79,6 +79,15 @@ def test_orthonormalize_drops_a_column_dependent_on_earlier_ones_relative_to_its
     torch.testing.assert_close(indep, e(3, 0, 1), rtol=0, atol=1e-15)
 
 
+def test_orthonormalize_dependency_boundary_is_exact():
+    """Column (4, 3) after 5·e0 (tol 0.6, scale 5): residual 3 = 0.6 × its norm 5 exactly (0.6·5
+    rounds to 3.0): at the tolerance is dependent."""
+    M = torch.tensor([[5.0, 4.0], [0.0, 3.0], [0.0, 0.0]], dtype=DT)
+    assert float(torch.tensor(0.6, dtype=DT) * 5.0) == 3.0
+    assert linalg.orthonormalize(M, tol=0.6).shape == (3, 1)
+    assert linalg.orthonormalize(M, tol=0.59).shape == (3, 2)
+
+
 def test_orthonormalize_reorthogonalises_nearly_dependent_columns():
     """Columns 1e-5 apart: one Gram-Schmidt pass leaves a component along the first of ~ε/1e-5 ≈
     1e-11; the second pass brings it to round-off (< 1e-14)."""
@@ -140,6 +149,15 @@ def test_float64_solve_is_accurate_to_float64_and_the_float32_one_to_float32():
     assert float((1 - cos).abs().max()) < 1e-5
     # each float32 vector stays on the side of its float64 counterpart (signs fixed, order kept)
     assert bool(((vecs32 * vecs64).sum(0) > 0.99).all())
+
+
+def test_top_eigvecs_passes_its_options_to_the_solver():
+    """top_eigvecs is top_eigh's vectors (bit for bit) with the null directions dropped, for the
+    float32 solve and for the bottom directions too."""
+    G, _ = _spread_spectrum_gram(12, 5)
+    for kwargs in ({}, {"single": True}, {"largest": False}, {"largest": False, "single": True}):
+        assert torch.equal(linalg.top_eigvecs(G, 4, **kwargs), linalg.top_eigh(G, 4, **kwargs)[1]), kwargs
+    assert not torch.equal(linalg.top_eigvecs(G, 4, single=True), linalg.top_eigvecs(G, 4))
 
 
 def test_top_eigvecs_tolerance_is_relative_and_strict():
@@ -211,6 +229,12 @@ def test_gil_free_binding_is_found_and_passes_its_self_check(monkeypatch):
         np.testing.assert_allclose(np.abs(z), np.abs(z_ref[:, 1:]), atol=1e-5)
         np.testing.assert_allclose(binding(A, 1, 4, vectors=False)[0], w_ref, rtol=1e-5)
     assert linalg.gil_free_syevr(np.float64) is linalg._SYEVR["float64"]  # checked once, then cached
+    # and the eigensolver goes through it
+    calls = []
+    binding = linalg._SYEVR["float64"]
+    monkeypatch.setitem(linalg._SYEVR, "float64", lambda *a, **k: calls.append(a[1:]) or binding(*a, **k))
+    linalg.top_eigh(torch.eye(3, dtype=DT), 2)
+    assert calls == [(2, 3)]
 
 
 # ----------------------------------------------------------------------------- Grams
@@ -271,6 +295,9 @@ def test_top_eigh_rows_kernel_and_gram_sides_pinned():
     torch.testing.assert_close(vecs, e(4, 0, 1), rtol=0, atol=1e-15)
     vals, _ = linalg.top_eigh_rows(X, 2, kernel=3 * X @ X.T)
     assert vals.tolist() == pytest.approx([12.0, 3.0], abs=1e-14)
+    # an eigenvalue at RANK_TOL × the largest has no eigenvector (a diagonal kernel: exact values)
+    vals, vecs = linalg.top_eigh_rows(X, 2, kernel=torch.diag(torch.tensor([1.0, linalg.RANK_TOL], dtype=DT)))
+    assert vals.tolist() == [1.0, linalg.RANK_TOL] and vecs.shape == (4, 1)
     assert linalg.top_eigh_rows(X[:0], 2)[1].shape == (4, 0)
     assert linalg.top_eigh_rows(X, 0)[1].shape == (4, 0)
     assert linalg.top_eigh_rows(torch.zeros(2, 4, dtype=DT), 2)[1].shape == (4, 0)
@@ -282,10 +309,34 @@ def test_top_eigh_rows_kernel_and_gram_sides_pinned():
 
 def test_union_and_project_away_of_empty_bases():
     assert linalg.union(linalg.empty_basis(5), linalg.empty_basis(5)).shape == (5, 0)
+    assert linalg.union(linalg.empty_basis(5)).shape == (5, 0)
     assert linalg.union(linalg.empty_basis(5), e(5, 2)).tolist() == e(5, 2).tolist()
     assert linalg.union(e(5, 1), e(5, 1), e(5, 3)).tolist() == e(5, 1, 3).tolist()  # earlier first
     assert linalg.project_away(linalg.empty_basis(5), e(5, 0)).shape == (5, 0)
     assert linalg.project_away(e(5, 0, 1), linalg.empty_basis(5)).tolist() == e(5, 0, 1).tolist()
+
+
+def test_project_away_judges_each_column_by_its_own_norm():
+    """Not by the matrix's: a column mostly inside F (1e-7 of it outside, below ORTHO_TOL) is
+    dropped however large the other projected columns are, and a unit column outside F is kept
+    however large the columns that vanish."""
+    F = e(4, 0)
+    got = linalg.project_away(torch.cat([100 * (e(4, 0) + 1e-7 * e(4, 1)), e(4, 2)], dim=1), F)
+    torch.testing.assert_close(got, e(4, 2), rtol=0, atol=0)
+    got = linalg.project_away(torch.cat([1e6 * e(4, 0), e(4, 1)], dim=1), F)
+    torch.testing.assert_close(got, e(4, 1), rtol=0, atol=0)
+
+
+def test_project_away_at_the_tolerance_drops_the_column():
+    """A column whose projection is exactly ORTHO_TOL × its norm is dependent (c found as the fixed
+    point of c = ORTHO_TOL·‖e0 + c·e1‖, asserted)."""
+    c = 0.0
+    for _ in range(3):
+        c = linalg.ORTHO_TOL * float((e(3, 0) + c * e(3, 1)).norm())
+    col = e(3, 0) + c * e(3, 1)
+    assert float(linalg.project_out(e(3, 0), col).norm()) == linalg.ORTHO_TOL * float(col.norm())
+    assert linalg.project_away(col, e(3, 0)).shape == (3, 0)
+    assert linalg.project_away(e(3, 0) + 2 * c * e(3, 1), e(3, 0)).shape == (3, 1)
 
 
 def test_project_away_keeps_a_small_column_with_a_real_component():
@@ -302,8 +353,8 @@ def test_principal_cosines_pinned():
     b = (e(3, 0) + e(3, 1)) / math.sqrt(2)
     assert linalg.principal_cosines(a, b).tolist() == pytest.approx([1 / math.sqrt(2)], rel=1e-15)
     assert linalg.principal_cosines(e(3, 0, 1), e(3, 1, 2)).tolist() == pytest.approx([1.0, 0.0], abs=1e-15)
-    assert linalg.principal_cosines(a, linalg.empty_basis(3)).shape == (0,)
-    assert linalg.principal_cosines(linalg.empty_basis(3), a).shape == (0,)
+    for empty in (linalg.principal_cosines(a, linalg.empty_basis(3)), linalg.principal_cosines(linalg.empty_basis(3), a)):
+        assert empty.shape == (0,) and empty.dtype == DT
     # clamped into [0, 1]: a basis scaled past unit length still reports cosine 1
     assert linalg.principal_cosines(a, 1.5 * a).tolist() == [1.0]
 
@@ -326,9 +377,11 @@ def test_bisector_of_planted_principal_pairs():
         basis1, cos1 = linalg.bisector(A @ RA, B @ RB, 1)
         torch.testing.assert_close(basis1, want[:, :1], rtol=0, atol=1e-12)
         assert cos1.tolist() == pytest.approx([math.cos(alpha)], rel=1e-12)
-    for args in ((A, linalg.empty_basis(5), 2), (linalg.empty_basis(5), B, 2), (A, B, 0)):
+    for args in ((A, linalg.empty_basis(5), 2), (linalg.empty_basis(5), B, 2), (A, B, 0), (A, B, -1)):
         basis, cos = linalg.bisector(*args)
-        assert basis.shape == (5, 0) and cos.shape == (0,)
+        assert basis.shape == (5, 0) and cos.shape == (0,) and cos.dtype == DT
+    # cosines are reported in [0, 1] even for a basis scaled past unit length
+    assert linalg.bisector(A, 1.5 * A, 2)[1].tolist() == [1.0, 1.0]
 
 
 def test_signed_qr_keeps_each_column_on_its_side():

@@ -170,6 +170,8 @@ def test_oracle_gain_isotropic_threshold_is_relative_to_max_of_e_max_and_one():
     assert scoring.ISOTROPIC_TOL == 1e-12
     assert math.isnan(scoring.oracle_gain(0.6, 0.5, 0.5 + 2.0**-40))  # ≤ 1e-12 · 1
     assert scoring.oracle_gain(0.5 + 2.0**-40, 0.5, 0.5 + 2.0**-38) == 0.25
+    assert scoring.oracle_gain(0.5 + 2.0**-40, 0.5, 0.5 + 2.0**-39) == 0.5  # 1.8e-12 > 1e-12 · 1
+    assert math.isnan(scoring.oracle_gain(0.5e-12, 0.0, 1e-12))  # at the threshold itself: NaN
     assert math.isnan(scoring.oracle_gain(5.0, 4.0, 4.0 + 2.0**-38))  # ≤ 1e-12 · 4
     assert scoring.oracle_gain(4.0 + 2.0**-38, 4.0, 4.0 + 2.0**-36) == 0.25
     assert scoring.oracle_gain(0.5, 0.25, 0.75) == 0.5
@@ -202,8 +204,12 @@ def test_zero_label_rows_are_named():
     rows[1] = 0.0
     with pytest.raises(InputError, match=r"rows \[1\] are zero"):
         Target.from_rows("act", rows)
-    with pytest.raises(InputError, match=r"\(none\)"):
+    with pytest.raises(InputError, match=r"label rows \(none\) are zero"):
         Target.from_rows("act", torch.zeros(0, 4, dtype=DT))
+    with pytest.raises(InputError, match=r"rows \[0\] are zero"):
+        Target.from_rows("act", torch.zeros(1, 4, dtype=DT))
+    with pytest.raises(InputError, match=r"rows \[0, 1\] are zero"):
+        Target.from_rows("act", torch.zeros(2, 0, dtype=DT))  # zero-width rows: every row is zero
 
 
 def test_zero_tensor_of_a_balanced_target_is_named():
@@ -221,6 +227,7 @@ def test_activation_target_keeps_its_factor_only_below_d_rows():
         rows = torch.randn(n, 5, generator=gen, dtype=DT)
         t = Target.from_rows("act", rows)
         assert (t.factor is not None) is kept, n
+        assert t.name == "act"
         if kept:
             assert t.factor.shape == (5, n)
             torch.testing.assert_close(t.factor @ t.factor.T, t.gram, rtol=0, atol=1e-15)
@@ -259,6 +266,7 @@ def test_balanced_mapping_and_sequence_agree():
     o, down = torch.randn(5, 5, generator=gen, dtype=DT), torch.randn(5, 15, generator=gen, dtype=DT)
     a = Target.balanced("c", {"o_proj": o, "down_proj": down})
     b = Target.balanced("c", [o, down])
+    assert a.name == b.name == "c"
     torch.testing.assert_close(a.gram, b.gram, rtol=0, atol=0)
     torch.testing.assert_close(a.gram, o @ o.T / (o**2).sum() + down @ down.T / (down**2).sum(), rtol=1e-14, atol=0)
 
@@ -472,6 +480,7 @@ def test_subspace_where_the_target_vanishes_or_is_empty():
     assert vanishing.moments(1) is None and math.isnan(vanishing.z(e(4, 2)))
     empty = RestrictedNull.inside(t, linalg.empty_basis(4))
     assert (empty.dim, empty.trace_s, empty.spread_s) == (0, 0.0, 0.0)
+    assert empty.target is t and vanishing.target is t
     assert empty.moments(1) is None
 
 
@@ -485,6 +494,9 @@ def test_top_eigenspace_pinned():
     assert top.moments(2) == pytest.approx(RestrictedNull.inside(t, e(4, 0, 1, 2)).moments(2), rel=EXACT)
     zero = RestrictedNull.top_eigenspace(t, 0)
     assert (zero.dim, zero.trace_s, zero.spread_s) == (0, 0.0, 0.0) and zero.moments(1) is None
+    assert zero.target is t and top.target is t
+    one = RestrictedNull.top_eigenspace(t, 1)  # the top eigenvector alone: e(e1) = 3/4, no spread
+    assert (one.dim, one.trace_s, one.spread_s) == (1, 3.0, 0.0) and one.moments(1) == (0.75, 0.0)
     full = RestrictedNull.top_eigenspace(t, 4)
     assert full.spread_s == pytest.approx(t.spread, rel=EXACT)
     for dim in (-1, 5):
@@ -542,6 +554,9 @@ def test_mc_score_z_standardises_against_its_seeded_null():
     mean, var = scoring.monte_carlo_null(t, 2, 300, seed=5)
     assert scoring.mc_score_z(t, B, 300, seed=5) == pytest.approx((scoring.energy(t, B) - mean) / math.sqrt(var), rel=EXACT)
     assert math.isnan(scoring.mc_score_z(t, linalg.empty_basis(6), 300, seed=5))
+    b = haar(6, 1, 2)  # rank 1 is a rank like any other
+    mean1, var1 = scoring.monte_carlo_null(t, 1, 300, seed=5)
+    assert scoring.mc_score_z(t, b, 300, seed=5) == pytest.approx((scoring.energy(t, b) - mean1) / math.sqrt(var1), rel=EXACT)
     # 4000 draws: the sample SD is within ~3% (5 standard errors of √(1/(2n))·√(1 + κ/2)) and the
     # sample mean within 5·SD/√n of the exact ones, so the MC z is within ~5% + 0.08 of the exact z
     exact = scoring.score(t, B).z
