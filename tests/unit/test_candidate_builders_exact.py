@@ -39,31 +39,41 @@ def test_bad_head_layout_is_an_input_error(layout):
         cands._check_heads(*layout)
 
 
-def test_qk_circuit_matrix_applies_the_qk_gain_inside_every_head():
-    """Σ_h W_q,hᵀ diag(γ) W_k,kv(h) by an explicit loop, for a gain that differs per dimension."""
+def test_qk_circuit_matrix_applies_the_q_and_k_gains_row_by_row():
+    """Σ_h (D_q,h W_q,h)ᵀ (D_k,kv(h) W_k,kv(h)) by an explicit loop, for q/k gains that differ per
+    row (so per head as well as per dimension: a mutant reusing one head's gain, or swapping the
+    query and key sides, changes the value)."""
     g = torch.Generator().manual_seed(0)
     n_heads, n_kv, hd, d = 4, 2, 3, 5
     q = torch.randn(n_heads * hd, d, generator=g, dtype=DT)
     k = torch.randn(n_kv * hd, d, generator=g, dtype=DT)
-    gain = torch.tensor([2.0, -0.5, 3.0], dtype=torch.float32)
-    want = sum(q[h * hd:(h + 1) * hd].T @ torch.diag(gain.double()) @ k[(h // 2) * hd:(h // 2 + 1) * hd]
+    q_gain = torch.linspace(-0.5, 3.0, n_heads * hd, dtype=torch.float32)
+    k_gain = torch.tensor([2.0, -0.5, 3.0, 0.25, 1.5, -1.0], dtype=torch.float32)
+    Dq, Dk = torch.diag(q_gain.double()), torch.diag(k_gain.double())
+    want = sum((Dq @ q)[h * hd:(h + 1) * hd].T @ (Dk @ k)[(h // 2) * hd:(h // 2 + 1) * hd]
                for h in range(n_heads))
-    torch.testing.assert_close(cands.qk_circuit_matrix(q, k, n_heads, n_kv, hd, gain), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cands.qk_circuit_matrix(q, k, n_heads, n_kv, hd, q_gain, k_gain), want,
+                               rtol=1e-12, atol=1e-12)
     no_gain = sum(q[h * hd:(h + 1) * hd].T @ k[(h // 2) * hd:(h // 2 + 1) * hd] for h in range(n_heads))
     torch.testing.assert_close(cands.qk_circuit_matrix(q, k, n_heads, n_kv, hd), no_gain, rtol=1e-12, atol=1e-12)
+    only_k = sum(q[h * hd:(h + 1) * hd].T @ (Dk @ k)[(h // 2) * hd:(h // 2 + 1) * hd] for h in range(n_heads))
+    torch.testing.assert_close(cands.qk_circuit_matrix(q, k, n_heads, n_kv, hd, None, k_gain), only_k,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_circuits_in_residual_coordinates():
-    """qk_circuit = diag(γ) QK diag(γ) with the attention norm's gain and γ_q ⊙ γ_k inside;
-    ov_circuit = OV diag(γ)."""
+    """qk_circuit = diag(γ) QK diag(γ) with the attention norm's gain and the q/k gains per row
+    inside; ov_circuit = OV diag(γ) (no post-projection norm here)."""
     g = torch.Generator().manual_seed(1)
     n_heads, n_kv, hd, d = 2, 1, 2, 3
     mk = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
     lw = LayerWeights(q=mk(4, d), k=mk(2, d), v=mk(2, d), o=mk(d, 4), gate=mk(6, d), up=mk(6, d), down=mk(d, 6),
                       attn_gain=torch.tensor([1.0, 2.0, 0.5]), mlp_gain=torch.ones(d),
-                      q_gain=torch.tensor([3.0, 1.0]), k_gain=torch.tensor([0.5, 2.0]))
+                      q_gain=torch.tensor([3.0, 1.0, 0.5, 2.0]), k_gain=torch.tensor([0.5, 2.0]))
     Ga = torch.diag(torch.tensor([1.0, 2.0, 0.5], dtype=DT))
-    qk = sum(lw.q[h * hd:(h + 1) * hd].T @ torch.diag(torch.tensor([1.5, 2.0], dtype=DT)) @ lw.k for h in range(2))
+    Dq = torch.diag(torch.tensor([3.0, 1.0, 0.5, 2.0], dtype=DT))
+    Dk = torch.diag(torch.tensor([0.5, 2.0], dtype=DT))
+    qk = sum((Dq @ lw.q)[h * hd:(h + 1) * hd].T @ (Dk @ lw.k) for h in range(2))
     torch.testing.assert_close(cands.qk_circuit(lw, n_heads, n_kv, hd), Ga @ qk @ Ga, rtol=1e-12, atol=1e-12)
     ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v for h in range(2))
     torch.testing.assert_close(cands.ov_circuit(lw, n_heads, n_kv, hd), ov @ Ga, rtol=1e-12, atol=1e-12)
