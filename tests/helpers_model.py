@@ -54,3 +54,43 @@ def effective_parameters(pm, base) -> dict[str, torch.Tensor]:
         if owner not in linear_names:
             out[name] = dict(inner.named_parameters()).get(name, p).detach()
     return out
+
+
+def materialized(model: nn.Module, delta, alpha: float) -> nn.Module:
+    """A deep copy of ``model`` with ``θ + α·w`` written into its parameters (the eager steering
+    ``weight_steer`` must compute like): an independent reference for the streamed one."""
+    import copy
+
+    from subspace_sweep.steering import steered_value
+
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters(remove_duplicate=False))
+    sums: dict[int, tuple[nn.Parameter, list[torch.Tensor]]] = {}
+    for k, w in delta.items():
+        sums.setdefault(id(params[k]), (params[k], []))[1].append(w)
+    with torch.no_grad():
+        for p, ws in sums.values():
+            p.copy_(steered_value(p.detach(), ws, alpha))
+    return ref
+
+
+class SeenWeights:
+    """What each module's own parameters hold while its forward runs: a pre-hook registered
+    after any steering hooks (so it runs after them) clones them per call, by parameter name."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.seen, self.handles = model, {}, []
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            if module._parameters:
+                def probe(mod, _args, name=name):
+                    for pname, p in mod._parameters.items():
+                        if p is not None:
+                            self.seen.setdefault(f"{name}.{pname}" if name else pname, p.detach().clone())
+                self.handles.append(module.register_forward_pre_hook(probe))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
