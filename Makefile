@@ -43,7 +43,7 @@ MUTATE_BUILDERS := qk_circuit_matrix ov_circuit_matrix qk_circuit ov_circuit att
 MUTATE_LINALG := as64 empty_basis fix_signs orthonormalize is_orthonormal _syevr top_eigh top_eigvecs \
 	eigenvalues numerical_rank row_gram _sym_gram col_gram left_basis right_basis pca weighted_pca_rows \
 	top_eigh_rows projector project_out project_out_gram project_away union principal_cosines bisector \
-	signed_qr random_orthonormal
+	signed_qr random_orthonormal pack_symmetric unpack_symmetric
 MUTATE_SCOPE ?= subspace_sweep.scoring.* \
 	$(foreach f,$(MUTATE_LINALG),subspace_sweep.linalg.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_BUILDERS),subspace_sweep.candidates.x_$(f)__mutmut_*)

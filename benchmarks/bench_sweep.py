@@ -1,17 +1,27 @@
-"""Benchmark of the whole sweep at Qwen3-0.6B's exact shapes, offline (a script, not a test).
+"""Benchmark of the whole sweep at real Qwen3 shapes, offline (a script, not a test).
 
-    .venv/bin/python benchmarks/bench_sweep.py                # Qwen3-0.6B shapes, bfloat16
-    .venv/bin/python benchmarks/bench_sweep.py --shape tiny   # a quick run on the tiny model
+    .venv/bin/python benchmarks/bench_sweep.py                       # Qwen3-0.6B shapes, the CLI's dtype
+    .venv/bin/python benchmarks/bench_sweep.py --shape qwen3-1.7b --no-rerun
+    .venv/bin/python benchmarks/bench_sweep.py --shape qwen3-4b --delta-dtype bfloat16 --no-rerun
+    .venv/bin/python benchmarks/bench_sweep.py --shape tiny          # a quick run on the tiny model
 
-Random weights (no download), a rank-32 synthetic delta on layers 8..21 for all seven
-projections (Frobenius norm 1% of each base weight), the package's probes tokenised by an
-offline word-level BPE (Qwen-like lengths: ~19 tokens per raw probe, ~55 per chat-formatted
-persona probe), then every phase of ``run_sweep``: captures, candidates, scoring, report.
-Then a rerun with another delta on the same base model (the daily case): its A-side comes from
-the cache the first run stored (``--a-side-cache``, a temporary folder here); ``--no-rerun`` skips it.
-Prints ONE JSON line: seconds per phase of both runs, forward passes, peak RSS, torch threads,
-device, and the prompt token counts actually used. ``--causal K`` adds the causal check (SPEC §8)
-to the first run and its seconds per restricted delta (2 EVAL forward passes each).
+Random weights of the exact shapes (no download; ``--shape`` qwen3-0.6b, qwen3-1.7b or
+qwen3-4b), in the dtype ``subspace-sweep run`` would use on the device (float32 on a CPU,
+bfloat16 on a GPU) unless ``--dtype`` is given; a rank-32 synthetic delta on layers 8..21 for
+all seven projections (Frobenius norm 1% of each base weight), stored in ``--delta-dtype``
+(default float32); the package's probes tokenised by an offline word-level BPE (Qwen-like
+lengths: ~19 tokens per raw probe, ~55 per chat-formatted persona probe), then every phase of
+``run_sweep``: captures, candidates, scoring, report. Then a rerun with another delta on the
+same base model (the daily case): its A-side comes from the cache the first run stored
+(``--a-side-cache``, a temporary folder here); ``--no-rerun`` skips it.
+
+Prints ONE JSON line: seconds per phase of both runs (``a_side_build`` and
+``candidates_b_side`` split ``candidates``), forward passes, the CPU capability torch dispatches
+to (on AVX2-only CPUs bf16 matmuls are ~7x slower than float32), torch threads, device, the
+prompt token counts, and memory: peak RSS, the model's own weights and the delta as stored
+(``weights_gib``, ``delta_gib``) and the budget ``weights + delta + 2 GiB`` (issue 16).
+``--causal K`` adds the causal check (SPEC §8) to the first run and its seconds per restricted
+delta (2 EVAL forward passes each). Compare timings as ratios within one machine.
 """
 
 from __future__ import annotations
@@ -27,23 +37,30 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from subspace_sweep import report
+from subspace_sweep import compute, report
 from subspace_sweep.capture import chat_texts
 from subspace_sweep.delta import random_delta
-from subspace_sweep.model import ATTN_PROJS, MLP_PROJS, resolve_device
+from subspace_sweep.model import ATTN_PROJS, MLP_PROJS, resolve_device, resolve_dtype
 from subspace_sweep.prompts import load_probe_set
 from subspace_sweep.sweep import SweepConfig, model_manifest, sweep
 from subspace_sweep.toy import WORD_LEVEL_VOCAB_SIZE, build_tiny_model, build_tiny_tokenizer
 
-QWEN3_06B = dict(
-    vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
-    rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-)
+_QWEN3 = dict(vocab_size=151936, head_dim=128, tie_word_embeddings=True, max_position_embeddings=40960,
+              rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+#: The released Qwen3 models' shapes (their config.json files).
+SHAPES = {
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8),
+    "qwen3-4b": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8),
+}
+GIB = 2**30
 
 
-def build_qwen_shaped(dtype: torch.dtype, device: torch.device):
-    config = Qwen3Config(**QWEN3_06B)
+def build_qwen_shaped(dtype: torch.dtype, device: torch.device, shape: str = "qwen3-0.6b"):
+    config = Qwen3Config(**SHAPES[shape])
     config._attn_implementation = "eager"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build directly in the target dtype (no fp32 copy first)
@@ -65,8 +82,9 @@ def token_counts(tokenizer, probes) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=("qwen3-0.6b", "tiny"), default="qwen3-0.6b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--shape", choices=(*SHAPES, "tiny"), default="qwen3-0.6b")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: what `subspace-sweep run` uses on the device)")
+    ap.add_argument("--delta-dtype", default="float32", help="the dtype the delta is stored in (default float32)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-rerun", action="store_true",
@@ -74,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--causal", type=int, default=0, metavar="K",
                     help="also run the causal check on the first run (top K; reports its time per restricted delta)")
     args = ap.parse_args(argv)
+    compute.return_freed_memory()  # as the command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype, device)
+    delta_dtype = resolve_dtype(args.delta_dtype, device)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -85,20 +105,24 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = build_tiny_model(seed=0)
         layers = [1, 2]
     else:
-        model, tokenizer = build_qwen_shaped(dtype, device)
+        model, tokenizer = build_qwen_shaped(dtype, device, args.shape)
         layers = list(range(8, 22))
     timings["model_build"] = time.perf_counter() - t0
 
     projections = [f"self_attn.{p}" for p in ATTN_PROJS] + [f"mlp.{p}" for p in MLP_PROJS]
+    unique = {p.data_ptr(): p for p in model.parameters()}.values()  # tied weights once
+    sizes = {"weights_gib": sum(p.numel() * p.element_size() for p in unique) / GIB}
     probes = load_probe_set()
 
     def run_once(delta_seed: int, cache: str, causal: int = 0) -> tuple[dict[str, float], object]:
         delta = random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=delta_seed, scale=0.01,
-                             projections=projections)
+                             projections=projections, dtype=delta_dtype)
+        sizes["delta_gib"] = sum(v.numel() * v.element_size() for v in delta.values()) / GIB
         config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal)
         t_sweep = time.perf_counter()
         result = sweep(model, tokenizer, delta, config, probes)
         phases = dict(result.timings)
+        phases["a_side_build"] = phases["candidates"] - phases["candidates_b_side"]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             report.write_run(result, config, Path(tmp) / "run", {**model_manifest(model, config, result), "delta": "synthetic"})
@@ -113,18 +137,25 @@ def main(argv: list[str] | None = None) -> int:
         timings.update(first)
         rerun, rerun_result = run_once(1, cache) if not args.no_rerun else (None, None)
 
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    budget = sizes["weights_gib"] + sizes["delta_gib"] + 2.0
     print(json.dumps({
         "shape": args.shape,
         "device": str(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": str(next(model.parameters()).dtype),
+        "delta_dtype": str(delta_dtype),
         "torch_threads": torch.get_num_threads(),
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "candidates_plus_scoring_s": round(timings["candidates"] + timings["scoring"], 2),
         "forward_passes": result.forward_passes,
         "prompts_per_pass": {"fit": len(probes.fit), "eval": len(probes.eval)},
         "tokens": token_counts(tokenizer, probes),
-        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "peak_rss_gib": round(peak_gib, 2),
+        "weights_gib": round(sizes["weights_gib"], 3),
+        "delta_gib": round(sizes["delta_gib"], 3),
+        "rss_budget_gib": round(budget, 2),  # weights + delta as stored + 2 GiB (issue 16)
+        "within_budget": peak_gib <= budget,
         "scored_layers": result.scored_layers,
         "n_candidates": len(result.candidates),
         "a_side_cache": result.a_side_cache["status"],

@@ -36,7 +36,7 @@ import difflib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -379,6 +379,10 @@ def _job(G: Tensor, r: int, away_from: Tensor | None = None, *, single: bool = T
     return functools.partial(_top, G, r, away_from=away_from, single=single)
 
 
+def _top_of_packed(P: Tensor, d: int, r: int, away_from: Tensor) -> Tensor:
+    return _top(linalg.unpack_symmetric(P, d), r, away_from=away_from)
+
+
 def _trace(G: Tensor) -> float:
     return float(torch.trace(G))
 
@@ -682,11 +686,11 @@ def _sink_declared(acts: ActivationCaptures, layers: Sequence[int], rank: int, r
 @dataclass(frozen=True)
 class _LayerGrams:
     """Component Grams of one layer in float64 (GEMMs in float32, the weights' precision), in
-    residual coordinates: each reader's Gram ``diag(γ) WᵀW diag(γ)`` with the gain of its norm."""
+    residual coordinates: each reader's Gram ``diag(γ) WᵀW diag(γ)`` with the gain of its norm.
+    The q, k and v Grams are kept only as the two sums the bases read (3 d x d fewer per layer)."""
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
+    qkv: Tensor  # G_q + G_k + G_v
+    kv: Tensor  # G_k + G_v
     up: Tensor
     gate: Tensor
     o: Tensor
@@ -698,15 +702,20 @@ class _LayerGrams:
             G = linalg.row_gram(W)
             return G if gain is None else residual_gram(G, gain)
 
+        def read(name: str, gain: Tensor) -> Tensor:
+            return residual_gram(linalg.col_gram(getattr(lw, name)), gain)
+
         with compute.gemm_threads():
-            attn = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.attn_gain) for n in ("q", "k", "v")}
-            mlp = {n: residual_gram(linalg.col_gram(getattr(lw, n)), lw.mlp_gain) for n in ("up", "gate")}
-            return cls(**attn, **mlp, o=write(lw.o, lw.o_gain), down=write(lw.down, lw.down_gain))
+            q, k, v = (read(n, lw.attn_gain) for n in ("q", "k", "v"))
+            qkv, kv = q + k + v, k + v
+            del q, k, v
+            mlp = {n: read(n, lw.mlp_gain) for n in ("up", "gate")}
+            return cls(qkv=qkv, kv=kv, **mlp, o=write(lw.o, lw.o_gain), down=write(lw.down, lw.down_gain))
 
     @functools.cached_property
     def read(self) -> Tensor:
-        """read_gram(l) = Σ_{X∈q,k,v,up,gate} W_XᵀW_X."""
-        return self.q + self.k + self.v + self.up + self.gate
+        """read_gram(l) = Σ_{X∈q,k,v,up,gate} W_XᵀW_X (summed in that order)."""
+        return self.qkv + self.up + self.gate
 
     @functools.cached_property
     def write(self) -> Tensor:
@@ -749,7 +758,7 @@ def _layer_weight_bases(
     # Wave 1: independent eigenproblems (run in parallel when a pool exists).
     grams = {
         "write": Gw, "attn_write": g.o, "mlp_write": g.down, "mlp_up_read": g.up, "mlp_gate_read": g.gate,
-        "attn_qkv_read": g.q + g.k + g.v, "input_super": g.read, "kv_super": g.k + g.v, "attn_ov_write": ov_gram,
+        "attn_qkv_read": g.qkv, "input_super": g.read, "kv_super": g.kv, "attn_ov_write": ov_gram,
         "qk_circuit": qk_gram, "mlp_roundtrip_write": roundtrip_gram, "gate_kernel": gate_kernel_gram,
     }
     jobs = {"_DS": _job(downstream_gram, K, single=False)}  # DSK(l): the biggest problem first
@@ -795,7 +804,8 @@ def _weight_bases(
 
     # One pass from the last layer to the first: `running` is DS(l) = lmᵀlm + Σ_{j>l} read_gram(j)
     # when layer l is reached, and the global read Gram after layer 0. Per-layer bases are built
-    # on the way so that only each selected layer's write Gram is kept.
+    # on the way so that only each selected layer's write Gram is kept (its upper triangle: the
+    # global read Gram that write_not_global_read projects it away from is known only at the end).
     running = lm_gram.clone()
     write_total = torch.zeros_like(lm_gram)
     write_grams: dict[int, Tensor] = {}
@@ -808,7 +818,7 @@ def _weight_bases(
                 lw, g, W, acts.up_in_clean[layer], acts.sink[layer], r=r, K=K, rank=rank, LM=LM,
                 downstream_gram=running,
             )
-            write_grams[layer] = g.write
+            write_grams[layer] = linalg.pack_symmetric(g.write)
         running += g.read  # only after layer's jobs have finished with DS(l)
         write_total += g.write
         del g
@@ -823,8 +833,11 @@ def _weight_bases(
     put_global("global_read", glob_["_GR"][:, :r])
     put_global("global_write", glob_["global_write"])
     jobs = {"global_write_not_global_read": _job(write_total, rank["global_write_not_global_read"], GR)}
-    jobs.update({str(layer): _job(write_grams[layer], rank["write_not_global_read"], GR) for layer in layers})
     done = compute.run_jobs(jobs)
+    # one write Gram unpacked at a time (a job each: in order, so at most the pool's width at once)
+    done.update(compute.run_jobs({str(layer): functools.partial(_top_of_packed, write_grams.pop(layer), W.d_model,
+                                                                rank["write_not_global_read"], GR)
+                                  for layer in layers}))
     put_global("global_write_not_global_read", done["global_write_not_global_read"])
     for layer in layers:
         per_layer[layer]["write_not_global_read"] = done[str(layer)]
@@ -1051,6 +1064,30 @@ def build_b_side(
                 rank_note="the target's rank where it is below r; empty where the target is absent at the layer",
                 rank_exceptions={layer: k for layer, k in declared.items() if k != expected},
             ))
+    return out
+
+
+def merge_layers(parts: Sequence[Sequence[Candidate]]) -> list[Candidate]:
+    """The candidates of several builds over disjoint layers (the same names in the same order),
+    as one build over all of them: bases and diagnostics joined, the declared rank the largest
+    of the parts' with the others as exceptions (what ``build_b_side`` declares over all layers).
+    The sweep builds its B-side one layer at a time (one layer's d x d targets in memory)."""
+    if not parts:
+        return []
+    out = []
+    for same in zip(*parts, strict=True):
+        first = same[0]
+        if any(c.name != first.name for c in same):
+            raise ValueError(f"merge_layers: parts disagree on the candidates: {[c.name for c in same]}")
+        if len({layer for c in same for layer in c.bases}) != sum(len(c.bases) for c in same):
+            raise ValueError(f"merge_layers: {first.name!r}: the parts' layers overlap")
+        declared = {layer: c.declared_rank(layer) for c in same for layer in c.bases}
+        expected = max(declared.values(), default=first.expected_rank)
+        out.append(replace(
+            first, bases={layer: B for c in same for layer, B in c.bases.items()}, expected_rank=expected,
+            diagnostics={layer: v for c in same for layer, v in c.diagnostics.items()},
+            rank_exceptions={layer: k for layer, k in declared.items() if k != expected},
+        ))
     return out
 
 

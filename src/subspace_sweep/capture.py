@@ -310,8 +310,16 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     if want.tokens:
         full = [rb.output(n) for n in blocks]  # (B, S, d) each
         out["blocks"] = f32([x[rows, last] for x in full])
+        # Filled layer by layer, each recorded output released once copied: the recording and
+        # the result never both hold every layer (one (L, B, T, d) float32 tensor: 0.2 GB at
+        # Qwen3-1.7B shapes).
         T = int(lengths.max())
-        out["tokens"] = f32([right_align(x, last, lengths, T) for x in full])
+        out["tokens"] = torch.empty(L, B, T, full[0].shape[-1], dtype=torch.float32)
+        for i, n in enumerate(blocks):
+            out["tokens"][i] = right_align(full[i], last, lengths, T).float().cpu()
+            full[i] = None
+            rb.outputs[n].clear()
+        del full
     else:
         out["blocks"] = f32([rb.output(n) for n in blocks])
     if want.block_in:

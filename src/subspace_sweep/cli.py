@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.showwarning = show
     try:
+        from .compute import return_freed_memory
+
+        return_freed_memory()  # freed tensors go back to the OS: peak RSS is what is live (issue 16)
         if getattr(args, "quiet", False):
             from transformers.utils import logging as hf_logging
 

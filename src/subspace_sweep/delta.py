@@ -293,8 +293,11 @@ def random_delta(
     *,
     projections: Iterable[str] = WRITER_PROJS,
     basis: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
-    """A seeded low-rank float32 CPU delta on ``projections`` (``self_attn.o_proj``-style) of ``layers``.
+    """A seeded low-rank CPU delta on ``projections`` (``self_attn.o_proj``-style) of ``layers``,
+    stored in ``dtype`` (each tensor formed in float32 and rounded once, as it is made: a bf16
+    delta for a 4B model never exists in float32 as a whole).
 
     Each tensor is ``L @ R`` (rank ``rank``) rescaled to Frobenius norm ``scale · ‖W‖_F`` of the
     parameter it perturbs. With ``basis`` (``d x k``), a tensor whose output side is the residual
@@ -321,7 +324,7 @@ def random_delta(
             else:
                 left = torch.randn(n_out, rank, generator=gen)
             M = left @ torch.randn(rank, n_in, generator=gen)
-            out[key] = (M * (scale * W.norm() / M.norm())).contiguous()
+            out[key] = (M * (scale * W.norm() / M.norm())).to(dtype).contiguous()
     return out
 
 

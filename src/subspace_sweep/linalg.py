@@ -300,6 +300,31 @@ def _sym_gram(X: Tensor) -> Tensor:
     return torch.cat([torch.cat([_sym_gram(A), off], 1), torch.cat([off.T, _sym_gram(B)], 1)], 0)
 
 
+def pack_symmetric(G: Tensor) -> Tensor:
+    """The upper triangle of a d x d matrix that is exactly symmetric, row by row (d(d+1)/2
+    values: half the memory of a Gram kept for later); ``G`` itself when it is not exactly
+    symmetric. ``unpack_symmetric`` returns the same matrix bit for bit either way."""
+    if G.ndim != 2 or G.shape[0] != G.shape[1] or not torch.equal(G, G.T):
+        return G
+    return torch.cat([G[i, i:] for i in range(G.shape[0])]) if G.shape[0] else G.new_zeros(0)
+
+
+def unpack_symmetric(P: Tensor, d: int) -> Tensor:
+    """The d x d matrix ``pack_symmetric`` packed (a 2-D input is returned as it is)."""
+    if P.ndim == 2:
+        return P
+    if P.numel() != d * (d + 1) // 2:
+        raise ValueError(f"a packed symmetric {d} x {d} matrix has {d * (d + 1) // 2} values, got {P.numel()}")
+    G = P.new_empty(d, d)
+    start = 0
+    for i in range(d):
+        row = P[start : start + d - i]
+        G[i, i:] = row
+        G[i:, i] = row
+        start += d - i
+    return G
+
+
 #: Rows per chunk of ``col_gram``: a bf16 unembedding (151,936 x 1024) is never copied whole to float32.
 GRAM_CHUNK_ROWS = 16384
 

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from . import compute, linalg, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
-from .candidates import Candidate, build_b_side, ranking_pool
+from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
 from .causal import BehaviourSet, CausalResult, answer_tokens, run_causal
-from .diagnostics import Readout, readout_rows, scope_rows, spectra_rows
+from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
 from .capture import capture_labels, count_forward_passes
 from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
 from .errors import InputError
@@ -381,37 +381,61 @@ def sweep(
     timings["captures"] = time.perf_counter() - t0 + (a_side.capture_seconds if built_a_side else 0.0)
     bar.update(1)
 
-    t0 = time.perf_counter()
+    # B-side and scoring, one layer at a time: a layer's d x d targets (4 float64 Grams, 134 MB
+    # at Qwen3-1.7B shapes) are dropped once its rows are written, so the targets of all layers
+    # never coexist (issue 16). Only the combined ones stay, for the causal check.
     gains = {layer: write_gains(model, layer) for layer in layers}
-    targets = build_targets(labels.eval, delta, layers, holdout, gains)
-    with compute.policy():
-        # Every spectrum the B-side and the scores need, once, as parallel jobs: each target's
-        # top-k eigenpairs for k = the widest basis (pct_oracle is rank-matched), and the LoRA
-        # slice's dimension (the combined Gram's rank).
-        widest = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
-        slice_dims = prepare_spectra(targets, widest)
-        b_side = build_b_side(labels, {layer: {n: t for n, t in per.items() if n in TARGETS}
-                                       for layer, per in targets.items()}, r=config.r)
-        candidates = [*a_side.candidates, *b_side]
-        # candidates = the A-side build (0 when reused) + the targets, their spectra and the B-side
-        timings["candidates_b_side"] = time.perf_counter() - t0
-        timings["candidates"] = timings["candidates_b_side"] + (a_side.build_seconds if built_a_side else 0.0)
-        bar.update(1)
-
+    # every spectrum the B-side and the scores need: top-k for k = the widest basis (pct_oracle
+    # is rank-matched)
+    widest = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
+    clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
+    b_parts: list[list[Candidate]] = []
+    rows: list[dict] = []
+    specific: list[dict] = []
+    scope: list[dict] = []
+    spectra: list[dict] = []
+    weight_oracles: dict[int, dict[str, Tensor]] = {}
+    combined: dict[int, Target] = {}
+    b_side_s = scoring_s = 0.0
+    for layer in tqdm(layers, desc="B-side and scoring", disable=config.quiet, leave=False, unit="layer"):
         t0 = time.perf_counter()
-        clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
-        rows, weight_oracles = score_layers(candidates, targets, slice_dims, config, quiet=config.quiet)
-        specific = [row for layer in layers
-                    for row in Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(candidates, layer)]
+        targets = build_targets(labels.eval, delta, [layer], holdout, gains)
+        with compute.policy():
+            # the spectra as parallel jobs, and the LoRA slice's dimension (the combined Gram's rank)
+            slice_dims = prepare_spectra(targets, widest)
+            b_parts.append(build_b_side(labels, {layer: {n: t for n, t in targets[layer].items() if n in TARGETS}},
+                                        r=config.r))
+            t1 = time.perf_counter()
+            at_layer = [*a_side.candidates, *b_parts[-1]]
+            layer_rows, oracles = score_layers(at_layer, targets, slice_dims, config)
+            rows += layer_rows
+            weight_oracles.update(oracles)
+            specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(at_layer, layer)
+        scope += scope_rows([layer], {layer: targets[layer]["combined"]}, labels.eval_cumulative,
+                            labels.eval_local, config.r)
+        with compute.policy():
+            # the spectra diagnostics' curves reach k = 32: those spectra as parallel jobs too
+            # (after the scores and the scope, which read the rank-matched top-k above)
+            prepare_spectra(targets, max(CURVE_KS))
+        spectra += spectra_rows([layer], targets)
+        if config.causal:
+            combined[layer] = targets[layer]["combined"]
+        b_side_s += t1 - t0
+        scoring_s += time.perf_counter() - t1
+    candidates = [*a_side.candidates, *merge_layers(b_parts)]
+    # candidates = the A-side build (0 when reused) + the targets, their spectra and the B-side
+    timings["candidates_b_side"] = b_side_s
+    timings["candidates"] = b_side_s + (a_side.build_seconds if built_a_side else 0.0)
+    bar.update(1)
+    t0 = time.perf_counter()
     per_layer = pl.DataFrame(rows)
     specific_per_layer = pl.DataFrame(specific)
     summary = summarise(per_layer)
     if config.n_boot:
         prompt_R = {c.name: prompt_concentrations(c, labels.eval, layers, d) for c in candidates}
         summary = with_bootstrap(summary, prompt_R, config)
-    scope = pl.DataFrame(scope_rows(layers, {layer: targets[layer]["combined"] for layer in layers},
-                                    labels.eval_cumulative, labels.eval_local, config.r))
-    spectra = pl.DataFrame(spectra_rows(layers, targets))
+    scope = pl.DataFrame(scope)
+    spectra = pl.DataFrame(spectra)
     readout = None
     try:
         tokens = answers or answer_tokens(tokenizer)
@@ -420,7 +444,7 @@ def sweep(
     else:
         reader = Readout.of(model, tokens.yes_id, tokens.no_id)
         readout = pl.DataFrame(readout_rows(reader, layers, labels.eval, labels.eval_midpoint, candidates))
-    timings["scoring"] = time.perf_counter() - t0
+    timings["scoring"] = scoring_s + time.perf_counter() - t0  # the per-layer scores and the summaries
     bar.update(1)
     bar.close()
     causal = None
@@ -433,7 +457,7 @@ def sweep(
                                                 for layer in layers})
                        for kind, rows in (("cumulative", labels.eval_cumulative), ("local", labels.eval_local))]
         causal = run_causal(model, tokenizer, delta, bset.texts, [(n, by_name[n].bases) for n in names],
-                            {layer: targets[layer]["combined"] for layer in layers}, k=config.causal,
+                            combined, k=config.causal,
                             n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
                             act_oracles=act_oracles)
         timings["causal"] = time.perf_counter() - t0

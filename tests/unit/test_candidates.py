@@ -26,6 +26,7 @@ from subspace_sweep.candidates import (
     Candidate,
     build_a_side,
     build_b_side,
+    merge_layers,
     get_spec,
     ranking_pool,
 )
@@ -680,6 +681,25 @@ def test_b_side_references():
     assert cs["oracle_o_proj"].ranks == {1: 2, 2: 0}  # a rank-2 delta: a rank-2 oracle, declared
     assert cs["oracle_o_proj"].expected_rank == 2 and cs["oracle_o_proj"].empty_layers == [2]
     assert cs["oracle_down_proj"].expected_rank == R
+
+
+def test_b_side_built_layer_by_layer_and_merged_equals_one_build():
+    """The sweep builds its B-side one layer at a time (issue 16); merge_layers gives exactly the
+    candidates of one build over all layers: bases, declared ranks and their exceptions."""
+    labels = synthetic_labels()
+    targets = _targets(labels, [1, 2, 3], lora_rank=2)
+    targets[2] = {k: t for k, t in targets[2].items() if k != "o_proj"}  # an exception: rank 0 at layer 2
+    whole = build_b_side(labels, targets, r=R)
+    merged = merge_layers([build_b_side(labels, {layer: targets[layer]}, r=R) for layer in (1, 2, 3)])
+    assert [c.name for c in merged] == [c.name for c in whole]
+    for a, b in zip(whole, merged):
+        assert (a.expected_rank, a.rank_exceptions, a.rank_note, a.layers) == (b.expected_rank, b.rank_exceptions,
+                                                                               b.rank_note, b.layers), a.name
+        assert all(torch.equal(a.bases[layer], b.bases[layer]) for layer in a.layers)
+    assert by_name(merged)["oracle_o_proj"].rank_exceptions == {2: 0}
+    with pytest.raises(ValueError, match="overlap"):
+        merge_layers([build_b_side(labels, {1: targets[1]}, r=R)] * 2)
+    assert merge_layers([]) == []
 
 
 def test_b_side_input_errors():

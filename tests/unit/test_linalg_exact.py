@@ -390,3 +390,21 @@ def test_signed_qr_keeps_each_column_on_its_side():
     torch.testing.assert_close(Q, torch.tensor([[-1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=DT), rtol=0, atol=1e-15)
     Z = linalg.signed_qr(torch.zeros(3, 1, dtype=DT))  # R = 0: the sign 0 counts as +1, Q stays orthonormal
     assert orthonormality_error(Z) < 1e-15
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 7, 600])
+def test_packed_symmetric_matrices_unpack_bit_for_bit(d):
+    """The A-side keeps each scored layer's write Gram packed (issue 16): the round trip is exact,
+    the packed form is half the size, and a matrix that is not exactly symmetric is kept whole."""
+    A = torch.randn(d, 2 * d + 1, generator=torch.Generator().manual_seed(d), dtype=DT)
+    G = A @ A.T
+    G = (G + G.T) / 2
+    P = linalg.pack_symmetric(G)
+    assert P.shape == (d * (d + 1) // 2,)
+    assert torch.equal(linalg.unpack_symmetric(P, d), G)
+    if d > 1:
+        N = G.clone()
+        N[0, 1] += 1.0
+        assert linalg.pack_symmetric(N) is N and linalg.unpack_symmetric(N, d) is N
+        with pytest.raises(ValueError, match="packed symmetric"):
+            linalg.unpack_symmetric(P[1:], d)
