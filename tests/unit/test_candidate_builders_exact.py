@@ -174,6 +174,55 @@ def test_kmeans_two_clusters_pinned():
     torch.testing.assert_close(C0, torch.tensor([[5.0, 2.0], [-5.0, -1.0]], dtype=DT), rtol=0, atol=0)
 
 
+def _lloyd_reference(X: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """kmeans_centroids' documented algorithm, written out row by row (an independent route)."""
+    Xc = X - X.mean(dim=0, keepdim=True)
+    k = min(k, Xc.shape[0])
+    norms = [float(x.norm()) for x in Xc]
+    order = sorted(range(len(norms)), key=lambda i: -norms[i])  # Python's sort is stable
+    C = [Xc[i].clone() for i in order[:k]]
+    for _ in range(iters):
+        members: list[list[int]] = [[] for _ in range(k)]
+        for i, x in enumerate(Xc):
+            dist = [float(((x - c) ** 2).sum()) for c in C]
+            members[dist.index(min(dist))].append(i)  # first on ties
+        C = [Xc[m].mean(dim=0) if m else c for m, c in zip(members, C)]  # an empty cluster keeps its centroid
+    return torch.stack(C)
+
+
+def test_kmeans_matches_lloyds_algorithm_written_out():
+    """Many clusters on few rows: singleton clusters whose member is not their previous centroid
+    occur, and an empty cluster keeps its centroid (a `counts > 1` update would freeze the first)."""
+    for seed in range(12):
+        for shape in ((7, 3), (4, 1)):  # (4, 1), k = 3, seed 7: a cluster shrinks to one moved row
+            X = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+            for k in (2, 3, 4):
+                C, sizes = cands.kmeans_centroids(X, k, iters=6)
+                torch.testing.assert_close(C, _lloyd_reference(X, k, 6), rtol=0, atol=1e-12)
+                assert int(sizes.sum()) == shape[0]
+
+
+def test_kmeans_init_takes_tied_norms_in_row_order():
+    """±e_i rows: centred already, every norm 1. The init is the first k rows (a stable sort;
+    torch's default CPU sort puts row 30 first here)."""
+    X = torch.cat([torch.eye(20), -torch.eye(20)]).to(DT)
+    C, _ = cands.kmeans_centroids(X, 3, iters=0)
+    assert torch.equal(C, X[:3])
+
+
+def test_ov_circuit_reads_the_post_projection_gain():
+    """Behind a post-projection norm (Gemma2/3, OLMo2): diag(γ_post) OV diag(γ_attn)."""
+    g = torch.Generator().manual_seed(4)
+    n_heads, n_kv, hd, d = 2, 1, 2, 3
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    post = torch.tensor([0.5, 2.0, -1.5])
+    lw = LayerWeights(q=mk(4, d), k=mk(2, d), v=mk(2, d), o=mk(d, 4), gate=mk(6, d), up=mk(6, d), down=mk(d, 6),
+                      attn_gain=torch.tensor([1.0, 2.0, 0.5]), mlp_gain=torch.ones(d), o_gain=post)
+    ov = sum(lw.o[:, h * hd:(h + 1) * hd] @ lw.v for h in range(2))
+    want = torch.diag(post.double()) @ ov @ torch.diag(torch.tensor([1.0, 2.0, 0.5], dtype=DT))
+    torch.testing.assert_close(cands.ov_circuit(lw, n_heads, n_kv, hd), want, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- basis helpers
 
 
