@@ -304,9 +304,10 @@ def pack_symmetric(G: Tensor) -> Tensor:
     """The upper triangle of a d x d matrix that is exactly symmetric, row by row (d(d+1)/2
     values: half the memory of a Gram kept for later); ``G`` itself when it is not exactly
     symmetric. ``unpack_symmetric`` returns the same matrix bit for bit either way."""
-    if G.ndim != 2 or G.shape[0] != G.shape[1] or not torch.equal(G, G.T):
+    if G.ndim != 2 or not torch.equal(G, G.T):  # (a non-square G differs from its transpose in shape)
         return G
-    return torch.cat([G[i, i:] for i in range(G.shape[0])]) if G.shape[0] else G.new_zeros(0)
+    d = G.shape[0]
+    return torch.cat([G[i, i:] for i in range(d)]) if d else G.new_zeros(0)
 
 
 def unpack_symmetric(P: Tensor, d: int) -> Tensor:

@@ -406,5 +406,11 @@ def test_packed_symmetric_matrices_unpack_bit_for_bit(d):
         N = G.clone()
         N[0, 1] += 1.0
         assert linalg.pack_symmetric(N) is N and linalg.unpack_symmetric(N, d) is N
-        with pytest.raises(ValueError, match="packed symmetric"):
+        with pytest.raises(ValueError, match=rf"a packed symmetric {d} x {d} matrix has {d * (d + 1) // 2} values, "
+                                             rf"got {d * (d + 1) // 2 - 1}$"):
             linalg.unpack_symmetric(P[1:], d)
+
+
+def test_pack_symmetric_keeps_what_is_not_a_symmetric_matrix():
+    for M in (torch.arange(3.0), torch.zeros(2, 3), torch.zeros(2, 2, 2)):
+        assert linalg.pack_symmetric(M) is M
