@@ -192,14 +192,13 @@ def prepare_spectra(targets: Mapping[int, Mapping[str, Target]], k: int) -> dict
 
 def score_layers(
     candidates: Sequence[Candidate], targets: Mapping[int, Mapping[str, Target]], slice_dims: Mapping[int, int],
-    config: SweepConfig, *, quiet: bool = True,
+    config: SweepConfig,
 ) -> tuple[list[dict[str, float | int | str]], dict[int, dict[str, Tensor]]]:
     """Every candidate's per_layer rows at every layer of ``targets`` (after ``prepare_spectra``),
     and the weight targets' oracle bases per layer."""
     rows: list[dict[str, float | int | str]] = []
     weight_oracles: dict[int, dict[str, Tensor]] = {}
-    for layer in tqdm(list(targets), desc="scoring", disable=quiet, leave=False, unit="layer"):
-        per = targets[layer]
+    for layer, per in targets.items():
         oracles = {name: per[name].oracle_basis(config.r) for name in TARGETS if name in per}
         weight_oracles[layer] = {n: b for n, b in oracles.items() if n in WEIGHT_TARGETS}
         comb = per.get("combined")
