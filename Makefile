@@ -37,15 +37,19 @@ MUTATE_JOBS ?= 1
 MUTATE_BUILDERS := qk_circuit_matrix ov_circuit_matrix qk_circuit ov_circuit attention_sink_vectors \
 	expand_kv_heads _check_heads kmeans_centroids procrustes_rotation _rotation_rank skew_rank_bound \
 	rotation_contrast_basis _top _uncentred_bases
-# linalg.py without the ctypes binding of LAPACK syevr (scipy_openblas, _LapackSyevr, gil_free_syevr):
-# its plumbing is pinned bit for bit against SciPy (tests/unit/test_candidates.py), and a mutated
-# Fortran argument crashes or corrupts memory rather than giving a wrong number a test could see.
+# linalg.py without the ctypes bindings of LAPACK syevr and its steps (scipy_openblas, _LapackSyevr,
+# gil_free_syevr, _SyevrSteps, gil_free_syevr_steps): their plumbing is pinned bit for bit against
+# SciPy and syevr (tests/unit/test_candidates.py, test_linalg_exact.py), and a mutated Fortran
+# argument crashes or corrupts memory rather than giving a wrong number a test could see.
+# SymmetricEigen's methods are in scope (mutmut names them xǁSymmetricEigenǁ<method>).
 MUTATE_LINALG := as64 empty_basis fix_signs orthonormalize is_orthonormal _syevr top_eigh top_eigvecs \
 	eigenvalues numerical_rank row_gram _sym_gram col_gram left_basis right_basis pca weighted_pca_rows \
 	top_eigh_rows projector project_out project_out_gram project_away union principal_cosines bisector \
 	signed_qr random_orthonormal pack_symmetric unpack_symmetric
+MUTATE_LINALG_EIGEN := __init__ _reduction _pairs values top
 MUTATE_SCOPE ?= subspace_sweep.scoring.* \
 	$(foreach f,$(MUTATE_LINALG),subspace_sweep.linalg.x_$(f)__mutmut_*) \
+	$(foreach f,$(MUTATE_LINALG_EIGEN),subspace_sweep.linalg.xǁSymmetricEigenǁ$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_BUILDERS),subspace_sweep.candidates.x_$(f)__mutmut_*)
 MUTATE_PATTERNS = $(foreach p,$(MUTATE_SCOPE),'$(p)')
 

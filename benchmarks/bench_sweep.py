@@ -21,7 +21,9 @@ to (on AVX2-only CPUs bf16 matmuls are ~7x slower than float32), torch threads, 
 prompt token counts, and memory: peak RSS, the model's own weights and the delta as stored
 (``weights_gib``, ``delta_gib``) and the budget ``weights + delta + 2 GiB`` (issue 16).
 ``--causal K`` adds the causal check (SPEC §8) to the first run and its seconds per restricted
-delta (2 EVAL forward passes each). Compare timings as ratios within one machine.
+delta (2 EVAL forward passes each). Compare timings as ratios within one machine. ``--out DIR``
+keeps the first run's folder: two versions' folders at real shapes compare file by file with
+``cmp`` (all but manifest.json and config.json, which hold timings and paths).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delta-dtype", default="float32", help="the dtype the delta is stored in (default float32)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="write the first run's folder to DIR (compare two versions' outputs file by file with cmp)")
     ap.add_argument("--no-rerun", action="store_true",
                     help="skip the rerun with another delta that loads the A-side from the cache")
     ap.add_argument("--causal", type=int, default=0, metavar="K",
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {"weights_gib": sum(p.numel() * p.element_size() for p in unique) / GIB}
     probes = load_probe_set()
 
-    def run_once(delta_seed: int, cache: str, causal: int = 0) -> tuple[dict[str, float], object]:
+    def run_once(delta_seed: int, cache: str, causal: int = 0, out: Path | None = None) -> tuple[dict[str, float], object]:
         delta = random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=delta_seed, scale=0.01,
                              projections=projections, dtype=delta_dtype)
         sizes["delta_gib"] = sum(v.numel() * v.element_size() for v in delta.values()) / GIB
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         phases["a_side_build"] = phases["candidates"] - phases["candidates_b_side"]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            report.write_run(result, config, Path(tmp) / "run", {**model_manifest(model, config, result), "delta": "synthetic"})
+            report.write_run(result, config, out or Path(tmp) / "run",
+                             {**model_manifest(model, config, result), "delta": "synthetic"})
             phases["report"] = time.perf_counter() - t0
         phases["sweep_total_after_build"] = time.perf_counter() - t_sweep
         return phases, result
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:
         # First run: the A-side is built (and stored: a cache miss). Rerun: a new delta on the same
         # base model, what a researcher does daily; the A-side comes from the cache.
-        first, result = run_once(0, cache, args.causal)
+        first, result = run_once(0, cache, args.causal, args.out)
         timings.update(first)
         rerun, rerun_result = run_once(1, cache) if not args.no_rerun else (None, None)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import threading
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -132,6 +134,21 @@ class _LapackSyevr:
         self.real = real
         self.c_real = ctypes.c_double if real is np.float64 else ctypes.c_float
 
+    def workspace(self, n: int) -> int:
+        """The LWORK syevr asks for at order n (its workspace query; A is not read)."""
+        c_int, byref = ctypes.c_int, ctypes.byref
+        one, ione, info, m = np.zeros(1, dtype=self.real), np.zeros(2, dtype=np.int32), c_int(0), c_int(0)
+        ptr = lambda x: x.ctypes.data_as(ctypes.POINTER(self.c_real))  # noqa: E731
+        zero = self.c_real(0.0)
+        self.fn(byref(ctypes.c_char(b"V")), byref(ctypes.c_char(b"I")), byref(ctypes.c_char(b"L")), byref(c_int(n)),
+                ptr(one), byref(c_int(n)), byref(zero), byref(zero), byref(c_int(1)), byref(c_int(1)), byref(zero),
+                byref(m), ptr(one), ptr(one), byref(c_int(n)), ione.ctypes.data_as(ctypes.POINTER(c_int)),
+                ptr(one), byref(c_int(-1)), ione.ctypes.data_as(ctypes.POINTER(c_int)), byref(c_int(-1)), byref(info),
+                ctypes.c_size_t(1), ctypes.c_size_t(1), ctypes.c_size_t(1))
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK syevr workspace query failed: info = {info.value}")
+        return int(one[0])
+
     def __call__(self, A: np.ndarray, il: int, iu: int, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Eigenpairs il..iu (1-based, ascending) of the symmetric matrix A (read from its lower
         triangle); ``vectors=False``: ALL eigenvalues (range 'A', ``sterf``) and no vectors."""
@@ -166,6 +183,115 @@ class _LapackSyevr:
         return w[: m.value].copy(), (z[:, : m.value] if vectors else z[:, :0])
 
 
+class _SyevrSteps:
+    """``?syevr``'s own steps as separate calls (LAPACK 3.12 ``dsyevr.f``, range 'I' and range 'A'
+    without vectors, lower triangle): ``reduce`` is the tridiagonal reduction ``?sytrd``, the
+    O(d³) part; ``pairs`` is ``?stebz`` + ``?stein`` + ``?ormtr`` (O(d² k)) and ``values`` is
+    ``?sterf`` (O(d²)). One matrix asked for several subsets is reduced once. Each routine gets
+    the workspace share syevr gives it (the share fixes ``?sytrd``'s block size), so every result
+    is syevr's bit for bit; ``gil_free_syevr_steps`` checks that once against syevr itself.
+    """
+
+    SYMBOLS = ("sytrd", "stebz", "stein", "ormtr", "sterf")
+
+    def __init__(self, lib, prefix: str, syevr: _LapackSyevr) -> None:
+        self.fns = {name: getattr(lib, f"scipy_{prefix}{name}_") for name in self.SYMBOLS}
+        self.syevr = syevr
+        self.real = syevr.real
+        info = np.finfo(self.real)
+        safmin, eps = float(info.tiny), float(info.eps)  # LAPACK's ?lamch('S'), ?lamch('P')
+        # syevr first rescales a matrix whose largest entry lies outside [rmin, rmax]; such a
+        # matrix is left to syevr itself (``reduce`` returns None), with a factor 2 of margin.
+        self.rmin = 2.0 * np.sqrt(safmin / eps)
+        self.rmax = 0.5 * min(np.sqrt(eps / safmin), 1.0 / np.sqrt(np.sqrt(safmin)))
+
+    def _ptr(self, x: np.ndarray):
+        return x.ctypes.data_as(ctypes.POINTER(self.syevr.c_real))
+
+    def reduce(self, A: np.ndarray) -> _Reduction | None:
+        """``?sytrd`` of A as syevr calls it, or None where syevr would first rescale A."""
+        n = int(A.shape[0])
+        anrm = float(np.abs(np.tril(A)).max()) if n else 0.0  # ?lansy('M', 'L')
+        if n < 2 or (anrm > 0.0 and not self.rmin < anrm < self.rmax):
+            return None
+        c_int, byref = ctypes.c_int, ctypes.byref
+        lwork = self.syevr.workspace(n)
+        a = np.array(A, dtype=self.real, order="F")  # overwritten by the reflectors
+        diag, off, tau = (np.zeros(n, dtype=self.real) for _ in range(3))
+        share = lwork - 5 * n  # syevr's LLWORK: its workspace after tau, d, e and two copies
+        info = c_int(0)
+        self.fns["sytrd"](byref(ctypes.c_char(b"L")), byref(c_int(n)), self._ptr(a), byref(c_int(n)),
+                          self._ptr(diag), self._ptr(off), self._ptr(tau), self._ptr(np.zeros(share, dtype=self.real)),
+                          byref(c_int(share)), byref(info), ctypes.c_size_t(1))
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK sytrd failed: info = {info.value}")
+        return _Reduction(a, diag, off, tau, lwork)
+
+    def values(self, red: _Reduction) -> np.ndarray:
+        """All eigenvalues, ascending (``?sterf`` on copies of the tridiagonal, as syevr)."""
+        w, off, info = red.diag.copy(), red.off.copy(), ctypes.c_int(0)
+        self.fns["sterf"](ctypes.byref(ctypes.c_int(red.n)), self._ptr(w), self._ptr(off), ctypes.byref(info))
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK sterf failed: info = {info.value}")
+        return w
+
+    def pairs(self, red: _Reduction, il: int, iu: int) -> tuple[np.ndarray, np.ndarray]:
+        """Eigenpairs il..iu (1-based, ascending; not all n of them: syevr takes another route
+        there) as syevr computes them. Not re-entrant on one reduction (``?ormtr`` writes into
+        the reflectors and restores them): callers serialise requests per reduction."""
+        n, real = red.n, self.real
+        c_int, byref, char, length = ctypes.c_int, ctypes.byref, ctypes.c_char, ctypes.c_size_t(1)
+        ip = lambda x: x.ctypes.data_as(ctypes.POINTER(c_int))  # noqa: E731
+        zero = self.syevr.c_real(0.0)
+        m, nsplit, info = c_int(0), c_int(0), c_int(0)
+        w = np.zeros(n, dtype=real)
+        iblock, isplit = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int32)
+        work, iwork = np.zeros(5 * n, dtype=real), np.zeros(3 * n, dtype=np.int32)
+        self.fns["stebz"](byref(char(b"I")), byref(char(b"B")), byref(c_int(n)), byref(zero), byref(zero),
+                          byref(c_int(il)), byref(c_int(iu)), byref(zero), self._ptr(red.diag), self._ptr(red.off),
+                          byref(m), byref(nsplit), self._ptr(w), ip(iblock), ip(isplit), self._ptr(work), ip(iwork),
+                          byref(info), length, length)
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK stebz failed: info = {info.value}")
+        k = m.value
+        z = np.zeros((n, iu - il + 1), dtype=real, order="F")
+        ifail = np.zeros(max(k, 1), dtype=np.int32)
+        self.fns["stein"](byref(c_int(n)), self._ptr(red.diag), self._ptr(red.off), byref(m), self._ptr(w),
+                          ip(iblock), ip(isplit), self._ptr(z), byref(c_int(n)), self._ptr(work), ip(iwork),
+                          ip(ifail), byref(info))
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK stein failed: info = {info.value}")
+        share = red.lwork - 2 * n  # syevr's LLWRKN
+        self.fns["ormtr"](byref(char(b"L")), byref(char(b"L")), byref(char(b"N")), byref(c_int(n)), byref(m),
+                          self._ptr(red.a), byref(c_int(n)), self._ptr(red.tau), self._ptr(z), byref(c_int(n)),
+                          self._ptr(np.zeros(share, dtype=real)), byref(c_int(share)), byref(info),
+                          length, length, length)
+        if info.value != 0:
+            raise RuntimeError(f"LAPACK ormtr failed: info = {info.value}")
+        # syevr's closing selection sort (stebz orders by split block): first strict minimum
+        for j in range(k - 1):
+            i = j + 1 + int(np.argmin(w[j + 1 : k]))
+            if w[i] < w[j]:
+                w[i], w[j] = w[j], w[i]
+                z[:, [i, j]] = z[:, [j, i]]
+        return w[:k].copy(), z[:, :k]
+
+
+@dataclass(frozen=True)
+class _Reduction:
+    """A matrix reduced to tridiagonal form by ``?sytrd``: reflectors, diagonal, off-diagonal."""
+
+    a: np.ndarray
+    diag: np.ndarray
+    off: np.ndarray
+    tau: np.ndarray
+    lwork: int  # syevr's workspace at this order
+
+    @property
+    def n(self) -> int:
+        return int(self.a.shape[0])
+
+
 #: real type name -> ctypes binding, or None where SciPy's OpenBLAS is absent (checked once).
 _SYEVR: dict[str, _LapackSyevr | None] = {}
 _SYEVR_SYMBOLS = {"float64": "scipy_dsyevr_", "float32": "scipy_ssyevr_"}
@@ -198,6 +324,107 @@ def gil_free_syevr(real: type[np.floating] = np.float64) -> _LapackSyevr | None:
     return _SYEVR[name]
 
 
+_STEPS: dict[str, _SyevrSteps | None] = {}
+_STEPS_SYMBOL_PREFIX = {"float64": "d", "float32": "s"}
+
+
+def gil_free_syevr_steps(real: type[np.floating] = np.float64) -> _SyevrSteps | None:
+    """syevr's steps as separate ctypes calls, or None (then every request is a whole syevr).
+
+    Checked once against the syevr binding, bit for bit, on a matrix large enough for
+    ``?sytrd``'s blocked code, with a split tridiagonal (two diagonal blocks) for syevr's sort."""
+    name = np.dtype(real).name
+    if name not in _STEPS:
+        syevr = gil_free_syevr(real)
+        lib = scipy_openblas()
+        prefix = _STEPS_SYMBOL_PREFIX[name]
+        steps = None
+        if syevr is not None and all(hasattr(lib, f"scipy_{prefix}{s}_") for s in _SyevrSteps.SYMBOLS):
+            steps = _SyevrSteps(lib, prefix, syevr)
+            rng = np.random.default_rng(0)
+            X = rng.standard_normal((300, 40))
+            A = (X @ X.T).astype(real)
+            B = np.zeros((12, 12), dtype=real)
+            B[:6, :6], B[6:, 6:] = np.diag(np.arange(1.0, 7.0)) + 0.25, np.diag(np.arange(9.0, 3.0, -1.0)) + 0.5
+            try:
+                for M, ranges in ((A, ((300, 300), (281, 300), (250, 300))), (B, ((6, 12), (1, 11)))):
+                    red = steps.reduce(M)
+                    n = M.shape[0]
+                    same = red is not None and np.array_equal(steps.values(red), syevr(M, 1, n, vectors=False)[0])
+                    for il, iu in ranges:
+                        w, z = steps.pairs(red, il, iu) if same else (None, None)
+                        w_ref, z_ref = syevr(M, il, iu)
+                        same = same and np.array_equal(w, w_ref) and np.array_equal(z, z_ref)
+                    if not same:
+                        steps = None
+                        break
+            except (RuntimeError, ValueError, OSError):
+                steps = None
+        _STEPS[name] = steps
+    return _STEPS[name]
+
+
+class SymmetricEigen:
+    """The eigenproblem of one symmetric matrix (float64, or float32 with ``single``, read from its
+    lower triangle) for any number of requests: top or bottom k pairs, all eigenvalues.
+
+    Every request returns what the one-shot LAPACK ``syevr`` call returns, bit for bit; where
+    syevr's steps are available (``gil_free_syevr_steps``) its O(d³) tridiagonal reduction runs
+    once, on the first request, and each further request costs O(d² k). The sweep asks each
+    weight target of a layer for top-k at two k and the combined one for all eigenvalues too: 3
+    reductions instead of 7. The reduction is a d x d copy, alive as long as this object.
+    Requests are serialised (thread-safe).
+    """
+
+    def __init__(self, G: Tensor, *, single: bool = False) -> None:
+        G = as64(G)
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"expected a square matrix, got shape {tuple(G.shape)}")
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError("matrix has NaN/Inf entries")
+        self.d = int(G.shape[0])
+        self.single = single
+        self._A = G.numpy().astype(np.float32 if single else np.float64, copy=False)
+        self._steps = gil_free_syevr_steps(self._A.dtype.type)
+        self._lock = threading.Lock()
+        self._reduced: list[_Reduction | None] = []  # [] until the first request
+
+    def _reduction(self) -> _Reduction | None:
+        if not self._reduced:
+            self._reduced.append(self._steps.reduce(self._A) if self._steps is not None else None)
+        return self._reduced[0]
+
+    def _pairs(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            red = self._reduction() if hi - lo + 1 < self.d else None  # all n pairs: syevr's MRRR route
+            if red is None:
+                return _syevr(self._A, lo, hi)
+            return self._steps.pairs(red, lo + 1, hi + 1)
+
+    def values(self) -> Tensor:
+        """All eigenvalues, ascending, float64."""
+        with self._lock:
+            red = self._reduction()
+            w = self._steps.values(red) if red is not None else _syevr(self._A, 0, self.d - 1, vectors=False)[0]
+        return torch.from_numpy(np.asarray(w, dtype=np.float64))
+
+    def top(self, k: int, *, largest: bool = True) -> tuple[Tensor, Tensor]:
+        """The k largest (or smallest) eigenpairs, float64, from the extreme inwards, signs fixed
+        (see ``top_eigh``)."""
+        d = self.d
+        k = max(0, min(k, d))
+        if k == 0:
+            return torch.zeros(0, dtype=DTYPE), empty_basis(d)
+        evals, evecs = self._pairs(*((d - k, d - 1) if largest else (0, k - 1)))
+        evals = torch.from_numpy(np.asarray(evals, dtype=np.float64))
+        evecs = torch.from_numpy(np.ascontiguousarray(evecs, dtype=np.float64))
+        if largest:
+            evals, evecs = evals.flip(0), evecs.flip(1)
+        if self.single:
+            evecs = signed_qr(evecs)  # Gram-Schmidt in order, each vector keeping its direction
+        return evals, fix_signs(evecs.contiguous())
+
+
 def _syevr(A: np.ndarray, lo: int, hi: int, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """LAPACK ``syevr`` on A (float32 or float64): eigenpairs lo..hi (0-based, ascending), or with
     ``vectors=False`` all eigenvalues. The GIL-free binding when there is one, else SciPy's."""
@@ -217,23 +444,11 @@ def top_eigh(G: Tensor, k: int, *, largest: bool = True, single: bool = False) -
     ``single=True`` solves in float32, for Grams formed from float32 products (they carry no
     more accuracy than that; ~25% faster). The eigenvectors are then re-orthonormalised in
     float64 (order kept), so bases are orthonormal to float64 precision either way.
+    Several requests on one matrix: ``SymmetricEigen``.
     """
-    G = as64(G)
-    d = G.shape[0]
-    k = max(0, min(k, d))
-    if k == 0:
-        return torch.zeros(0, dtype=DTYPE), empty_basis(d)
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError("matrix has NaN/Inf entries")
-    lo, hi = (d - k, d - 1) if largest else (0, k - 1)
-    evals, evecs = _syevr(G.numpy().astype(np.float32 if single else np.float64, copy=False), lo, hi)
-    evals = torch.from_numpy(np.asarray(evals, dtype=np.float64))
-    evecs = torch.from_numpy(np.ascontiguousarray(evecs, dtype=np.float64))
-    if largest:
-        evals, evecs = evals.flip(0), evecs.flip(1)
-    if single:
-        evecs = signed_qr(evecs)  # Gram-Schmidt in order, each vector keeping its direction
-    return evals, fix_signs(evecs.contiguous())
+    if max(0, min(k, G.shape[0])) == 0:
+        return torch.zeros(0, dtype=DTYPE), empty_basis(G.shape[0])
+    return SymmetricEigen(G, single=single).top(k, largest=largest)
 
 
 def top_eigvecs(G: Tensor, r: int, *, largest: bool = True, rel_tol: float = RANK_TOL, single: bool = False) -> Tensor:
@@ -257,10 +472,7 @@ def top_eigvecs(G: Tensor, r: int, *, largest: bool = True, rel_tol: float = RAN
 def eigenvalues(G: Tensor) -> Tensor:
     """All eigenvalues of a symmetric matrix, ascending, float64 (no eigenvectors: LAPACK
     ``syevr`` range 'A', GIL-free like ``top_eigh``; ~40% faster than ``torch.linalg.eigvalsh``)."""
-    G = as64(G)
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError("matrix has NaN/Inf entries")
-    return torch.from_numpy(np.asarray(_syevr(G.numpy(), 0, G.shape[0] - 1, vectors=False)[0], dtype=np.float64))
+    return SymmetricEigen(G).values()
 
 
 def numerical_rank(G: Tensor, rel_tol: float = RANK_TOL) -> int:

@@ -31,8 +31,9 @@ A target built from few rows (the activation label: n prompts, n < d) keeps its 
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,8 @@ class Target:
     spread: float  # ‖G − (t/d)I‖²_F / t²: the null variance's target term, no eigenvalues needed
     factor: Tensor | None = None  # d x m with G = F Fᵀ and m < d, when the target was built from m rows
     noise_floor: float = 0.0  # eigenvalues at or below this are storage rounding, not directions
-    _spectrum: dict[str, Tensor | tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    # "top", "all": the cached spectra; "eigen": the shared eigenproblem inside ``shared_reductions``
+    _spectrum: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_gram(cls, name: str, gram: Tensor, factor: Tensor | None = None, noise_floor: float = 0.0) -> Target:
@@ -128,7 +130,7 @@ class Target:
                 evals, evecs = linalg.top_eigh_rows(self.factor.T, k)
                 evals = torch.cat([evals, evals.new_zeros(k - evals.shape[0])])
             else:
-                evals, evecs = linalg.top_eigh(self.gram, k)
+                evals, evecs = self._eigen().top(k)
             cached = (evals.clamp_min(0.0), evecs)
             self._spectrum["top"] = cached
         return cached[0][:k], cached[1][:, :k]  # type: ignore[index]
@@ -143,9 +145,14 @@ class Target:
                     kernel = self.factor.T @ self.factor
                 cached = linalg.eigenvalues(kernel).flip(0).clamp_min(0.0)
             else:
-                cached = linalg.eigenvalues(self.gram).flip(0).clamp_min(0.0)
+                cached = self._eigen().values().flip(0).clamp_min(0.0)
             self._spectrum["all"] = cached
         return cached  # type: ignore[return-value]
+
+    def _eigen(self) -> linalg.SymmetricEigen:
+        """G's eigenproblem: the one shared inside ``shared_reductions``, else a fresh one."""
+        shared = self._spectrum.get("eigen")
+        return shared if isinstance(shared, linalg.SymmetricEigen) else linalg.SymmetricEigen(self.gram)
 
     def _above_floor(self, evals: Tensor) -> Tensor:
         """Which of ``evals`` (descending) are directions: above ``RANK_TOL`` x the largest (float64
@@ -175,6 +182,23 @@ class Target:
     def oracle_basis(self, r: int) -> Tensor:
         """Top-r eigenvectors of G (reaching ``oracle_energy(r)``), zero-eigenvalue directions dropped."""
         return self.spectrum(r)[1][:, : self.rank(r)]
+
+
+@contextlib.contextmanager
+def shared_reductions(targets: Iterable[Target]) -> Iterator[None]:
+    """Inside the block each target's eigenproblems (top-k spectra at any k, all eigenvalues)
+    share one tridiagonal reduction, the O(d³) part (``linalg.SymmetricEigen``): the sweep asks a
+    layer's weight targets for top-k at two k and the combined one for all its eigenvalues too.
+    The results are those of separate solves bit for bit; the reductions (a d x d copy each) are
+    freed at exit. Targets with a factor solve their small kernel instead and are left alone."""
+    held = [t for t in targets if t.factor is None and "eigen" not in t._spectrum]
+    try:
+        for t in held:
+            t._spectrum["eigen"] = linalg.SymmetricEigen(t.gram)
+        yield
+    finally:
+        for t in held:
+            t._spectrum.pop("eigen", None)
 
 
 def energy(target: Target, B: Tensor) -> float:

@@ -181,12 +181,17 @@ def prepare_spectra(targets: Mapping[int, Mapping[str, Target]], k: int) -> dict
     """Compute each target's top-k spectrum and the combined targets' full eigenvalues (cached on
     the targets) and return, per layer with a combined target, the dimension of the LoRA slice:
     the writers' column space, which is the range of the combined Gram (its numerical rank at
-    the delta's storage precision). Runs as independent jobs (``compute.run_jobs``)."""
-    jobs: dict[tuple[int, str], Callable[[], object]] = {
-        (layer, name): functools.partial(t.spectrum, k) for layer, per in targets.items() for name, t in per.items()
-    }
-    jobs.update({(layer, "all"): per["combined"].eigenvalues for layer, per in targets.items() if "combined" in per})
-    compute.run_jobs(jobs)
+    the delta's storage precision). Runs as independent jobs (``compute.run_jobs``), one per
+    target: inside ``scoring.shared_reductions`` the combined target's two requests share one
+    reduction, which two jobs would wait for each other on."""
+
+    def job(t: Target, name: str) -> None:
+        t.spectrum(k)
+        if name == "combined":
+            t.eigenvalues()
+
+    compute.run_jobs({(layer, name): functools.partial(job, t, name)
+                      for layer, per in targets.items() for name, t in per.items()})
     return {layer: per["combined"].numerical_rank() for layer, per in targets.items() if "combined" in per}
 
 
@@ -399,24 +404,27 @@ def sweep(
     for layer in tqdm(layers, desc="B-side and scoring", disable=config.quiet, leave=False, unit="layer"):
         t0 = time.perf_counter()
         targets = build_targets(labels.eval, delta, [layer], holdout, gains)
-        with compute.policy():
-            # the spectra as parallel jobs, and the LoRA slice's dimension (the combined Gram's rank)
-            slice_dims = prepare_spectra(targets, widest)
-            b_parts.append(build_b_side(labels, {layer: {n: t for n, t in targets[layer].items() if n in TARGETS}},
-                                        r=config.r))
-            t1 = time.perf_counter()
-            at_layer = [*a_side.candidates, *b_parts[-1]]
-            layer_rows, oracles = score_layers(at_layer, targets, slice_dims, config)
-            rows += layer_rows
-            weight_oracles.update(oracles)
-            specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(at_layer, layer)
-        scope += scope_rows([layer], {layer: targets[layer]["combined"]}, labels.eval_cumulative,
-                            labels.eval_local, config.r)
-        with compute.policy():
-            # the spectra diagnostics' curves reach k = 32: those spectra as parallel jobs too
-            # (after the scores and the scope, which read the rank-matched top-k above)
-            prepare_spectra(targets, max(CURVE_KS))
-        spectra += spectra_rows([layer], targets)
+        # each weight target is reduced to tridiagonal form once for all its spectra (3 reductions
+        # per layer instead of 7, same bits), the reductions freed with the layer
+        with scoring.shared_reductions(targets[layer].values()):
+            with compute.policy():
+                # the spectra as parallel jobs, and the LoRA slice's dimension (the combined Gram's rank)
+                slice_dims = prepare_spectra(targets, widest)
+                b_parts.append(build_b_side(labels, {layer: {n: t for n, t in targets[layer].items() if n in TARGETS}},
+                                            r=config.r))
+                t1 = time.perf_counter()
+                at_layer = [*a_side.candidates, *b_parts[-1]]
+                layer_rows, oracles = score_layers(at_layer, targets, slice_dims, config)
+                rows += layer_rows
+                weight_oracles.update(oracles)
+                specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(at_layer, layer)
+            scope += scope_rows([layer], {layer: targets[layer]["combined"]}, labels.eval_cumulative,
+                                labels.eval_local, config.r)
+            with compute.policy():
+                # the spectra diagnostics' curves reach k = 32: those spectra as parallel jobs too
+                # (after the scores and the scope, which read the rank-matched top-k above)
+                prepare_spectra(targets, max(CURVE_KS))
+            spectra += spectra_rows([layer], targets)
         if config.causal:
             combined[layer] = targets[layer]["combined"]
         b_side_s += t1 - t0

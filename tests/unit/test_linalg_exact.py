@@ -194,8 +194,9 @@ def test_scipy_fallback_gives_the_same_pairs(monkeypatch):
     G, _ = _spread_spectrum_gram(10, 4)
     with_binding = linalg.top_eigh(G, 3), linalg.top_eigh(G, 3, largest=False), linalg.eigenvalues(G)
     single = linalg.top_eigh(G, 3, single=True)
-    monkeypatch.setitem(linalg._SYEVR, "float64", None)
-    monkeypatch.setitem(linalg._SYEVR, "float32", None)
+    for cache in (linalg._SYEVR, linalg._STEPS):
+        monkeypatch.setitem(cache, "float64", None)
+        monkeypatch.setitem(cache, "float32", None)
     fallback = linalg.top_eigh(G, 3), linalg.top_eigh(G, 3, largest=False), linalg.eigenvalues(G)
     for (va, Va), (vb, Vb) in zip(with_binding[:2], fallback[:2]):
         torch.testing.assert_close(va, vb, rtol=0, atol=1e-14)
@@ -229,12 +230,146 @@ def test_gil_free_binding_is_found_and_passes_its_self_check(monkeypatch):
         np.testing.assert_allclose(np.abs(z), np.abs(z_ref[:, 1:]), atol=1e-5)
         np.testing.assert_allclose(binding(A, 1, 4, vectors=False)[0], w_ref, rtol=1e-5)
     assert linalg.gil_free_syevr(np.float64) is linalg._SYEVR["float64"]  # checked once, then cached
-    # and the eigensolver goes through it
+    # and a request the steps do not serve (all n pairs) goes through it
     calls = []
     binding = linalg._SYEVR["float64"]
     monkeypatch.setitem(linalg._SYEVR, "float64", lambda *a, **k: calls.append(a[1:]) or binding(*a, **k))
-    linalg.top_eigh(torch.eye(3, dtype=DT), 2)
-    assert calls == [(2, 3)]
+    linalg.top_eigh(torch.eye(3, dtype=DT), 3)
+    assert calls == [(1, 3)]
+
+
+# ----------------------------------------------------------------------------- syevr's steps, one reduction
+
+
+def _steps_subjects(real) -> list[tuple[str, np.ndarray]]:
+    """Symmetric matrices of the kinds the sweep solves: a dense one, a low-rank PSD Gram with
+    round-off-sized noise (a weight target), one with a split tridiagonal (two diagonal blocks:
+    syevr's closing sort), one with a repeated eigenvalue, the zero matrix, and orders on both sides of ?sytrd's
+    blocked code."""
+    rng = np.random.default_rng(7)
+    out = []
+    for n in (2, 5, 33, 200, 600):
+        X = rng.standard_normal((n, n))
+        out.append((f"dense{n}", (X + X.T) / 2))
+    F = rng.standard_normal((400, 12))
+    N = 1e-17 * rng.standard_normal((400, 400))
+    out.append(("lowrank400", F @ F.T + (N + N.T) / 2))
+    B = np.zeros((40, 40))
+    B[:20, :20] = np.diag(np.linspace(1.0, 3.0, 20)) + 0.01
+    B[20:, 20:] = np.diag(np.linspace(5.0, 0.5, 20)) + 0.02
+    out.append(("split40", B))
+    Q = np.linalg.qr(rng.standard_normal((50, 50)))[0]
+    out.append(("repeated50", (Q * np.r_[np.full(10, 2.0), np.linspace(0.1, 1.0, 40)]) @ Q.T))
+    out.append(("zero30", np.zeros((30, 30))))
+    return [(name, np.ascontiguousarray(((A + A.T) / 2).astype(real))) for name, A in out]
+
+
+def _signed(z: np.ndarray) -> np.ndarray:
+    """syevr's vectors as ``top_eigh`` returns them: float64, signs fixed."""
+    return linalg.fix_signs(torch.from_numpy(np.array(z, dtype=np.float64, order="C"))).numpy()
+
+
+@pytest.mark.parametrize("real", [np.float64, np.float32])
+def test_syevr_steps_give_syevr_bits_for_every_request_on_one_reduction(real):
+    """``SymmetricEigen`` answers a sequence of requests on ONE tridiagonal reduction (top 1,
+    top k, all values, bottom k, top k again); each must be the one-shot syevr call's result
+    bit for bit, values and vectors, or the sweep's outputs would change with the sharing."""
+    syevr = linalg.gil_free_syevr(real)
+    if syevr is None:
+        pytest.skip("SciPy without a bundled OpenBLAS: no steps to check (see QUARANTINES.md)")
+    steps = linalg.gil_free_syevr_steps(real)
+    assert steps is not None, "syevr's steps failed their self-check: every request would reduce again"
+    single = real is np.float32
+    for name, A in _steps_subjects(real):
+        n = A.shape[0]
+        solver = linalg.SymmetricEigen(torch.from_numpy(A.astype(np.float64)), single=single)
+        for k, largest in ((1, True), (min(16, n - 1), True), (None, None), (min(5, n - 1), False),
+                           (min(16, n - 1), True), (min(40, n - 1), True)):
+            if k is None:
+                got = solver.values().numpy()
+                want = syevr(A, 1, n, vectors=False)[0].astype(np.float64)
+                assert np.array_equal(got, want), (name, "values")
+                continue
+            lo, hi = (n - k + 1, n) if largest else (1, k)
+            w, z = syevr(A, lo, hi)
+            if largest:
+                w, z = w[::-1], z[:, ::-1]
+            ev, V = solver.top(k, largest=largest)
+            assert np.array_equal(ev.numpy(), w.astype(np.float64)), (name, k, largest)
+            if not single:  # float32 vectors are re-orthonormalised in float64 after the solve
+                assert np.array_equal(V.numpy(), _signed(z)), (name, k)
+        assert len(solver._reduced) == 1 and (solver._reduced[0] is not None) == (n >= 2), name
+
+
+def test_symmetric_eigen_reduces_once_and_top_eigh_once_per_call(monkeypatch):
+    """The point of the steps: one ?sytrd per matrix however many requests; a one-shot
+    ``top_eigh`` or ``eigenvalues`` reduces once too (no second solve hidden anywhere)."""
+    if linalg.gil_free_syevr(np.float64) is None:
+        pytest.skip("SciPy without a bundled OpenBLAS: no steps (see QUARANTINES.md)")
+    steps = linalg.gil_free_syevr_steps(np.float64)
+    assert steps is not None
+    calls = []
+    sytrd = steps.fns["sytrd"]
+    monkeypatch.setitem(steps.fns, "sytrd", lambda *a: calls.append(1) or sytrd(*a))
+    G, _ = _spread_spectrum_gram(30, 5)
+    solver = linalg.SymmetricEigen(G)
+    solver.top(4), solver.values(), solver.top(9), solver.top(2, largest=False), solver.values()
+    assert len(calls) == 1
+    linalg.top_eigh(G, 3)
+    linalg.eigenvalues(G)
+    assert len(calls) == 3
+
+
+def test_symmetric_eigen_leaves_syevr_what_its_steps_cannot_copy():
+    """All n pairs (syevr's MRRR route), a matrix syevr would rescale first (largest entry below
+    its rmin ~1e-146) and order 1 are solved by syevr itself: same results as the one-shot call."""
+    syevr = linalg.gil_free_syevr(np.float64)
+    if syevr is None:
+        pytest.skip("SciPy without a bundled OpenBLAS (see QUARANTINES.md)")
+    G, _ = _spread_spectrum_gram(8, 3)
+    for M in (G, G * 1e-160, G[:1, :1]):
+        solver = linalg.SymmetricEigen(M)
+        n = M.shape[0]
+        w, z = syevr(M.numpy(), 1, n)
+        ev, V = solver.top(n)
+        assert np.array_equal(ev.numpy(), w[::-1])
+        assert np.array_equal(V.numpy(), _signed(z[:, ::-1]))
+        assert np.array_equal(solver.values().numpy(), syevr(M.numpy(), 1, n, vectors=False)[0])
+    assert linalg.SymmetricEigen(G * 1e-160)._reduction() is None  # rescaling: not the steps
+    assert linalg.SymmetricEigen(G)._reduction() is not None
+
+
+def test_symmetric_eigen_serialises_requests_from_threads():
+    """?ormtr writes into the reflectors (and restores them): two threads asking one solver at once
+    must still get what serial requests get."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    G, _ = _spread_spectrum_gram(300, 40)
+    serial = [linalg.SymmetricEigen(G).top(k) for k in (3, 20, 7, 31)]
+    solver = linalg.SymmetricEigen(G)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(solver.top, (3, 20, 7, 31)))
+    for (a, A), (b, B) in zip(serial, parallel):
+        assert torch.equal(a, b) and torch.equal(A, B)
+
+
+def test_steps_that_fail_their_self_check_are_not_used(monkeypatch):
+    """A LAPACK whose syevr takes other steps (another version) must not be imitated: the
+    self-check against syevr rejects the steps and every request is a whole syevr."""
+    if linalg.gil_free_syevr(np.float64) is None:
+        pytest.skip("SciPy without a bundled OpenBLAS (see QUARANTINES.md)")
+    monkeypatch.setattr(linalg, "_STEPS", {})
+    real_pairs = linalg._SyevrSteps.pairs
+
+    def off_by_one_ulp(self, red, il, iu):
+        w, z = real_pairs(self, red, il, iu)
+        return np.nextafter(w, np.inf), z
+
+    monkeypatch.setattr(linalg._SyevrSteps, "pairs", off_by_one_ulp)
+    assert linalg.gil_free_syevr_steps(np.float64) is None
+    G, _ = _spread_spectrum_gram(10, 4)
+    w, z = linalg.gil_free_syevr(np.float64)(G.numpy(), 8, 10)
+    assert np.array_equal(linalg.SymmetricEigen(G).top(3)[0].numpy(), w[::-1])
 
 
 # ----------------------------------------------------------------------------- Grams

@@ -13,6 +13,7 @@ import math
 import zlib
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,18 +345,49 @@ def test_spectrum_grown_in_steps_equals_a_fresh_one(kind):
 
 def test_spectrum_is_computed_once_per_size():
     t = Target.from_gram("g", planted())
-    with mock.patch.object(linalg, "top_eigh", wraps=linalg.top_eigh) as solve:
+    tops, values = [], []
+    real_top, real_values = linalg.SymmetricEigen.top, linalg.SymmetricEigen.values
+    with mock.patch.object(linalg.SymmetricEigen, "top", lambda self, *a, **k: tops.append(a) or real_top(self, *a, **k)), \
+            mock.patch.object(linalg.SymmetricEigen, "values", lambda self: values.append(1) or real_values(self)):
         t.spectrum(3)
         t.spectrum(2)
         t.spectrum(3)
         t.oracle_basis(1)
-        assert solve.call_count == 1
+        assert tops == [(3,)]
         t.spectrum(4)
-        assert solve.call_count == 2
-    with mock.patch.object(linalg, "eigenvalues", wraps=linalg.eigenvalues) as values:
+        assert tops == [(3,), (4,)]
         t.eigenvalues()
         t.numerical_rank()
-        assert values.call_count == 1
+        assert len(values) == 1
+
+
+def test_shared_reductions_reduce_each_target_once_with_the_same_bits():
+    """Inside ``shared_reductions`` a target's spectra at several k and its eigenvalues come from
+    one tridiagonal reduction, bit-identical to fresh solves; the reduction is gone after the
+    block (also when it raises) and a target with a factor is not given one."""
+    if linalg.gil_free_syevr_steps(np.float64) is None:
+        pytest.skip("SciPy without a bundled OpenBLAS: every request is a whole syevr (see QUARANTINES.md)")
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(60, 3, generator=g, dtype=DT) @ torch.randn(3, 90, generator=g, dtype=DT)
+    fresh = [Target.from_matrix("w", M) for _ in range(3)]
+    want = (fresh[0].spectrum(2), fresh[1].spectrum(5), fresh[2].eigenvalues())
+    t = Target.from_matrix("w", M)
+    act = Target.from_rows("act", torch.randn(4, 60, generator=g, dtype=DT))
+    calls = []
+    real = linalg._SyevrSteps.reduce
+    with mock.patch.object(linalg._SyevrSteps, "reduce", lambda self, A: calls.append(A.shape) or real(self, A)):
+        with scoring.shared_reductions([t, act]):
+            got = (t.spectrum(2), t.spectrum(5), t.eigenvalues())
+            assert "eigen" in t._spectrum and "eigen" not in act._spectrum
+            act.spectrum(3)
+    assert calls == [(60, 60), (4, 4)] and "eigen" not in t._spectrum  # the act target: its 4 x 4 kernel
+    for (a, A), (b, B) in zip(got[:2], want[:2]):
+        assert torch.equal(a, b) and torch.equal(A, B)
+    assert torch.equal(got[2], want[2])
+    with pytest.raises(RuntimeError, match="inside"):
+        with scoring.shared_reductions([t]):
+            raise RuntimeError("inside")
+    assert "eigen" not in t._spectrum
 
 
 def test_factored_spectrum_pads_zero_eigenvalues_and_only_determined_vectors():
