@@ -446,8 +446,6 @@ def top_eigh(G: Tensor, k: int, *, largest: bool = True, single: bool = False) -
     float64 (order kept), so bases are orthonormal to float64 precision either way.
     Several requests on one matrix: ``SymmetricEigen``.
     """
-    if max(0, min(k, G.shape[0])) == 0:
-        return torch.zeros(0, dtype=DTYPE), empty_basis(G.shape[0])
     return SymmetricEigen(G, single=single).top(k, largest=largest)
 
 

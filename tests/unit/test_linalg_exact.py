@@ -311,13 +311,36 @@ def test_symmetric_eigen_reduces_once_and_top_eigh_once_per_call(monkeypatch):
     calls = []
     sytrd = steps.fns["sytrd"]
     monkeypatch.setitem(steps.fns, "sytrd", lambda *a: calls.append(1) or sytrd(*a))
+    whole = []  # requests that went to syevr itself instead
+    monkeypatch.setattr(linalg, "_syevr", lambda *a, **k: whole.append(a[1:]))
     G, _ = _spread_spectrum_gram(30, 5)
     solver = linalg.SymmetricEigen(G)
     solver.top(4), solver.values(), solver.top(9), solver.top(2, largest=False), solver.values()
     assert len(calls) == 1
     linalg.top_eigh(G, 3)
     linalg.eigenvalues(G)
-    assert len(calls) == 3
+    assert len(calls) == 3 and whole == []
+
+
+def test_symmetric_eigen_input_checks_dtypes_and_empty_requests():
+    """A non-square matrix is refused with its shape; a float64 matrix is not copied before the
+    reduction (a d x d copy each at 4B shapes); values are float64 also from a float32 solve; k = 0
+    (or below) is an empty float64 answer without a solve."""
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(3, 4\)"):
+        linalg.SymmetricEigen(torch.zeros(3, 4, dtype=DT))
+    with pytest.raises(ValueError, match=r"square matrix, got shape \(4,\)"):
+        linalg.SymmetricEigen(torch.zeros(4, dtype=DT))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        linalg.SymmetricEigen(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=DT))
+    G, s = _spread_spectrum_gram(9, 2)
+    solver = linalg.SymmetricEigen(G)
+    assert solver.d == 9 and np.shares_memory(solver._A, G.numpy())
+    single = linalg.SymmetricEigen(G, single=True)
+    assert single._A.dtype == np.float32 and single.values().dtype == DT
+    torch.testing.assert_close(single.values(), s.flip(0), rtol=0, atol=1e-6)
+    for k in (0, -2):
+        evals, evecs = linalg.top_eigh(G, k)
+        assert evals.shape == (0,) and evals.dtype == DT and evecs.shape == (9, 0) and evecs.dtype == DT
 
 
 def test_symmetric_eigen_leaves_syevr_what_its_steps_cannot_copy():
