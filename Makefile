@@ -38,7 +38,7 @@ MUTATE_BUILDERS := qk_circuit_matrix ov_circuit_matrix qk_circuit ov_circuit att
 	expand_kv_heads _check_heads kmeans_centroids procrustes_rotation _rotation_rank skew_rank_bound \
 	rotation_contrast_basis _top _uncentred_bases
 # linalg.py without the ctypes bindings of LAPACK syevr and its steps (scipy_openblas, _LapackSyevr,
-# gil_free_syevr, _SyevrSteps, gil_free_syevr_steps): their plumbing is pinned bit for bit against
+# gil_free_syevr, _SyevrSteps, gil_free_syevr_steps, _steps_match_syevr): their plumbing is pinned bit for bit against
 # SciPy and syevr (tests/unit/test_candidates.py, test_linalg_exact.py), and a mutated Fortran
 # argument crashes or corrupts memory rather than giving a wrong number a test could see.
 # SymmetricEigen's methods are in scope (mutmut names them xǁSymmetricEigenǁ<method>).

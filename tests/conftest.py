@@ -73,7 +73,6 @@ def demo_run(tmp_path_factory):
     return outcome, out
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Under ``make mutate`` (mutmut sets MUTANT_UNDER_TEST for every run it makes), run the test
     files that reach a mutant in order of their measured time (mutmut's durations on the clean

@@ -134,20 +134,23 @@ class _LapackSyevr:
         self.real = real
         self.c_real = ctypes.c_double if real is np.float64 else ctypes.c_float
 
-    def workspace(self, n: int) -> int:
-        """The LWORK syevr asks for at order n (its workspace query; A is not read)."""
+    def workspace(self, n: int) -> tuple[int, int]:
+        """(LWORK, LIWORK) syevr asks for at order n: its workspace query (A is not read; the
+        answer is the same for every JOBZ and RANGE: ``max((NB+1)·n, 26n)`` and ``10n``)."""
         c_int, byref = ctypes.c_int, ctypes.byref
-        one, ione, info, m = np.zeros(1, dtype=self.real), np.zeros(2, dtype=np.int32), c_int(0), c_int(0)
+        work, iwork, isuppz = np.zeros(1, dtype=self.real), np.zeros(1, dtype=np.int32), np.zeros(2, dtype=np.int32)
+        info, m = c_int(0), c_int(0)
         ptr = lambda x: x.ctypes.data_as(ctypes.POINTER(self.c_real))  # noqa: E731
+        iptr = lambda x: x.ctypes.data_as(ctypes.POINTER(c_int))  # noqa: E731
         zero = self.c_real(0.0)
         self.fn(byref(ctypes.c_char(b"V")), byref(ctypes.c_char(b"I")), byref(ctypes.c_char(b"L")), byref(c_int(n)),
-                ptr(one), byref(c_int(n)), byref(zero), byref(zero), byref(c_int(1)), byref(c_int(1)), byref(zero),
-                byref(m), ptr(one), ptr(one), byref(c_int(n)), ione.ctypes.data_as(ctypes.POINTER(c_int)),
-                ptr(one), byref(c_int(-1)), ione.ctypes.data_as(ctypes.POINTER(c_int)), byref(c_int(-1)), byref(info),
-                ctypes.c_size_t(1), ctypes.c_size_t(1), ctypes.c_size_t(1))
+                ptr(work), byref(c_int(max(n, 1))), byref(zero), byref(zero), byref(c_int(1)), byref(c_int(1)),
+                byref(zero), byref(m), ptr(work), ptr(work), byref(c_int(max(n, 1))), iptr(isuppz),
+                ptr(work), byref(c_int(-1)), iptr(iwork), byref(c_int(-1)), byref(info),
+                ctypes.c_size_t(1), ctypes.c_size_t(1), ctypes.c_size_t(1))  # Fortran lengths of the 3 flags
         if info.value != 0:
             raise RuntimeError(f"LAPACK syevr workspace query failed: info = {info.value}")
-        return int(one[0])
+        return int(work[0]), int(iwork[0])
 
     def __call__(self, A: np.ndarray, il: int, iu: int, *, vectors: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Eigenpairs il..iu (1-based, ascending) of the symmetric matrix A (read from its lower
@@ -174,9 +177,7 @@ class _LapackSyevr:
                 ctypes.c_size_t(1), ctypes.c_size_t(1), ctypes.c_size_t(1),  # Fortran lengths of the 3 flags
             )
 
-        work, iwork = np.zeros(1, dtype=real), np.zeros(1, dtype=np.int32)
-        call(work, -1, iwork, -1)  # workspace query
-        lwork, liwork = int(work[0]), int(iwork[0])
+        lwork, liwork = self.workspace(n)
         call(np.zeros(lwork, dtype=real), lwork, np.zeros(liwork, dtype=np.int32), liwork)
         if info.value != 0:
             raise RuntimeError(f"LAPACK syevr failed: info = {info.value}")
@@ -215,7 +216,7 @@ class _SyevrSteps:
         if n < 2 or (anrm > 0.0 and not self.rmin < anrm < self.rmax):
             return None
         c_int, byref = ctypes.c_int, ctypes.byref
-        lwork = self.syevr.workspace(n)
+        lwork = self.syevr.workspace(n)[0]
         a = np.array(A, dtype=self.real, order="F")  # overwritten by the reflectors
         diag, off, tau = (np.zeros(n, dtype=self.real) for _ in range(3))
         share = lwork - 5 * n  # syevr's LLWORK: its workspace after tau, d, e and two copies
@@ -341,27 +342,30 @@ def gil_free_syevr_steps(real: type[np.floating] = np.float64) -> _SyevrSteps | 
         steps = None
         if syevr is not None and all(hasattr(lib, f"scipy_{prefix}{s}_") for s in _SyevrSteps.SYMBOLS):
             steps = _SyevrSteps(lib, prefix, syevr)
-            rng = np.random.default_rng(0)
-            X = rng.standard_normal((300, 40))
-            A = (X @ X.T).astype(real)
-            B = np.zeros((12, 12), dtype=real)
-            B[:6, :6], B[6:, 6:] = np.diag(np.arange(1.0, 7.0)) + 0.25, np.diag(np.arange(9.0, 3.0, -1.0)) + 0.5
             try:
-                for M, ranges in ((A, ((300, 300), (281, 300), (250, 300))), (B, ((6, 12), (1, 11)))):
-                    red = steps.reduce(M)
-                    n = M.shape[0]
-                    same = red is not None and np.array_equal(steps.values(red), syevr(M, 1, n, vectors=False)[0])
-                    for il, iu in ranges:
-                        w, z = steps.pairs(red, il, iu) if same else (None, None)
-                        w_ref, z_ref = syevr(M, il, iu)
-                        same = same and np.array_equal(w, w_ref) and np.array_equal(z, z_ref)
-                    if not same:
-                        steps = None
-                        break
+                if not _steps_match_syevr(steps, syevr, np.dtype(real).type):
+                    steps = None
             except (RuntimeError, ValueError, OSError):
                 steps = None
         _STEPS[name] = steps
     return _STEPS[name]
+
+
+def _steps_match_syevr(steps: _SyevrSteps, syevr: _LapackSyevr, real: type[np.floating]) -> bool:
+    """The steps' values and pairs equal syevr's bit for bit on a 300 x 300 Gram (?sytrd's blocked
+    code) and on a split tridiagonal (two diagonal blocks: syevr's closing sort)."""
+    X = np.random.default_rng(0).standard_normal((300, 40))
+    split = np.zeros((12, 12), dtype=real)
+    split[:6, :6], split[6:, 6:] = np.diag(np.arange(1.0, 7.0)) + 0.25, np.diag(np.arange(9.0, 3.0, -1.0)) + 0.5
+    for M, ranges in (((X @ X.T).astype(real), ((300, 300), (281, 300), (250, 300))), (split, ((6, 12), (1, 11)))):
+        red = steps.reduce(M)
+        if red is None or not np.array_equal(steps.values(red), syevr(M, 1, M.shape[0], vectors=False)[0]):
+            return False
+        for il, iu in ranges:
+            (w, z), (w_ref, z_ref) = steps.pairs(red, il, iu), syevr(M, il, iu)
+            if not (np.array_equal(w, w_ref) and np.array_equal(z, z_ref)):
+                return False
+    return True
 
 
 class SymmetricEigen:
