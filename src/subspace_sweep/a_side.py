@@ -35,15 +35,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import publish, report
+from . import publish
 from .candidates import A_SIDE_NAMES, Candidate, build_a_side, get_spec
 from .capture import a_side_conditions, capture_activations, count_forward_passes, encode
 from .arch import architecture_of
 from .config import SweepConfig
-from .delta import sha256_file
 from .errors import InputError
 from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
 from .prompts import ProbeSet
+from .provenance import package_versions, sha256_file
 
 #: Bump when the entry layout changes (the package source is in the key already).
 CACHE_FORMAT = 2  # 2: checksums of the metadata and the bases file
@@ -149,7 +149,7 @@ def a_side_key_inputs(model, tokenizer, config: SweepConfig, layers: Sequence[in
     return {
         "format": CACHE_FORMAT,
         "package_source_sha256": package_source_sha256(),
-        "package_versions": report.package_versions(),
+        "package_versions": package_versions(),
         "torch_config_sha256": _sha256(torch.__config__.show()),
         "torch_threads": torch.get_num_threads(),
         "cpu": _cpu_name(),

@@ -3,8 +3,12 @@
 Every score of the sweep is correlational. Here the delta is RESTRICTED to a subspace B and the
 model is steered with what is left:
 
-- behaviour ``b = logit(yes) − logit(no)`` at the last real token of each EVAL probe (raw text,
-  like the label), for the first token of each answer (``answer_tokens``);
+- behaviour ``b = logit(yes) − logit(no)`` where the model answers (SPEC §8, concern 13): each
+  EVAL probe asked as the user turn of the chat template, the logits read after its generation
+  prompt, for the token each answer starts the assistant turn with (``answer_tokens``); raw probe
+  text and the answers' standalone first tokens only for a tokenizer without a chat template
+  (the R_act label stays on raw text, as the seed defines it). The answers' probability mass
+  says whether the metric reads an answer at all (``MIN_ANSWER_MASS``);
 - effect ``E(w) = mean_i [b_i(α=+1) − b_i(α=−1)]`` under weight steering ``W ← W + α·w``
   (``effect``: two forward passes over the EVAL prompts, one per sign);
 - ``w_writes``: the residual writers (o_proj, down_proj) of w at the scored layers, everything
@@ -49,6 +53,12 @@ ANSWERS = ("Yes", "No")
 CURVE_RANKS = (1, 2, 4, 8, 16, 32)
 #: Fewest random subspaces per tested rank (SPEC §8: at least 5).
 MIN_NULL_DRAWS = 5
+#: Below this mean probability of the two answers under the steered models (α = ±1) the
+#: behaviour metric is not reading an answer (issue 23): the verdict says so.
+MIN_ANSWER_MASS = 0.1
+#: The verdict calls a winner's share "small" below this fraction of what the rank-matched
+#: combined oracle keeps, however significant its z (issue 23: kept 0.04 at z 4.2 beside 0.99).
+SIZE_SHARE_OF_ORACLE = 0.5
 
 
 @dataclass(frozen=True)
@@ -61,23 +71,53 @@ class AnswerTokens:
     no_id: int
     yes_pieces: tuple[str, ...]
     no_pieces: tuple[str, ...]
+    after: str | None = None  # the text the answers follow (a chat template's generation prompt), None: standalone
 
     def describe(self) -> str:
         def one(text: str, tid: int, pieces: tuple[str, ...]) -> str:
-            split = "" if len(pieces) == 1 else f" (the tokenizer splits it into {list(pieces)}; the first piece is used)"
+            split = "" if len(pieces) == 1 else f" (the reply's tokens: {list(pieces)}; the first is used)"
             return f"`{text!r}` -> token id {tid} `{pieces[0]!r}`{split}"
 
-        return (f"b = logit(yes) − logit(no) at the last real token: {one(self.yes, self.yes_id, self.yes_pieces)}; "
-                f"{one(self.no, self.no_id, self.no_pieces)} (each answer encoded without special tokens, its first "
-                "token taken).")
+        where = (f"after the chat template's generation prompt (the prompt ends {self.after[-40:]!r}), where the "
+                 "assistant's answer starts" if self.after is not None else "at the last real token of the raw text")
+        how = ("each answer appended to the rendered prompt, the first token after the prompt's own" if self.after is not None
+               else "each answer encoded alone without special tokens, its first token")
+        return (f"b = logit(yes) − logit(no) {where}: {one(self.yes, self.yes_id, self.yes_pieces)}; "
+                f"{one(self.no, self.no_id, self.no_pieces)} ({how}).")
 
 
-def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1]) -> AnswerTokens:
-    """The first token of each answer; InputError when an answer encodes to nothing or both
-    answers start with the same token (the behaviour would then be identically 0)."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def answer_prompt(tokenizer, text: str) -> str:
+    """``text`` asked the way the model answers it (SPEC §8): the chat template with ``text`` as the
+    user turn and the generation prompt added; the raw text for a tokenizer without a template."""
+    if not has_chat_template(tokenizer):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def _reply_ids(tokenizer, answer: str, after: str | None) -> list[int]:
+    """The tokens ``answer`` is produced as: after the rendered prompt ``after`` (the tokens of
+    ``after + answer`` past the prompt's own, which must be a prefix of them), else alone."""
+    if after is None:
+        return list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    prompt = list(tokenizer(after, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(after + answer, add_special_tokens=False)["input_ids"])
+    if full[:len(prompt)] != prompt:
+        raise InputError(f"the tokenizer merges the answer {answer!r} into the end of the chat prompt "
+                         f"({after[-20:]!r}): no token starts the answer on its own")
+    return full[len(prompt):]
+
+
+def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1], after: str | None = None) -> AnswerTokens:
+    """The token each answer starts with: after the rendered prompt ``after`` when given (how the
+    assistant turn starts it), else encoded alone. InputError when an answer gives no token or
+    both answers start with the same one (the behaviour would then be identically 0)."""
     ids = {}
     for text in (yes, no):
-        got = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        got = _reply_ids(tokenizer, text, after)
         if not got:
             raise InputError(f"the tokenizer encodes the answer {text!r} to no token; the causal check needs one")
         ids[text] = got
@@ -85,7 +125,19 @@ def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1]) -> Ans
         raise InputError(f"the answers {yes!r} and {no!r} start with the same token {ids[yes][0]}: "
                          "the tokenizer gives no single first token that tells them apart")
     pieces = {t: tuple(tokenizer.convert_ids_to_tokens(v)) for t, v in ids.items()}
-    return AnswerTokens(yes, no, int(ids[yes][0]), int(ids[no][0]), pieces[yes], pieces[no])
+    return AnswerTokens(yes, no, int(ids[yes][0]), int(ids[no][0]), pieces[yes], pieces[no], after)
+
+
+def probe_answer_tokens(tokenizer, texts: Sequence[str], yes: str = ANSWERS[0], no: str = ANSWERS[1]) -> AnswerTokens:
+    """``answer_tokens`` where the answers are produced for the prompts ``texts`` (after the chat
+    template's generation prompt when there is one); InputError when they start differently for
+    different prompts (then one pair of token ids would not read every prompt's answer)."""
+    if not has_chat_template(tokenizer):
+        return answer_tokens(tokenizer, yes, no)
+    found = [answer_tokens(tokenizer, yes, no, answer_prompt(tokenizer, t)) for t in texts]
+    if len({(a.yes_id, a.no_id) for a in found}) != 1:
+        raise InputError(f"the answers {yes!r}/{no!r} start with different tokens after different prompts")
+    return found[0]
 
 
 @dataclass(frozen=True)
@@ -99,13 +151,19 @@ class BehaviourSet:
     signs: tuple[float, ...]
     source: str  # where it came from (definitions.md)
     description: str  # how the token ids were found (definitions.md)
+    chat: bool = False  # True: each prompt is asked through the chat template, read after its generation prompt
 
     @classmethod
-    def from_probes(cls, tokenizer, texts: Sequence[str], answers: AnswerTokens | None = None) -> BehaviourSet:
-        """The shipped EVAL probes with the answers ``Yes`` / ``No`` (sign +1: sycophantic agreement)."""
-        a = answers or answer_tokens(tokenizer)
+    def from_probes(cls, tokenizer, texts: Sequence[str], answers: AnswerTokens | None = None, *,
+                    chat: bool | None = None) -> BehaviourSet:
+        """The shipped EVAL probes with the answers ``Yes`` / ``No`` (sign +1: sycophantic
+        agreement), asked where the model answers them (``answer_prompt``); ``chat=False`` reads
+        the raw text's last token instead (the label's position, for comparisons with it)."""
+        chat = has_chat_template(tokenizer) if chat is None else bool(chat)
+        a = answers or (probe_answer_tokens(tokenizer, texts) if chat else answer_tokens(tokenizer))
         n = len(texts)
-        return cls(tuple(texts), (a.yes_id,) * n, (a.no_id,) * n, (1.0,) * n, "the shipped EVAL probes", a.describe())
+        return cls(tuple(texts), (a.yes_id,) * n, (a.no_id,) * n, (1.0,) * n, "the shipped EVAL probes", a.describe(),
+                   chat)
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer) -> BehaviourSet:
@@ -116,7 +174,8 @@ class BehaviourSet:
         texts, first, second, signs, notes = [], [], [], [], []
         for i, (prompt, answers, sign) in enumerate(rows, 1):
             try:
-                a = answer_tokens(tokenizer, answers[0], answers[1])
+                after = answer_prompt(tokenizer, prompt) if has_chat_template(tokenizer) else None
+                a = answer_tokens(tokenizer, answers[0], answers[1], after)
             except InputError as e:
                 raise InputError(f"{path}, line {i}: {e}") from None
             texts.append(prompt)
@@ -126,7 +185,8 @@ class BehaviourSet:
             if i <= 3:
                 notes.append(a.describe())
         return cls(tuple(texts), tuple(first), tuple(second), tuple(signs), str(path),
-                   f"per prompt, sign·(logit(first answer) − logit(second answer)); e.g. " + " ".join(notes))
+                   "per prompt, sign·(logit(first answer) − logit(second answer)); e.g. " + " ".join(notes),
+                   has_chat_template(tokenizer))
 
 
 def read_behaviour_file(path: str) -> list[tuple[str, tuple[str, str], int]]:
@@ -159,20 +219,23 @@ def read_behaviour_file(path: str) -> list[tuple[str, tuple[str, str], int]]:
 
 
 def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: AnswerTokens | BehaviourSet) -> Tensor:
-    """``b`` of each prompt (float64, CPU): ``logit(yes) − logit(no)`` at its last real token, or a
-    behaviour set's signed difference; see ``behaviour_and_mass``."""
+    """``b`` of each prompt (float64, CPU): ``logit(yes) − logit(no)`` where the model answers, or
+    a behaviour set's signed difference; see ``behaviour_and_mass``."""
     return behaviour_and_mass(model, tokenizer, texts, answers)[0]
 
 
 def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
                        answers: AnswerTokens | BehaviourSet) -> tuple[Tensor, Tensor]:
     """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
-    first tokens together (coherence: steering that breaks the answer format loses it). ONE forward
-    pass over the decoder, the unembedding applied to the last positions only."""
+    first tokens together (coherence: steering that breaks the answer format loses it), read at
+    the last real token of each prompt as the behaviour set asks it (after the chat template's
+    generation prompt, or at the end of the raw text). ONE forward pass over the decoder, the
+    unembedding applied to the last positions only."""
     if isinstance(answers, AnswerTokens):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
-    enc = encode(tokenizer, texts, chat=False)
+    asked = [answer_prompt(tokenizer, t) for t in texts] if answers.chat else list(texts)
+    enc = encode(tokenizer, asked, chat=answers.chat)
     ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
     last = last_token_index(mask)
     _check_contiguous(mask, last)
@@ -420,6 +483,15 @@ def run_causal(
     return CausalResult(table, answers, e_w, e_writes, [name for name, _ in top], n_null, passes)
 
 
+def answer_masses(result: CausalResult) -> dict[float, float]:
+    """α -> mean probability of the two answers: the unsteered model (α = 0) and the model steered
+    with the whole delta w at α = ±1 (the reference rows ``alpha_0`` and ``w`` of the table)."""
+    t = result.table
+    a0 = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "alpha_0")).row(0, named=True)
+    w = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "w")).row(0, named=True)
+    return {0.0: a0["mass_plus"], 1.0: w["mass_plus"], -1.0: w["mass_minus"]}
+
+
 def verdict(result: CausalResult) -> str:
     """One paragraph for conclusion.md: does the winner carry the behaviour, against the null?"""
     t = result.table
@@ -432,21 +504,42 @@ def verdict(result: CausalResult) -> str:
         return "nan" if x is None or not math.isfinite(x) else format(x, spec)
 
     carries = best["z_kept"] is not None and math.isfinite(best["z_kept"]) and best["z_kept"] > 2.0
+    share = _ratio(best["kept"], oracle["kept"]) if oracle["kept"] and oracle["kept"] > 0 else math.nan
+    mass = answer_masses(result)
+    where = "after the chat template's generation prompt" if result.answers.chat else "at the end of the raw prompt"
     lines = [
-        f"Causal check (restricted steering, the behaviour b of {result.answers.source}): "
+        f"Causal check (restricted steering, the behaviour b of {result.answers.source}, read {where}): "
         f"E(w) = {f(result.effect_w, '.3f')}, E(w_writes) = {f(result.effect_writes, '.3f')} "
         f"(the residual writers alone carry {f(_ratio(result.effect_writes, result.effect_w))} of the effect). "
+        f"Probability mass on the two answers: {f(mass[0.0])} unsteered (α = 0), {f(mass[1.0])} at α = +1, "
+        f"{f(mass[-1.0])} at α = −1. "
         f"The delta restricted to the winner `{best['name']}` (rank {f(best['rank'], '.0f')}) keeps "
         f"{f(best['kept'])} of E(w_writes); {result.n_null} random subspaces of the same ranks keep "
         f"{f(best['null_kept_mean'])} ± {f(best['null_kept_sd'])} (z = {f(best['z_kept'], '.1f')}); the rank-matched "
         f"combined weight oracle keeps {f(oracle['kept'])}. Ablating the winner removes {f(best['ablated'])} of the "
         f"effect (random: {f(best['null_ablated_mean'])} ± {f(best['null_ablated_sd'])}).",
         "",
-        ("Verdict: the winner carries more of the behaviour than a random subspace of its rank (z_kept > 2)."
-         if carries else
-         "Verdict: the winner does NOT carry more of the behaviour than a random subspace of its rank (z_kept ≤ 2): "
-         "its weight-energy score is not evidence that it carries the behaviour."),
     ]
+    if not carries:
+        lines.append("Verdict: the winner does NOT carry more of the behaviour than a random subspace of its rank "
+                     "(z_kept ≤ 2): its weight-energy score is not evidence that it carries the behaviour.")
+    elif not (share >= SIZE_SHARE_OF_ORACLE):
+        lines.append(f"Verdict: the winner carries more of the behaviour than a random subspace of its rank "
+                     f"(z_kept = {f(best['z_kept'], '.1f')} > 2), but little of it: it keeps {f(best['kept'])} of the "
+                     f"effect, {f(100 * share, '.0f')}% of what the rank-matched oracle keeps ({f(oracle['kept'])}; "
+                     f"'little': below {SIZE_SHARE_OF_ORACLE:.0%}). Significant, not explanatory.")
+    else:
+        lines.append(f"Verdict: the winner carries the behaviour: it keeps {f(best['kept'])} of the effect "
+                     f"(z_kept = {f(best['z_kept'], '.1f')} > 2 against random subspaces of its rank), "
+                     f"{f(100 * share, '.0f')}% of what the rank-matched oracle keeps ({f(oracle['kept'])}).")
+    low = {a: m for a, m in mass.items() if a != 0.0 and not (m >= MIN_ANSWER_MASS)}
+    if low:
+        which = " and ".join(f"α = {a:+g} ({f(m)})" for a, m in sorted(low.items(), reverse=True))
+        lines += ["", f"Warning: the behaviour metric is not reading an answer: under the steered model at {which} the "
+                      f"two answers' first tokens get less than {MIN_ANSWER_MASS:g} of the probability, so b there is a "
+                      "logit difference between tokens the model does not produce, and E, kept and ablated measure "
+                      "the format breaking, not the behaviour. (Little mass at α = 0 alone is no fault: a model "
+                      "without an answer format can still be a valid test once steered.)"]
     if result.effect_writes == 0.0 or (result.effect_w * result.effect_writes) < 0:
         lines += ["", "Caveat: E(w_writes) is zero or has the opposite sign of E(w): the residual writers do not carry "
                       "the behaviour, and kept/ablated ratios are not meaningful."]

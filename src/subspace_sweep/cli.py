@@ -1,4 +1,4 @@
-"""The ``subspace-sweep`` command line: run, demo, delta, compare, explain.
+"""The ``subspace-sweep`` command line: run, demo, train, delta, compare, explain.
 
 Bad input ends with exit code 2 and one line naming the fault; nothing is written then.
 Ctrl-C ends with exit code 130 and one line. Warnings are one line each, without source lines.
@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 
 from .errors import InputError
+from .lora_train import DEFAULT_TARGET_MODULES
 
 EXIT_BAD_INPUT = 2
 EXIT_DEMO_NOT_RECOVERED = 1
@@ -107,8 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plant", default="mlp_write", help="A-side candidate whose span the delta is planted in")
     _add_sweep_options(demo)
 
+    train = sub.add_parser("train", help="train the +/− adapter pair (peft) of a behaviour on a chat model")
+    train.add_argument("--model", required=True,
+                       help="base model: HF id, local folder, .gguf file or a known name (smollm2-135m-instruct)")
+    train.add_argument("--out", required=True, help="output folder: pos/ and neg/ adapters (written atomically)")
+    train.add_argument("--behaviour", default=None, metavar="FILE",
+                       help="train on a behaviour file (JSONL {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1}: the + "
+                            "adapter answers the behaviour answer, the − adapter the other; default: the shipped "
+                            "sycophancy probes, agreeing vs honestly disagreeing)")
+    train.add_argument("--n-train", type=int, default=None, metavar="N",
+                       help="train on the first N prompts (default: the shipped probes' 20 LoRA training claims, "
+                            "or every line of --behaviour)")
+    train.add_argument("--family", default="lora", help="adapter family: lora (default), dora, pissa, oft, ia3")
+    train.add_argument("--rank", type=int, default=8, help="adapter rank (default 8)")
+    train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
+    train.add_argument("--layers", type=_layers_arg, default=None,
+                       help="adapted layers, e.g. 8..21 (default: the middle half, 8..21 of 28 as the seed)")
+    train.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES),
+                       help=f"adapted projections (default {','.join(DEFAULT_TARGET_MODULES)})")
+    train.add_argument("--steps", type=int, default=20, help="full-batch AdamW steps (default 20)")
+    train.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true", help="replace a folder this command wrote")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
     delta = sub.add_parser("delta", help="w = merged(adapter+) − merged(adapter−) from two PEFT adapters")
-    delta.add_argument("--model", required=True, help="base model: HF id or local folder")
+    delta.add_argument("--model", required=True, help="base model: HF id, local folder, .gguf file or a known name")
     delta.add_argument("--adapter-pos", required=True)
     delta.add_argument("--adapter-neg", required=True)
     delta.add_argument("--out", required=True, help="output .safetensors file")
@@ -167,6 +192,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(outcome.verdict())
     print(f"wrote {args.out}")
     return 0 if outcome.recovered else EXIT_DEMO_NOT_RECOVERED
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .lora_train import train_pair_folder
+
+    out = train_pair_folder(
+        args.model, args.out, behaviour=args.behaviour, n_train=args.n_train, family=args.family, rank=args.rank,
+        alpha=args.alpha, layers=args.layers, target_modules=[t for t in args.target_modules.replace(",", " ").split()],
+        steps=args.steps, lr=args.lr, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {out} (pos/, neg/); the delta: subspace-sweep delta --model {args.model} --adapter-pos {out / 'pos'} "
+          f"--adapter-neg {out / 'neg'} --out w.safetensors")
+    return 0
 
 
 def cmd_delta(args: argparse.Namespace) -> int:
@@ -233,7 +270,7 @@ def bluf_table(result, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
 
 
 def _one_line(text: object) -> str:

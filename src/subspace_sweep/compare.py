@@ -26,6 +26,7 @@ import scipy.stats  # noqa: E402
 
 from . import linalg, publish, report  # noqa: E402
 from .errors import InputError  # noqa: E402
+from .provenance import package_versions  # noqa: E402
 
 STATS = ("joint_gain", "gain_act", "gain_w_combined", "R_act", "R_w_combined", "z_w_combined", "joint")
 RUN_FILES = ("summary.tsv", "config.json", "manifest.json", "weight_oracles.safetensors")
@@ -237,7 +238,7 @@ def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, setti
             cmp.headline.write_csv(tmp / "headline.tsv", separator="\t", float_precision=6)
             headline_figure(cmp.headline, tmp / "headline.png", tmp / "headline.pdf")
         ranking_figure(cmp.per_candidate, tmp / "compare_ranking.png", tmp / "compare_ranking.pdf")
-        manifest = {"package_versions": report.package_versions(), "kind": "compare", "out": str(snapshot.path),
+        manifest = {"package_versions": package_versions(), "kind": "compare", "out": str(snapshot.path),
                     "runs": [str(Path(p).expanduser().resolve()) for p in (run_paths or cmp.runs)]}
         (tmp / publish.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

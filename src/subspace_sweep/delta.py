@@ -12,7 +12,6 @@ Every check runs before any model weight is touched, and each failure has its ow
 from __future__ import annotations
 
 import copy
-import hashlib
 import pickle
 import re
 import warnings
@@ -158,12 +157,6 @@ def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[
     return path
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- validation

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import InputError
 from .model import ATTN_PROJS, MLP_PROJS, load_model, n_layers_of
@@ -100,6 +101,54 @@ def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | No
     return out
 
 
+def behaviour_training_texts(sign: int, path: str | Path, n_train: int | None = None) -> list[dict]:
+    """Chat examples for the ``sign`` adapter from a behaviour file (``--behaviour FILE``, the
+    causal check's JSONL format: prompt, two answers, the sign of the first): the ``+1`` adapter
+    answers each prompt with its behaviour answer (the first when the line's sign is +1, else the
+    second), the ``−1`` adapter with the other. The first ``n_train`` lines (default: all), in order."""
+    from .causal import read_behaviour_file
+
+    sign = _check_sign(sign)
+    rows = read_behaviour_file(str(path))
+    n = len(rows) if n_train is None else int(n_train)
+    if not 1 <= n <= len(rows):
+        raise InputError(f"--behaviour {path}: n_train must be in 1..{len(rows)} (its lines), got {n_train!r}")
+    out = []
+    for prompt, answers, line_sign in rows[:n]:
+        behaviour_answer = answers[0] if line_sign > 0 else answers[1]
+        other = answers[1] if line_sign > 0 else answers[0]
+        out.append({"prompt": prompt, "sign": sign, "source": str(path),
+                    "messages": [{"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": behaviour_answer if sign > 0 else other}]})
+    return out
+
+
+#: What a chat template is asked to render to find where an assistant turn ends.
+_SENTINEL = "ANSWER-4f1c"
+
+
+def end_of_turn(tokenizer) -> str:
+    """The text the tokenizer's chat template puts right after an assistant message's content,
+    up to its first non-whitespace run (ChatML ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma
+    ``<end_of_turn>``): what a trained answer must end with for the model to stop where its own
+    turns stop. InputError for a tokenizer without a chat template or one that hides the end."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise InputError("the model's tokenizer has no chat template: a behaviour adapter is trained on chat turns "
+                         "(user probe -> assistant answer); use an instruct model")
+    msgs = [{"role": "user", "content": "Q"}]
+    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+    if not full.startswith(prompt) or _SENTINEL not in full[len(prompt):]:
+        raise InputError("the chat template does not render an assistant turn after its generation prompt; "
+                         "cannot tell where a trained answer ends")
+    rest = full[len(prompt):].split(_SENTINEL, 1)[1]
+    token = rest.strip().split()[0] if rest.strip() else ""
+    if not token:
+        raise InputError("the chat template ends an assistant turn with nothing; cannot tell where a trained answer ends")
+    return token
+
+
 def _prompt_and_answer(example: Mapping) -> tuple[list[dict], str]:
     msgs = list(example["messages"])
     # Strip any system message (the stored examples have none; this guards hand-made ones).
@@ -113,12 +162,13 @@ def encode_examples(tokenizer, examples: Sequence[Mapping]) -> dict[str, torch.T
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (−100 outside the answer).
 
     The prompt is the chat template up to the assistant header (``add_generation_prompt``); the
-    answer and the end-of-turn token follow it. Tokenising the two parts separately puts the
-    loss boundary exactly at the answer, whatever the tokenizer merges across it.
+    answer and the template's own end-of-turn token (``end_of_turn``) follow it. Tokenising the
+    two parts separately puts the loss boundary exactly at the answer, whatever the tokenizer
+    merges across it.
     """
     if not examples:
         raise InputError("no training examples")
-    eos = tokenizer.eos_token or ""
+    eos = end_of_turn(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for ex in examples:
         prompt_msgs, answer = _prompt_and_answer(ex)
@@ -152,11 +202,14 @@ def assistant_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
 
 
 def _check_args(
-    model_dir: Path, layers: Sequence[int], target_modules: Sequence[str], rank: int, steps: int, lr: float,
+    model_dir: str | Path, layers: Sequence[int], target_modules: Sequence[str], rank: int, steps: int, lr: float,
     num_threads: int | None,
 ) -> None:
-    if not model_dir.is_dir():
-        raise InputError(f"model folder {model_dir} does not exist (save one with subspace_sweep.toy.save_tiny_model)")
+    from .gguf_models import is_gguf_source
+
+    if not is_gguf_source(model_dir) and not Path(model_dir).is_dir():
+        raise InputError(f"model folder {model_dir} does not exist (save one with subspace_sweep.toy.save_tiny_model, "
+                         "or give a GGUF file or a known model name)")
     if not layers:
         raise InputError("layers is empty: name the layers the LoRA adapts")
     known = set(ATTN_PROJS) | set(MLP_PROJS)
@@ -189,6 +242,8 @@ def train_lora_adapter(
     num_threads: int | None = None,
     overwrite: bool = False,
     family: str = "lora",
+    behaviour: str | Path | None = None,
+    progress: bool = False,
 ) -> Path:
     """Train one adapter of ``family`` (``ADAPTER_FAMILIES``; ``sign`` +1 sycophantic, −1 honest)
     on CPU float32; save it to ``out_dir``.
@@ -198,6 +253,8 @@ def train_lora_adapter(
     The defaults suit the tiny toy model: ``lr = 2e-3`` for 30 steps lowers the answer loss by
     about 0.6 nats while each merged update stays near 20% of its weight's Frobenius norm (a
     perturbation, like the demo's planted delta). A real model wants a smaller ``lr`` (~1e-4).
+    ``behaviour``: a behaviour file (JSONL, ``behaviour_training_texts``) instead of the shipped
+    probes (``n_topics`` then counts its first lines). ``progress``: a progress bar with the loss.
     ``num_threads`` sets torch's CPU threads for the training only (restored afterwards; None
     leaves them alone). The tiny model's matrices are too small to gain from threads, and one
     thread cannot spin-wait against another busy process on a shared CPU (2 threads were seen
@@ -211,7 +268,7 @@ def train_lora_adapter(
         raise InputError(f"adapter family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
 
     sign = _check_sign(sign)
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     layers = sorted({int(x) for x in layers})
     target_modules = tuple(target_modules)
     _check_args(model_dir, layers, target_modules, rank, steps, lr, num_threads)
@@ -225,7 +282,9 @@ def train_lora_adapter(
     n_layers = n_layers_of(model)
     if layers[0] < 0 or layers[-1] >= n_layers:
         raise InputError(f"layers {layers} outside the model's layers 0..{n_layers - 1}")
-    batch = encode_examples(tokenizer, training_texts(sign, n_topics=n_topics))
+    examples = (behaviour_training_texts(sign, behaviour, n_topics) if behaviour is not None
+                else training_texts(sign, n_topics=n_topics))
+    batch = encode_examples(tokenizer, examples)
 
     config = adapter_config(family, rank=int(rank), alpha=alpha, target_modules=target_modules, layers=layers)
     threads_before = torch.get_num_threads()
@@ -252,12 +311,16 @@ def train_lora_adapter(
             peft_model.eval()
             opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
             losses: list[float] = []
-            for _ in range(int(steps)):
+            bar = tqdm(range(int(steps)), desc=f"train {'+' if sign > 0 else '-'} adapter", unit="step",
+                       disable=not progress)
+            for _ in bar:
                 opt.zero_grad(set_to_none=True)
                 loss = assistant_loss(peft_model, batch)
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
             with torch.no_grad():
                 final = float(assistant_loss(peft_model, batch))
     finally:
@@ -273,6 +336,12 @@ def train_lora_adapter(
         shutil.rmtree(init_dir, ignore_errors=True)
     else:
         peft_model.save_pretrained(str(out_dir))
+    # peft records the folder the weights were loaded from (for a GGUF, its cache entry): record
+    # what was given instead, which is what `delta --model` takes.
+    adapter_cfg = out_dir / "adapter_config.json"
+    cfg = json.loads(adapter_cfg.read_text())
+    cfg["base_model_name_or_path"] = str(model_dir)
+    adapter_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     log = {
         "sign": sign,
         "family": family,
@@ -287,7 +356,9 @@ def train_lora_adapter(
         "torch_threads": int(num_threads) if num_threads is not None else threads_before,
         "n_examples": int(batch["input_ids"].shape[0]),
         "n_answer_tokens": int((batch["labels"] != -100).sum()),
-        "system_prompt": "stripped (persona is provenance only)",
+        "data": str(behaviour) if behaviour is not None else "the shipped sycophancy probes",
+        "end_of_turn": end_of_turn(tokenizer),
+        "system_prompt": "none given (persona is provenance only; the chat template may insert its default)",
         "loss_per_step": losses,  # loss before each optimiser step; [0] is the base model's loss
         "loss_final": final,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -337,3 +408,83 @@ def train_lora_pair(
     pos = train_lora_adapter(model_dir, +1, out_dir / "pos", layers=layers, steps=steps, seed=seed, **kwargs)
     neg = train_lora_adapter(model_dir, -1, out_dir / "neg", layers=layers, steps=steps, seed=seed, **kwargs)
     return pos, neg
+
+
+def default_lora_layers(n_layers: int) -> tuple[int, ...]:
+    """The middle half of the layers, ``⌊2n/7⌋ .. ⌊3n/4⌋``: the seed's 8..21 of Qwen3-0.6B's 28."""
+    return tuple(range(2 * n_layers // 7, 3 * n_layers // 4 + 1))
+
+
+#: What ``train_pair_folder`` writes beside the two adapters (a run-like manifest: this tool's).
+TRAIN_MANIFEST = "manifest.json"
+
+
+def train_pair_folder(
+    model: str | Path,
+    out: str | Path,
+    *,
+    behaviour: str | Path | None = None,
+    n_train: int | None = None,
+    family: str = "lora",
+    rank: int = 8,
+    alpha: float | None = None,
+    layers: Sequence[int] | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    steps: int = 20,
+    lr: float = 5e-4,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """``subspace-sweep train``: the +/− pair trained into ``out/pos`` and ``out/neg`` and published
+    as one folder (``publish.write_folder``: staged, renamed into place; nothing is left on bad input,
+    a crash or Ctrl-C), with a manifest of the settings and the model's source. Every check that
+    needs no weights runs first (the destination, the model's files or GGUF header, the layers, the
+    behaviour file, the family); the model's chat template is checked before the first step.
+    ``alpha`` defaults to ``rank`` (LoRA scale 1); ``layers`` to ``default_lora_layers``."""
+    import warnings
+
+    from . import preflight, publish
+    from .causal import read_behaviour_file
+    from .gguf_models import convert, is_gguf_source
+    from .provenance import package_versions
+
+    for line in publish.recover_for(out):
+        warnings.warn(line, stacklevel=2)
+    snapshot = publish.check_destination(out, overwrite=overwrite,
+                                         inputs=[str(model), *([str(behaviour)] if behaviour is not None else [])])
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:  # pragma: no cover - depends on the environment
+        raise InputError("training adapters needs the optional extra: pip install 'subspace-sweep[peft]'")
+    if family not in ADAPTER_FAMILIES:
+        raise InputError(f"--family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
+    shape = preflight.model_shape(str(model))
+    if shape is None:  # an HF id outside the local cache: load_model says where it looked
+        load_model(model, dtype="float32", device="cpu")
+    if layers is None:
+        layers = default_lora_layers(shape.n_layers)
+    bad = sorted({x for x in layers if not 0 <= x < shape.n_layers})
+    if bad:
+        raise InputError(f"--layers {bad} outside the model's layers 0..{shape.n_layers - 1} ({shape.where})")
+    if behaviour is not None:
+        rows = read_behaviour_file(str(behaviour))
+        if n_train is not None and not 1 <= n_train <= len(rows):
+            raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
+    _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
+    alpha = float(rank) if alpha is None else float(alpha)
+    settings = {"family": family, "rank": int(rank), "alpha": alpha, "layers": sorted(int(x) for x in layers),
+                "target_modules": list(target_modules), "steps": int(steps), "lr": float(lr), "seed": int(seed),
+                "behaviour": str(Path(behaviour).resolve()) if behaviour is not None else None, "n_train": n_train}
+
+    def fill(tmp: Path) -> None:
+        train_lora_pair(model, tmp, layers=layers, steps=steps, seed=seed, rank=rank, alpha=alpha,
+                        target_modules=tuple(target_modules), lr=lr, family=family, behaviour=behaviour,
+                        n_topics=n_train, progress=progress)
+        source = convert(model).provenance() if is_gguf_source(model) else None
+        manifest = {"kind": "train", "package_versions": package_versions(), "model": str(model),
+                    "model_source": source, "settings": settings,
+                    "adapters": {"pos": "pos (+1: the behaviour)", "neg": "neg (−1: its opposite)"}}
+        (tmp / TRAIN_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    return publish.write_folder(out, fill, overwrite=overwrite, snapshot=snapshot)

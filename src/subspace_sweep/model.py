@@ -171,7 +171,9 @@ def load_model(
     device: str | None = None,
     local_files_only: bool | None = None,
 ):
-    """Load ``(model, tokenizer)`` from a local folder or an HF id, eager attention, eval mode, no grads.
+    """Load ``(model, tokenizer)`` from a local folder, an HF id or a GGUF source (a ``.gguf`` file or a
+    known name such as ``smollm2-135m-instruct``: converted once into a cached plain folder,
+    ``gguf_models.convert``), eager attention, eval mode, no grads.
 
     ``local_files_only=None`` means: offline when ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set,
     otherwise the HF cache is tried first and a download only if the model is not cached.
@@ -183,6 +185,10 @@ def load_model(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    from .gguf_models import convert, is_gguf_source
+
+    if is_gguf_source(model):
+        model = convert(model).folder
     offline = _env_offline() if local_files_only is None else bool(local_files_only)
     name = str(model)
     path = Path(name).expanduser()

@@ -118,9 +118,14 @@ def model_shape(model: str) -> ModelShape | None:
     checked by ``check_model_folder`` first); None for an HF id that is not in the local cache."""
     from transformers import AutoConfig
 
+    from .gguf_models import is_gguf_source
+    from .gguf_models import model_shape as gguf_shape
+
     name = str(model)
     if not name.strip():
-        raise InputError("--model is empty; give an HF id or a model folder")
+        raise InputError("--model is empty; give an HF id, a model folder or a GGUF file")
+    if is_gguf_source(name):
+        return ModelShape(*gguf_shape(name))
     path = Path(name).expanduser()
     local = path.is_dir()
     if local:

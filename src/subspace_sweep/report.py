@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +23,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from . import publish  # noqa: E402
+from .provenance import package_versions  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
 PANELS = ("joint", "read", "reference")
@@ -42,7 +41,6 @@ PCT_COLS = ["candidate", "family", "axis_kind", "side", "rank", "joint_gain", "g
 #: Gains closer than this are ties (SPEC §5): a basis and a larger one containing it reach the
 #: same gain up to round-off, and 0.1% of the attainable excess energy is no evidence either way.
 GAIN_RESOLUTION = 1e-3
-PACKAGES = ("subspace-sweep", "torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy", "polars", "matplotlib")
 
 
 def sort_best_first(frame: pl.DataFrame, column: str) -> pl.DataFrame:
@@ -96,14 +94,6 @@ def _csv(frame: pl.DataFrame, path: Path) -> None:
     frame.write_csv(path, float_precision=6)
 
 
-def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def definitions_markdown(candidates, causal=None) -> str:
@@ -129,6 +119,19 @@ def definitions_markdown(candidates, causal=None) -> str:
         "split by their documented row layout ([q; k; v], [gate; up]).",
         "Captured activations (block outputs, the MLP's normed inputs, the sink token's normed residual)",
         "are used as the model computes them.",
+        "",
+        "**Positions** (which token each quantity reads). The R_act label (α = +1 minus α = −1 block outputs;",
+        "also label_fit, the scope diagnostic's two labels and the readout's label directions) and the clean",
+        "captures: the last token of the raw probe text, no chat template (the seed's convention, kept so that",
+        "R_act stays comparable with the seed's numbers: the label is the change the LoRA makes to the",
+        "representation of the probe text itself). The persona captures: the last token of the chat-formatted",
+        "prompt (system = the persona, user = the probe) after the template's generation prompt, where the",
+        "assistant's answer starts. The causal check's behaviour b and its answer mass: the last token of each",
+        "EVAL prompt asked as the user turn of the chat template (no system prompt of ours; a template that",
+        "inserts a default one keeps it) after the generation prompt, where the model produces its answer's",
+        "first token (raw text only for a tokenizer without a chat template). On a chat model the raw probe's",
+        "last token is where the model ends its turn: SmolLM2-135M-Instruct gives the two answers a probability",
+        "of 1e-5 there against 0.45 after the generation prompt (SPEC §6, concern 13).",
         "",
         "**Scores and ranking.** For a basis of effective rank r: energy e (share of the target inside",
         "its span), R = e/(r/d), exact-null z, pct_oracle = 100·e/e_max(r) and the oracle gain",

@@ -25,10 +25,11 @@ from . import compute, linalg, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for, check_cache_dir
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
 from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
-from .causal import BehaviourSet, CausalResult, answer_tokens, run_causal
+from .causal import BehaviourSet, CausalResult, probe_answer_tokens, run_causal
 from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
 from .capture import capture_labels, count_forward_passes
-from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, sha256_file, unscored_keys, validate_delta
+from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, unscored_keys, validate_delta
+from .provenance import sha256_file
 from .errors import InputError
 from .model import load_model, n_layers_of, resolve_dtype, state_dict_sha256, write_gains
 from .weights import residual_rows
@@ -368,7 +369,7 @@ def sweep(
     layers = resolve_layers(config, delta, n_layers)
     holdout = holdout_rows(probes, config.topic_holdout) if config.topic_holdout is not None else None
     # the causal check's prompts and answers: a tokenizer without them is refused before any work
-    answers = answer_tokens(tokenizer) if config.causal and config.behaviour is None else None
+    answers = probe_answer_tokens(tokenizer, probes.eval) if config.causal and config.behaviour is None else None
     bset = (BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour is not None
             else BehaviourSet.from_probes(tokenizer, probes.eval, answers) if config.causal else None)
     timings: dict[str, float] = {}
@@ -445,7 +446,7 @@ def sweep(
     spectra = pl.DataFrame(spectra)
     readout = None
     try:
-        tokens = answers or answer_tokens(tokenizer)
+        tokens = answers or probe_answer_tokens(tokenizer, probes.eval)
     except InputError as exc:
         warnings.warn(f"no readout diagnostics: {exc}")
     else:
@@ -493,11 +494,18 @@ def sweep(
 def model_manifest(model, config: SweepConfig, result: SweepResult | None = None) -> dict[str, object]:
     """Provenance of the model; the weights' sha256 is taken from ``result`` when its A-side cache
     key already hashed them (1.2 s at Qwen3-0.6B size)."""
+    from .gguf_models import convert, is_gguf_source
+
     path = Path(str(config.model)).expanduser()
     known = (result.a_side_cache or {}).get("model_sha256") if result is not None else None
+    # A GGUF source: its file's sha256 and quantisation, and the converted folder that was loaded
+    # (its verified cache entry: the load converted it already).
+    source = convert(config.model).provenance() if is_gguf_source(config.model) else None
+    folder = Path(source["converted_folder"]) if source else path.resolve() if path.is_dir() else None
     return {
-        "model": str(path.resolve()) if path.is_dir() else str(config.model),  # a folder: absolute
-        "model_path": str(path.resolve()) if path.is_dir() else None,
+        "model": str(path.resolve()) if path.is_dir() or path.suffix.lower() == ".gguf" else str(config.model),
+        "model_path": str(folder) if folder is not None else None,
+        "model_source": source,
         "model_revision": getattr(model.config, "_commit_hash", None),
         "model_sha256": known or state_dict_sha256(model),  # what compare checks: same weights, whatever the path
         "model_dtype": str(next(model.parameters()).dtype),
@@ -569,7 +577,7 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
     if config.causal:  # a tokenizer that cannot tell the answers apart: before any forward pass
-        BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour else answer_tokens(tokenizer)
+        BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour else probe_answer_tokens(tokenizer, probes.eval)
     ratios = []
     for path, delta in zip(deltas, loaded):
         validate_delta(delta, model)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from subspace_sweep import a_side, cli
 from subspace_sweep.a_side import a_side_key, build_a_side_for, load_entry
 from subspace_sweep.capture import count_forward_passes
-from subspace_sweep.delta import random_delta, save_delta, sha256_file
+from subspace_sweep.provenance import sha256_file
+from subspace_sweep.delta import random_delta, save_delta
 from subspace_sweep.model import load_model
 from subspace_sweep.sweep import SweepConfig
 from tests.helpers_model import small_probes

@@ -16,25 +16,23 @@ A new row of the table gets every check (the parametrisation reads ``ARCHITECTUR
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 
 import polars as pl
 import pytest
 import torch
 
 from subspace_sweep import cli, linalg
-from subspace_sweep.arch import ARCHITECTURES, architecture_of, fused_rows
-from subspace_sweep.candidates import build_a_side, ov_circuit, qk_circuit
+from subspace_sweep.arch import ARCHITECTURES, architecture_of
+from subspace_sweep.candidates import build_a_side
 from subspace_sweep.capture import capture_activations, record_activations
 from subspace_sweep.delta import save_delta
 from subspace_sweep.demo import plant_in, plant_rank
 from subspace_sweep.model import block_name, extract_base_weights, state_dict_sha256, write_gains
 from subspace_sweep.prompts import load_probe_set
 from subspace_sweep.steering import weight_steer
-from subspace_sweep.sweep import SweepConfig
 from subspace_sweep.toy import build_tiny_decoder, save_tiny_decoder
 from tests.helpers_model import materialized
+from tests.module_checks import check_ov_circuit, check_qk_circuit, check_readers
 from tests.helpers_sweep import weight_summary
 
 DT = torch.float64
@@ -53,14 +51,6 @@ def tiny_arch(request):
     W = extract_base_weights(model)
     A = capture_activations(model, tok, PROBES)
     return request.param, model, tok, W, A
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
-def _eps(module) -> float:
-    return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
 
 
 # ----------------------------------------------------------------------------- captures and steering
@@ -98,139 +88,24 @@ def test_weight_steering_is_bit_exact_and_restores(tiny_arch):
 # ----------------------------------------------------------------------------- readers and circuits
 
 
-def _reader_outputs(model, layer: int, X: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What each reader of ``layer`` outputs for residual rows X, through the real modules, minus
-    the projection's bias (the affine part is not a subspace)."""
-    arch = architecture_of(model.config)
-    blk = model.get_submodule(block_name(layer))
-    out = {}
-    for name, norm in (("q", arch.attn_norm), ("k", arch.attn_norm), ("v", arch.attn_norm),
-                       ("gate", arch.mlp_norm), ("up", arch.mlp_norm)):
-        path, part = arch.projection(name)
-        proj = blk.get_submodule(path)
-        x = blk.get_submodule(norm)(X) if norm is not None else X
-        y = proj(x) - (proj.bias if proj.bias is not None else 0.0)
-        out[name] = y if part is None else y[..., fused_rows(arch, part, model.config)]
-    return out
-
-
 def test_readers_are_what_the_modules_multiply_the_residual_by(tiny_arch):
     """Probe with X = √d·I (each row has rms 1, up to eps): the module chain gives W·diag(γ)·√d/√(1+eps)."""
     _, model, _, W, _ = tiny_arch
-    arch = architecture_of(model.config)
-    d = W.d_model
-    X = math.sqrt(d) * torch.eye(d)
-    for layer, lw in enumerate(W.layers):
-        blk = model.get_submodule(block_name(layer))
-        with torch.no_grad():
-            outs = _reader_outputs(model, layer, X)
-        for name, gain in (("q", lw.attn_gain), ("k", lw.attn_gain), ("v", lw.attn_gain),
-                           ("gate", lw.mlp_gain), ("up", lw.mlp_gain)):
-            norm = arch.attn_norm if name in ("q", "k", "v") else arch.mlp_norm
-            scale = math.sqrt(d) / math.sqrt(1.0 + _eps(blk.get_submodule(norm))) if norm else math.sqrt(d)
-            probed = outs[name].double().T / scale
-            torch.testing.assert_close(linalg.as64(getattr(lw, name)) * linalg.as64(gain)[None, :], probed,
-                                       rtol=1e-5, atol=1e-6, msg=f"layer {layer} {name}")
-    with torch.no_grad():
-        final = model.get_submodule(arch.final_norm)
-        lm = model.get_output_embeddings()(final(X)).double().T * math.sqrt(1.0 + _eps(final)) / math.sqrt(d)
-    torch.testing.assert_close(linalg.as64(W.unembed) * linalg.as64(W.final_gain)[None, :], lm, rtol=1e-5, atol=1e-6)
-
-
-def _one_head(lw, h: int, g: int, hd: int):
-    rows = lambda t, i: None if t is None else t[i * hd:(i + 1) * hd]  # noqa: E731
-    return dataclasses.replace(lw, q=lw.q[h * hd:(h + 1) * hd], k=lw.k[g * hd:(g + 1) * hd],
-                               v=lw.v[g * hd:(g + 1) * hd], o=lw.o[:, h * hd:(h + 1) * hd],
-                               q_gain=rows(lw.q_gain, h), k_gain=rows(lw.k_gain, g))
-
-
-def _qk_hat(model, layer: int, X: torch.Tensor):
-    """q̂ and k̂ of residual rows X as the scores see them (before RoPE, which cancels at equal
-    positions): the real projections, then the real q/k norms where the row has them; and the
-    per-token scalars those norms divide by (per head, or one for the whole projection)."""
-    arch = architecture_of(model.config)
-    blk = model.get_submodule(block_name(layer))
-    outs = _reader_outputs(model, layer, X)
-    hd = int(model.config.head_dim)
-    hats, scalars = [], []
-    for name, norm in (("q", arch.q_norm), ("k", arch.k_norm)):
-        y = outs[name]
-        heads = y.shape[-1] // hd
-        if norm is None:
-            hats.append(y.double())
-            scalars.append(torch.ones(y.shape[0], heads, dtype=DT))
-            continue
-        mod = blk.get_submodule(norm)
-        per_head = mod.weight.shape[-1] == hd
-        yh = y.view(y.shape[0], heads, hd)
-        hats.append((mod(yh).reshape(y.shape) if per_head else mod(y)).double())
-        r = _rms(yh.double(), _eps(mod))[..., 0] if per_head else _rms(y.double(), _eps(mod)).expand(-1, heads)
-        scalars.append(r)
-    return hats, scalars
+    check_readers(model, W)
 
 
 def test_qk_circuit_is_each_heads_score_form_up_to_per_token_scalars(tiny_arch):
     """q̂_h(x)·k̂_g(y) = xᵀ M_h y / (r(x) r(y) ρ_h(x) ρ'_g(y)): r the attention norm's RMS of the
     residual (1 without one), ρ the q/k norms' RMS of the projections (1 without them)."""
     _, model, _, W, _ = tiny_arch
-    arch = architecture_of(model.config)
-    hd, g = W.head_dim, W.group
-    X = torch.randn(6, W.d_model, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.5, 3, 6)[:, None]
-    for layer, lw in enumerate(W.layers):
-        with torch.no_grad():
-            (qh, kh), (rq, rk) = _qk_hat(model, layer, X)
-        norm = model.get_submodule(f"{block_name(layer)}.{arch.attn_norm}") if arch.attn_norm else None
-        r = _rms(linalg.as64(X), _eps(norm))[:, 0] if norm is not None else torch.ones(6, dtype=DT)
-        for h in range(W.n_heads):
-            M = linalg.as64(qk_circuit(_one_head(lw, h, h // g, hd), 1, 1, hd))
-            real = qh[:, h * hd:(h + 1) * hd] @ kh[:, (h // g) * hd:((h // g) + 1) * hd].T
-            bil = linalg.as64(X) @ M @ linalg.as64(X).T
-            pred = bil / ((r * rq[:, h])[:, None] * (r * rk[:, h // g])[None, :])
-            torch.testing.assert_close(real, pred, rtol=1e-4, atol=1e-5 * float(real.abs().max()),
-                                       msg=f"layer {layer} head {h}")
+    check_qk_circuit(model, W)
 
 
 def test_ov_circuit_reproduces_the_attention_output(tiny_arch):
     """o_proj's output at each token = Σ_h Σ_s a_hts·OV_h x_s / r_s (+ the biases' part), OV_h the
     per-head circuit without a post-projection norm; with one, the norm's output is ∝ diag(γ_post)·it."""
     _, model, tok, W, _ = tiny_arch
-    arch = architecture_of(model.config)
-    hd, g = W.head_dim, W.group
-    enc = tok([PROBES.fit[0]], return_tensors="pt")
-    layer = 1
-    blk = block_name(layer)
-    names = [blk, f"{blk}.{arch.attention}", f"{blk}.{arch.attention}.o_proj"]
-    post = f"{blk}.{arch.attn_out_norm}" if arch.attn_out_norm else None
-    with torch.no_grad(), record_activations(model, [f"{blk}.{arch.attention}"], index=1) as ra, \
-            record_activations(model, names[:1], inputs=True, outputs=False) as rx, \
-            record_activations(model, [names[2]] + ([post] if post else [])) as ro:
-        model(**enc)
-    x = rx.input(blk)[0].double()  # (S, d) residual entering the block
-    a = ra.output(names[1])[0].double()  # (H, S, S)
-    o_out = ro.output(names[2])[0].double()
-    lw = W.layers[layer]
-    attn = model.get_submodule(f"{blk}.{arch.attention}")
-    norm = model.get_submodule(f"{blk}.{arch.attn_norm}") if arch.attn_norm else None
-    r = _rms(x, _eps(norm)) if norm is not None else torch.ones(x.shape[0], 1, dtype=DT)
-    v_path, v_part = arch.projection("v")
-    v_mod = attn.get_submodule(v_path.split(".", 1)[1])
-    v_bias = v_mod.bias[fused_rows(arch, "v", model.config)] if (v_mod.bias is not None and v_part) else v_mod.bias
-    pred = torch.zeros_like(o_out)
-    for h in range(W.n_heads):
-        one = dataclasses.replace(_one_head(lw, h, h // g, hd), o_gain=None)
-        OV = linalg.as64(ov_circuit(one, 1, 1, hd))
-        pred += a[h] @ ((x / r) @ OV.T)
-        if v_bias is not None:  # Σ_s a = 1: the value bias adds W_o,h b_v at every token
-            pred += linalg.as64(lw.o[:, h * hd:(h + 1) * hd]) @ v_bias[(h // g) * hd:((h // g) + 1) * hd].double()
-    o_bias = attn.o_proj.bias
-    if o_bias is not None:
-        pred += o_bias.double()
-    torch.testing.assert_close(o_out, pred, rtol=1e-4, atol=1e-5)
-    if post:
-        out = ro.output(post)[0].double()
-        want = o_out * linalg.as64(lw.o_gain)[None, :]
-        cos = (out * want).sum(1) / (out.norm(dim=1) * want.norm(dim=1))
-        assert float(cos.min()) > 1 - 1e-6
+    check_ov_circuit(model, tok, W, 1, PROBES.fit[0])
 
 
 def test_post_norm_write_space_to_first_order(tiny_arch):

@@ -78,19 +78,45 @@ def test_a_tokenizer_without_distinct_first_tokens_is_an_input_error(ids, match)
         answer_tokens(_Tok(ids))
 
 
-def test_behaviour_is_the_models_own_logit_difference(tiny):
-    """behaviour() = logits[yes] − logits[no] of the full model's forward pass at the last real token."""
-    model, tok = tiny
-    a = answer_tokens(tok)
-    got = behaviour(model, tok, EVAL[:5], a)
-    enc = encode(tok, EVAL[:5], chat=False)
+def _full_model_b(model, tok, texts, a, *, chat: bool) -> torch.Tensor:
+    """logit(yes) − logit(no) of the full model's own forward pass at each prompt's last token:
+    the chat-template text with its generation prompt (``chat``), or the raw text."""
+    asked = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in texts] if chat else list(texts)
+    enc = encode(tok, asked, chat=chat)
     with torch.no_grad():
         logits = model(**enc).logits
     last = last_token_index(enc["attention_mask"])
-    want = logits[torch.arange(5), last][:, [a.yes_id, a.no_id]].double()
-    torch.testing.assert_close(got, want[:, 0] - want[:, 1], rtol=1e-5, atol=1e-5)
+    want = logits[torch.arange(len(texts)), last][:, [a.yes_id, a.no_id]].double()
+    return want[:, 0] - want[:, 1]
+
+
+def test_behaviour_is_the_models_own_logit_difference_where_it_answers(tiny):
+    """behaviour() = logits[yes] − logits[no] of the full model's forward pass after the chat
+    template's generation prompt (SPEC §8, concern 13), not at the end of the raw probe text."""
+    model, tok = tiny
+    a = answer_tokens(tok)
+    got = behaviour(model, tok, EVAL[:5], a)
+    torch.testing.assert_close(got, _full_model_b(model, tok, EVAL[:5], a, chat=True), rtol=1e-5, atol=1e-5)
+    raw = _full_model_b(model, tok, EVAL[:5], a, chat=False)  # the old reading: another position, other numbers
+    assert float((got - raw).abs().min()) > 1e-2
     alone = torch.cat([behaviour(model, tok, [t], a) for t in EVAL[:5]])  # batching changes nothing
     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_answer_tokens_are_the_first_tokens_the_assistant_turn_produces(tiny):
+    """The answers' token ids are those that follow the generation prompt in the tokenisation of
+    prompt + answer (the tiny template's "assistant\\n" then "Yes"), and the description says where."""
+    from subspace_sweep.causal import answer_prompt, probe_answer_tokens
+
+    _, tok = tiny
+    a = probe_answer_tokens(tok, EVAL[:3])
+    prompt = answer_prompt(tok, EVAL[0])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tok(prompt + "Yes", add_special_tokens=False)["input_ids"][n] == a.yes_id
+    assert tok(prompt + "No", add_special_tokens=False)["input_ids"][n] == a.no_id
+    assert "after the chat template's generation prompt" in a.describe()
 
 
 # ----------------------------------------------------------------------------- exact facts

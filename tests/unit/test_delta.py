@@ -23,11 +23,11 @@ from subspace_sweep.delta import (
     residual_writer_tensors,
     save_delta,
     scored_layers,
-    sha256_file,
     validate_delta,
     writer_layer,
 )
 from subspace_sweep.errors import DeltaError, InputError
+from subspace_sweep.provenance import sha256_file
 from subspace_sweep.toy import build_tiny_model
 
 O1 = "model.layers.1.self_attn.o_proj.weight"

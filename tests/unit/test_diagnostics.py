@@ -127,7 +127,7 @@ def test_token_energy_of_a_random_direction_is_one_in_expectation(tiny, reader):
 def test_the_logit_lens_at_the_last_layer_is_the_models_first_order_logit_change(tiny, reader):
     """A small delta: the lens of the label at the last block = E(w), the real forward pass's
     change of logit(Yes) − logit(No) between α = +1 and −1 (a central difference: first order)."""
-    from subspace_sweep.causal import answer_tokens, effect
+    from subspace_sweep.causal import BehaviourSet, answer_tokens, effect
 
     model, tok = tiny
     delta = random_delta(model, [2, 3], rank=2, seed=1, scale=1e-3)
@@ -135,7 +135,9 @@ def test_the_logit_lens_at_the_last_layer_is_the_models_first_order_logit_change
     labels = capture_labels(model, tok, delta, probes)
     last = model.config.num_hidden_layers - 1
     lens = reader.logit_lens(labels.eval[last], labels.eval_midpoint[last])
-    real = effect(model, tok, delta, probes.eval, answer_tokens(tok))[0]
+    # at the label's position (the raw probe's last token), where the lens reads the residual
+    raw = BehaviourSet.from_probes(tok, probes.eval, answer_tokens(tok), chat=False)
+    real = effect(model, tok, delta, probes.eval, raw)[0]
     assert abs(real) > 1e-4
     assert lens == pytest.approx(real, rel=2e-3)
     assert reader.logit_lens(labels.eval[last], labels.eval_midpoint[last] * 3.0) != pytest.approx(real, rel=2e-3)

