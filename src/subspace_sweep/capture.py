@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture_types import ActivationCaptures, SteeredLabels
+from .compute import forward_pass_memory
 from .errors import InputError
 from .arch import architecture_of, fused_rows
 from .model import attention_sink_token_id, block_name, model_device, n_layers_of, projection_weight, write_gains
@@ -386,10 +387,11 @@ def capture_activations(
     (4 forward passes)."""
     full = _Want(up_in=True, up_out=True, tokens=True, attn=True)
     want = {"clean": _Want(up_in=True), "persona_pos": full, "persona_neg": full}
-    got = {
-        name: _run_condition(model, tokenizer, texts, want[name], chat=chat, batch_size=batch_size)
-        for name, (texts, chat) in a_side_conditions(tokenizer, probes).items()
-    }
+    with forward_pass_memory():
+        got = {
+            name: _run_condition(model, tokenizer, texts, want[name], chat=chat, batch_size=batch_size)
+            for name, (texts, chat) in a_side_conditions(tokenizer, probes).items()
+        }
     clean, pos, neg = got["clean"], got["persona_pos"], got["persona_neg"]
     T = max(pos["tokens"].shape[2], neg["tokens"].shape[2])
 
@@ -448,7 +450,7 @@ def capture_labels(
     want = _Want(block_in=True)  # both kinds from the same passes (the scope diagnostic reads both)
     steered: dict[tuple[float, str], Tensor] = {}
     for alpha in (+1.0, -1.0):
-        with weight_steer(model, delta, alpha):
+        with forward_pass_memory(), weight_steer(model, delta, alpha):
             got = _run_condition(model, tokenizer, texts, want, chat=False, batch_size=batch_size)
         steered[alpha, "block_output"] = got["blocks"]
         steered[alpha, "block_local"] = got["blocks"] - got["block_in"]

@@ -30,7 +30,9 @@ Cost: 2 EVAL forward passes per restricted delta (each pass holds every EVAL pro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import polars as pl
@@ -38,10 +40,11 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
-from .capture import _check_contiguous, encode, last_token_index
+from .capture import _check_contiguous, encode, last_token_index, record_activations
+from .compute import forward_pass_memory
 from .delta import writer_layer
 from .errors import InputError
-from .model import model_device
+from .model import block_name, model_device
 from .scoring import Target, energy, stable_seed
 from .steering import weight_steer
 
@@ -224,13 +227,57 @@ def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: Answer
     return behaviour_and_mass(model, tokenizer, texts, answers)[0]
 
 
+@dataclass
+class Prefix:
+    """The residual entering decoder layer ``layer`` for one behaviour batch, recorded on the
+    unsteered model (``hidden`` None until then). A steered pass whose delta changes nothing below
+    ``layer`` (``first_steered_layer``) resumes there: the layers below would compute, bit for bit,
+    what they computed then, so they return it instead (issue 25)."""
+
+    layer: int
+    hidden: Tensor | None = None
+
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def first_steered_layer(delta: Mapping[str, Tensor]) -> int | None:
+    """The lowest decoder layer a tensor of ``delta`` belongs to; None when a tensor lies outside
+    the decoder layers (embeddings, final norm, unembedding) or the delta is empty."""
+    found = [_LAYER_KEY.match(k) for k in delta]
+    if not found or any(m is None for m in found):
+        return None
+    return min(int(m[1]) for m in found)
+
+
+@contextmanager
+def _resume_at(model: nn.Module, prefix: Prefix) -> Iterator[None]:
+    """Inside the block, decoder layers below ``prefix.layer`` return the recorded residual instead
+    of computing (each layer's own ``forward``, overridden on the instance and restored on exit)."""
+    blocks = [model.get_submodule(block_name(i)) for i in range(prefix.layer)]
+    before = [b.__dict__.get("forward") for b in blocks]
+    hidden = prefix.hidden
+    try:
+        for b in blocks:
+            b.forward = lambda *args, **kwargs: hidden
+        yield
+    finally:
+        for b, own in zip(blocks, before):
+            if own is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = own
+
+
 def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
-                       answers: AnswerTokens | BehaviourSet) -> tuple[Tensor, Tensor]:
+                       answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None) -> tuple[Tensor, Tensor]:
     """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
     first tokens together (coherence: steering that breaks the answer format loses it), read at
     the last real token of each prompt as the behaviour set asks it (after the chat template's
     generation prompt, or at the end of the raw text). ONE forward pass over the decoder, the
-    unembedding applied to the last positions only."""
+    unembedding applied to the last positions only. ``prefix``: record the residual entering its
+    layer (when it holds none yet) or resume there (when it does; the caller vouches that nothing
+    below it is steered)."""
     if isinstance(answers, AnswerTokens):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
@@ -240,10 +287,17 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
     last = last_token_index(mask)
     _check_contiguous(mask, last)
     position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
+    active = prefix is not None and prefix.layer > 0
+    record = active and prefix.hidden is None
+    with torch.no_grad(), forward_pass_memory(), \
+            (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
+             else _resume_at(model, prefix) if active else nullcontext()) as rec:
         hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
         h = hidden[torch.arange(ids.shape[0], device=dev), last]
+    if record:
+        prefix.hidden = rec.input(block_name(prefix.layer))
+    with torch.no_grad():
         logits = model.get_output_embeddings()(h).float()
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:  # Gemma2: the model's own logits are tanh-capped
@@ -267,12 +321,17 @@ def effect(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequ
 
 
 def steered_behaviour(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
-                      answers: AnswerTokens | BehaviourSet) -> dict[float, tuple[Tensor, Tensor]]:
-    """α -> (b, mass) per prompt at α = +1 and α = −1 (two forward passes)."""
+                      answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None,
+                      ) -> dict[float, tuple[Tensor, Tensor]]:
+    """α -> (b, mass) per prompt at α = +1 and α = −1 (two forward passes); with a recorded
+    ``prefix`` that lies at or below the delta's first steered layer, each pass resumes there."""
+    first = first_steered_layer(delta)
+    resume = prefix if (prefix is not None and prefix.hidden is not None and first is not None
+                        and first >= prefix.layer) else None
     out = {}
     for alpha in (+1.0, -1.0):
         with weight_steer(model, delta, alpha):
-            out[alpha] = behaviour_and_mass(model, tokenizer, texts, answers)
+            out[alpha] = behaviour_and_mass(model, tokenizer, texts, answers, resume)
     return out
 
 
@@ -381,6 +440,7 @@ def null_bases(d: int, profile: Mapping[int, int], draw: int, seed: int) -> dict
             for layer, r in sorted(profile.items())}
 
 
+@forward_pass_memory()  # the steered passes recycle their temporaries; freed memory goes back once, at the end
 def run_causal(
     model: nn.Module,
     tokenizer,
@@ -409,12 +469,15 @@ def run_causal(
     d = next(iter(combined.values())).d
     rows: list[dict] = []
     passes = 1
-    b0, mass0 = behaviour_and_mass(model, tokenizer, texts, answers)  # the α = 0 reference
+    # The α = 0 reference, recording the residual entering the first scored layer: every restricted
+    # delta steers only scored layers, so each of their passes resumes there (bit for bit the same).
+    prefix = Prefix(min(layers))
+    b0, mass0 = behaviour_and_mass(model, tokenizer, texts, answers, prefix)
 
     def E(w: Mapping[str, Tensor], into: dict | None = None) -> float:
         nonlocal passes
         passes += 2
-        got = steered_behaviour(model, tokenizer, w, texts, answers)
+        got = steered_behaviour(model, tokenizer, w, texts, answers, prefix)
         (bp, mp), (bm, mm) = got[+1.0], got[-1.0]
         if into is not None:
             into.update(effect_plus=float((bp - b0).mean()), effect_minus=float((bm - b0).mean()),

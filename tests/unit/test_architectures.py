@@ -85,6 +85,34 @@ def test_weight_steering_is_bit_exact_and_restores(tiny_arch):
     assert state_dict_sha256(model) == h
 
 
+def test_a_steered_pass_resumed_at_its_first_steered_layer_is_bit_identical(tiny_arch):
+    """The causal check's passes resume at the first scored layer from the unsteered residual
+    recorded there (issue 25): the behaviour and mass equal the full pass's bit for bit, on every
+    row; a delta that reaches below the recorded layer is computed in full."""
+    from subspace_sweep.causal import BehaviourSet, Prefix, behaviour_and_mass, first_steered_layer, steered_behaviour
+
+    _, model, tok, _, _ = tiny_arch
+    gen = torch.Generator().manual_seed(3)
+    delta = {n: 0.05 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
+             if n.startswith((block_name(1) + ".", block_name(2) + ".")) and n.endswith("proj.weight")}
+    bset = BehaviourSet.from_probes(tok, PROBES.eval[:4])
+    prefix = Prefix(1)
+    base = behaviour_and_mass(model, tok, bset.texts, bset, prefix)
+    assert prefix.hidden is not None and torch.equal(base[0], behaviour_and_mass(model, tok, bset.texts, bset)[0])
+    full = steered_behaviour(model, tok, delta, bset.texts, bset)
+    resumed = steered_behaviour(model, tok, delta, bset.texts, bset, prefix)
+    for alpha in (1.0, -1.0):
+        assert torch.equal(full[alpha][0], resumed[alpha][0]) and torch.equal(full[alpha][1], resumed[alpha][1])
+        assert not torch.equal(full[alpha][0], base[0])
+    # resuming really skips the layers below: a wrong recorded residual would change the result
+    wrong = Prefix(1, hidden=torch.zeros_like(prefix.hidden))
+    assert not torch.equal(steered_behaviour(model, tok, delta, bset.texts, bset, wrong)[1.0][0], full[1.0][0])
+    assert first_steered_layer(delta) == 1 and first_steered_layer({"model.embed_tokens.weight": None}) is None
+    down0 = f"{block_name(0)}.mlp.down_proj.weight"  # a zero tensor at layer 0: the same steering, from layer 0
+    deeper = {**delta, down0: torch.zeros_like(model.get_parameter(down0))}
+    assert torch.equal(steered_behaviour(model, tok, deeper, bset.texts, bset, wrong)[1.0][0], full[1.0][0])
+
+
 # ----------------------------------------------------------------------------- readers and circuits
 
 

@@ -314,3 +314,71 @@ def test_a_malformed_behaviour_file_is_exit_2_with_its_line(capsys, tmp_path, ti
     assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1 and match in err, err
     assert not out.exists()
 
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def _result(best_kept: float, z: float, oracle_kept: float, mass0: float, mass_plus: float, mass_minus: float,
+            chat: bool = True):
+    """A CausalResult whose table holds exactly the rows the verdict reads."""
+    from subspace_sweep.causal import COLUMNS, BehaviourSet, CausalResult
+
+    rows = [
+        {"kind": "reference", "name": "alpha_0", "effect": 0.1, "mass_plus": mass0, "mass_minus": mass0},
+        {"kind": "reference", "name": "w", "effect": 9.0, "kept": 1.03, "mass_plus": mass_plus, "mass_minus": mass_minus},
+        {"kind": "reference", "name": "w_writes", "effect": 8.7, "kept": 1.0},
+        {"kind": "candidate", "name": "best", "rank": 8.0, "kept": best_kept, "ablated": 0.02, "z_kept": z,
+         "null_kept_mean": 0.02, "null_kept_sd": 0.005, "null_ablated_mean": 0.01, "null_ablated_sd": 0.01},
+        {"kind": "oracle", "name": "oracle_combined@8", "rank": 8.0, "kept": oracle_kept},
+    ]
+    table = pl.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], schema=COLUMNS)
+    answers = BehaviourSet(("p",), (1,), (2,), (1.0,), "the shipped EVAL probes", "", chat)
+    return CausalResult(table, answers, 9.0, 8.7, ["best"], 5, 0)
+
+
+def test_the_verdict_weighs_the_winners_share_against_the_oracle_not_only_its_z():
+    """Issue 23's real case: kept 0.04 at z 4.2 beside the oracle's 0.99 is significant but small."""
+    from subspace_sweep.causal import SIZE_SHARE_OF_ORACLE, verdict
+
+    small = verdict(_result(0.04, 4.2, 0.99, 0.45, 0.85, 0.16))
+    assert "but little of it" in small and "4% of what the rank-matched oracle keeps (0.99" in small
+    assert "Significant, not explanatory" in small and "carries the behaviour:" not in small
+    big = verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16))
+    assert "Verdict: the winner carries the behaviour: it keeps 0.90" in big and "91%" in big
+    edge = verdict(_result(SIZE_SHARE_OF_ORACLE * 0.99 + 1e-9, 5.0, 0.99, 0.45, 0.85, 0.16))
+    assert "carries the behaviour:" in edge  # exactly at the stated share it is not "little"
+    below = verdict(_result(SIZE_SHARE_OF_ORACLE * 0.99 - 1e-9, 5.0, 0.99, 0.45, 0.85, 0.16))
+    assert "but little of it" in below
+    none = verdict(_result(0.05, 1.5, 0.99, 0.45, 0.85, 0.16))
+    assert "does NOT carry more of the behaviour than a random subspace" in none
+    for text in (small, big, none):
+        assert "0.45 unsteered (α = 0), 0.85 at α = +1, 0.16 at α = −1" in text
+        assert "read after the chat template's generation prompt" in text and "not reading an answer" not in text
+    assert "read at the end of the raw prompt" in verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16, chat=False))
+
+
+@pytest.mark.parametrize("plus, minus, named", [(0.05, 0.5, "α = +1 (0.05)"), (0.5, 0.09, "α = -1 (0.09)"),
+                                                (0.0, 0.01, "α = +1 (0.00) and α = -1 (0.01)")])
+def test_the_mass_warning_fires_when_a_steered_model_gives_the_answers_under_a_tenth(plus, minus, named):
+    from subspace_sweep.causal import MIN_ANSWER_MASS, verdict
+
+    text = verdict(_result(0.9, 12.0, 0.99, 0.45, plus, minus))
+    assert "the behaviour metric is not reading an answer" in text and named in text, text
+    # no warning at the threshold itself, nor for little mass at α = 0 alone (a base model may be)
+    assert "not reading an answer" not in verdict(_result(0.9, 12.0, 0.99, 0.001, MIN_ANSWER_MASS, MIN_ANSWER_MASS))
+
+
+def test_the_mass_warning_fires_on_a_model_that_never_produces_the_answers(tiny):
+    """The random tiny model spreads its probability over 512 tokens: the two answers get ~2/512,
+    so the check says its metric reads no answer."""
+    from subspace_sweep.causal import MIN_ANSWER_MASS, answer_masses, verdict
+
+    model, tok = tiny
+    d = model.config.hidden_size
+    delta = random_delta(model, LAYERS, rank=2, seed=3, scale=0.3, projections=WRITER_PROJS)
+    targets = {layer: weight_targets(delta, layer)["combined"] for layer in LAYERS}
+    res = run_causal(model, tok, delta, EVAL[:4], [("a", _random_bases(d, 8, 1))], targets, k=1, n_null=5, seed=0)
+    mass = answer_masses(res)
+    assert max(mass.values()) < MIN_ANSWER_MASS, mass
+    assert "Warning: the behaviour metric is not reading an answer" in verdict(res)

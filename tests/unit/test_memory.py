@@ -156,3 +156,43 @@ def test_freed_memory_goes_back_to_the_os():
                                       check=True).stdout) for flag in ("0", "1")}
     assert freed["1"] > 150 * 1024  # KiB: the 64 temporaries (~224 MiB) go back
     assert freed["0"] < freed["1"] / 4  # measured: 0 KiB without it
+
+
+def test_forward_passes_recycle_their_temporaries_and_give_them_back_at_the_end():
+    """``compute.forward_pass_memory`` (issue 25): under ``return_freed_memory``'s fixed threshold
+    every 2-8 MiB temporary is a fresh mapping, each page faulted in again; inside the block the
+    heap recycles them (a small fraction of the page faults), and leaving it gives the freed memory
+    back (RSS drops as with the fixed threshold) and restores that threshold. Child processes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys, torch\n"
+        "from subspace_sweep import compute\n"
+        "assert compute.return_freed_memory()\n"
+        "def rss():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])\n"
+        "def faults():\n"
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "def churn():\n"  # a forward pass's pattern: per layer the same temporaries made, used, freed
+        "    keep = []\n"
+        "    for layer in range(16):\n"
+        "        t = [torch.ones((2 + i) << 20, dtype=torch.uint8) for i in range(3)]\n"
+        "        keep.append(torch.ones(32 << 10, dtype=torch.uint8)); del t\n"
+        "    return keep\n"
+        "f0 = faults(); k1 = churn(); plain = faults() - f0\n"
+        "with compute.forward_pass_memory():\n"
+        "    f0 = faults(); k2 = churn(); inside = faults() - f0\n"
+        "    held = rss()\n"
+        "    big = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(32)]; big_rss = rss(); del big\n"
+        "after = rss()\n"
+        "f0 = faults(); k3 = churn(); again = faults() - f0\n"
+        "print(plain, inside, again, big_rss - after)\n"
+    )
+    if sys.platform != "linux":
+        pytest.skip("mallopt, malloc_trim and /proc/self/status are Linux (glibc) only")
+    plain, inside, again, returned = (int(x) for x in subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert inside * 5 < plain, (plain, inside)  # recycled inside the block
+    assert again * 2 > plain, (plain, again)  # the fixed threshold is back after it
+    assert returned > 100 * 1024, returned  # KiB: the 128 MiB freed inside went back on leaving

