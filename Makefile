@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
 
-.PHONY: demo test test-properties test-integration bench mutate clean
+.PHONY: demo test test-properties test-integration real-pair bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ test-properties: $(STAMP)
 
 test-integration: $(STAMP)
 	$(PY) -m pytest -m integration tests/integration
+
+# Retrain the real tier's shipped SmolLM2 sycophancy pair (~4 min on 2 cores) with its recorded
+# settings, print how far the new delta is from the shipped one, and replace the shipped pair.
+real-pair: $(STAMP)
+	PYTHONPATH=. $(PY) tests/integration/real_pair.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py

@@ -47,6 +47,7 @@ from .errors import InputError
 from .model import block_name, model_device
 from .scoring import Target, energy, stable_seed
 from .steering import weight_steer
+from tqdm.auto import tqdm
 
 #: The two answers of the probes (``... Answer Yes or No.``) as a reply begins with them: the
 #: form a steering LoRA is trained to emit (its assistant turn starts "Yes, ..." / "No. ...").
@@ -312,26 +313,27 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
 
 
 def effect(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
-           answers: AnswerTokens | BehaviourSet) -> tuple[float, Tensor]:
-    """``E(w)`` and the per-prompt ``b(α=+1) − b(α=−1)`` (two forward passes; the model is
-    restored bit for bit after each)."""
-    steered = steered_behaviour(model, tokenizer, delta, texts, answers)
+           answers: AnswerTokens | BehaviourSet, alpha: float = 1.0) -> tuple[float, Tensor]:
+    """``E(w)`` and the per-prompt ``b(+α) − b(−α)`` (two forward passes; the model is restored
+    bit for bit after each)."""
+    steered = steered_behaviour(model, tokenizer, delta, texts, answers, alpha=alpha)
     diff = steered[+1.0][0] - steered[-1.0][0]
     return float(diff.mean()), diff
 
 
 def steered_behaviour(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
-                      answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None,
+                      answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None, *, alpha: float = 1.0,
                       ) -> dict[float, tuple[Tensor, Tensor]]:
-    """α -> (b, mass) per prompt at α = +1 and α = −1 (two forward passes); with a recorded
-    ``prefix`` that lies at or below the delta's first steered layer, each pass resumes there."""
+    """sign -> (b, mass) per prompt, steered by ``W ← W + sign·α·w`` for sign = +1 and −1 (two
+    forward passes); with a recorded ``prefix`` that lies at or below the delta's first steered
+    layer, each pass resumes there."""
     first = first_steered_layer(delta)
     resume = prefix if (prefix is not None and prefix.hidden is not None and first is not None
                         and first >= prefix.layer) else None
     out = {}
-    for alpha in (+1.0, -1.0):
-        with weight_steer(model, delta, alpha):
-            out[alpha] = behaviour_and_mass(model, tokenizer, texts, answers, resume)
+    for sign in (+1.0, -1.0):
+        with weight_steer(model, delta, sign * alpha):
+            out[sign] = behaviour_and_mass(model, tokenizer, texts, answers, resume)
     return out
 
 
@@ -393,11 +395,16 @@ class CausalResult:
     top: list[str]  # the tested candidates, best first
     n_null: int
     forward_passes: int
+    alpha: float = 1.0  # the strength everything but the grid rows was read at (``choose_alpha``)
+    coherent: bool = True  # whether that α met the strength rule (False: none of the grid did)
+    centre: str = "base"  # "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2
+    alphas: tuple[float, ...] = (1.0,)  # the strength grid
 
 
 COLUMNS = {
-    "kind": pl.String,  # reference | candidate | oracle | random | curve
+    "kind": pl.String,  # reference | strength | candidate | act_oracle | oracle | random | curve
     "name": pl.String,
+    "alpha": pl.Float64,  # the strength of the row's steering: ±α·w (±α·w/2 around the midpoint)
     "rank": pl.Float64,  # mean effective rank over the scored layers
     "k": pl.Int64,  # curve: the number of leading directions (else null)
     "norm_matched": pl.Boolean,
@@ -440,6 +447,30 @@ def null_bases(d: int, profile: Mapping[int, int], draw: int, seed: int) -> dict
             for layer, r in sorted(profile.items())}
 
 
+#: The default strength grid (issue 25): E is read at the largest α of it that stays coherent.
+DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
+#: The strength rule: the largest α whose answer mass under +α and −α both stay at least this
+#: share of the larger of the unsteered mass and ``MIN_ANSWER_MASS``.
+COHERENT_SHARE = 0.5
+CENTRES = ("base", "midpoint")
+
+
+def choose_alpha(mass0: float, masses: Mapping[float, tuple[float, float]]) -> tuple[float, bool]:
+    """(α, coherent): the largest α of the grid whose answer mass under +α and under −α both stay
+    ≥ ``COHERENT_SHARE`` × max(mass at α = 0, ``MIN_ANSWER_MASS``); when none does, the smallest α
+    (the least incoherent) with ``coherent`` False."""
+    floor = COHERENT_SHARE * max(mass0, MIN_ANSWER_MASS)
+    ok = [a for a, (mp, mm) in masses.items() if mp >= floor and mm >= floor]
+    return (max(ok), True) if ok else (min(masses), False)
+
+
+def causal_plan(n_alphas: int, n_tested: int, n_profiles: int, n_null: int, n_curve_points: int) -> int:
+    """The number of steered deltas the check runs (2 forward passes each): w at each α of the
+    grid, w_writes, each tested subspace and its ablation, per rank profile the oracle and the
+    random draws (kept and ablated each), and every curve point (trained norm and norm-matched)."""
+    return n_alphas + 1 + 2 * n_tested + n_profiles * 2 * (1 + n_null) + 2 * n_curve_points
+
+
 @forward_pass_memory()  # the steered passes recycle their temporaries; freed memory goes back once, at the end
 def run_causal(
     model: nn.Module,
@@ -455,18 +486,51 @@ def run_causal(
     answers: AnswerTokens | BehaviourSet | None = None,
     write_gains: Mapping[int, Mapping[str, Tensor]] | None = None,
     act_oracles: Sequence[tuple[str, Mapping[int, Tensor]]] = (),
+    alphas: Sequence[float] = (1.0,),
+    centre: Mapping[str, Tensor] | None = None,
+    progress: bool = False,
 ) -> CausalResult:
     """The causal table for the first ``k`` of ``ranked`` ((name, per-layer bases), best first),
     with ``combined[layer]`` the combined weight target of each scored layer (for the oracles);
     ``act_oracles`` (name, bases) are tested beside them (kind ``act_oracle``, curves too).
-    ``answers`` a BehaviourSet: its prompts replace ``texts``."""
+    ``answers`` a BehaviourSet: its prompts replace ``texts``.
+
+    Strength and centre (SPEC §8, issue 25): the whole delta w is first read at every α of
+    ``alphas`` (rows of kind ``strength``), and everything else at the α ``choose_alpha`` names.
+    ``centre`` (the pair's midpoint offset (Δ⁺ + Δ⁻)/2, ``delta.load_centre``): every pass runs on
+    θ + centre, steered by ±α·w/2, so α = 1 is the two trained models themselves; None: the base
+    model steered by ±α·w. ``progress``: a progress bar over the steered deltas."""
     if n_null < MIN_NULL_DRAWS:
         raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {n_null}")
+    alphas = sorted({float(a) for a in alphas})
+    if not alphas or not all(math.isfinite(a) and a > 0 for a in alphas):
+        raise InputError(f"--causal-alpha needs positive strengths, got {list(alphas)}")
     if not isinstance(answers, BehaviourSet):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
+    with weight_steer(model, centre or {}, 1.0):
+        return _run_causal(model, tokenizer, delta, answers, ranked, combined, k=k, n_null=n_null, seed=seed,
+                           write_gains=write_gains, act_oracles=act_oracles, alphas=alphas,
+                           centred=centre is not None, progress=progress)
+
+
+def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined, *, k, n_null, seed, write_gains,
+                act_oracles, alphas: list[float], centred: bool, progress: bool) -> CausalResult:
     texts = answers.texts
     layers = sorted(combined)
     d = next(iter(combined.values())).d
+    step = 0.5 if centred else 1.0  # around the midpoint, ±α·w/2
+    top = list(ranked[:k])
+    tested_sets = [*(("candidate", n, b) for n, b in top), *(("act_oracle", n, b) for n, b in act_oracles)]
+    profile_of = lambda bases: tuple((lay, int(bases[lay].shape[1])) for lay in layers)  # noqa: E731
+    curves = [("oracle_combined", {lay: combined[lay].oracle_basis(max(CURVE_RANKS)) for lay in layers})]
+    if top:
+        curves.append((top[0][0], dict(top[0][1])))
+    curves += [(name, dict(bases)) for name, bases in act_oracles]
+    curve_ks = {name: [x for x in CURVE_RANKS if x <= min(min(int(o[lay].shape[1]) for lay in layers), d)]
+                for name, o in curves}
+    total = causal_plan(len(alphas), len(tested_sets), len({profile_of(b) for _, _, b in tested_sets}), n_null,
+                        sum(len(v) for v in curve_ks.values()))
+    bar = tqdm(total=total, desc="causal check", unit="delta", disable=not progress)
     rows: list[dict] = []
     passes = 1
     # The α = 0 reference, recording the residual entering the first scored layer: every restricted
@@ -474,10 +538,11 @@ def run_causal(
     prefix = Prefix(min(layers))
     b0, mass0 = behaviour_and_mass(model, tokenizer, texts, answers, prefix)
 
-    def E(w: Mapping[str, Tensor], into: dict | None = None) -> float:
+    def E(w: Mapping[str, Tensor], alpha: float, into: dict | None = None) -> float:
         nonlocal passes
         passes += 2
-        got = steered_behaviour(model, tokenizer, w, texts, answers, prefix)
+        got = steered_behaviour(model, tokenizer, w, texts, answers, prefix, alpha=step * alpha)
+        bar.update(1)
         (bp, mp), (bm, mm) = got[+1.0], got[-1.0]
         if into is not None:
             into.update(effect_plus=float((bp - b0).mean()), effect_minus=float((bm - b0).mean()),
@@ -489,33 +554,39 @@ def run_causal(
                 for layer in layers if bases[layer].shape[1] > 0]
         return sum(vals) / len(vals) if len(vals) == len(layers) else math.nan
 
-    rows.append({"kind": "reference", "name": "alpha_0", "effect": float(b0.mean()), "mass_plus": float(mass0.mean()),
-                 "mass_minus": float(mass0.mean())})
-    ref_w: dict = {}
-    e_w = E(delta, ref_w)
+    rows.append({"kind": "reference", "name": "alpha_0", "alpha": 0.0, "effect": float(b0.mean()),
+                 "mass_plus": float(mass0.mean()), "mass_minus": float(mass0.mean())})
+    # The strength grid: the whole delta at each α, then the largest coherent one for everything else.
+    strengths: dict[float, dict] = {}
+    for a in alphas:
+        row: dict = {}
+        e = E(delta, a, row)
+        strengths[a] = {"kind": "strength", "name": f"w@{a:g}", "alpha": a, "effect": e, **row}
+    alpha, coherent = choose_alpha(float(mass0.mean()), {a: (r["mass_plus"], r["mass_minus"]) for a, r in strengths.items()})
+    e_w, ref_w = strengths[alpha]["effect"], {c: strengths[alpha][c] for c in ("effect_plus", "effect_minus", "mass_plus", "mass_minus")}
     writes = restrict(delta, layers=layers, write_gains=write_gains)
     ref_writes: dict = {}
-    e_writes = E(writes, ref_writes)
+    e_writes = E(writes, alpha, ref_writes)
     writes_norm = frobenius(writes)
-    rows.append({"kind": "reference", "name": "w", "effect": e_w, "kept": _ratio(e_w, e_writes), **ref_w})
-    rows.append({"kind": "reference", "name": "w_writes", "effect": e_writes, "kept": 1.0 if e_writes else math.nan,
-                 "R_w_combined": 1.0, **ref_writes})
+    rows += [{**r, "kept": _ratio(r["effect"], e_writes) if a == alpha else None} for a, r in strengths.items()]
+    rows.append({"kind": "reference", "name": "w", "alpha": alpha, "effect": e_w, "kept": _ratio(e_w, e_writes), **ref_w})
+    rows.append({"kind": "reference", "name": "w_writes", "alpha": alpha, "effect": e_writes,
+                 "kept": 1.0 if e_writes else math.nan, "R_w_combined": 1.0, **ref_writes})
 
     def tested(kind: str, name: str, bases: Mapping[int, Tensor]) -> dict:
         row: dict = {}
-        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), row)
-        e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains))
-        row.update({"kind": kind, "name": name, "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
+        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), alpha, row)
+        e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains), alpha)
+        row.update({"kind": kind, "name": name, "alpha": alpha,
+                    "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
                     "R_w_combined": R_w(bases), "effect": e_b, "effect_ablated": e_abl,
                     "kept": _ratio(e_b, e_writes), "ablated": 1.0 - _ratio(e_abl, e_writes)})
         return row
 
-    top = list(ranked[:k])
-    tested_sets = [*(("candidate", n, b) for n, b in top), *(("act_oracle", n, b) for n, b in act_oracles)]
     subjects = [tested(kind, name, bases) for kind, name, bases in tested_sets]
     profiles: dict[tuple[tuple[int, int], ...], list[dict]] = {}
     for (_, _, bases), row in zip(tested_sets, subjects):
-        profiles.setdefault(tuple((lay, int(bases[lay].shape[1])) for lay in layers), []).append(row)
+        profiles.setdefault(profile_of(bases), []).append(row)
     for profile, members in profiles.items():
         ranks = dict(profile)
         tag = "@" + ",".join(str(r) for r in sorted(set(ranks.values())))
@@ -529,30 +600,28 @@ def run_causal(
         rows += [*members, oracle, *draws]
 
     # Retention curves: the combined oracle (eigen-order) and the top candidate's leading columns.
-    curves = [("oracle_combined", {lay: combined[lay].oracle_basis(max(CURVE_RANKS)) for lay in layers})]
-    if top:
-        curves.append((top[0][0], dict(top[0][1])))
-    curves += [(name, dict(bases)) for name, bases in act_oracles]
     for name, ordered in curves:
-        width = min(int(ordered[lay].shape[1]) for lay in layers)
-        for kk in [x for x in CURVE_RANKS if x <= min(width, d)]:
+        for kk in curve_ks[name]:
             bases = {lay: ordered[lay][:, :kk] for lay in layers}
             w_b = restrict(delta, bases, layers=layers, write_gains=write_gains)
             for matched, w in ((False, w_b), (True, scaled(w_b, writes_norm))):
-                e_b = E(w)
-                rows.append({"kind": "curve", "name": name, "rank": float(kk), "k": kk, "norm_matched": matched,
-                             "R_w_combined": R_w(bases), "effect": e_b, "kept": _ratio(e_b, e_writes)})
+                e_b = E(w, alpha)
+                rows.append({"kind": "curve", "name": name, "alpha": alpha, "rank": float(kk), "k": kk,
+                             "norm_matched": matched, "R_w_combined": R_w(bases), "effect": e_b,
+                             "kept": _ratio(e_b, e_writes)})
+    bar.close()
     table = pl.DataFrame([{c: row.get(c) for c in COLUMNS} for row in rows], schema=COLUMNS)
-    return CausalResult(table, answers, e_w, e_writes, [name for name, _ in top], n_null, passes)
+    return CausalResult(table, answers, e_w, e_writes, [name for name, _ in top], n_null, passes, alpha=alpha,
+                        coherent=coherent, centre="midpoint" if centred else "base", alphas=tuple(alphas))
 
 
 def answer_masses(result: CausalResult) -> dict[float, float]:
     """α -> mean probability of the two answers: the unsteered model (α = 0) and the model steered
-    with the whole delta w at α = ±1 (the reference rows ``alpha_0`` and ``w`` of the table)."""
+    with the whole delta w at ±α of the check (the reference rows ``alpha_0`` and ``w``)."""
     t = result.table
     a0 = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "alpha_0")).row(0, named=True)
     w = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "w")).row(0, named=True)
-    return {0.0: a0["mass_plus"], 1.0: w["mass_plus"], -1.0: w["mass_minus"]}
+    return {0.0: a0["mass_plus"], result.alpha: w["mass_plus"], -result.alpha: w["mass_minus"]}
 
 
 def verdict(result: CausalResult) -> str:
@@ -569,13 +638,24 @@ def verdict(result: CausalResult) -> str:
     carries = best["z_kept"] is not None and math.isfinite(best["z_kept"]) and best["z_kept"] > 2.0
     share = _ratio(best["kept"], oracle["kept"]) if oracle["kept"] and oracle["kept"] > 0 else math.nan
     mass = answer_masses(result)
+    a = result.alpha
     where = "after the chat template's generation prompt" if result.answers.chat else "at the end of the raw prompt"
+    how = ("around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2, steered by ±α·w/2 (α = 1: the two trained models)"
+           if result.centre == "midpoint" else "around the base model, steered by ±α·w")
+    t = result.table
+    grid = "; ".join(f"α = {r['alpha']:g}: {f(r['mass_plus'])} / {f(r['mass_minus'])}"
+                     for r in t.filter(pl.col("kind") == "strength").sort("alpha").iter_rows(named=True))
+    rule = (f"α = {a:g}, the largest whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at α = 0, "
+            f"{MIN_ANSWER_MASS:g})" if result.coherent else
+            f"α = {a:g}, the smallest: NONE of the grid keeps the mass under ±α at ≥ {COHERENT_SHARE:g} × max(mass at "
+            f"α = 0, {MIN_ANSWER_MASS:g}), so every number below is read where steering breaks the answer format")
     lines = [
-        f"Causal check (restricted steering, the behaviour b of {result.answers.source}, read {where}): "
+        f"Causal check (restricted steering, the behaviour b of {result.answers.source}, read {where}; {how}): "
+        f"the strength grid's answer mass under +α / −α: {grid} (unsteered {f(mass[0.0])}); the check reads {rule}. "
         f"E(w) = {f(result.effect_w, '.3f')}, E(w_writes) = {f(result.effect_writes, '.3f')} "
         f"(the residual writers alone carry {f(_ratio(result.effect_writes, result.effect_w))} of the effect). "
-        f"Probability mass on the two answers: {f(mass[0.0])} unsteered (α = 0), {f(mass[1.0])} at α = +1, "
-        f"{f(mass[-1.0])} at α = −1. "
+        f"Probability mass on the two answers: {f(mass[0.0])} unsteered (α = 0), {f(mass[a])} at +α, "
+        f"{f(mass[-a])} at −α. "
         f"The delta restricted to the winner `{best['name']}` (rank {f(best['rank'], '.0f')}) keeps "
         f"{f(best['kept'])} of E(w_writes); {result.n_null} random subspaces of the same ranks keep "
         f"{f(best['null_kept_mean'])} ± {f(best['null_kept_sd'])} (z = {f(best['z_kept'], '.1f')}); the rank-matched "
@@ -595,9 +675,9 @@ def verdict(result: CausalResult) -> str:
         lines.append(f"Verdict: the winner carries the behaviour: it keeps {f(best['kept'])} of the effect "
                      f"(z_kept = {f(best['z_kept'], '.1f')} > 2 against random subspaces of its rank), "
                      f"{f(100 * share, '.0f')}% of what the rank-matched oracle keeps ({f(oracle['kept'])}).")
-    low = {a: m for a, m in mass.items() if a != 0.0 and not (m >= MIN_ANSWER_MASS)}
+    low = {x: m for x, m in mass.items() if x != 0.0 and not (m >= MIN_ANSWER_MASS)}
     if low:
-        which = " and ".join(f"α = {a:+g} ({f(m)})" for a, m in sorted(low.items(), reverse=True))
+        which = " and ".join(f"α = {x:+g} ({f(m)})" for x, m in sorted(low.items(), reverse=True))
         lines += ["", f"Warning: the behaviour metric is not reading an answer: under the steered model at {which} the "
                       f"two answers' first tokens get less than {MIN_ANSWER_MASS:g} of the probability, so b there is a "
                       "logit difference between tokens the model does not produce, and E, kept and ablated measure "

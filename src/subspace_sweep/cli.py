@@ -53,6 +53,16 @@ def _layers_arg(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"cannot read layers {text!r}; use e.g. 8..21 or 3,5,7") from None
 
 
+def _alphas_arg(text: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read strengths {text!r}; use e.g. 0.25,0.5,1") from None
+    if not out:
+        raise argparse.ArgumentTypeError("it names no strength; use e.g. 0.25,0.5,1")
+    return out
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=8, help="rank of every candidate basis (default 8)")
     p.add_argument("--k-broad", type=int, default=None,
@@ -79,6 +89,12 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--behaviour", default=None, metavar="FILE",
                    help="the causal check's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1} "
                         "(default: the shipped EVAL probes with Yes/No)")
+    p.add_argument("--causal-alpha", type=_alphas_arg, default=None, metavar="A,B,...",
+                   help="the causal check's strength grid (default 0.25,0.5,1): it reads the largest α whose answer "
+                        "mass under ±α stays at least half the unsteered one (or of 0.1)")
+    p.add_argument("--causal-centre", choices=("base", "midpoint"), default="base",
+                   help="steer around the base model (θ ± α·w, default) or the pair's midpoint (θ + (Δ⁺+Δ⁻)/2 ± α·w/2: "
+                        "α = 1 is the two trained models; needs a delta made by `subspace-sweep delta`)")
     p.add_argument("--causal-null", type=int, default=8, metavar="N",
                    help="random subspaces per tested rank in the causal null (default 8, at least 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -166,6 +182,7 @@ def _config(args: argparse.Namespace, **overrides):
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
         causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour,
+        causal_centre=args.causal_centre, **({"causal_alpha": args.causal_alpha} if args.causal_alpha else {}),
     )
     fields.update(overrides)
     return SweepConfig(**fields)
@@ -210,7 +227,7 @@ def cmd_delta(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import preflight, publish
-    from .delta import delta_from_peft, save_delta
+    from .delta import pair_from_peft, save_delta
 
     publish.recover_for(args.out)
     out = Path(args.out)
@@ -220,9 +237,9 @@ def cmd_delta(args: argparse.Namespace) -> int:
     preflight.model_shape(args.model)  # a damaged model folder: before anything loads
     preflight.check_adapter_folder(args.adapter_pos, "--adapter-pos")
     preflight.check_adapter_folder(args.adapter_neg, "--adapter-neg")
-    delta = delta_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    save_delta(delta, out, overwrite=args.overwrite)
-    print(f"wrote {out} ({len(delta)} tensors)")
+    delta, centre = pair_from_peft(args.model, args.adapter_pos, args.adapter_neg)
+    save_delta(delta, out, overwrite=args.overwrite, centre=centre)  # the midpoint: --causal-centre midpoint
+    print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset)")
     return 0
 
 

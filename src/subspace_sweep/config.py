@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from .candidates import DEFINITIONS, PANEL_AXES
 from .capture import LABEL_KINDS
-from .causal import MIN_NULL_DRAWS, read_behaviour_file
+from .causal import CENTRES, DEFAULT_ALPHAS, MIN_NULL_DRAWS, read_behaviour_file
 from .errors import InputError
 
 #: How many A-side candidates the joint ranking holds (known before anything is built).
@@ -42,6 +42,8 @@ class SweepConfig:
     a_side_cache: str | None = None  # folder of cached A-sides (see a_side.py); None: always build
     causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
     causal_null: int = 8  # random subspaces per tested rank in the causal null
+    causal_alpha: tuple[float, ...] = DEFAULT_ALPHAS  # the strength grid; the check reads the largest coherent α
+    causal_centre: str = "base"  # "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre)
     behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
     overwrite: bool = False
     quiet: bool = False
@@ -74,6 +76,13 @@ class SweepConfig:
                              f"got {self.causal}")
         if self.causal and self.causal_null < MIN_NULL_DRAWS:
             raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {self.causal_null}")
+        import math
+
+        if not self.causal_alpha or not all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0
+                                            for a in self.causal_alpha):
+            raise InputError(f"--causal-alpha needs one or more positive strengths, got {list(self.causal_alpha)}")
+        if self.causal_centre not in CENTRES:
+            raise InputError(f"--causal-centre must be one of {', '.join(CENTRES)}, got {self.causal_centre!r}")
         if self.behaviour is not None:
             if not self.causal:
                 raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
@@ -99,4 +108,5 @@ class SweepConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
+        d["causal_alpha"] = list(self.causal_alpha)
         return d

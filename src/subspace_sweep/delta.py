@@ -25,6 +25,9 @@ from .errors import DeltaError
 from .model import WRITER_PROJS, module_name as module_name_of, weight_key
 
 PEFT_PREFIX = "base_model.model."
+#: Keys under this prefix hold the pair's midpoint offset (Δ⁺ + Δ⁻)/2, which ``subspace-sweep delta``
+#: stores beside w for the causal check's midpoint centre (``load_centre``); ``load_delta`` leaves them out.
+CENTRE_PREFIX = "centre::"
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 _WRITER_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.(weight|bias)$")
@@ -90,8 +93,24 @@ def _as_tensor_dict(obj: object, source: str) -> dict[str, Tensor]:
 def load_delta(path: str | Path) -> dict[str, Tensor]:
     """Load a delta from ``.safetensors`` (preferred) or ``.pt``/``.pth``/``.bin`` (``weights_only``).
 
-    Tensors come back on the CPU in their stored dtype.
+    Tensors come back on the CPU in their stored dtype. The pair's midpoint offset, when the file
+    holds one (``CENTRE_PREFIX`` keys), is not part of the delta: see ``load_centre``.
     """
+    return {k: v for k, v in _load_tensors(path).items() if not k.startswith(CENTRE_PREFIX)}
+
+
+def load_centre(path: str | Path) -> dict[str, Tensor]:
+    """The midpoint offset (Δ⁺ + Δ⁻)/2 stored beside w in a delta file (keyed by parameter name);
+    DeltaFormatError when the file holds none."""
+    centre = {k[len(CENTRE_PREFIX):]: v for k, v in _load_tensors(path).items() if k.startswith(CENTRE_PREFIX)}
+    if not centre:
+        raise DeltaFormatError(f"{path} holds w only, not the pair's midpoint (Δ⁺ + Δ⁻)/2 that --causal-centre midpoint "
+                               "steers around: make the delta again with `subspace-sweep delta` (it stores both)")
+    return centre
+
+
+def _load_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of a delta file, checked (``load_delta``)."""
     path = Path(path)
     if path.is_dir():
         raise DeltaFormatError(f"delta {path} is a folder; give a .safetensors or .pt file (two PEFT adapter "
@@ -139,9 +158,11 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
 
 
 def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[str, str] | None = None,
+               centre: Mapping[str, Tensor] | None = None,
                overwrite: bool = True) -> Path:
     """Write ``delta`` as ``.safetensors`` (staged and renamed into place: ``publish.write_file``;
-    an existing file is replaced only with ``overwrite``). Returns the path."""
+    an existing file is replaced only with ``overwrite``), with the pair's midpoint offset
+    ``centre`` under ``CENTRE_PREFIX`` keys when given. Returns the path."""
     from safetensors.torch import save_file
 
     from .publish import write_file
@@ -152,6 +173,9 @@ def save_delta(delta: Mapping[str, Tensor], path: str | Path, *, metadata: dict[
     tensors = _as_tensor_dict(dict(delta), str(path))
     # clone: safetensors refuses tensors that share storage (e.g. tied weights) or are views.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if centre is not None:
+        tensors.update({CENTRE_PREFIX + k: v.detach().to("cpu").contiguous().clone()
+                        for k, v in _as_tensor_dict(dict(centre), f"{path} (centre)").items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), overwrite=overwrite)
     return path
@@ -204,17 +228,22 @@ def validate_delta(delta: Mapping[str, Tensor], model: nn.Module) -> None:
     check_delta_values(delta)
 
 
+def check_finite(tensors: Mapping[str, Tensor], what: str = "delta") -> None:
+    """NonFiniteDeltaError naming the first tensor with NaN or Inf entries."""
+    for k, v in tensors.items():
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(v).sum())
+            n_inf = int((~finite).sum()) - n_nan
+            raise NonFiniteDeltaError(f"{what} '{k}' {tuple(v.shape)} has {n_nan} NaN and {n_inf} Inf entries")
+
+
 def check_delta_values(delta: Mapping[str, Tensor]) -> None:
     """The checks of ``validate_delta`` that need no model (run before the weights load): empty,
     non-finite values, all zero, no residual writer."""
     if not delta:
         raise ZeroDeltaError("the delta has no tensors")
-    for k, v in delta.items():
-        finite = torch.isfinite(v)
-        if not bool(finite.all()):
-            n_nan = int(torch.isnan(v).sum())
-            n_inf = int((~finite).sum()) - n_nan
-            raise NonFiniteDeltaError(f"delta '{k}' {tuple(v.shape)} has {n_nan} NaN and {n_inf} Inf entries")
+    check_finite(delta)
     if all(not bool(v.any()) for v in delta.values()):
         raise ZeroDeltaError(f"every entry of the delta is zero ({len(delta)} tensors, e.g. '{next(iter(delta))}')")
     if not scored_layers(delta):
@@ -370,6 +399,19 @@ def delta_from_peft(
     model object is deep-copied and left unchanged). Two adapters that merge to the same weights
     are an ``IdenticalAdaptersError`` (w would be 0).
     """
+    return _pair(base, adapter_pos, adapter_neg, with_centre=False)[0]
+
+
+def pair_from_peft(
+    base: str | Path | nn.Module, adapter_pos: str | Path, adapter_neg: str | Path
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(w, centre): ``delta_from_peft``'s w and the pair's midpoint offset ``(Δ⁺ + Δ⁻)/2``
+    (Δ± = merged± − θ, float32) over every parameter where it is not zero, so that
+    ``θ + centre ± w/2`` are the two merged models (to float32 rounding)."""
+    return _pair(base, adapter_pos, adapter_neg, with_centre=True)
+
+
+def _pair(base, adapter_pos, adapter_neg, *, with_centre: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     make_base = _load_base_for_peft(base)
     pos = _merged_state(make_base, adapter_pos)
     neg = _merged_state(make_base, adapter_neg)
@@ -386,7 +428,14 @@ def delta_from_peft(
             out[k] = (pos[k] - neg[k]).contiguous()
     if not out:
         raise IdenticalAdaptersError(f"{adapter_pos} and {adapter_neg} merge to identical weights: w = 0")
-    return out
+    centre = {}
+    if with_centre:
+        base_state = {k: v.detach().float() for k, v in make_base().named_parameters()}
+        for k in sorted(pos):
+            offset = ((pos[k] - base_state[k]) + (neg[k] - base_state[k])) / 2
+            if bool(offset.any()):
+                centre[k] = offset.contiguous()
+    return out, centre
 
 
 def unscored_keys(delta: Mapping[str, Tensor]) -> list[str]:

@@ -344,6 +344,9 @@ def train_lora_adapter(
     adapter_cfg = out_dir / "adapter_config.json"
     cfg = json.loads(adapter_cfg.read_text())
     cfg["base_model_name_or_path"] = str(model_dir)
+    for key, value in cfg.items():  # peft writes some lists from sets: their order changes per process
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            cfg[key] = sorted(value)
     adapter_cfg.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     log = {
         "sign": sign,

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from . import publish  # noqa: E402
+from .causal import COHERENT_SHARE, MIN_ANSWER_MASS  # noqa: E402
 from .provenance import package_versions  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
@@ -176,9 +177,15 @@ def definitions_markdown(candidates, causal=None) -> str:
             "",
             f"Behaviour metric on {causal.answers.source} ({len(causal.answers.texts)} prompts): "
             f"{causal.answers.description} Effect E(w) = mean over the prompts of "
-            "b(α=+1) − b(α=−1) under weight steering W ← W + α·w; `effect_plus` / `effect_minus` are "
-            "b(α=±1) − b(α=0) (the unsteered model: row `alpha_0`), `mass_plus` / `mass_minus` the mean "
-            "probability of the two answers' first tokens (coherence). Rows `act_oracle`: the oracles of "
+            "b(+α) − b(−α) under weight steering W ← W + α·w (around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2 "
+            "with ±α·w/2 instead when `--causal-centre midpoint`: α = 1 is then the two trained models; "
+            f"this run: {causal.centre}); `effect_plus` / `effect_minus` are "
+            "b(+α) − b(0) and b(−α) − b(0) (the unsteered model: row `alpha_0`), `mass_plus` / `mass_minus` "
+            "the mean probability of the two answers' first tokens (coherence). The strength: rows `strength` "
+            f"read the whole delta at every α of the grid ({', '.join(f'{a:g}' for a in causal.alphas)}); every other "
+            f"row is read at the largest α whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at "
+            f"α = 0, {MIN_ANSWER_MASS:g}) (the smallest when none does; this run: α = {causal.alpha:g}, "
+            f"{'coherent' if causal.coherent else 'none of the grid coherent'}); column `alpha`. Rows `act_oracle`: the oracles of "
             "the cumulative and block-local labels (rank r) as restricted subspaces, curves included. w_writes = the residual writers (o_proj, "
             "down_proj) of w at the scored layers; w_B = each writer's ΔW replaced by P_B·ΔW (B the layer's basis), "
             "everything else dropped; the ablation uses (I − P_B)·ΔW. kept = E(w_B)/E(w_writes), ablated = 1 − "

@@ -28,7 +28,8 @@ from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
 from .causal import BehaviourSet, CausalResult, probe_answer_tokens, run_causal
 from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
 from .capture import capture_labels, count_forward_passes
-from .delta import check_delta_values, load_delta, residual_writer_tensors, scored_layers, unscored_keys, validate_delta
+from .delta import (check_delta_values, check_finite, check_keys_and_shapes, load_centre, load_delta, residual_writer_tensors,
+                    scored_layers, unscored_keys, validate_delta)
 from .provenance import sha256_file
 from .errors import InputError
 from .model import load_model, n_layers_of, resolve_dtype, state_dict_sha256, write_gains
@@ -354,11 +355,13 @@ def sweep(
     config: SweepConfig,
     probes: ProbeSet | None = None,
     a_side: ASide | None = None,
+    centre: Mapping[str, Tensor] | None = None,
 ) -> SweepResult:
     """Run captures, candidates and scores on a loaded model and a validated delta.
 
     ``a_side`` (from ``build_a_side_for`` on the same model, prompts and config) skips the
-    A-side captures and candidate building.
+    A-side captures and candidate building. ``centre``: the pair's midpoint offset, which
+    ``config.causal_centre == "midpoint"`` needs (``delta.load_centre``).
     """
     config.validate()
     probes = probes or load_probe_set(config.n_fit)
@@ -467,6 +470,8 @@ def sweep(
         causal = run_causal(model, tokenizer, delta, bset.texts, [(n, by_name[n].bases) for n in names],
                             combined, k=config.causal,
                             n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
+                            alphas=config.causal_alpha, progress=not config.quiet,
+                            centre=centre if config.causal_centre == "midpoint" else None,
                             act_oracles=act_oracles)
         timings["causal"] = time.perf_counter() - t0
     return SweepResult(
@@ -573,14 +578,21 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
         check_delta_values(delta)
         if shape is not None:
             resolve_layers(config, delta, shape.n_layers)
+    midpoint = config.causal and config.causal_centre == "midpoint"
+    centres = [load_centre(p) for p in deltas] if midpoint else [None] * len(deltas)
+    for centre in centres:
+        if centre is not None:
+            check_finite(centre, "the pair's midpoint offset")
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
     if config.causal:  # a tokenizer that cannot tell the answers apart: before any forward pass
         BehaviourSet.from_jsonl(config.behaviour, tokenizer) if config.behaviour else probe_answer_tokens(tokenizer, probes.eval)
     ratios = []
-    for path, delta in zip(deltas, loaded):
+    for path, delta, centre in zip(deltas, loaded, centres):
         validate_delta(delta, model)
+        if centre is not None:
+            check_keys_and_shapes(centre, model)
         ratios.append(delta_weight_ratio(delta, model))
         if not LORA_RATIO_RANGE[0] <= ratios[-1] <= LORA_RATIO_RANGE[1]:
             warnings.warn(f"delta {path}: ‖w‖/‖θ‖ = {ratios[-1]:.3g} over the weights it changes, far outside what a "
@@ -594,7 +606,7 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
     results = []
     for i, delta in enumerate(loaded):
-        result = sweep(model, tokenizer, delta, config, probes, a_side=a_side)
+        result = sweep(model, tokenizer, delta, config, probes, a_side=a_side, centre=centres[i])
         # The shared A-side is charged to the first run; the others reuse it.
         result.timings["model_load"] = load_s if i == 0 else 0.0
         result.timings["captures"] += a_side.capture_seconds if i == 0 else 0.0

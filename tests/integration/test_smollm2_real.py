@@ -220,9 +220,9 @@ def test_the_causal_check_on_the_real_pair(smol_run):
     randoms = t.filter(pl.col("kind") == "random")["kept"].to_numpy()
     assert oracle["kept"] >= 0.8, oracle
     assert len(randoms) == 5 and abs(float(randoms.mean())) < 0.1 and float(abs(randoms).max()) < 0.2, randoms
-    assert c.effect_writes > 1.0 and c.answers.chat
+    assert c.effect_writes > 1.0 and c.answers.chat and c.coherent
     mass = answer_masses(c)
-    assert mass[0.0] > 0.3 and min(mass[1.0], mass[-1.0]) >= 0.1, mass
+    assert mass[0.0] > 0.3 and min(mass[c.alpha], mass[-c.alpha]) >= 0.1, mass
     conclusion = (out / "conclusion.md").read_text()
     assert "after the chat template's generation prompt" in conclusion and "not reading an answer" not in conclusion
     assert "Probability mass on the two answers" in conclusion

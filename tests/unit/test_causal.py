@@ -353,7 +353,7 @@ def test_the_verdict_weighs_the_winners_share_against_the_oracle_not_only_its_z(
     none = verdict(_result(0.05, 1.5, 0.99, 0.45, 0.85, 0.16))
     assert "does NOT carry more of the behaviour than a random subspace" in none
     for text in (small, big, none):
-        assert "0.45 unsteered (α = 0), 0.85 at α = +1, 0.16 at α = −1" in text
+        assert "0.45 unsteered (α = 0), 0.85 at +α, 0.16 at −α" in text
         assert "read after the chat template's generation prompt" in text and "not reading an answer" not in text
     assert "read at the end of the raw prompt" in verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16, chat=False))
 
@@ -382,3 +382,92 @@ def test_the_mass_warning_fires_on_a_model_that_never_produces_the_answers(tiny)
     mass = answer_masses(res)
     assert max(mass.values()) < MIN_ANSWER_MASS, mass
     assert "Warning: the behaviour metric is not reading an answer" in verdict(res)
+
+
+# ----------------------------------------------------------------------------- exact values (issue 25)
+
+
+def test_restrict_behind_a_post_norm_acts_in_the_residual_and_undoes_the_gain():
+    """Closed form: with gain γ = (2, 0.5, 1, 0) and B = e_0 the residual sees diag(γ)·ΔW, whose
+    projection onto e_0 is 2·ΔW[0] in row 0; undoing the gain gives ΔW[0] in row 0, zeros elsewhere
+    (row 3's zero gain writes nothing: it stays 0 in w_B and whole in the ablation). With B along
+    (e_0 + e_1)/√2 the kept rows are diag(γ)⁻¹·B·Bᵀ·diag(γ)·ΔW, written out."""
+    M = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0], [0.25, 4.0, 2.0], [-1.5, 0.5, 1.0]], dtype=torch.float64)
+    key = "model.layers.0.self_attn.o_proj.weight"
+    gains = {0: {"o_proj": torch.tensor([2.0, 0.5, 1.0, 0.0])}}
+    e0 = torch.tensor([[1.0], [0.0], [0.0], [0.0]], dtype=torch.float64)
+    kept = restrict({key: M}, {0: e0}, write_gains=gains)[key]
+    want = torch.zeros_like(M)
+    want[0] = M[0]
+    assert torch.equal(kept, want)
+    away = restrict({key: M}, {0: e0}, ablate=True, write_gains=gains)[key]
+    assert torch.equal(away, M - want)
+    b = torch.tensor([[1.0], [1.0], [0.0], [0.0]], dtype=torch.float64) / math.sqrt(2.0)
+    kept = restrict({key: M}, {0: b}, write_gains=gains)[key]
+    seen = 2.0 * M[0] + 0.5 * M[1]  # bᵀ·diag(γ)·ΔW·√2, the residual's component along b (·√2)
+    want = torch.zeros_like(M)
+    want[0] = (seen / 2.0) / 2.0  # b_0 = 1/√2 twice, then γ_0⁻¹
+    want[1] = (seen / 2.0) / 0.5
+    torch.testing.assert_close(kept, want, rtol=1e-15, atol=1e-15)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A stand-in causal LM whose logits at every position are ``logits`` (a decoder that returns
+    zeros, an unembedding that adds its bias): the answer probabilities are known exactly."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.head = torch.nn.Linear(1, logits.shape[0], bias=True)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.copy_(logits)
+        self.config = type("Config", (), {"final_logit_softcapping": None})()
+
+        class Decoder(torch.nn.Module):
+            def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+                return type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 1)})()
+
+        self.model = Decoder()
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_the_answer_mass_is_both_answers_probability_and_b_their_logit_difference(tiny):
+    """P(yes) = 0.3, P(no) = 0.2 exactly: mass 0.5, b = log 0.3 − log 0.2."""
+    from subspace_sweep.causal import AnswerTokens, BehaviourSet, behaviour_and_mass
+
+    _, tok = tiny
+    V = len(tok)
+    probs = torch.full((V,), 0.5 / (V - 2), dtype=torch.float64)
+    probs[5], probs[9] = 0.3, 0.2
+    model = _FixedLogits(probs.log().float())
+    answers = AnswerTokens("Yes", "No", 5, 9, ("Yes",), ("No",))
+    bset = BehaviourSet.from_probes(tok, EVAL[:3], answers)
+    b, mass = behaviour_and_mass(model, tok, bset.texts, bset)
+    torch.testing.assert_close(mass, torch.full((3,), 0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(b, torch.full((3,), math.log(0.3 / 0.2), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_norm_matched_curve_deltas_have_the_frobenius_norm_of_w_writes(tiny, monkeypatch):
+    """Every norm-matched curve point steers with a delta of exactly ‖w_writes‖_F; the others with
+    the restricted delta as it is (smaller for k below the delta's rank)."""
+    from subspace_sweep import causal
+    from subspace_sweep.causal import frobenius
+
+    model, tok = tiny
+    delta = random_delta(model, LAYERS, rank=4, seed=5, scale=0.3, projections=WRITER_PROJS)
+    targets = {layer: weight_targets(delta, layer)["combined"] for layer in LAYERS}
+    seen: list[float] = []
+    real = causal.steered_behaviour
+    monkeypatch.setattr(causal, "steered_behaviour",
+                        lambda m, t, w, *a, **k: (seen.append(frobenius(w)), real(m, t, w, *a, **k))[1])
+    res = run_causal(model, tok, delta, EVAL[:3], [], targets, k=0, n_null=5, seed=0)
+    writes = frobenius(restrict(delta, layers=LAYERS))
+    curve = res.table.filter(pl.col("kind") == "curve")
+    matched = curve["norm_matched"].to_list()
+    norms = seen[-len(matched):]  # the curves come last, in table order
+    for is_matched, norm in zip(matched, norms):
+        if is_matched:
+            assert norm == pytest.approx(writes, rel=1e-6)
+    assert min(n for m, n in zip(matched, norms) if not m) < 0.9 * writes

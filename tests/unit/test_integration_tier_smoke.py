@@ -1,5 +1,6 @@
-"""The integration tier cannot run here (no Qwen3-0.6B weights), but its code can: run it on
-the tiny model folder through the same environment variable a GPU runner would use."""
+"""The Qwen3-0.6B tier cannot run here (no weights), but its code can: run it on the tiny model
+folder through the same environment variable a GPU runner would use. (The SmolLM2 tier runs for
+real in `make test`.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def test_integration_tier_runs_on_the_tiny_model(tiny_dir):
     env.pop("SUBSPACE_SWEEP_DELTA", None)
     env.pop("SUBSPACE_SWEEP_REGEN_GOLDEN", None)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "integration", "tests/integration", "-q", "-rs", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-m", "integration", "tests/integration/test_qwen3_real.py", "-q", "-rs",
+         "-p", "no:cacheprovider"],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
