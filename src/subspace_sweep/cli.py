@@ -7,6 +7,7 @@ Ctrl-C ends with exit code 130 and one line. Warnings are one line each, without
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -71,14 +72,15 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="scored layers, e.g. 8..21 (default: where the delta writes to the residual stream)")
     p.add_argument("--n-fit", type=int, default=None, help="number of FIT probes (default: first half)")
     p.add_argument("--null", choices=("exact", "mc"), default="exact", help="exact null (default) or Monte-Carlo cross-check")
-    p.add_argument("--n-null", type=int, default=2000, help="Monte-Carlo draws with --null mc")
+    p.add_argument("--n-null", type=int, default=2000, help="Monte-Carlo draws with --null mc (at least 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", choices=("block_output", "block_local"), default="block_output",
                    help="activation label: change of the block output (default) or of (output - input)")
     p.add_argument("--topic-holdout", type=int, nargs="?", const=-1, default=None, metavar="N",
                    help="also score R_act on EVAL probes whose claim is not among the first N LoRA training "
                         "claims (N defaults to the data's n_lora_train_topics, 20)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of EVAL prompts (0: none)")
+    p.add_argument("--n-boot", type=int, default=2000,
+                   help="bootstrap resamples of EVAL prompts (0: none; else at least 200 for the 95%% interval)")
     p.add_argument("--a-side-cache", default=None, metavar="DIR",
                    help="reuse the A-side (captures + candidate bases, which never depend on the delta) from DIR "
                         "when the model, prompts and options match exactly, else build it and store it there")
@@ -107,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score base-model subspaces against a steering LoRA's activation change and weight delta.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' deprecation warnings (hidden by default: they are theirs, not ours)")
 
-    run = sub.add_parser("run", help="run the sweep on a model and a delta")
+    run = sub.add_parser("run", parents=[common], help="run the sweep on a model and a delta")
     run.add_argument("--model", default="Qwen/Qwen3-0.6B", help="HF id (from the local cache) or a local folder")
     run.add_argument("--delta", required=True, action="append",
                      help="w = θ⁺ − θ⁻ as .safetensors (preferred) or .pt; repeat for several deltas of the same "
@@ -119,12 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
     _add_sweep_options(run)
 
-    demo = sub.add_parser("demo", help="offline demo: tiny Qwen3 + a planted delta; checks the plant is recovered")
+    demo = sub.add_parser("demo", parents=[common], help="offline demo: tiny Qwen3 + a planted delta; checks the plant is recovered")
     demo.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     demo.add_argument("--plant", default="mlp_write", help="A-side candidate whose span the delta is planted in")
     _add_sweep_options(demo)
 
-    train = sub.add_parser("train", help="train the +/− adapter pair (peft) of a behaviour on a chat model")
+    train = sub.add_parser("train", parents=[common], help="train the +/− adapter pair (peft) of a behaviour on a chat model")
     train.add_argument("--model", required=True,
                        help="base model: HF id, local folder, .gguf file or a known name (smollm2-135m-instruct)")
     train.add_argument("--out", required=True, help="output folder: pos/ and neg/ adapters (written atomically)")
@@ -148,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a folder this command wrote")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    delta = sub.add_parser("delta", help="w = merged(adapter+) − merged(adapter−) from two PEFT adapters")
+    delta = sub.add_parser("delta", parents=[common], help="w = merged(adapter+) − merged(adapter−) from two PEFT adapters")
     delta.add_argument("--model", required=True, help="base model: HF id, local folder, .gguf file or a known name")
     delta.add_argument("--adapter-pos", required=True)
     delta.add_argument("--adapter-neg", required=True)
     delta.add_argument("--out", required=True, help="output .safetensors file")
     delta.add_argument("--overwrite", action="store_true")
 
-    compare = sub.add_parser("compare", help="stability of the ranking across runs of the same model (e.g. LoRA seeds)")
+    compare = sub.add_parser("compare", parents=[common], help="stability of the ranking across runs of the same model (e.g. LoRA seeds)")
     compare.add_argument("runs", nargs="+", help="run folders written by `run`")
     compare.add_argument("--out", required=True, help="output folder (written atomically)")
     compare.add_argument("--top-k", type=int, default=5, help="top-k of the joint ranking counted (default 5)")
@@ -224,19 +229,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_delta(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import preflight, publish
+    from . import preflight
     from .delta import pair_from_peft, save_delta
 
-    publish.recover_for(args.out)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise InputError(f"--out {out}: the delta is written as .safetensors")
-    publish.check_file_destination(out, overwrite=args.overwrite)
-    preflight.model_shape(args.model)  # a damaged model folder: before anything loads
-    preflight.check_adapter_folder(args.adapter_pos, "--adapter-pos")
-    preflight.check_adapter_folder(args.adapter_neg, "--adapter-neg")
+    out = preflight.check_delta_command(args.model, args.adapter_pos, args.adapter_neg, args.out, args.overwrite)
     delta, centre = pair_from_peft(args.model, args.adapter_pos, args.adapter_neg)
     save_delta(delta, out, overwrite=args.overwrite, centre=centre)  # the midpoint: --causal-centre midpoint
     print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset)")
@@ -294,6 +290,17 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_library_deprecation(category: type[Warning], filename: str) -> bool:
+    """A deprecation notice raised outside this package (transformers', peft's, torch's): what a
+    library says to its own callers, which this tool's user cannot act on (issue 26)."""
+    deprecation = issubclass(category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+    ours = os.path.abspath(str(filename)).startswith(os.path.abspath(_PACKAGE_DIR) + os.sep)
+    return deprecation and not ours
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -307,7 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"subspace-sweep {args.command}"
     shown = warnings.showwarning
 
+    verbose = getattr(args, "verbose", False)
+
     def show(message, category, filename, lineno, file=None, line=None):  # no source file or line
+        if not verbose and is_library_deprecation(category, filename):
+            return
         print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
 
     warnings.showwarning = show

@@ -16,6 +16,13 @@ from .errors import InputError
 
 #: How many A-side candidates the joint ranking holds (known before anything is built).
 JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
+#: Fewest bootstrap resamples (issue 26): each tail of the (1 − level) percentile interval rests on
+#: at least ``BOOT_TAIL`` resamples (200 for a 95% interval); fewer print an "interval" that need not
+#: hold its own estimate.
+BOOT_TAIL = 5
+#: Fewest Monte-Carlo null draws (issue 26): the MC z divides by the draws' sample SD, whose relative
+#: error is ~1/√(2(n−1)) (7% at 100; at 2 draws it reported z 29.7 where the exact null gives 4.7).
+MIN_MC_NULL = 100
 #: ``--seed`` is an unsigned 32-bit integer: every consumer (torch generators, ``stable_seed``,
 #: the demo's per-layer offsets) takes it, and JSON readers that parse numbers as doubles keep it exact.
 SEED_MAX = 2**32 - 1
@@ -53,8 +60,9 @@ class SweepConfig:
         checked by ``validate_for_model`` once its config.json is read)."""
         if self.null not in ("exact", "mc"):
             raise InputError(f"--null must be 'exact' or 'mc', got {self.null!r}")
-        if self.null == "mc" and self.n_null < 2:
-            raise InputError(f"--n-null must be at least 2 for a Monte-Carlo null, got {self.n_null}")
+        if self.null == "mc" and self.n_null < MIN_MC_NULL:
+            raise InputError(f"--n-null must be at least {MIN_MC_NULL} for a Monte-Carlo null (its z divides by the draws' "
+                             f"sample SD), got {self.n_null}")
         if self.r <= 0:
             raise InputError(f"--r must be positive, got {self.r}")
         if not 0 <= self.seed <= SEED_MAX:
@@ -67,6 +75,9 @@ class SweepConfig:
             raise InputError(f"--label must be one of {', '.join(LABEL_KINDS)}, got {self.label!r}")
         if self.n_boot < 0 or not 0.0 < self.ci_level < 1.0:
             raise InputError(f"--n-boot must be >= 0 and the CI level in (0, 1), got {self.n_boot}, {self.ci_level}")
+        if 0 < self.n_boot < self.min_boot():
+            raise InputError(f"--n-boot {self.n_boot} is too few for a {self.ci_level:.0%} interval: at least "
+                             f"{self.min_boot()} resamples put {BOOT_TAIL} in each of its tails (or 0: no interval)")
         if self.topic_holdout is not None and self.topic_holdout < 0:
             raise InputError(f"--topic-holdout must be >= 0, got {self.topic_holdout}")
         if self.k_broad is not None and self.k_broad <= 0:
@@ -88,17 +99,43 @@ class SweepConfig:
                 raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
             read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
 
+    def min_boot(self) -> int:
+        """The fewest resamples ``n_boot`` may be, other than 0 (see ``BOOT_TAIL``)."""
+        import math
+
+        return math.ceil(BOOT_TAIL / ((1.0 - self.ci_level) / 2) - 1e-9)
+
     def validate_for_model(self, d: int, n_layers: int, where: str) -> None:
         """The checks that need the residual width ``d`` and the layer count (read from the model's
         config, ``where``), before any weight is loaded."""
-        if self.r > d:
-            raise InputError(f"--r {self.r} exceeds the residual width d = {d} ({where})")
+        if self.r >= d:
+            raise InputError(f"--r {self.r} must be below the residual width d = {d} ({where}): a rank-d basis is the "
+                             "whole residual stream, whose energy is 1 for every target and whose gain is 0/0")
         if self.k_broad is not None and self.k_broad > d:
             raise InputError(f"--k-broad {self.k_broad} exceeds the residual width d = {d} ({where})")
         if self.layers is not None:
             bad = sorted({x for x in self.layers if not 0 <= x < n_layers})
             if bad:
                 raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1} ({where})")
+
+    def scored_layers(self, delta, n_layers: int) -> list[int]:
+        """The layers a sweep of ``delta`` scores: ``--layers`` (each in the model and with a nonzero
+        residual writer of the delta), else every layer where the delta writes to the residual stream."""
+        from .delta import residual_writer_tensors, scored_layers
+
+        if self.layers is None:
+            layers = scored_layers(delta)
+        else:
+            layers = sorted(set(int(x) for x in self.layers))
+            bad = [x for x in layers if not 0 <= x < n_layers]
+            if bad:
+                raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1}")
+            missing = [x for x in layers if not residual_writer_tensors(delta, x)]
+            if missing:
+                raise InputError(f"--layers {missing}: the delta has no nonzero o_proj/down_proj tensor there")
+        if not layers:
+            raise InputError("no scored layers: the delta has no nonzero o_proj/down_proj tensor")
+        return layers
 
     def resolved_k_broad(self, d: int) -> int:
         """K_BROAD of SPEC §2 (64), capped at d/4: projecting away 64 of 64 dimensions (the tiny

@@ -381,6 +381,10 @@ def _merged_state(make_base: Callable[[], nn.Module], adapter: str | Path) -> di
     model = make_base()
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        if not hasattr(peft_model, "merge_and_unload"):
+            kind = getattr(peft_model.peft_config.get("default"), "peft_type", "this")
+            raise DeltaFormatError(f"{adapter}: a {getattr(kind, 'value', kind)} adapter cannot be merged into the base "
+                                   "weights, so it has no weight delta")
         merged = peft_model.merge_and_unload()
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)

@@ -448,36 +448,13 @@ def train_pair_folder(
     needs no weights runs first (the destination, the model's files or GGUF header, the layers, the
     behaviour file, the family); the model's chat template is checked before the first step.
     ``alpha`` defaults to ``rank`` (LoRA scale 1); ``layers`` to ``default_lora_layers``."""
-    import warnings
-
     from . import preflight, publish
-    from .causal import read_behaviour_file
     from .gguf_models import convert, is_gguf_source
     from .provenance import package_versions
 
-    for line in publish.recover_for(out):
-        warnings.warn(line, stacklevel=2)
-    snapshot = publish.check_destination(out, overwrite=overwrite,
-                                         inputs=[str(model), *([str(behaviour)] if behaviour is not None else [])])
-    import importlib.util
-
-    if importlib.util.find_spec("peft") is None:  # pragma: no cover - depends on the environment
-        raise InputError("training adapters needs the optional extra: pip install 'subspace-sweep[peft]'")
-    if family not in ADAPTER_FAMILIES:
-        raise InputError(f"--family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
-    shape = preflight.model_shape(str(model))
-    if shape is None:  # an HF id outside the local cache: load_model says where it looked
-        load_model(model, dtype="float32", device="cpu")
-    if layers is None:
-        layers = default_lora_layers(shape.n_layers)
-    bad = sorted({x for x in layers if not 0 <= x < shape.n_layers})
-    if bad:
-        raise InputError(f"--layers {bad} outside the model's layers 0..{shape.n_layers - 1} ({shape.where})")
-    if behaviour is not None:
-        rows = read_behaviour_file(str(behaviour))
-        if n_train is not None and not 1 <= n_train <= len(rows):
-            raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
-    _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
+    snapshot, layers = preflight.check_train(model, out, behaviour=behaviour, n_train=n_train, family=family,
+                                             layers=layers, target_modules=target_modules, rank=rank, steps=steps,
+                                             lr=lr, overwrite=overwrite)
     alpha = float(rank) if alpha is None else float(alpha)
     settings = {"family": family, "rank": int(rank), "alpha": alpha, "layers": sorted(int(x) for x in layers),
                 "target_modules": list(target_modules), "steps": int(steps), "lr": float(lr), "seed": int(seed),

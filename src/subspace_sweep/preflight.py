@@ -1,12 +1,18 @@
 """Checks of a command's inputs that need no model weights (issue 14): they run before the
 weights load, so a wrong option costs no load and no computation.
 
+Each command's whole sequence of such checks, in order, is one function here (issue 26):
+``check_run`` (run, demo), ``check_delta_command`` (delta), ``check_train`` (train). The checks
+themselves stay beside what they check; this module owns their order and the promise that nothing
+is loaded before them. The checks of the inputs themselves:
+
 - the device: ``--device cuda`` on a torch without CUDA, a CUDA index that is not there,
   ``meta`` (shapes only, no data) and any device torch cannot allocate on;
 - a local model folder: config.json present and readable, weight files present with readable
   safetensors headers (a truncated or garbled file), tokenizer files present; its residual width
   and layer count (``ModelShape``) for the checks of ``SweepConfig.validate_for_model``;
-- a PEFT adapter folder: adapter_config.json and readable adapter weights.
+- a PEFT adapter folder: adapter_config.json and readable adapter weights;
+- a GGUF source (a ``.gguf`` file or a known name): its header (``gguf_models.model_shape``).
 
 A model given as an HF id is looked up in the local HF cache only here; when it is not there,
 ``model.load_model`` says where it looked.
@@ -23,11 +29,16 @@ import torch
 from .errors import InputError
 from .model import _looks_like_path, resolve_device
 
+
 CONFIG_FILE = "config.json"
 #: A saved model's weights: one safetensors file, shards with an index, or torch's .bin files.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_CONFIG = "adapter_config.json"
+#: peft's prompt-learning adapter types: they add virtual tokens or a prefix to every input and
+#: change no weight, so there is no merged model and no w (issue 26).
+PROMPT_LEARNING_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
+                         "CPT")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -155,9 +166,136 @@ def check_adapter_folder(folder: str | Path, what: str) -> None:
         raise InputError(f"{what} {folder} is not a folder (a PEFT adapter folder holds {ADAPTER_CONFIG})")
     if not (path / ADAPTER_CONFIG).is_file():
         raise InputError(f"{what} {folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    _read_json(path / ADAPTER_CONFIG, f"{what} {folder}")
+    config = _read_json(path / ADAPTER_CONFIG, f"{what} {folder}")
+    peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
+    if peft_type in PROMPT_LEARNING_TYPES:
+        raise InputError(f"{what} {folder} is a {peft_type} adapter: prompt-learning adapters prepend virtual tokens and "
+                         "change no weight, so they cannot be merged into a weight delta w")
     present = [name for name in ADAPTER_WEIGHTS if (path / name).is_file()]
     if not present:
         raise InputError(f"{what} {folder} has no adapter weights ({', '.join(ADAPTER_WEIGHTS)})")
     if present[0].endswith(".safetensors"):
         _check_safetensors(path / present[0], f"{what} {folder}")
+
+
+# ------------------------------------------------------------------------------- the sequences
+# Each command's checks that need no weights, in the order they run, in one function per command:
+# the promise "bad input costs no load and writes nothing" lives here. The checks themselves stay
+# beside what they check (SweepConfig.validate, publish.check_destination, delta.load_delta, ...);
+# each sequence imports them when it runs (the A-side's and training's modules are heavy to import).
+
+
+@dataclass
+class RunInputs:
+    """What ``check_run`` read and checked, for the load and the sweep."""
+
+    probes: object  # ProbeSet
+    shape: ModelShape | None  # None: an HF id outside the local cache (load_model says where it looked)
+    snapshot: object | None  # publish.Snapshot of --out
+    names: list[str]  # the run folders' names (the deltas' file stems)
+    deltas: list[dict]
+    centres: list[dict | None]  # the pairs' midpoint offsets, for --causal-centre midpoint
+
+
+def check_run(config, deltas, snapshot=None) -> RunInputs:
+    """Every check of ``run`` (and ``demo``) that needs no weights, in order: first what a killed
+    run left in --out's folder is cleaned (``publish.recover_for``, one warning line per restore);
+    then the options alone, the probe set and the topic holdout, the device and dtype, the model's
+    files or GGUF header (width and layers) with the options that need them, --out (unless the
+    caller took its ``snapshot``), the cache folder, the deltas' names, files and values, the
+    layers they score, and the midpoint offsets ``--causal-centre midpoint`` needs."""
+    import warnings
+
+    from .a_side import check_cache_dir
+    from .delta import check_delta_values, check_finite, load_centre, load_delta
+    from .model import resolve_dtype
+    from .prompts import holdout_rows, load_probe_set
+    from . import publish
+
+    for line in publish.recover_for(config.out) if config.out is not None else []:
+        warnings.warn(line, stacklevel=3)
+    config.validate()
+    probes = load_probe_set(config.n_fit)
+    if config.topic_holdout is not None:
+        holdout_rows(probes, config.topic_holdout)
+    resolve_dtype(config.dtype, check_device(config.device))
+    shape = model_shape(config.model)
+    if shape is not None:
+        config.validate_for_model(shape.d, shape.n_layers, shape.where)
+    if config.out is not None and snapshot is None:
+        inputs = [*deltas, config.model, *([config.a_side_cache] if config.a_side_cache is not None else [])]
+        snapshot = publish.check_destination(config.out, overwrite=config.overwrite, inputs=inputs)
+    if config.a_side_cache is not None:
+        check_cache_dir(config.a_side_cache)
+    names = [Path(p).stem for p in deltas]
+    if len(set(names)) != len(names):
+        raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
+    loaded = [load_delta(p) for p in deltas]
+    for delta in loaded:
+        check_delta_values(delta)
+        if shape is not None:
+            config.scored_layers(delta, shape.n_layers)
+    midpoint = config.causal and config.causal_centre == "midpoint"
+    centres = [load_centre(p) for p in deltas] if midpoint else [None] * len(deltas)
+    for centre in centres:
+        if centre is not None:
+            check_finite(centre, "the pair's midpoint offset")
+    return RunInputs(probes, shape, snapshot, names, loaded, centres)
+
+
+def check_delta_command(model: str, adapter_pos: str, adapter_neg: str, out: str, overwrite: bool) -> Path:
+    """Every check of ``delta`` that needs no weights, in order: what a killed run left in --out's
+    folder is cleaned, --out (a new .safetensors file in an existing folder), the model's files or
+    GGUF header, the two adapter folders. Returns --out as an absolute path."""
+    import warnings
+
+    from . import publish
+
+    for line in publish.recover_for(out):
+        warnings.warn(line, stacklevel=3)
+    path = Path(out)
+    if path.suffix != ".safetensors":
+        raise InputError(f"--out {path}: the delta is written as .safetensors")
+    publish.check_file_destination(path, overwrite=overwrite)
+    model_shape(model)
+    check_adapter_folder(adapter_pos, "--adapter-pos")
+    check_adapter_folder(adapter_neg, "--adapter-neg")
+    return path
+
+
+def check_train(model, out, *, behaviour, n_train, family, layers, target_modules, rank, steps, lr, overwrite):
+    """Every check of ``train`` that needs no weights, in order: what a killed run left in --out's
+    folder is cleaned, --out, peft, the adapter family, the model's files or GGUF header (its layer
+    count; an HF id outside the local cache fails its load here, before any output), the layers
+    (default: ``lora_train.default_lora_layers``), the behaviour file and --n-train, the rank, steps,
+    lr and target modules. (The chat template is checked once the tokenizer is loaded, before the
+    first step.) Returns (the --out snapshot, the layers)."""
+    import importlib.util
+    import warnings
+
+    from . import publish
+    from .causal import read_behaviour_file
+    from .lora_train import ADAPTER_FAMILIES, _check_args, default_lora_layers
+    from .model import load_model
+
+    for line in publish.recover_for(out):
+        warnings.warn(line, stacklevel=3)
+    snapshot = publish.check_destination(out, overwrite=overwrite,
+                                         inputs=[str(model), *([str(behaviour)] if behaviour is not None else [])])
+    if importlib.util.find_spec("peft") is None:  # pragma: no cover - depends on the environment
+        raise InputError("training adapters needs the optional extra: pip install 'subspace-sweep[peft]'")
+    if family not in ADAPTER_FAMILIES:
+        raise InputError(f"--family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
+    shape = model_shape(str(model))
+    if shape is None:  # an HF id outside the local cache: load_model says where it looked
+        load_model(model, dtype="float32", device="cpu")
+    layers = default_lora_layers(shape.n_layers) if layers is None else layers
+    bad = sorted({x for x in layers if not 0 <= x < shape.n_layers})
+    if bad:
+        raise InputError(f"--layers {bad} outside the model's layers 0..{shape.n_layers - 1} ({shape.where})")
+    if behaviour is not None:
+        rows = read_behaviour_file(str(behaviour))
+        if n_train is not None and not 1 <= n_train <= len(rows):
+            raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
+    _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
+    return snapshot, layers

@@ -44,3 +44,14 @@ def persona_texts() -> tuple[list[str], list[str]]:
     """All positive and negative persona system prompts (for the tokenizer corpus and training)."""
     raw = json.loads(resources.files(__package__).joinpath("data/sycophancy.json").read_text(encoding="utf-8"))
     return list(raw["personas_positive"]), list(raw["personas_negative"])
+
+
+def holdout_rows(probes: ProbeSet, n_train_topics: int) -> list[int]:
+    """EVAL row indices whose claim did not train the LoRA (claims ``[0, n_train_topics)`` did)."""
+    n_fit = len(probes.fit)
+    rows = [j for j in range(len(probes.eval)) if n_fit + j >= n_train_topics]
+    if len(rows) < 2:
+        raise InputError(
+            f"--topic-holdout {n_train_topics} leaves {len(rows)} held-out EVAL probe(s); at least 2 are needed"
+        )
+    return rows

@@ -381,15 +381,23 @@ def recover(parent: str | os.PathLike, name: str | None = None) -> list[str]:
     """Finish what killed processes left in ``parent`` (for the destination ``name`` only, or all):
     a dead owner's moved-aside old folder goes back where its destination is missing or empty
     (the kill came between the two renames), or is deleted where a new one was published; its
-    staging and scratch folders are deleted. Returns a line per restored folder."""
+    staging and scratch folders are deleted. A folder whose owner may be alive is never touched;
+    one of another host cannot be checked, so it stays, and one line says so. Returns a line per
+    restored folder (and that line)."""
     folder = Path(parent).expanduser()
     if not folder.is_dir():
         return []
-    restored = []
+    restored: list[str] = []
+    foreign: list[str] = []
     with contextlib.suppress(OSError), _locked(folder):
         for entry in sorted(folder.iterdir()):
             m = ASIDE_RE.match(entry.name)
-            if m is None or (name is not None and m["name"] != name) or owner_alive(m["owner"]):
+            if m is None or (name is not None and m["name"] != name):
+                continue
+            if m["owner"].rsplit("-", 2)[0] != HOST:
+                foreign.append(entry.name)
+                continue
+            if owner_alive(m["owner"]):
                 continue
             with contextlib.suppress(OSError):
                 dest = folder / m["name"]
@@ -398,19 +406,23 @@ def recover(parent: str | os.PathLike, name: str | None = None) -> list[str]:
                     restored.append(f"restored {dest}: a process killed while replacing it had moved it aside")
                     continue
                 remove(entry)
+    if foreign:
+        restored.append(f"left {len(foreign)} staging or moved-aside folder(s) of processes on other hosts in {folder} "
+                        f"(e.g. {foreign[0]}): this host cannot tell whether they still run; delete them once they do not")
     return restored
 
 
 def recover_for(dest: str | os.PathLike) -> list[str]:
-    """``recover`` for the destination ``dest`` (its parent folder, its name); nothing for a path
-    that cannot be a destination (those fail the command's checks)."""
+    """``recover`` in the parent folder of the destination ``dest``, for every name: what any dead
+    run left there goes, whatever output it was writing (issue 26); nothing for a path that cannot
+    be a destination (those fail the command's checks)."""
     if str(dest).strip() == "":
         return []
     try:
         path = Path(dest).expanduser().resolve()
     except (OSError, RuntimeError):
         return []
-    return [] if path.parent == path else recover(path.parent, path.name)
+    return [] if path.parent == path else recover(path.parent)
 
 
 @contextlib.contextmanager

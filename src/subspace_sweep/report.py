@@ -439,7 +439,36 @@ def readout_figure(readout: pl.DataFrame, path_png: Path, path_pdf: Path, top: i
     plt.close(fig)
 
 
+def annotate_apart(ax, points, fontsize: float = 7) -> list:
+    """Label each (x, y, text) next to its point; a label that would overlap one already placed
+    moves up by its own height until it does not, so candidates whose points coincide read as a
+    list instead of overprinting (issue 26). Call once the axes' data and scales are final."""
+    ax.autoscale_view()
+    renderer = ax.figure.canvas.get_renderer()
+    placed, texts = [], []
+    for x, y, label in sorted(points, key=lambda p: (p[1], p[0], p[2])):
+        dy = 3.0
+        while True:
+            ann = ax.annotate(label, (x, y), fontsize=fontsize, xytext=(3, dy), textcoords="offset points")
+            box = ann.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            ann.remove()
+            dy += box.height * 72.0 / ax.figure.dpi + 1.0  # pixels -> points, and a point of air
+        placed.append(box)
+        texts.append(ann)
+    return texts
+
+
 def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
+    """``draw_causal`` saved as PNG and PDF."""
+    fig = draw_causal(table)
+    fig.savefig(path_png, dpi=140, bbox_inches="tight")
+    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def draw_causal(table: pl.DataFrame):
     """Left: kept vs R_w_combined per tested candidate, the rank-matched oracle starred, the
     random null as a band (mean ± 2 SD per tested rank). Right: retention curves over k."""
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.5))
@@ -454,15 +483,15 @@ def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
     ax.scatter(_positive(randoms["R_w_combined"]), randoms["kept"].to_numpy(), s=14, color="grey", marker="x",
                label="random draws")
     ax.scatter(_positive(cands["R_w_combined"]), cands["kept"].to_numpy(), s=50, color="C0", label="top candidates")
-    for r in cands.iter_rows(named=True):
-        if r["R_w_combined"] and r["R_w_combined"] > 0 and r["kept"] is not None and math.isfinite(r["kept"]):
-            ax.annotate(r["name"], (r["R_w_combined"], r["kept"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.scatter(_positive(oracles["R_w_combined"]), oracles["kept"].to_numpy(), s=160, marker="*", color="black",
                label="rank-matched combined oracle", zorder=5)
     ax.axhline(1.0, color="black", linestyle=":", linewidth=0.8)
     ax.axhline(0.0, color="black", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis)
+    annotate_apart(ax, [(r["R_w_combined"], r["kept"], r["name"]) for r in cands.iter_rows(named=True)
+                        if r["R_w_combined"] and r["R_w_combined"] > 0 and r["kept"] is not None
+                        and math.isfinite(r["kept"])])
     ax.set_xlabel("weight concentration R_w_combined of the subspace (null = 1)")
     ax.set_ylabel("kept = E(w_B) / E(w_writes)")
     ax.set_title("Does the subspace carry the behaviour?", fontsize=10)
@@ -484,9 +513,7 @@ def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
     ax2.legend(fontsize=7, loc="best")
     ax2.grid(alpha=0.25, which="both")
     fig.tight_layout()
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    return fig
 
 
 def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, path_pdf: Path,

@@ -22,19 +22,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import compute, linalg, preflight, publish, report, scoring
-from .a_side import ASide, build_a_side_for, check_cache_dir
+from .a_side import ASide, build_a_side_for
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
 from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
 from .causal import BehaviourSet, CausalResult, probe_answer_tokens, run_causal
 from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
 from .capture import capture_labels, count_forward_passes
-from .delta import (check_delta_values, check_finite, check_keys_and_shapes, load_centre, load_delta, residual_writer_tensors,
-                    scored_layers, unscored_keys, validate_delta)
+from .delta import check_keys_and_shapes, residual_writer_tensors, unscored_keys, validate_delta
 from .provenance import sha256_file
 from .errors import InputError
-from .model import load_model, n_layers_of, resolve_dtype, state_dict_sha256, write_gains
+from .model import load_model, n_layers_of, state_dict_sha256, write_gains
 from .weights import residual_rows
-from .prompts import ProbeSet, load_probe_set
+from .prompts import ProbeSet, holdout_rows, load_probe_set  # noqa: F401 - holdout_rows: re-exported
 from .report import rank_fair_order
 from .scoring import TARGETS, WEIGHT_TARGETS, Target
 
@@ -76,17 +75,6 @@ def rank_rows(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 # ------------------------------------------------------------------------------- targets
-
-
-def holdout_rows(probes: ProbeSet, n_train_topics: int) -> list[int]:
-    """EVAL row indices whose claim did not train the LoRA (claims ``[0, n_train_topics)`` did)."""
-    n_fit = len(probes.fit)
-    rows = [j for j in range(len(probes.eval)) if n_fit + j >= n_train_topics]
-    if len(rows) < 2:
-        raise InputError(
-            f"--topic-holdout {n_train_topics} leaves {len(rows)} held-out EVAL probe(s); at least 2 are needed"
-        )
-    return rows
 
 
 def build_targets(
@@ -321,22 +309,6 @@ def summarise_specific(specific: pl.DataFrame) -> pl.DataFrame:
 # ------------------------------------------------------------------------------- the sweep
 
 
-def resolve_layers(config: SweepConfig, delta: Mapping[str, Tensor], n_layers: int) -> list[int]:
-    if config.layers is None:
-        layers = scored_layers(delta)
-    else:
-        layers = sorted(set(int(x) for x in config.layers))
-        bad = [x for x in layers if not 0 <= x < n_layers]
-        if bad:
-            raise InputError(f"--layers {bad} outside the model's layers 0..{n_layers - 1}")
-        missing = [x for x in layers if not residual_writer_tensors(delta, x)]
-        if missing:
-            raise InputError(f"--layers {missing}: the delta has no nonzero o_proj/down_proj tensor there")
-    if not layers:
-        raise InputError("no scored layers: the delta has no nonzero o_proj/down_proj tensor")
-    return layers
-
-
 def prompt_concentrations(candidate: Candidate, labels_eval: Tensor, layers: Sequence[int], d: int) -> Tensor:
     """R_act per EVAL prompt, mean over the scored layers: R_act is the mean of this vector."""
     per_layer = []
@@ -367,9 +339,8 @@ def sweep(
     probes = probes or load_probe_set(config.n_fit)
     n_layers = n_layers_of(model)
     d = int(model.config.hidden_size)
-    if config.r > d:
-        raise InputError(f"--r {config.r} exceeds the residual width d = {d}")
-    layers = resolve_layers(config, delta, n_layers)
+    config.validate_for_model(d, n_layers, "the loaded model")
+    layers = config.scored_layers(delta, n_layers)
     holdout = holdout_rows(probes, config.topic_holdout) if config.topic_holdout is not None else None
     # the causal check's prompts and answers: a tokenizer without them is refused before any work
     answers = probe_answer_tokens(tokenizer, probes.eval) if config.causal and config.behaviour is None else None
@@ -552,37 +523,10 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     ``snapshot``: what a caller's ``publish.check_destination`` of ``config.out`` saw when it
     started (the demo checks before it builds its model), else it is taken here.
     """
-    # First finish what a killed run left where this one writes (the cache: build_a_side_for).
-    for line in publish.recover_for(config.out) if config.out is not None else []:
-        warnings.warn(line, stacklevel=2)
-    # Every check that needs only the options, the model's config and the delta files, before
-    # the weights load (preflight.py).
-    config.validate()
-    probes = load_probe_set(config.n_fit)
-    if config.topic_holdout is not None:
-        holdout_rows(probes, config.topic_holdout)
-    resolve_dtype(config.dtype, preflight.check_device(config.device))
-    shape = preflight.model_shape(config.model)
-    if shape is not None:
-        config.validate_for_model(shape.d, shape.n_layers, shape.where)
-    if config.out is not None and snapshot is None:
-        inputs = [*deltas, config.model, *([config.a_side_cache] if config.a_side_cache is not None else [])]
-        snapshot = publish.check_destination(config.out, overwrite=config.overwrite, inputs=inputs)
-    if config.a_side_cache is not None:
-        check_cache_dir(config.a_side_cache)
-    names = [Path(p).stem for p in deltas]
-    if len(set(names)) != len(names):
-        raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
-    loaded = [load_delta(p) for p in deltas]
-    for delta in loaded:
-        check_delta_values(delta)
-        if shape is not None:
-            resolve_layers(config, delta, shape.n_layers)
-    midpoint = config.causal and config.causal_centre == "midpoint"
-    centres = [load_centre(p) for p in deltas] if midpoint else [None] * len(deltas)
-    for centre in centres:
-        if centre is not None:
-            check_finite(centre, "the pair's midpoint offset")
+    # Everything that needs no weights, in one place (what a killed run left is cleaned first).
+    checked = preflight.check_run(config, deltas, snapshot)
+    probes, snapshot, names, loaded, centres = (checked.probes, checked.snapshot, checked.names, checked.deltas,
+                                                checked.centres)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
@@ -602,7 +546,7 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
             warnings.warn(f"{path}: {len(unscored)} delta tensors are steered with but not scored (the weight score "
                           f"reads the residual writers only), e.g. {unscored[0]}; all are listed in the manifest")
     n_layers = n_layers_of(model)
-    union = sorted({layer for delta in loaded for layer in resolve_layers(config, delta, n_layers)})
+    union = sorted({layer for delta in loaded for layer in config.scored_layers(delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
     results = []
     for i, delta in enumerate(loaded):

@@ -256,7 +256,7 @@ def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path
                         ("warm", ["--a-side-cache", str(cache)])]:
         runs[name] = tmp_path / name
         argv = ["run", "--model", str(tiny_dir), "--delta", str(delta), "--out", str(runs[name]), "--quiet",
-                "--n-boot", "50", *extra]
+                "--n-boot", "200", *extra]
         assert cli.main(argv) == 0
     manifests = {n: json.loads((p / "manifest.json").read_text()) for n, p in runs.items()}
     assert manifests["plain"]["a_side_cache"] is None

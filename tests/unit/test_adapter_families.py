@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from subspace_sweep import cli
-from subspace_sweep.delta import delta_from_peft, save_delta
+from subspace_sweep.delta import delta_from_peft
 from subspace_sweep.lora_train import ADAPTER_FAMILIES, train_lora_pair
 from subspace_sweep.model import load_model
 from tests.helpers_model import effective_parameters

@@ -471,3 +471,30 @@ def test_norm_matched_curve_deltas_have_the_frobenius_norm_of_w_writes(tiny, mon
         if is_matched:
             assert norm == pytest.approx(writes, rel=1e-6)
     assert min(n for m, n in zip(matched, norms) if not m) < 0.9 * writes
+
+
+def test_candidate_labels_of_coinciding_points_do_not_overprint():
+    """Issue 26 (seen on the real run: chars_clusters over layer_clean_resid_pca): three candidates
+    at one point and a fourth nearby get labels whose boxes do not overlap, each next to its point."""
+    import matplotlib.pyplot as plt
+
+    from subspace_sweep.causal import COLUMNS
+    from subspace_sweep.report import draw_causal
+
+    rows = [{"kind": "candidate", "name": n, "rank": 8.0, "R_w_combined": x, "kept": y}
+            for n, x, y in (("layer_clean_resid_pca", 1.52, 0.028), ("chars_clusters", 1.52, 0.028),
+                            ("a_third_one", 1.52, 0.028), ("WNR_union_TaskDiff", 1.30, 0.063))]
+    rows.append({"kind": "oracle", "name": "oracle_combined@8", "rank": 8.0, "R_w_combined": 65.0, "kept": 0.98,
+                 "null_kept_mean": 0.02, "null_kept_sd": 0.003})
+    fig = draw_causal(pl.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], schema=COLUMNS))
+    try:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        texts = [t for t in ax.texts if t.get_text() in {r["name"] for r in rows}]
+        assert sorted(t.get_text() for t in texts) == sorted(r["name"] for r in rows if r["kind"] == "candidate")
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        for i in range(len(boxes)):
+            for j in range(i):
+                assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    finally:
+        plt.close(fig)

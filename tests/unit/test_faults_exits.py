@@ -154,6 +154,8 @@ def _setup_adapters(damage):
             (pos / "adapter_model.safetensors").unlink()
         elif damage == "out_exists":
             (root / "parent" / "w.safetensors").write_text("old delta")
+        elif damage == "prefix_tuning":
+            (pos / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}))
         return out
     return setup
 
@@ -200,6 +202,7 @@ CASES = [
     Case("model_empty", [*RUN[:2], "", *RUN[3:]], "--model is empty"),
     # ---- options checked against the model's config.json
     Case("r_above_width", _run("--r", "65"), "d = 64"),
+    Case("r_equal_to_width", _run("--r", "64"), "must be below the residual width d = 64"),
     Case("k_broad_above_width", _run("--k-broad", "65"), "--k-broad 65"),
     Case("layers_outside_the_model", _run("--layers", "9"), "outside the model's layers 0..3"),
     Case("layers_without_a_delta_tensor", _run("--layers", "0"), "--layers [0]"),
@@ -215,6 +218,8 @@ CASES = [
     Case("seed_negative", _run("--seed", "-1"), "--seed must be in"),
     Case("causal_above_the_panel", _run("--causal", "999"), "--causal must be in"),
     Case("rank_not_positive", _run("--r", "0"), "--r must be positive"),
+    Case("n_boot_too_few", _run("--n-boot", "1"), "at least 200 resamples"),
+    Case("mc_null_too_few", _run("--null", "mc", "--n-null", "2"), "at least 100 for a Monte-Carlo null"),
     Case("delta_missing_option", ["run", "--model", "{model}", "--out", "{out}"], "--delta"),
     # ---- the delta file
     Case("delta_is_a_folder", _run(), "is a folder", _setup_delta_folder),
@@ -237,6 +242,7 @@ CASES = [
     Case("adapter_without_config", DELTA_CMD, "no adapter_config.json", _setup_adapters("no_config")),
     Case("adapter_config_not_json", DELTA_CMD, "cannot be read as JSON", _setup_adapters("garbled_config")),
     Case("adapter_without_weights", DELTA_CMD, "has no adapter weights", _setup_adapters("no_weights")),
+    Case("adapter_prompt_learning", DELTA_CMD, "is a PREFIX_TUNING adapter", _setup_adapters("prefix_tuning")),
     Case("delta_out_exists", DELTA_CMD, "pass --overwrite", _setup_adapters("out_exists")),
     Case("delta_out_parent_missing", [*DELTA_CMD[:-1], "{root}/parent/missing/w.safetensors"], "does not exist",
          _setup_adapters("none")),

@@ -80,7 +80,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def world(tiny_dir, demo_run, tmp_path_factory):
+def world(tiny_dir, demo_run, lora_pair, tmp_path_factory):
     """Inputs, an old run to replace, and every scenario's process, started together."""
     base = tmp_path_factory.mktemp("faults")
     model, _ = load_model(tiny_dir, dtype="float32", device="cpu")
@@ -123,6 +123,10 @@ def world(tiny_dir, demo_run, tmp_path_factory):
                                              str(base / "sigint" / "cache")))
     start("demo", "file_staged", ["demo", "--out", str(base / "demo" / "out"), "--quiet", "--n-boot", "0"],
           TMPDIR=str(base / "demo" / "tmp"))
+    (base / "delta_file" / "parent").mkdir(parents=True)
+    _, pos, neg = lora_pair
+    start("delta_file", "file_staged", ["delta", "--model", str(tiny_dir), "--adapter-pos", str(pos), "--adapter-neg",
+                                        str(neg), "--out", str(base / "delta_file" / "parent" / "w1.safetensors")])
     yield {"base": base, "procs": procs, "deltas": deltas, "old_run": old_run, "tiny_dir": tiny_dir}
     for p in procs.values():
         if p.proc.poll() is None:
@@ -138,6 +142,13 @@ def test_sigkill_with_the_new_run_staged_keeps_the_old_run_and_a_restart_publish
     stale = parent / publish.aside_name("out", "stage", p.owner)
     assert _listing(parent) == sorted(["out", stale.name]) and not publish.owner_alive(p.owner)
     assert (stale / publish.MANIFEST).is_file()  # the staging was complete: it is the new run that died
+
+    # A start that writes ANOTHER name in the same folder cleans it (issue 26), even one that then
+    # stops at bad input (here: a missing delta).
+    other = ["run", "--model", str(world["tiny_dir"]), "--delta", str(parent / "missing.safetensors"), "--out",
+             str(parent / "other"), "--quiet"]
+    assert cli.main(other) == cli.EXIT_BAD_INPUT
+    assert _listing(parent) == ["out"]
 
     argv = ["run", "--model", str(world["tiny_dir"]), "--delta", str(world["deltas"]["b"]), "--out",
             str(parent / "out"), "--quiet", "--n-boot", "0", "--overwrite"]
@@ -162,11 +173,18 @@ def test_sigkill_between_the_two_renames_and_a_restart_restores_the_old_run(worl
     assert _tree_bytes(old) == _tree_bytes(world["old_run"]) and (new / publish.MANIFEST).is_file()
 
     capsys.readouterr()
+    # A start that writes another name in the same folder puts the old run back (issue 26).
+    other = ["run", "--model", str(world["tiny_dir"]), "--delta", str(parent / "missing.safetensors"), "--out",
+             str(parent / "other"), "--quiet"]
+    assert cli.main(other) == cli.EXIT_BAD_INPUT
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("subspace-sweep run: warning: restored ") and "missing" in err[1]
+    assert _listing(parent) == ["out"]
     argv = ["run", "--model", str(world["tiny_dir"]), "--delta", str(world["deltas"]["b"]), "--out",
             str(parent / "out"), "--quiet", "--n-boot", "0"]
     assert cli.main(argv) == cli.EXIT_BAD_INPUT  # without --overwrite, once the old run is back
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[0].startswith("subspace-sweep run: warning: restored ") and "pass --overwrite" in err[1]
+    assert len(err) == 1 and "pass --overwrite" in err[0]
     assert _listing(parent) == ["out"]
     assert _tree_bytes(parent / "out") == _tree_bytes(world["old_run"])  # the complete old run, never neither
 
@@ -227,3 +245,14 @@ def test_sigkill_of_the_demo_leaves_its_scratch_folder_and_the_next_demo_cleans_
     assert cli.main(["demo", "--out", str(world["base"] / "demo" / "out"), "--plant", "no_such", "--quiet"]) == 2
     assert _listing(tmp) == []
     assert not (world["base"] / "demo" / "out").exists()
+
+
+def test_sigkill_of_delta_while_its_file_is_staged_and_a_delta_to_another_name_cleans_it(world, capsys):
+    p = world["procs"]["delta_file"]
+    parent = world["base"] / "delta_file" / "parent"
+    assert p.kill() == -signal.SIGKILL
+    assert _listing(parent) == [publish.aside_name("w1.safetensors", "stage", p.owner)]
+    argv = ["delta", "--model", str(world["tiny_dir"]), "--adapter-pos", str(parent / "no_adapter"),
+            "--adapter-neg", str(parent / "no_adapter"), "--out", str(parent / "w2.safetensors")]
+    assert cli.main(argv) == cli.EXIT_BAD_INPUT  # a bad adapter folder, after the start cleaned up
+    assert _listing(parent) == []

@@ -176,7 +176,7 @@ def test_forward_passes_recycle_their_temporaries_and_give_them_back_at_the_end(
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "def churn():\n"  # a forward pass's pattern: per layer the same temporaries made, used, freed
         "    keep = []\n"
-        "    for layer in range(16):\n"
+        "    for layer in range(48):\n"
         "        t = [torch.ones((2 + i) << 20, dtype=torch.uint8) for i in range(3)]\n"
         "        keep.append(torch.ones(32 << 10, dtype=torch.uint8)); del t\n"
         "    return keep\n"
@@ -186,13 +186,32 @@ def test_forward_passes_recycle_their_temporaries_and_give_them_back_at_the_end(
         "    held = rss()\n"
         "    big = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(32)]; big_rss = rss(); del big\n"
         "after = rss()\n"
-        "f0 = faults(); k3 = churn(); again = faults() - f0\n"
-        "print(plain, inside, again, big_rss - after)\n"
+        "print(plain, inside, big_rss - after)\n"
     )
     if sys.platform != "linux":
         pytest.skip("mallopt, malloc_trim and /proc/self/status are Linux (glibc) only")
-    plain, inside, again, returned = (int(x) for x in subprocess.run(
+    plain, inside, returned = (int(x) for x in subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
-    assert inside * 5 < plain, (plain, inside)  # recycled inside the block
-    assert again * 2 > plain, (plain, again)  # the fixed threshold is back after it
+    # recycled inside the block: measured 111k page faults outside; inside 4.6k where glibc's heap
+    # reuses all three temporaries of a "layer", 50k where (depending on the process's address
+    # space layout) it reuses the two smaller ones and faults the largest in again
+    assert inside < 0.6 * plain, (plain, inside)
     assert returned > 100 * 1024, returned  # KiB: the 128 MiB freed inside went back on leaving
+
+
+def test_forward_pass_memory_sets_and_restores_the_allocator_once_and_only_when_managed(monkeypatch):
+    """Inside the outermost block: mmap threshold 32 MiB and trim threshold 1 GiB; leaving it: the
+    fixed threshold return_freed_memory set and glibc's default trim threshold, then malloc_trim.
+    Nested blocks change nothing; a process that never called return_freed_memory is left alone."""
+    calls = []
+    monkeypatch.setattr(compute, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(compute, "_MANAGED", [])
+    with compute.forward_pass_memory():
+        pass
+    assert calls == []  # not managed: the caller's allocator
+    monkeypatch.setattr(compute, "_MANAGED", [1 << 20])
+    with compute.forward_pass_memory():
+        with compute.forward_pass_memory():
+            inner = list(calls)
+    assert inner == [(compute._M_MMAP_THRESHOLD, 32 << 20), (compute._M_TRIM_THRESHOLD, 1 << 30)]
+    assert calls[2:] == [(compute._M_MMAP_THRESHOLD, 1 << 20), (compute._M_TRIM_THRESHOLD, 128 << 10)]

@@ -67,3 +67,52 @@ def test_the_run_configuration_sits_below_the_a_side_and_the_sweep():
     assert {"a_side", "sweep"}.isdisjoint(_package_imports("config"))
     assert "config" in _package_imports("a_side") and "config" in _package_imports("sweep")
     assert sweep.SweepConfig is config.SweepConfig  # the old import path keeps working
+
+
+def test_provenance_helpers_sit_below_everything_that_records_provenance():
+    """Issue 26: the A-side (the hypotheses) reads neither the run's report nor the delta's module,
+    not even for a digest or the package versions; those live in provenance.py, which imports no
+    package module, and report / delta-side / A-side code reads them there."""
+    a_side = _package_imports("a_side")
+    assert {"report", "delta", "sweep"}.isdisjoint(a_side), a_side
+    assert "provenance" in a_side
+    assert _package_imports("provenance") == set()
+    for name in ("report", "sweep", "compare", "gguf_models"):
+        assert "provenance" in _package_imports(name), name
+    import subspace_sweep.delta as delta
+    import subspace_sweep.report as report
+
+    assert not hasattr(delta, "sha256_file")  # one home for each helper
+    assert report.package_versions.__module__ == "subspace_sweep.provenance"
+
+
+def _calls_before(func_source: str, stop: str) -> list[str]:
+    """The names called in ``func_source`` (in source order) before the first call of ``stop``."""
+    tree = ast.parse(func_source)
+    calls = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset))
+    out = []
+    for c in calls:
+        name = c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+        if name == stop:
+            return out
+        out.append(name)
+    raise AssertionError(f"{stop} is never called")
+
+
+def test_every_pre_load_check_of_a_command_lives_in_one_preflight_function():
+    """Issue 26: run, delta and train call exactly one preflight sequence before the first
+    weights load (the sequence's own order is in preflight.py); the tests of test_faults_exits.py
+    hold that each bad input of that sequence fails before any load."""
+    import inspect
+
+    from subspace_sweep import cli, lora_train, preflight, sweep
+
+    run = [c for c in _calls_before(inspect.getsource(sweep.run_sweeps), "load_model") if c != "perf_counter"]
+    assert run == ["check_run"], run
+    delta = _calls_before(inspect.getsource(cli.cmd_delta), "pair_from_peft")
+    assert delta == ["check_delta_command"], delta
+    train = _calls_before(inspect.getsource(lora_train.train_pair_folder), "write_folder")
+    assert train[0] == "check_train" and "model_shape" not in train and "check_destination" not in train, train
+    assert "preflight" in _package_imports("sweep")
+    for name in ("check_run", "check_delta_command", "check_train"):
+        assert callable(getattr(preflight, name))

@@ -144,3 +144,23 @@ def test_the_delta_is_every_parameter_that_differs(case, tmp_path):
         assert any(k.endswith("o_proj.weight") for k in delta)  # the o_proj copy is part of w
     if "bias_all" in case:
         assert sum(k.endswith(".bias") for k in delta) >= 3 * 3  # gate/up/down biases of every layer
+
+
+def test_a_prompt_learning_adapter_is_exit_2_naming_its_type(tiny_dir, tmp_path, capsys):
+    """Issue 26: a real peft PrefixTuning adapter (virtual tokens, no weight change) has no merged
+    model: `delta` refuses it before any load, one line naming the type, nothing written."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from subspace_sweep import cli
+    from subspace_sweep.model import load_model
+
+    model, _ = load_model(tiny_dir, dtype="float32", device="cpu")
+    get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).save_pretrained(
+        str(tmp_path / "prefix"))
+    (tmp_path / "out").mkdir()
+    capsys.readouterr()
+    code = cli.main(["delta", "--model", str(tiny_dir), "--adapter-pos", str(tmp_path / "prefix"), "--adapter-neg",
+                     str(tmp_path / "prefix"), "--out", str(tmp_path / "out" / "w.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a PREFIX_TUNING adapter" in err[0], err
+    assert list((tmp_path / "out").iterdir()) == []

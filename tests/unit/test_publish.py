@@ -227,10 +227,29 @@ def test_recover_deletes_an_old_run_once_the_new_one_is_in_place(tmp_path, dead_
     assert _listing(tmp_path) == ["out"] and json.loads((tmp_path / "out" / publish.MANIFEST).read_text())["tag"] == "new"
 
 
-def test_recover_never_touches_another_hosts_folders(tmp_path, dead_owner):
-    foreign = tmp_path / publish.aside_name("out", "stage", "otherhost" + dead_owner[len(publish.HOST):])
-    foreign.mkdir()
-    assert publish.recover(tmp_path) == [] and foreign.exists()
+def test_recover_never_touches_another_hosts_folders_and_says_so_once(tmp_path, dead_owner):
+    other = "otherhost" + dead_owner[len(publish.HOST):]
+    foreign = [tmp_path / publish.aside_name(name, "stage", other) for name in ("out", "run2")]
+    for f in foreign:
+        f.mkdir()
+    notes = publish.recover(tmp_path)
+    assert len(notes) == 1 and "2 staging or moved-aside folder(s) of processes on other hosts" in notes[0]
+    assert all(f.exists() for f in foreign)
+
+
+def test_a_start_cleans_every_dead_runs_leftovers_in_the_parent_whatever_their_name(tmp_path, dead_owner):
+    """Issue 26: a run killed while writing A leaves A's staging; a later start writing B in the same
+    folder cleans it (and restores a dead owner's moved-aside run whose destination is missing);
+    living owners' folders stay."""
+    (tmp_path / publish.aside_name("A", "stage", dead_owner)).mkdir()
+    _run_folder(tmp_path / publish.aside_name("C", "old", dead_owner), "old C")
+    (tmp_path / publish.aside_name("C", "stage", dead_owner)).mkdir()
+    (tmp_path / publish.aside_name("w.safetensors", "stage", dead_owner)).write_bytes(b"half a file")
+    live = tmp_path / publish.aside_name("D", "stage")
+    live.mkdir()
+    notes = publish.recover_for(tmp_path / "B")
+    assert len(notes) == 1 and "restored" in notes[0] and str(tmp_path / "C") in notes[0]
+    assert _listing(tmp_path) == sorted(["C", live.name])
 
 
 def test_a_recycled_pid_is_another_owner():
