@@ -108,12 +108,13 @@ def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int
 def _build(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
     t0 = time.perf_counter()
     with count_forward_passes(model) as counter:
-        acts = capture_activations(model, tokenizer, probes)
+        # every position only at the layers that get bases (the attention-selected ones read them)
+        acts = capture_activations(model, tokenizer, probes, token_layers=layers)
     t1 = time.perf_counter()
     d = int(model.config.hidden_size)
     weights = extract_base_weights(model)
     candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
-                              seed=config.seed)
+                              seed=config.seed, release_tokens=True)
     return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)
 
 

@@ -552,10 +552,13 @@ def _check_acts(A: ActivationCaptures, n_layers: int, d: int) -> int:
     if n < 2:
         raise InputError(f"need at least 2 FIT prompts for a PCA, got {n}")
     T = int(A.tokens_pos.shape[2]) if A.tokens_pos.ndim == 4 else -1
+    Lt = L if A.token_layers is None else len(A.token_layers)
+    if A.token_layers is not None and sorted(set(A.token_layers)) != list(A.token_layers):
+        raise InputError(f"captures.token_layers {list(A.token_layers)} must be distinct layers in order")
     shapes = {
         "persona_pos": (L, n, d), "persona_neg": (L, n, d), "up_in_clean": (L, n, d), "up_in_pos": (L, n, d),
         "up_in_neg": (L, n, d), "up_written_pos": (L, n, d), "up_written_neg": (L, n, d),
-        "tokens_pos": (L, n, T, d), "tokens_neg": (L, n, T, d), "attn_pos": (L, n, T), "attn_neg": (L, n, T),
+        "tokens_pos": (Lt, n, T, d), "tokens_neg": (Lt, n, T, d), "attn_pos": (Lt, n, T), "attn_neg": (Lt, n, T),
         "sink": (L, d),
     }
     for name, shape in shapes.items():
@@ -577,7 +580,8 @@ Declared = tuple[int, str, dict[int, int]]  # (rank at most layers, why it is be
 def _attention_supports(acts: ActivationCaptures, layer: int) -> tuple[int, int]:
     """(rows with both a⁺ > 0 and a⁻ > 0, rows with either > 0) at a layer: the token rows the
     min-type and max-type attention weightings can use (padding has zero attention)."""
-    a_pos, a_neg = acts.attn_pos[layer] > 0, acts.attn_neg[layer] > 0
+    i = acts.token_index(layer)
+    a_pos, a_neg = acts.attn_pos[i] > 0, acts.attn_neg[i] > 0
     return int((a_pos & a_neg).sum()), int((a_pos | a_neg).sum())
 
 
@@ -913,9 +917,10 @@ def _activation_bases(
         put("up_proj_output_written_contrast", layer,
             linalg.pca(linalg.as64(acts.up_written_pos[layer]) - linalg.as64(acts.up_written_neg[layer]), r))
 
-        diff = (linalg.as64(acts.tokens_pos[layer]) - linalg.as64(acts.tokens_neg[layer])).reshape(-1, d)
-        a_pos = linalg.as64(acts.attn_pos[layer]).reshape(-1)
-        a_neg = linalg.as64(acts.attn_neg[layer]).reshape(-1)
+        t = acts.token_index(layer)
+        diff = (linalg.as64(acts.tokens_pos[t]) - linalg.as64(acts.tokens_neg[t])).reshape(-1, d)
+        a_pos = linalg.as64(acts.attn_pos[t]).reshape(-1)
+        a_neg = linalg.as64(acts.attn_neg[t]).reshape(-1)
         diff_norm = diff.norm(dim=1)
         nonzero = diff_norm > 0
         norm_scale = float(diff_norm[nonzero].mean()) if bool(nonzero.any()) else 1.0
@@ -952,25 +957,32 @@ def build_a_side(
     k_broad: int = 64,
     layers: Sequence[int] | None = None,
     seed: int = 0,
+    release_tokens: bool = False,
 ) -> list[Candidate]:
     """The 42 SPEC §4 candidates and ``randn_orthogonal``, in SPEC table order.
 
     Built from the base weights and the A-side captures only. ``layers`` selects the layers
     that get bases (default: all); global Grams (global read, downstream read, global write)
     and global activation bases always use every layer. A global basis is the same tensor
-    object at each selected layer.
+    object at each selected layer. The activation bases are built first; ``release_tokens``
+    then frees the captures' token-level tensors (``ActivationCaptures.release_tokens``) before the
+    weight Grams, whose per-layer working set is the build's peak (issue 26).
     """
     d, d_mlp, vocab = _check_weights(weights)
     n = _check_acts(acts, weights.n_layers, d)
     r = _check_rank_arg("r", r, d)
     K = _check_rank_arg("k_broad", k_broad, d)
     sel = _resolve_layers(layers, weights.n_layers)
+    for layer in sel:
+        acts.token_index(layer)  # the attention-selected bases read every selected layer's tokens
 
     declared = _declared_ranks(weights, acts, d_mlp, vocab, n, r, K, sel)
     with compute.policy():
-        bases = _weight_bases(weights, acts, r=r, K=K, layers=sel, rank={k: v[0] for k, v in declared.items()})
         act_bases, diagnostics = _activation_bases(
             acts, {layer: weights.layers[layer].mlp_gain for layer in sel}, r=r, layers=sel)
+        if release_tokens:
+            acts.release_tokens()
+        bases = _weight_bases(weights, acts, r=r, K=K, layers=sel, rank={k: v[0] for k, v in declared.items()})
         bases.update(act_bases)
 
         qk_chars: dict[int, Tensor] = {}

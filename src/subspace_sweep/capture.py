@@ -229,6 +229,7 @@ class _Want:
     up_out: bool = False
     tokens: bool = False
     attn: bool = False
+    token_layers: tuple[int, ...] | None = None  # the layers of the token-level captures; None: all
 
 
 def chat_texts(tokenizer, prompts: Sequence[str], system: str) -> list[str]:
@@ -285,7 +286,9 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     up_path, up_part = arch.projection("up")
     ups = [f"{block_name(i)}.{up_path}" for i in range(L)]
     up_rows = fused_rows(arch, "up", model.config) if up_part is not None else slice(None)
-    attns = [f"{block_name(i)}.{arch.attention}" for i in range(L)]
+    token_layers = list(range(L)) if want.token_layers is None else list(want.token_layers)
+    token_blocks = [blocks[i] for i in token_layers]
+    attns = [f"{block_name(i)}.{arch.attention}" for i in token_layers]
 
     def at_last(x: Tensor) -> Tensor:
         return x[rows, last]
@@ -296,8 +299,8 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
     with (
         torch.no_grad(),
         _eager_attention(model, want.attn),
-        record_activations(model, blocks, inputs=want.block_in,
-                           transform=None if want.tokens else at_last) as rb,
+        record_activations(model, blocks, inputs=want.block_in, transform=at_last) as rb,
+        record_activations(model, token_blocks if want.tokens else []) as rt,
         record_activations(model, mlps if want.up_in else [], inputs=True, outputs=False, transform=at_last) as rm,
         record_activations(model, ups if want.up_out else [], transform=lambda x: at_last(x)[..., up_rows]) as ru,
         record_activations(model, attns if want.attn else [], index=1, transform=final_attn) as ra,
@@ -307,22 +310,15 @@ def _one_pass(model: nn.Module, tokenizer, texts: Sequence[str], want: _Want, *,
         model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
 
     f32 = lambda xs: torch.stack([x.float().cpu() for x in xs])  # noqa: E731
-    out: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {"blocks": f32([rb.output(n) for n in blocks])}
     if want.tokens:
-        full = [rb.output(n) for n in blocks]  # (B, S, d) each
-        out["blocks"] = f32([x[rows, last] for x in full])
         # Filled layer by layer, each recorded output released once copied: the recording and
-        # the result never both hold every layer (one (L, B, T, d) float32 tensor: 0.2 GB at
-        # Qwen3-1.7B shapes).
+        # the result never both hold every layer (one (L_tok, B, T, d) float32 tensor).
         T = int(lengths.max())
-        out["tokens"] = torch.empty(L, B, T, full[0].shape[-1], dtype=torch.float32)
-        for i, n in enumerate(blocks):
-            out["tokens"][i] = right_align(full[i], last, lengths, T).float().cpu()
-            full[i] = None
-            rb.outputs[n].clear()
-        del full
-    else:
-        out["blocks"] = f32([rb.output(n) for n in blocks])
+        out["tokens"] = torch.empty(len(token_blocks), B, T, out["blocks"].shape[-1], dtype=torch.float32)
+        for i, n in enumerate(token_blocks):
+            out["tokens"][i] = right_align(rt.output(n), last, lengths, T).float().cpu()
+            rt.outputs[n].clear()
     if want.block_in:
         out["block_in"] = f32([rb.input(n) for n in blocks])
     if want.up_in:
@@ -381,11 +377,14 @@ def capture_sink(model: nn.Module, token_id: int) -> Tensor:
 
 
 def capture_activations(
-    model: nn.Module, tokenizer, probes: ProbeSet, *, batch_size: int | None = None
+    model: nn.Module, tokenizer, probes: ProbeSet, *, batch_size: int | None = None,
+    token_layers: Sequence[int] | None = None,
 ) -> ActivationCaptures:
     """A-side captures on the FIT prompts: clean, persona+ and persona-, and the sink token
-    (4 forward passes)."""
-    full = _Want(up_in=True, up_out=True, tokens=True, attn=True)
+    (4 forward passes). ``token_layers``: the layers whose every position (and the final token's
+    attention) is kept, the largest captures; default every layer (the sweep keeps the scored ones)."""
+    tl = None if token_layers is None else tuple(sorted({int(x) for x in token_layers}))
+    full = _Want(up_in=True, up_out=True, tokens=True, attn=True, token_layers=tl)
     want = {"clean": _Want(up_in=True), "persona_pos": full, "persona_neg": full}
     with forward_pass_memory():
         got = {
@@ -419,6 +418,7 @@ def capture_activations(
         attn_pos=_left_pad_time(pos["attn"], T),
         attn_neg=_left_pad_time(neg["attn"], T),
         sink=capture_sink(model, attention_sink_token_id(model, tokenizer)),
+        token_layers=tl,
     )
 
 

@@ -321,7 +321,7 @@ def test_bad_captures_are_input_errors(syn):
 
 def test_a_side_signature_cannot_receive_the_delta():
     params = inspect.signature(build_a_side).parameters
-    assert list(params) == ["weights", "acts", "r", "k_broad", "layers", "seed"]
+    assert list(params) == ["weights", "acts", "r", "k_broad", "layers", "seed", "release_tokens"]
     assert params["weights"].annotation in (BaseWeights, "BaseWeights")
     assert params["acts"].annotation in (ActivationCaptures, "ActivationCaptures")
     for field in dataclasses.fields(BaseWeights) + dataclasses.fields(ActivationCaptures):

@@ -297,3 +297,22 @@ def test_labels_validate_the_delta_before_any_forward(tiny):
     with count_forward_passes(model) as c, pytest.raises(ZeroDeltaError):
         capture_labels(model, tok, delta, small_probes())
     assert c.n == 0
+
+
+def test_token_level_captures_at_chosen_layers_equal_the_full_ones(tiny):
+    """capture_activations(token_layers=...) keeps every position only at those layers, bit for bit
+    the rows of the all-layer capture; the last-token captures are unchanged; a layer that was not
+    captured is refused by name."""
+    model, tok = tiny
+    probes = small_probes(3, 2)
+    full = capture_activations(model, tok, probes)
+    some = capture_activations(model, tok, probes, token_layers=[2, 1])
+    assert some.token_layers == (1, 2) and some.tokens_pos.shape[0] == 2
+    for i, layer in enumerate((1, 2)):
+        assert some.token_index(layer) == i
+        for name in ("tokens_pos", "tokens_neg", "attn_pos", "attn_neg"):
+            assert torch.equal(getattr(some, name)[i], getattr(full, name)[layer]), name
+    for name in ("clean", "persona_pos", "persona_neg", "up_in_pos", "up_written_neg", "sink"):
+        assert torch.equal(getattr(some, name), getattr(full, name)), name
+    with pytest.raises(InputError, match="not layer 3"):
+        some.token_index(3)
