@@ -726,6 +726,14 @@ class _LayerGrams:
         """Gram of [W_o‖W_down]: W_oW_oᵀ + W_downW_downᵀ."""
         return self.o + self.down
 
+    def release_components(self) -> None:
+        """Drop the component Grams once their bases are solved, keeping the two sums the rest of
+        the pass reads (``read``, ``write``): six d x d float64 fewer while the circuits' Grams are
+        formed (issue 26: 0.3 GB at Qwen3-4B shapes)."""
+        _ = self.read, self.write
+        for name in ("qkv", "kv", "up", "gate", "o", "down"):
+            object.__setattr__(self, name, None)  # (frozen: nothing else may change them)
+
 
 Bases = dict[str, dict[int, Tensor]]
 
@@ -750,26 +758,32 @@ def _layer_weight_bases(
     gate_act = mlp_activation(W.mlp_act)(linalg.as64(x @ lw.gate.T))  # (n, d_mlp)
     hidden = gate_act * linalg.as64(x @ lw.up.T)
     mean_gate = gate_act.mean(dim=0).to(lw.down.dtype)
-    # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs),
-    # each read side in residual coordinates (the gain of the norm it reads through).
-    with compute.gemm_threads():
-        ov_gram = linalg.row_gram(ov_circuit(lw, h, kv, hd))
-        qk_gram = linalg.row_gram(qk_circuit(lw, h, kv, hd))
-        down = residual_rows(lw.down, lw.down_gain)
-        roundtrip_gram = linalg.row_gram(residual_columns(down @ lw.up, lw.mlp_gain))
-        gate_kernel_gram = linalg.row_gram(residual_columns((down * mean_gate[None, :]) @ lw.up, lw.mlp_gain))
 
-    # Wave 1: independent eigenproblems (run in parallel when a pool exists).
+    # Wave 1: independent eigenproblems (run in parallel when a pool exists), first those of the
+    # component Grams, which are then dropped (all but their sums ``read`` and ``write``) before
+    # the circuits' Grams are formed: one layer's Grams never all coexist.
     grams = {
         "write": Gw, "attn_write": g.o, "mlp_write": g.down, "mlp_up_read": g.up, "mlp_gate_read": g.gate,
-        "attn_qkv_read": g.qkv, "input_super": g.read, "kv_super": g.kv, "attn_ov_write": ov_gram,
-        "qk_circuit": qk_gram, "mlp_roundtrip_write": roundtrip_gram, "gate_kernel": gate_kernel_gram,
+        "attn_qkv_read": g.qkv, "input_super": g.read, "kv_super": g.kv,
     }
     jobs = {"_DS": _job(downstream_gram, K, single=False)}  # DSK(l): the biggest problem first
     jobs.update({name: _job(G, rank[name]) for name, G in grams.items()})
     jobs["write_not_lm_head_read"] = _job(Gw, rank["write_not_lm_head_read"], LM)
     out = compute.run_jobs(jobs)
     DS = out.pop("_DS")
+    del grams, jobs
+    g.release_components()
+    # The d x d products whose left singular vectors are wanted, and their row Grams (big GEMMs),
+    # each read side in residual coordinates (the gain of the norm it reads through).
+    with compute.gemm_threads():
+        circuits = {"attn_ov_write": linalg.row_gram(ov_circuit(lw, h, kv, hd)),
+                    "qk_circuit": linalg.row_gram(qk_circuit(lw, h, kv, hd))}
+        down = residual_rows(lw.down, lw.down_gain)
+        circuits["mlp_roundtrip_write"] = linalg.row_gram(residual_columns(down @ lw.up, lw.mlp_gain))
+        circuits["gate_kernel"] = linalg.row_gram(residual_columns((down * mean_gate[None, :]) @ lw.up,
+                                                                   lw.mlp_gain))
+    out.update(compute.run_jobs({name: _job(G, rank[name]) for name, G in circuits.items()}))
+    del circuits
     # Wave 2: the projections that need wave-1 bases.
     forbidden = linalg.union(out["input_super"], out["kv_super"], LM)
     out.update(compute.run_jobs({
@@ -810,8 +824,9 @@ def _weight_bases(
     # when layer l is reached, and the global read Gram after layer 0. Per-layer bases are built
     # on the way so that only each selected layer's write Gram is kept (its upper triangle: the
     # global read Gram that write_not_global_read projects it away from is known only at the end).
-    running = lm_gram.clone()
-    write_total = torch.zeros_like(lm_gram)
+    running = lm_gram  # summed into in place: the unembedding's own Gram is not needed again
+    del lm_gram
+    write_total = torch.zeros_like(running)
     write_grams: dict[int, Tensor] = {}
     per_layer: dict[int, dict[str, Tensor]] = {}
     for layer in reversed(range(L)):

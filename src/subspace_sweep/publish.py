@@ -18,9 +18,10 @@ another owner). Then it is published by rename(2):
 - The check-and-rename steps hold an flock on the parent folder, so two processes' steps never
   interleave (where the file system has no flock, the rename rule above still holds).
 - A process that is killed leaves its staging (and, between the two renames, the moved-aside
-  old folder) under its owner's name. ``recover`` (run first by every command that writes there)
-  puts a dead owner's old folder back where the destination is missing and deletes its staging;
-  it never touches a living owner's folders, nor anything on another host.
+  old folder) under its owner's name. ``recover`` (run first by every command that writes into
+  that folder, whatever its destination's name) puts a dead owner's old folder back where the
+  destination is missing and deletes its staging; it never touches a living owner's folders, nor
+  anything on another host (it says so, once).
 - Published files and folders get the modes the umask gives (0666 / 0777 minus the umask), like
   any tool's output; some writers (safetensors) would create 0600 files.
 
@@ -28,7 +29,8 @@ another owner). Then it is published by rename(2):
 process creates ``/path/signal`` at ``point`` and waits until ``/path/signal.go`` exists (the kill
 tests SIGKILL it there). Points: ``{label}_staged`` (the staging is complete), ``{label}_between_renames``
 (the old folder is moved aside, the new one not yet in place), for the labels ``out`` (run,
-compare and demo folders), ``cache`` (A-side cache entries) and ``file`` (delta files).
+compare, train and demo folders), ``cache`` (A-side cache entries), ``model`` (converted GGUF
+models) and ``file`` (delta files).
 """
 
 from __future__ import annotations
