@@ -29,7 +29,7 @@ import platform
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,11 +42,14 @@ from .arch import architecture_of
 from .config import SweepConfig
 from .errors import InputError
 from .model import attention_sink_token_id, extract_base_weights, model_device, state_dict_sha256
+from .outliers import coordinate_rms
 from .prompts import ProbeSet
 from .provenance import package_versions, sha256_file
 
 #: Bump when the entry layout changes (the package source is in the key already).
-CACHE_FORMAT = 2  # 2: checksums of the metadata and the bases file
+CACHE_FORMAT = 3  # 2: checksums of the metadata and the bases file; 3: the coordinate RMS per layer
+#: The bases file's tensors of the coordinate RMS, one per layer (not a candidate's).
+RMS_PREFIX = "__coordinate_rms__/"
 BASES_FILE = "bases.safetensors"
 META_FILE = "meta.json"
 
@@ -62,6 +65,9 @@ class ASide:
     capture_seconds: float
     build_seconds: float  # base weights + candidate bases (or, from the cache, the key and the load)
     cache: dict[str, str] | None = None  # {"dir", "key", "model_sha256", "status": "hit" | "miss"} with a cache
+    #: per layer, each residual coordinate's RMS over the persona captures' real tokens (float64,
+    #: (d,)): the scale of the standardized view and the outlier diagnostic (``outliers.py``)
+    coordinate_rms: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def build_a_side_for(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes: ProbeSet) -> ASide:
@@ -113,9 +119,10 @@ def _build(model, tokenizer, config: SweepConfig, layers: Sequence[int], probes:
     t1 = time.perf_counter()
     d = int(model.config.hidden_size)
     weights = extract_base_weights(model)
+    scales = coordinate_rms(acts, layers)  # (before the token captures are released)
     candidates = build_a_side(weights, acts, r=config.r, k_broad=config.resolved_k_broad(d), layers=layers,
                               seed=config.seed, release_tokens=True)
-    return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1)
+    return ASide(candidates, list(layers), counter.n, t1 - t0, time.perf_counter() - t1, coordinate_rms=scales)
 
 
 def check_cache_dir(path: str | os.PathLike) -> None:
@@ -185,9 +192,9 @@ def _inputs_sha256(tokenizer, probes: ProbeSet) -> str:
     h = hashlib.sha256()
     for name, (texts, chat) in a_side_conditions(tokenizer, probes).items():
         enc = encode(tokenizer, texts, chat=chat)
-        for field in ("input_ids", "attention_mask"):
-            t = enc[field].to(torch.int64).contiguous()
-            h.update(f"{name}|{field}|{tuple(t.shape)}|".encode())
+        for part in ("input_ids", "attention_mask"):
+            t = enc[part].to(torch.int64).contiguous()
+            h.update(f"{name}|{part}|{tuple(t.shape)}|".encode())
             h.update(t.numpy())
     return h.hexdigest()
 
@@ -237,6 +244,7 @@ def write_entry(folder: Path, a_side: ASide, key: str) -> None:
             "diagnostics": {str(layer): v for layer, v in c.diagnostics.items()},
             "rank_exceptions": {str(layer): v for layer, v in c.rank_exceptions.items()},
         })
+    tensors.update({f"{RMS_PREFIX}{layer}": v.contiguous().clone() for layer, v in a_side.coordinate_rms.items()})
     save_file(tensors, str(folder / BASES_FILE))
     meta = {"format": CACHE_FORMAT, "key": key, "layers": a_side.layers, "candidates": metas,
             "files_sha256": {BASES_FILE: sha256_file(folder / BASES_FILE)}}
@@ -304,7 +312,16 @@ def load_entry(folder: Path, key: str, d: int | None = None) -> ASide:
         ))
     if [c.name for c in candidates] != list(A_SIDE_NAMES):
         raise ValueError(f"{folder / META_FILE} does not hold this version's A-side candidates")
+    layers = [int(x) for x in meta["layers"]]
+    rms = {}
+    for layer in layers:
+        v = tensors.get(f"{RMS_PREFIX}{layer}")
+        if v is None or v.ndim != 1 or (d is not None and v.shape[0] != d) or not bool(torch.isfinite(v).all()) \
+                or bool((v < 0).any()):
+            raise ValueError(f"{folder / BASES_FILE}: the coordinate RMS of layer {layer} is missing or not a finite "
+                             f"non-negative d-vector")
+        rms[layer] = v
+        used.add(f"{RMS_PREFIX}{layer}")
     if used != set(tensors):
         raise ValueError(f"{folder / BASES_FILE} holds tensors {sorted(set(tensors) - used)[:3]} that no candidate names")
-    return ASide(candidates, [int(x) for x in meta["layers"]], forward_passes=0, capture_seconds=0.0,
-                 build_seconds=0.0)
+    return ASide(candidates, layers, forward_passes=0, capture_seconds=0.0, build_seconds=0.0, coordinate_rms=rms)

@@ -9,6 +9,7 @@ lower rank). A sweep that misses it is broken.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -21,9 +22,9 @@ import torch
 from . import publish
 from .candidates import Candidate, get_spec
 from . import linalg
-from .delta import WRITER_SHORT, random_delta, save_delta
+from .delta import WRITER_SHORT, model_parameters, random_delta, save_delta
 from .errors import InputError
-from .model import WRITER_PROJS, load_model, n_layers_of, write_gains
+from .model import WRITER_PROJS, load_model, n_layers_of, weight_key, write_gains
 from .prompts import load_probe_set
 from .report import rank_fair_order
 from .a_side import build_a_side_for
@@ -131,3 +132,41 @@ def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int =
         result = run_sweeps(config, [config.delta], snapshot=snapshot)[0]
     rank, pct = plant_rank(result.summary, plant)
     return DemoOutcome(result=result, plant=plant, rank_on_w=rank, pct_oracle_combined=pct)
+
+
+def plant_away_from(model, candidate: Candidate, layers: Sequence[int], coordinates: Sequence[int], *,
+                    generic_ratio: float, seed: int) -> dict[str, torch.Tensor]:
+    """A delta with two parts in every residual writer (SPEC §6 concern 14's toy):
+
+    - planted: residual writes inside ``candidate``'s span and exactly zero on ``coordinates``
+      (``B·N·C``, N the null space of B's rows there), mapped back through the post-norm gain as in
+      ``plant_in``;
+    - generic: a rank-2 update drawn in the writer's own (pre-gain) coordinates, as a LoRA would
+      make it, scaled so that its residual energy ``‖diag(γ)·ΔW‖²`` is ``generic_ratio`` times the
+      planted part's. Behind outlier gains its residual write sits on the outlier coordinates.
+
+    Each tensor is then rescaled to ``PLANT_SCALE·‖W‖_F``. Needs rank B > len(coordinates)."""
+    params = model_parameters(model)
+    idx = list(coordinates)
+    gen = torch.Generator().manual_seed(int(seed))
+    delta: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        B = linalg.as64(candidate.bases[layer])
+        if B.shape[1] <= len(idx):
+            raise InputError(f"{candidate.name}: rank {B.shape[1]} at layer {layer} leaves no direction away from "
+                             f"{len(idx)} coordinates")
+        N = torch.linalg.svd(B[idx, :])[2][len(idx):].T  # r x (r − k): B·N is zero on the coordinates
+        gains = write_gains(model, layer)
+        for proj in WRITER_PROJS:
+            W = params[weight_key(layer, proj)].detach()
+            n_in = int(W.shape[1])
+            gain = gains.get(WRITER_SHORT[proj])
+            g = torch.ones(W.shape[0], dtype=torch.float64) if gain is None else linalg.as64(gain)
+            draw = lambda m, n: torch.randn(m, n, generator=gen, dtype=torch.float64)  # noqa: E731
+            planted = B @ N @ draw(N.shape[1], PLANT_RANK) @ draw(PLANT_RANK, n_in)  # residual write
+            generic = draw(W.shape[0], 2) @ draw(2, n_in)  # pre-gain
+            generic *= math.sqrt(generic_ratio) * float(planted.norm()) / float((g[:, None] * generic).norm())
+            tensor = planted / g[:, None] + generic
+            tensor *= PLANT_SCALE * float(W.double().norm()) / float(tensor.norm())
+            delta[weight_key(layer, proj)] = tensor.float()
+    return delta

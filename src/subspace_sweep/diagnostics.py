@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import linalg, scoring
 from .errors import InputError
+from .outliers import TOP_COORDINATES, top_coordinates
 from .scoring import Target
 
 CURVE_KS = tuple(range(1, 33))
@@ -119,8 +120,10 @@ def topk_energy(target: Target, ks: Sequence[int] = CURVE_KS) -> list[float]:
 
 def spectra_rows(layers: Sequence[int], targets: Mapping[int, Mapping[str, Target]],
                  ks: Sequence[int] = CURVE_KS) -> list[dict]:
-    """Long rows (layer, target, k, energy): every target's curve, its participation rank, and the
-    combined weight energy inside the top-k activation oracle (target ``w_combined_in_act_topk``)."""
+    """Long rows (layer, target, k, energy): every target's curve, its participation rank, the share
+    of its energy on its own top-8 coordinates (target ``<name>_top8_coordinates``, k = 8, which
+    coordinates in ``coordinates``; SPEC §6 concern 14), and the combined weight energy inside the
+    top-k activation oracle (target ``w_combined_in_act_topk``)."""
     rows = []
     for layer in layers:
         per = targets[layer]
@@ -129,8 +132,13 @@ def spectra_rows(layers: Sequence[int], targets: Mapping[int, Mapping[str, Targe
             if t is None:
                 continue
             pr = participation_rank(t)
-            rows += [{"layer": layer, "target": name, "k": k, "energy": e, "participation_rank": pr}
+            rows += [{"layer": layer, "target": name, "k": k, "energy": e, "participation_rank": pr, "coordinates": None}
                      for k, e in zip(ks, topk_energy(t, ks))]
+            # concern 14: the share on the target's own top-8 coordinates (an isotropic target: 8/d)
+            share, coords = top_coordinates(t)
+            rows.append({"layer": layer, "target": f"{name}_top{TOP_COORDINATES}_coordinates", "k": TOP_COORDINATES,
+                         "energy": share, "participation_rank": math.nan,
+                         "coordinates": " ".join(str(j) for j in coords)})
         if "act" in per and "combined" in per:
             act, comb = per["act"], per["combined"]
             kmax = min(max(ks), act.d)
@@ -138,7 +146,7 @@ def spectra_rows(layers: Sequence[int], targets: Mapping[int, Mapping[str, Targe
             for k in ks:
                 rows.append({"layer": layer, "target": "w_combined_in_act_topk", "k": k,
                              "energy": scoring.energy(comb, vecs[:, :min(k, vecs.shape[1])]),
-                             "participation_rank": math.nan})
+                             "participation_rank": math.nan, "coordinates": None})
     return rows
 
 

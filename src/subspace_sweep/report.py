@@ -31,7 +31,10 @@ PANELS = ("joint", "read", "reference")
 SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "rank", "joint_gain", "gain_act",
                 *[f"gain_w_{t}" for t in WEIGHT_TARGETS], "R_act", "z_act",
                 *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("R", "z")], "z_slice_w_combined",
-                "joint", "act_w_gap_log2"]
+                "joint", "act_w_gap_log2",
+                # the standardized view (SPEC §5, concern 14): its place in the panel and its scores
+                "rank_in_panel_std", "joint_gain_std", "gain_act_std", "gain_w_combined_std", "z_act_std",
+                "z_w_combined_std"]
 #: Columns that exist only with an option: bootstrap intervals (--n-boot > 0), topic holdout.
 OPTIONAL_COLS = ["R_act_lo", "R_act_hi", "joint_lo", "joint_hi", "R_act_holdout", "z_act_holdout",
                  "gain_act_holdout", "pct_oracle_act_holdout", "joint_holdout", "joint_gain_holdout"]
@@ -78,8 +81,11 @@ def ranked_summary(result) -> pl.DataFrame:
     read (A-side), then the B-side references, each best first."""
     parts = []
     for panel in PANELS:
-        frame = result.references() if panel == "reference" else result.ranking(panel)
-        parts.append(frame.with_columns(panel=pl.lit(panel), rank_in_panel=pl.int_range(1, frame.height + 1)))
+        frame, std = ((result.references(), result.references("standardized")) if panel == "reference" else
+                      (result.ranking(panel), result.ranking(panel, "standardized")))
+        std_place = pl.DataFrame({"candidate": std["candidate"], "rank_in_panel_std": range(1, std.height + 1)})
+        parts.append(frame.with_columns(panel=pl.lit(panel), rank_in_panel=pl.int_range(1, frame.height + 1))
+                     .join(std_place, on="candidate", how="left", maintain_order="left"))
     out = pl.concat(parts)
     missing = set(result.summary["candidate"]) - set(out["candidate"])
     if missing:  # every row must land in exactly one panel
@@ -160,7 +166,28 @@ def definitions_markdown(candidates, causal=None) -> str:
         "labels are equal.",
         "spectra.tsv, per scored layer and target: `energy` = the top-k Ky Fan sum / trace for k = 1..32, "
         "`participation_rank` = (Σλ)²/Σλ² (k for a target isotropic on k dimensions); target "
-        "`w_combined_in_act_topk`: the combined weight energy inside the top-k activation oracle.",
+        "`w_combined_in_act_topk`: the combined weight energy inside the top-k activation oracle; targets "
+        "`<target>_top8_coordinates` (k = 8): the concentration, the share of the target's energy on its 8 largest "
+        "residual coordinates, Σ_{top 8 j} G_jj / tr G, which coordinates in `coordinates` (largest first). 8 fixed "
+        "coordinates of an isotropic target hold 8/d; the top 8 of a generic low-rank target a little more (0.03 "
+        "for rank 16 at d = 576); above 0.5 a few outlier coordinates (a norm gain in the hundreds, a massive "
+        "activation) decide the energy shares, and the conclusion says so.",
+        "",
+        "## The standardized view (columns `*_std`, SPEC §5 and §6 concern 14)",
+        "",
+        "Every residual coordinate j is measured in units of its own scale in the base model, σ_j = max(rms_j, "
+        "median_k rms_k), rms_j its RMS over every real token of the persona± FIT captures at the layer. With D = "
+        "diag(1/σ): vectors of the residual stream (activation changes, writers' outputs, write and activation "
+        "bases) become D·u, covectors (readers' rows: the read and unembedding families, the QK form) D⁻¹·r, so "
+        "that what a reader reads of a vector is unchanged; the random baseline is its own draw (uniform in any "
+        "orthonormal coordinates). The activation target is built from the rows D·u_i, the combined weight target "
+        "from each writer's D·diag(γ)·ΔW (balanced as in the residual view), each basis is orthonormalised after "
+        "the map, and every score of SPEC §5 is taken there unchanged: e, R, the exact null (a uniformly random "
+        "subspace of the standardized space) and its z, the Ky Fan oracle, pct_oracle and gain; joint_gain_std = "
+        "√(max(gain_act_std, 0)·max(gain_w_combined_std, 0)) and `rank_in_panel_std` its rank-fair place. "
+        "Coordinates at or below the median scale are all divided by the same number, which no share sees; where "
+        "every coordinate has the same scale the view IS the residual view. The residual view stays the default "
+        "ranking (the one the seed's numbers compare with).",
         "readout.tsv (Û = the unembedding·diag(γ_final) with unit rows, V of them; r = diag(γ_final)·(u_Yes − "
         "u_No), the answer tokens of the causal check): per layer `token_energy_label` = (d/V)·‖Û v̂‖² of the "
         "mean EVAL label (exactly 1 in expectation for a uniformly random direction; this is the plain "
@@ -198,6 +225,21 @@ def definitions_markdown(candidates, causal=None) -> str:
 
 def _fmt(x: float, spec: str = ".2f") -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def standardized_line(joint: pl.DataFrame, best: Mapping[str, object]) -> str:
+    """The BLUF's line on the standardized view (SPEC §5, concern 14): its best write/mixed row
+    and where the residual view's best lands in it."""
+    order = joint.sort("rank_in_panel_std")
+    top = order.row(0, named=True)
+    place = order["candidate"].to_list().index(best["candidate"]) + 1
+    same = top["candidate"] == best["candidate"]
+    return (f"In standardized coordinates (each residual coordinate in units of its own scale in the base model, so "
+            f"that a few outlier coordinates do not decide the shares; SPEC §5, concern 14) the best is "
+            f"**`{top['candidate']}`**: joint_gain_std = {_fmt(top['joint_gain_std'], '.3f')} (gain_act_std = "
+            f"{_fmt(top['gain_act_std'], '.3f')}, gain_w_combined_std = {_fmt(top['gain_w_combined_std'], '.3f')})"
+            + (" — the same candidate." if same else
+               f"; the residual view's best is at place {place} there (joint_gain_std = {_fmt(best['joint_gain_std'], '.3f')})."))
 
 
 def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
@@ -243,6 +285,8 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
          if significant else
          "It does NOT clear the exact random-subspace null on both axes (z > 2): treat it as no evidence."),
         "",
+        standardized_line(joint, best),
+        "",
         f"Top-5 by gain_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
         f"Top-5 by gain_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
         f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
@@ -264,9 +308,11 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         if r["rank"] is not None and r["rank"] < r["expected_rank"] - 1e-9
     ]
     n_train = getattr(result, "n_lora_train_topics", None)
+    warning = getattr(result, "outlier_warning", None)
     lines += [
         "## Caveats",
         "",
+        *([f"- {warning}"] if warning else []),
         "- A single delta (one LoRA seed): the ranking is anecdote-grade until repeated across seeds.",
         f"- A small probe set: {result.n_fit} FIT prompts build the activation bases and {result.n_eval} EVAL prompts "
         "score them" + ("; R_act has no confidence interval here." if not config.n_boot else

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import compute, linalg, preflight, publish, report, scoring
+from . import compute, linalg, outliers, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
 from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
@@ -58,20 +58,28 @@ class SweepResult:
     scope: pl.DataFrame | None = None  # per layer: weight vs label oracle overlaps (diagnostics.py)
     spectra: pl.DataFrame | None = None  # per layer and target: top-k energy curves, participation ranks
     readout: pl.DataFrame | None = None  # token energy, logit lens per layer; readout share per candidate
+    outlier_warning: str | None = None  # concern 14: the conclusion's line when targets sit on a few coordinates
 
-    def ranking(self, panel: str) -> pl.DataFrame:
-        """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first."""
+    def ranking(self, panel: str, view: str = "residual") -> pl.DataFrame:
+        """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first, in the
+        residual view (SPEC §5) or the standardized one (``view="standardized"``, concern 14)."""
         names = [c.name for c in ranking_pool(self.candidates, panel)]  # type: ignore[arg-type]
-        return rank_rows(self.summary.filter(pl.col("candidate").is_in(names)))
+        return rank_rows(self.summary.filter(pl.col("candidate").is_in(names)), view)
 
-    def references(self) -> pl.DataFrame:
-        return rank_rows(self.summary.filter(pl.col("side") == "B"))
+    def references(self, view: str = "residual") -> pl.DataFrame:
+        return rank_rows(self.summary.filter(pl.col("side") == "B"), view)
 
 
-def rank_rows(summary: pl.DataFrame) -> pl.DataFrame:
-    """The ranking order (SPEC §5, rank-fair): joint_gain, best first; ties to the lower rank,
-    then to the higher z (the smaller of the two axes' Stouffer z)."""
-    return rank_fair_order(summary, "joint_gain", ("z_act", "z_w_combined"))
+#: The columns each ranking view sorts on: (joint gain, the two axes' Stouffer z).
+VIEW_COLUMNS = {"residual": ("joint_gain", ("z_act", "z_w_combined")),
+                "standardized": ("joint_gain_std", ("z_act_std", "z_w_combined_std"))}
+
+
+def rank_rows(summary: pl.DataFrame, view: str = "residual") -> pl.DataFrame:
+    """The ranking order (SPEC §5, rank-fair): joint_gain (of the view), best first; ties to the
+    lower rank, then to the higher z (the smaller of the two axes' Stouffer z)."""
+    gain, zs = VIEW_COLUMNS[view]
+    return rank_fair_order(summary, gain, zs)
 
 
 # ------------------------------------------------------------------------------- targets
@@ -98,12 +106,17 @@ def weight_targets(delta: Mapping[str, Tensor], layer: int,
     """The layer's weight targets (SPEC §5): each present residual writer's, and their balanced
     combination; none when the delta writes nothing to the residual stream there. A writer behind
     a post-projection norm (``gains[writer]``, SPEC §4.1) writes ``diag(γ)·ΔW`` to first order."""
-    gains = gains or {}
-    weights = {name: Target.from_matrix(f"{name}@{layer}", residual_rows(M, gains.get(name)))
-               for name, M in residual_writer_tensors(delta, layer).items()}
+    weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in writer_rows(delta, layer, gains).items()}
     if weights:
         weights["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
     return weights
+
+
+def writer_rows(delta: Mapping[str, Tensor], layer: int, gains: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Each present residual writer's delta in residual coordinates (``diag(γ)·ΔW`` behind a
+    post-projection norm), as stored (its dtype kept: the targets' noise floors follow it)."""
+    gains = gains or {}
+    return {name: residual_rows(M, gains.get(name)) for name, M in residual_writer_tensors(delta, layer).items()}
 
 
 # ------------------------------------------------------------------------------- scoring
@@ -164,6 +177,34 @@ def score_layer(
         row["bisector_cos_mean"] = float(diag.get("cos_mean", math.nan))
         row["bisector_cos_min"] = float(diag.get("cos_min", math.nan))
         rows.append(row)
+    return rows
+
+
+#: The standardized view's per_layer columns take these suffixes (concern 14).
+STD_TARGETS = {"act": "act_std", "combined": "w_combined_std"}
+
+
+def score_standardized(candidates: Sequence[Candidate], layer: int, targets: Mapping[str, Target],
+                       view: outliers.StandardizedView, config: SweepConfig) -> list[dict[str, float]]:
+    """Per candidate, its scores in the standardized coordinates (``outliers.py``): e, R, z,
+    pct_oracle and gain of the standardized activation and combined weight targets, every
+    formula of SPEC §5 unchanged (the exact null and the Ky Fan oracle of the standardized space)."""
+    bases = [view.basis(c.bases[layer], outliers.transform_of(c.family)) for c in candidates]
+    rows: list[dict[str, float]] = [{} for _ in candidates]
+    for name, suffix in STD_TARGETS.items():
+        t = targets.get(name)
+        energies = scoring.energies(t, bases) if t is not None else None
+        for i, B in enumerate(bases):
+            r = int(B.shape[1])
+            s = scoring.score_energy(t, r, float(energies[i])) if t is not None else None
+            z = _mc_z(t, B, config.null, config.n_null, config.seed, layer) if t is not None else None
+            rows[i].update({
+                f"e_{suffix}": s.energy if s else math.nan,
+                f"R_{suffix}": s.concentration if s else math.nan,
+                f"z_{suffix}": (s.z if z is None else z) if s else math.nan,
+                f"pct_oracle_{suffix.removeprefix('w_')}": s.pct_oracle if s else math.nan,
+                f"gain_{suffix}": s.gain if s else math.nan,
+            })
     return rows
 
 
@@ -254,6 +295,10 @@ MEAN_COLS = [
 #: independent, so it is a screening figure, not a p-value).
 STOUFFER_COLS = ["z_act", *[f"z_w_{t}" for t in WEIGHT_TARGETS], "z_slice_w_combined"]
 HOLDOUT_COLS = ["e_act_holdout", "R_act_holdout", "gain_act_holdout", "pct_oracle_act_holdout"]
+#: The standardized view's columns (every sweep has them; weight-only scoring in tests does not).
+STD_MEAN_COLS = [*[f"{k}_{suffix}" for suffix in STD_TARGETS.values() for k in ("e", "R", "gain")],
+                 *[f"pct_oracle_{suffix.removeprefix('w_')}" for suffix in STD_TARGETS.values()]]
+STD_STOUFFER_COLS = [f"z_{suffix}" for suffix in STD_TARGETS.values()]
 
 
 def _joint_gain(act: str, w: str) -> pl.Expr:
@@ -265,18 +310,20 @@ def _joint_gain(act: str, w: str) -> pl.Expr:
 def summarise(per_layer: pl.DataFrame) -> pl.DataFrame:
     """Mean over scored layers of every energy, R, gain and pct column, Stouffer's z over layers
     (NaN-aware: a NaN layer makes the summary NaN, never silently dropped), and the joint scores."""
-    holdout = [c for c in HOLDOUT_COLS if c in per_layer.columns]
-    stouffer = [c for c in (*STOUFFER_COLS, "z_act_holdout") if c in per_layer.columns]
+    optional = [c for c in (*HOLDOUT_COLS, *STD_MEAN_COLS) if c in per_layer.columns]
+    stouffer = [c for c in (*STOUFFER_COLS, "z_act_holdout", *STD_STOUFFER_COLS) if c in per_layer.columns]
     out = per_layer.group_by("candidate", maintain_order=True).agg(
         pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
-        *[pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *holdout)],
+        *[pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *optional)],
         *[(pl.col(c).cast(pl.Float64).sum() / pl.len().sqrt()).alias(c) for c in stouffer],
     ).with_columns(
         joint=(pl.col("R_act") * pl.col("R_w_combined")).sqrt(),
         joint_gain=_joint_gain("gain_act", "gain_w_combined"),
         act_w_gap_log2=(pl.col("R_act") / pl.col("R_w_combined")).log(2),
     )
-    if holdout:
+    if "gain_act_std" in out.columns:
+        out = out.with_columns(joint_gain_std=_joint_gain("gain_act_std", "gain_w_combined_std"))
+    if "R_act_holdout" in out.columns:
         out = out.with_columns(joint_holdout=(pl.col("R_act_holdout") * pl.col("R_w_combined")).sqrt(),
                                joint_gain_holdout=_joint_gain("gain_act_holdout", "gain_w_combined"))
     return out
@@ -375,10 +422,18 @@ def sweep(
     spectra: list[dict] = []
     weight_oracles: dict[int, dict[str, Tensor]] = {}
     combined: dict[int, Target] = {}
+    flags: list[outliers.Concentration] = []  # concern 14: targets on a few coordinates, and why
+    sources: dict[int, str | None] = {}
     b_side_s = scoring_s = 0.0
     for layer in tqdm(layers, desc="B-side and scoring", disable=config.quiet, leave=False, unit="layer"):
         t0 = time.perf_counter()
         targets = build_targets(labels.eval, delta, [layer], holdout, gains)
+        view = outliers.StandardizedView.of(a_side.coordinate_rms[layer])
+        std_targets = view.targets(layer, labels.eval[layer], writer_rows(delta, layer, gains[layer]))
+        for flag in outliers.concentrated(layer, targets[layer]):
+            flags.append(flag)
+            for j in flag.coordinates:
+                sources.setdefault(j, outliers.source_of(j, a_side.coordinate_rms[layer], gains[layer]))
         # each weight target is reduced to tridiagonal form once for all its spectra (3 reductions
         # per layer instead of 7, same bits), the reductions freed with the layer
         with scoring.shared_reductions(targets[layer].values()):
@@ -390,6 +445,8 @@ def sweep(
                 t1 = time.perf_counter()
                 at_layer = [*a_side.candidates, *b_parts[-1]]
                 layer_rows, oracles = score_layers(at_layer, targets, slice_dims, config)
+                for row, std in zip(layer_rows, score_standardized(at_layer, layer, std_targets, view, config)):
+                    row.update(std)
                 rows += layer_rows
                 weight_oracles.update(oracles)
                 specific += Specificity.at_layer(labels.eval[layer], clean_pcs.bases[layer], layer).rows(at_layer, layer)
@@ -417,7 +474,7 @@ def sweep(
         prompt_R = {c.name: prompt_concentrations(c, labels.eval, layers, d) for c in candidates}
         summary = with_bootstrap(summary, prompt_R, config)
     scope = pl.DataFrame(scope)
-    spectra = pl.DataFrame(spectra)
+    spectra = pl.DataFrame(spectra, infer_schema_length=None)
     readout = None
     try:
         tokens = answers or probe_answer_tokens(tokenizer, probes.eval)
@@ -464,6 +521,7 @@ def sweep(
         scope=scope,
         spectra=spectra,
         readout=readout,
+        outlier_warning=outliers.warning_line(flags, len(layers), d, sources),
     )
 
 

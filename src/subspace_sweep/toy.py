@@ -16,6 +16,7 @@ Like Qwen, it adds no special tokens to raw text.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -211,3 +212,26 @@ def save_tiny_model(path: str | Path, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def plant_outlier_gains(model: torch.nn.Module, coordinates: Sequence[int], factor: float = 300.0) -> None:
+    """Multiply the writers' post-projection norm gains of every layer by ``factor`` on
+    ``coordinates`` (SPEC §6 concern 14: the handful of huge gains real post-norm models have in
+    front of the residual writers). The new gain is read back from the norm's own forward
+    (``model.norm_gain``), whatever the module stores (``weight`` or ``1 + weight``)."""
+    from .arch import architecture_of
+    from .model import block_name, norm_gain
+
+    arch = architecture_of(model.config)
+    d = int(model.config.hidden_size)
+    paths = [p for w in ("o_proj", "down_proj") if (p := arch.write_norm(w)) is not None]
+    if not paths:
+        raise ValueError(f"{arch.model_type}: its writers add to the residual directly; no post-norm gain to plant")
+    idx = torch.as_tensor(list(coordinates), dtype=torch.long)
+    with torch.no_grad():
+        for layer in range(int(model.config.num_hidden_layers)):
+            for path in paths:
+                norm = model.get_submodule(f"{block_name(layer)}.{path}")
+                gain = norm_gain(norm, d)
+                offset = gain - norm.weight.float().cpu()  # 0 (Llama/Qwen) or 1 (Gemma)
+                norm.weight[idx] = (factor * gain[idx] - offset[idx]).to(norm.weight.dtype)

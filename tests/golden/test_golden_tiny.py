@@ -19,7 +19,9 @@ import polars as pl
 
 NUMERIC = ["R_act", "z_act", "R_w_o_proj", "z_w_o_proj", "R_w_down_proj", "z_w_down_proj", "R_w_combined",
            "z_w_combined", "pct_oracle_act", "pct_oracle_combined", "joint", "rank", "joint_gain", "gain_act",
-           "gain_w_combined", "gain_w_o_proj", "gain_w_down_proj", "z_slice_w_combined"]
+           "gain_w_combined", "gain_w_o_proj", "gain_w_down_proj", "z_slice_w_combined",
+           # the standardized view (SPEC §5, concern 14; added 2026-12-06)
+           "joint_gain_std", "gain_act_std", "gain_w_combined_std", "z_act_std", "z_w_combined_std"]
 TOLERANCES = {
     **{c: {"rtol": 1e-4, "atol": 1e-6} for c in NUMERIC},
     # z divides by a small null SD: relative error is amplified
@@ -35,7 +37,8 @@ def _summary(demo_run) -> pl.DataFrame:
         pl.read_csv(out / "summary.tsv", separator="\t").select("candidate", "z_act", "R_w_o_proj", "z_w_o_proj",
                                                                  "R_w_down_proj", "z_w_down_proj", "z_w_combined",
                                                                  "gain_w_o_proj", "gain_w_down_proj",
-                                                                 "z_slice_w_combined"),
+                                                                 "z_slice_w_combined", "joint_gain_std", "gain_act_std",
+                                                                 "gain_w_combined_std", "z_act_std", "z_w_combined_std"),
         on="candidate",
     ).sort("candidate")
 
@@ -56,6 +59,7 @@ def test_rankings(demo_run, snapshot):
     outcome, _ = demo_run
     panels = {p: outcome.result.ranking(p)["candidate"].to_list() for p in ("joint", "read")}
     panels["references"] = outcome.result.references()["candidate"].to_list()
+    panels["joint_standardized"] = outcome.result.ranking("joint", "standardized")["candidate"].to_list()
     assert panels == snapshot
 
 

@@ -35,6 +35,10 @@ def _entries(root):
 
 def _assert_same_a_side(got, want):
     assert [c.name for c in got.candidates] == [c.name for c in want.candidates]
+    # the standardized view's scales (concern 14) travel with the bases, bit for bit
+    assert sorted(got.coordinate_rms) == sorted(want.coordinate_rms) == sorted(want.layers)
+    for layer, v in want.coordinate_rms.items():
+        assert got.coordinate_rms[layer].dtype == v.dtype and torch.equal(got.coordinate_rms[layer], v), layer
     for g, w in zip(got.candidates, want.candidates):
         assert (g.family, g.definition, g.side, g.expected_rank, g.rank_note) == (
             w.family, w.definition, w.side, w.expected_rank, w.rank_note), g.name
@@ -149,13 +153,22 @@ def _tamper_consistently(entry, edit_bases=None, edit_meta=None):
 
 
 def _first_basis(tensors):
-    return next(name for name, t in tensors.items() if t.numel() > 4)
+    return next(name for name, t in tensors.items() if t.numel() > 4 and not name.startswith(a_side.RMS_PREFIX))
 
 
 def _nan(tensors):
     name = _first_basis(tensors)
     tensors[name] = tensors[name].clone()
     tensors[name][0, 0] = float("nan")
+
+
+def _negative_rms(tensors):
+    name = next(n for n in tensors if n.startswith(a_side.RMS_PREFIX))
+    tensors[name] = -tensors[name]
+
+
+def _drop_rms(tensors):
+    del tensors[next(n for n in tensors if n.startswith(a_side.RMS_PREFIX))]
 
 
 def _skew(tensors):
@@ -170,7 +183,8 @@ def _edit_definition(meta):
 @pytest.mark.parametrize("damage", [
     "truncated_bases", "garbage_meta", "other_key", "missing_candidate", "bit_flip", "edited_definition",
     "nan_basis_consistent_checksums", "skewed_basis_consistent_checksums", "edited_definition_consistent_checksums",
-    "extra_tensor_consistent_checksums", "entry_is_a_file",
+    "extra_tensor_consistent_checksums", "entry_is_a_file", "negative_rms_consistent_checksums",
+    "missing_rms_consistent_checksums",
 ])
 def test_a_broken_entry_is_rebuilt_and_replaced_with_one_warning(tiny, probes, tmp_path, damage):
     model, tokenizer = tiny
@@ -193,6 +207,10 @@ def test_a_broken_entry_is_rebuilt_and_replaced_with_one_warning(tiny, probes, t
         _tamper_consistently(entry, edit_bases=_nan)
     elif damage == "skewed_basis_consistent_checksums":
         _tamper_consistently(entry, edit_bases=_skew)
+    elif damage == "negative_rms_consistent_checksums":
+        _tamper_consistently(entry, edit_bases=_negative_rms)
+    elif damage == "missing_rms_consistent_checksums":
+        _tamper_consistently(entry, edit_bases=_drop_rms)
     elif damage == "extra_tensor_consistent_checksums":
         _tamper_consistently(entry, edit_bases=lambda t: t.update({"planted/1": torch.eye(64, 2, dtype=torch.float64)}))
     elif damage == "edited_definition_consistent_checksums":

@@ -90,7 +90,12 @@ def test_run_folder_has_the_scope_and_spectra_tables_figure_and_verdict(demo_run
     assert scope["layer"].to_list() == [1, 2]
     assert scope["overlap_cumulative_local"][0] == pytest.approx(1.0, abs=1e-6)
     spectra = pl.read_csv(out / "spectra.tsv", separator="\t")
-    assert set(spectra["target"]) == {"act", "o_proj", "down_proj", "combined", "w_combined_in_act_topk"}
+    targets = ("act", "o_proj", "down_proj", "combined")
+    assert set(spectra["target"]) == {*targets, "w_combined_in_act_topk", *(f"{t}_top8_coordinates" for t in targets)}
+    # the concentration rows (concern 14) agree with the target's own diagonal: pinned in test_outliers
+    top8 = spectra.filter(pl.col("target").str.ends_with("_top8_coordinates"))
+    assert top8["k"].to_list() == [8] * 8 and top8["layer"].to_list() == [1] * 4 + [2] * 4
+    assert all(len(str(c).split()) == 8 for c in top8["coordinates"])
     assert (out / "spectra.png").is_file() and (out / "spectra.pdf").is_file()
     assert "## Scope" in (out / "conclusion.md").read_text()
 

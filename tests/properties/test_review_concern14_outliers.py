@@ -1,0 +1,115 @@
+"""SPEC §6 concern 14, outlier coordinates, on a toy built to have them: a tiny Gemma-2 (post-norm
+writers) whose post-norm gains are ×300 on 4 coordinates, as real post-norm models' are on a
+handful. The delta has a part planted in one candidate's span with exactly zero residual write on
+those coordinates, and a generic rank-2 part drawn in the writers' own coordinates (as a LoRA
+makes it) that the gains carry onto them (its residual energy 1000x the planted part's).
+
+- The conclusion warns, naming the 4 coordinates and their norm gains.
+- The residual view ties: every candidate spanning the outlier coordinates reaches the planted
+  candidate's gain within the tie resolution, so it cannot say which explains the delta (the
+  old method, a strict xfail below: it does not rank the plant first by a margin).
+- The standardized view ranks the planted candidate first, clear of every candidate whose span
+  does not contain it (a union containing it may match it).
+"""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from subspace_sweep import linalg
+from subspace_sweep.a_side import build_a_side_for
+from subspace_sweep.demo import default_layers, plant_away_from
+from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.report import GAIN_RESOLUTION, rank_fair_order
+from subspace_sweep.sweep import SweepConfig, sweep
+from subspace_sweep.toy import build_tiny_decoder, plant_outlier_gains
+
+OUTLIERS = [3, 17, 29, 41]
+FACTOR = 300.0
+GENERIC_RATIO = 1000.0
+PLANTS = ["chars_clusters", "TaskDiff_contrast"]
+#: How far ahead of every candidate not containing it the plant must rank (gain units): measured
+#: 0.32 (chars_clusters) and 0.19 (TaskDiff_contrast) in the standardized view, ≤ 0.001 in the residual one.
+MARGIN = 0.1
+VIEWS = {"standardized": ("gain_w_combined_std", "z_w_combined_std"), "residual": ("gain_w_combined", "z_w_combined")}
+LEGACY = pytest.mark.xfail(strict=True, reason="legacy (residual coordinates only): a few outlier coordinates decide "
+                                               "the energy shares and every writer ties, SPEC §6 concern 14")
+
+
+@pytest.fixture(scope="module")
+def outlier_runs():
+    model, tok = build_tiny_decoder("gemma2", seed=0, n_layers=4)
+    plant_outlier_gains(model, OUTLIERS, FACTOR)
+    config = SweepConfig(quiet=True)
+    layers = default_layers(model.config.num_hidden_layers)
+    a_side = build_a_side_for(model, tok, config, layers, load_probe_set(config.n_fit))
+    by_name = {c.name: c for c in a_side.candidates}
+    runs = {}
+    for i, plant in enumerate(PLANTS):
+        delta = plant_away_from(model, by_name[plant], layers, OUTLIERS, generic_ratio=GENERIC_RATIO, seed=i)
+        runs[plant] = sweep(model, tok, delta, config, a_side=a_side)
+    return runs, by_name, layers, a_side
+
+
+def _standing(run, by_name, layers, plant: str, view: str) -> tuple[int, float, list[str]]:
+    """(the plant's place among the A-side rows on the view's weight gain, candidates whose span
+    contains it left out (a union with it may take up a little more of the generic part), its lead
+    over the best of the rest, the rest within the tie resolution of it)."""
+    gain, z = VIEWS[view]
+    rows = rank_fair_order(run.summary.filter(pl.col("side") == "A"), gain, z)
+    mine = float(rows.filter(pl.col("candidate") == plant)[gain][0])
+
+    def contains(name: str) -> bool:
+        return all(float(linalg.principal_cosines(by_name[name].bases[l], by_name[plant].bases[l]).min()) > 1 - 1e-9
+                   for l in layers)
+
+    pool = rows.filter((pl.col("candidate") == plant) | ~pl.col("candidate").map_elements(contains, return_dtype=pl.Boolean))
+    others = pool.filter(pl.col("candidate") != plant)
+    lead = mine - float(others[gain].max())
+    tied = others.filter((pl.col(gain) - mine).abs() <= GAIN_RESOLUTION)["candidate"].to_list()
+    return pool["candidate"].to_list().index(plant) + 1, lead, tied
+
+
+def test_concern14_the_warning_names_the_outlier_coordinates_and_their_gains(outlier_runs):
+    runs, _, layers, _ = outlier_runs
+    for run in runs.values():
+        line = run.outlier_warning
+        assert line is not None and "the weight target at 2 of 2 scored layers" in line
+        for j in OUTLIERS:
+            assert f"{j}: down_proj's post-norm gain" in line
+        top8 = run.spectra.filter(pl.col("target") == "combined_top8_coordinates")
+        assert top8["layer"].to_list() == list(layers)
+        assert float(top8["energy"].min()) > 0.5
+        for coords in top8["coordinates"]:
+            assert set(OUTLIERS) <= {int(j) for j in coords.split()}
+
+
+def test_concern14_the_residual_view_ties(outlier_runs):
+    runs, by_name, layers, _ = outlier_runs
+    for plant, run in runs.items():
+        _, lead, tied = _standing(run, by_name, layers, plant, "residual")
+        assert lead <= GAIN_RESOLUTION and len(tied) >= 3, (plant, lead, tied)
+
+
+@pytest.mark.parametrize("view", ["standardized", pytest.param("residual", marks=LEGACY, id="legacy_residual")])
+@pytest.mark.parametrize("plant", PLANTS)
+def test_concern14_a_delta_planted_away_from_outlier_coordinates_ranks_its_candidate_first(outlier_runs, plant, view):
+    runs, by_name, layers, _ = outlier_runs
+    place, lead, _ = _standing(runs[plant], by_name, layers, plant, view)
+    assert place == 1 and lead >= MARGIN, (place, lead)
+
+
+def test_concern14_the_scales_come_from_the_residual_and_see_the_outliers(outlier_runs):
+    """The view's scales (the A-side's coordinate RMS over the persona captures' real tokens) put
+    the planted coordinates far above the median: the gains in front of every writer make the
+    residual large there (and every other coordinate within a few times the median)."""
+    _, _, layers, a_side = outlier_runs
+    for layer in layers:
+        rms = a_side.coordinate_rms[layer]
+        ratio = rms / rms.median()
+        assert float(ratio[OUTLIERS].min()) > 100.0
+        rest = torch.ones(rms.shape[0], dtype=torch.bool)
+        rest[OUTLIERS] = False
+        assert float(ratio[rest].max()) < 10.0
