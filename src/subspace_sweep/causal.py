@@ -230,13 +230,40 @@ def behaviour(model: nn.Module, tokenizer, texts: Sequence[str], answers: Answer
 
 @dataclass
 class Prefix:
-    """The residual entering decoder layer ``layer`` for one behaviour batch, recorded on the
-    unsteered model (``hidden`` None until then). A steered pass whose delta changes nothing below
-    ``layer`` (``first_steered_layer``) resumes there: the layers below would compute, bit for bit,
-    what they computed then, so they return it instead (issue 25)."""
+    """The residual entering decoder layer ``layer`` for one behaviour set, one tensor per length
+    batch (``length_batches``), recorded on the unsteered model (``hidden`` None until then). A
+    steered pass whose delta changes nothing below ``layer`` (``first_steered_layer``) resumes
+    there: the layers below would compute, bit for bit, what they computed then, so they return it
+    instead (issue 25)."""
 
     layer: int
-    hidden: Tensor | None = None
+    hidden: list[Tensor] | None = None
+
+
+#: A behaviour set is split into batches of similar length only where that saves at least this
+#: share of the padded token positions a pass computes (each extra batch is one more pass over the
+#: decoder: its fixed costs must be paid for). The shipped probes pad 8% of their positions: one batch.
+LENGTH_SPLIT_SAVING = 0.25
+
+
+def length_batches(lengths: Sequence[int], min_saving: float = LENGTH_SPLIT_SAVING) -> list[list[int]]:
+    """The prompts' batches (indices, each batch in the given order): the prompts sorted by length
+    (ties by index) are split in two where the split computes the fewest padded positions
+    (``n·max length`` per batch), when that saves ≥ ``min_saving`` of the unsplit batch's; each half
+    the same, recursively. One batch of every prompt, in order, when no split pays."""
+    n = len(lengths)
+
+    def split(idx: list[int]) -> list[list[int]]:
+        if len(idx) < 2:
+            return [idx]
+        cost = len(idx) * lengths[idx[-1]]
+        best, k = min((k * lengths[idx[k - 1]] + (len(idx) - k) * lengths[idx[-1]], k) for k in range(1, len(idx)))
+        if cost - best < min_saving * cost:
+            return [idx]
+        return split(idx[:k]) + split(idx[k:])
+
+    groups = split(sorted(range(n), key=lambda i: (lengths[i], i)))
+    return [list(range(n))] if len(groups) == 1 else [sorted(g) for g in groups]
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -252,12 +279,12 @@ def first_steered_layer(delta: Mapping[str, Tensor]) -> int | None:
 
 
 @contextmanager
-def _resume_at(model: nn.Module, prefix: Prefix) -> Iterator[None]:
+def _resume_at(model: nn.Module, prefix: Prefix, batch: int) -> Iterator[None]:
     """Inside the block, decoder layers below ``prefix.layer`` return the recorded residual instead
     of computing (each layer's own ``forward``, overridden on the instance and restored on exit)."""
     blocks = [model.get_submodule(block_name(i)) for i in range(prefix.layer)]
     before = [b.__dict__.get("forward") for b in blocks]
-    hidden = prefix.hidden
+    hidden = prefix.hidden[batch]
     try:
         for b in blocks:
             b.forward = lambda *args, **kwargs: hidden
@@ -275,29 +302,37 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
     """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
     first tokens together (coherence: steering that breaks the answer format loses it), read at
     the last real token of each prompt as the behaviour set asks it (after the chat template's
-    generation prompt, or at the end of the raw text). ONE forward pass over the decoder, the
-    unembedding applied to the last positions only. ``prefix``: record the residual entering its
-    layer (when it holds none yet) or resume there (when it does; the caller vouches that nothing
-    below it is steered)."""
+    generation prompt, or at the end of the raw text). One forward pass over the decoder per length
+    batch (``length_batches``: one for prompts of similar lengths), the unembedding applied to the
+    last positions only. ``prefix``: record the residual entering its layer (when it holds none
+    yet) or resume there (when it does; the caller vouches that nothing below it is steered)."""
     if isinstance(answers, AnswerTokens):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
     asked = [answer_prompt(tokenizer, t) for t in texts] if answers.chat else list(texts)
     enc = encode(tokenizer, asked, chat=answers.chat)
-    ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
-    last = last_token_index(mask)
-    _check_contiguous(mask, last)
-    position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+    batches = length_batches(enc["attention_mask"].sum(1).tolist())
     active = prefix is not None and prefix.layer > 0
     record = active and prefix.hidden is None
-    with torch.no_grad(), forward_pass_memory(), \
-            (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
-             else _resume_at(model, prefix) if active else nullcontext()) as rec:
-        hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
-        h = hidden[torch.arange(ids.shape[0], device=dev), last]
     if record:
-        prefix.hidden = rec.input(block_name(prefix.layer))
+        prefix.hidden = []
+    parts = []
+    for i, batch in enumerate(batches):
+        if len(batches) > 1:
+            enc = encode(tokenizer, [asked[j] for j in batch], chat=answers.chat)
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+        last = last_token_index(mask)
+        _check_contiguous(mask, last)
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad(), forward_pass_memory(), \
+                (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
+                 else _resume_at(model, prefix, i) if active else nullcontext()) as rec:
+            hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+            parts.append(hidden[torch.arange(ids.shape[0], device=dev), last])
+        if record:
+            prefix.hidden.append(rec.input(block_name(prefix.layer)))
+    h = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.tensor([j for b in batches for j in b])).to(dev)]
     with torch.no_grad():
         logits = model.get_output_embeddings()(h).float()
         cap = getattr(model.config, "final_logit_softcapping", None)

@@ -105,7 +105,7 @@ def test_a_steered_pass_resumed_at_its_first_steered_layer_is_bit_identical(tiny
         assert torch.equal(full[alpha][0], resumed[alpha][0]) and torch.equal(full[alpha][1], resumed[alpha][1])
         assert not torch.equal(full[alpha][0], base[0])
     # resuming really skips the layers below: a wrong recorded residual would change the result
-    wrong = Prefix(1, hidden=torch.zeros_like(prefix.hidden))
+    wrong = Prefix(1, hidden=[torch.zeros_like(h) for h in prefix.hidden])
     assert not torch.equal(steered_behaviour(model, tok, delta, bset.texts, bset, wrong)[1.0][0], full[1.0][0])
     assert first_steered_layer(delta) == 1 and first_steered_layer({"model.embed_tokens.weight": None}) is None
     down0 = f"{block_name(0)}.mlp.down_proj.weight"  # a zero tensor at layer 0: the same steering, from layer 0

@@ -16,6 +16,7 @@ import torch
 from subspace_sweep import cli, linalg
 from subspace_sweep.causal import (
     CURVE_RANKS,
+    answer_prompt,
     answer_tokens,
     behaviour,
     effect,
@@ -498,3 +499,44 @@ def test_candidate_labels_of_coinciding_points_do_not_overprint():
                 assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
     finally:
         plt.close(fig)
+
+
+def test_length_batches_split_only_where_it_saves_a_quarter_of_the_padded_positions():
+    from subspace_sweep.causal import LENGTH_SPLIT_SAVING, length_batches
+
+    assert LENGTH_SPLIT_SAVING == 0.25
+    assert length_batches([10, 12, 11, 10]) == [[0, 1, 2, 3]]  # similar lengths: one batch, in order
+    # 4 x 52 = 208 positions unsplit; [5, 6] + [50, 52]: 2 x 6 + 2 x 52 = 116, a saving of 0.44
+    assert length_batches([5, 50, 6, 52]) == [[0, 2], [1, 3]]
+    # saving exactly at the threshold splits, just below does not: 4 x 40 = 160 vs 2 x 20 + 2 x 40 = 120 (0.25)
+    assert length_batches([20, 40, 20, 40]) == [[0, 2], [1, 3]]
+    assert length_batches([21, 40, 21, 40]) == [[0, 1, 2, 3]]  # 122: a saving of 0.2375
+    # recursive: three length classes, ties by index
+    assert length_batches([100, 3, 30, 3, 100, 30]) == [[1, 3], [2, 5], [0, 4]]
+    assert length_batches([7]) == [[0]] and length_batches([]) == [[]]
+
+
+def test_a_behaviour_set_of_very_different_lengths_is_read_in_length_batches_as_each_prompt_alone(tiny):
+    """Two short and two long prompts: split into two passes (fewer padded positions), b and mass
+    equal each prompt read alone, and a steered pass resumed from the recorded prefix (one residual
+    per batch) equals the full steered pass bit for bit."""
+    from subspace_sweep.causal import BehaviourSet, Prefix, behaviour_and_mass, length_batches, steered_behaviour
+
+    model, tok = tiny
+    long = " ".join(EVAL[:4])
+    texts = [EVAL[0], long + " " + EVAL[5], EVAL[1], long + " " + EVAL[6]]
+    bset = BehaviourSet.from_probes(tok, texts)
+    lengths = encode(tok, [answer_prompt(tok, t) for t in texts], chat=True)["attention_mask"].sum(1).tolist()
+    assert length_batches(lengths) == [[0, 2], [1, 3]]
+    prefix = Prefix(1)
+    with count_forward_passes(model) as counter:
+        b, mass = behaviour_and_mass(model, tok, texts, bset, prefix)
+    assert counter.n == 2 and len(prefix.hidden) == 2 and [h.shape[0] for h in prefix.hidden] == [2, 2]
+    alone = [behaviour_and_mass(model, tok, [t], BehaviourSet.from_probes(tok, [t])) for t in texts]
+    torch.testing.assert_close(b, torch.cat([x[0] for x in alone]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mass, torch.cat([x[1] for x in alone]), rtol=1e-6, atol=1e-6)
+    delta = random_delta(model, [1, 2], rank=2, seed=4, scale=0.1)
+    full, resumed = steered_behaviour(model, tok, delta, texts, bset), steered_behaviour(model, tok, delta, texts, bset, prefix)
+    for sign in (1.0, -1.0):
+        assert torch.equal(full[sign][0], resumed[sign][0]) and torch.equal(full[sign][1], resumed[sign][1])
+        assert not torch.equal(full[sign][0], b)
