@@ -262,8 +262,7 @@ def length_batches(lengths: Sequence[int], min_saving: float = LENGTH_SPLIT_SAVI
             return [idx]
         return split(idx[:k]) + split(idx[k:])
 
-    groups = split(sorted(range(n), key=lambda i: (lengths[i], i)))
-    return [list(range(n))] if len(groups) == 1 else [sorted(g) for g in groups]
+    return [sorted(g) for g in split(sorted(range(n), key=lambda i: (lengths[i], i)))]
 
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
@@ -332,7 +331,7 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
             parts.append(hidden[torch.arange(ids.shape[0], device=dev), last])
         if record:
             prefix.hidden.append(rec.input(block_name(prefix.layer)))
-    h = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.tensor([j for b in batches for j in b])).to(dev)]
+    h = torch.cat(parts)[torch.argsort(torch.tensor([j for b in batches for j in b])).to(dev)]  # the prompts' order
     with torch.no_grad():
         logits = model.get_output_embeddings()(h).float()
         cap = getattr(model.config, "final_logit_softcapping", None)

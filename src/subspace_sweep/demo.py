@@ -30,7 +30,7 @@ from .report import rank_fair_order
 from .a_side import build_a_side_for
 from .config import SweepConfig
 from .sweep import SweepResult, run_sweeps
-from .toy import save_tiny_model
+from .toy import build_tiny_decoder, plant_outlier_gains, save_tiny_model
 
 #: Frobenius norm of each planted tensor relative to the base weight: large enough that the
 #: steered activations change measurably in float32, small enough to stay a perturbation.
@@ -132,6 +132,22 @@ def run_demo(config: SweepConfig, plant: str = "mlp_write", *, model_seed: int =
         result = run_sweeps(config, [config.delta], snapshot=snapshot)[0]
     rank, pct = plant_rank(result.summary, plant)
     return DemoOutcome(result=result, plant=plant, rank_on_w=rank, pct_oracle_combined=pct)
+
+
+#: SPEC §6 concern 14's toy: a tiny Gemma-2 (post-norm writers) whose writers' post-norm gains are
+#: ×OUTLIER_FACTOR on these coordinates, and the residual energy of a delta's generic part against
+#: its planted part (``plant_away_from``).
+OUTLIER_COORDINATES = (3, 17, 29, 41)
+OUTLIER_FACTOR = 300.0
+OUTLIER_GENERIC_RATIO = 1000.0
+
+
+def outlier_toy(config: SweepConfig):
+    """(model, tokenizer, scored layers, A-side) of concern 14's toy (``OUTLIER_COORDINATES``)."""
+    model, tok = build_tiny_decoder("gemma2", seed=0, n_layers=4)
+    plant_outlier_gains(model, OUTLIER_COORDINATES, OUTLIER_FACTOR)
+    layers = default_layers(model.config.num_hidden_layers)
+    return model, tok, layers, build_a_side_for(model, tok, config, layers, load_probe_set(config.n_fit))
 
 
 def plant_away_from(model, candidate: Candidate, layers: Sequence[int], coordinates: Sequence[int], *,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .scoring import Target, unit_roundoff
+from .scoring import Target
 
 #: How many coordinates the concentration diagnostic counts.
 TOP_COORDINATES = 8
@@ -121,19 +121,16 @@ class StandardizedView:
         B = linalg.as64(B)
         if B.shape[1] == 0 or transform == "uniform":
             return B
-        return linalg.orthonormalize(B * (self.scales[:, None] if transform == "covector" else 1.0 / self.scales[:, None]))
+        return linalg.orthonormalize(B * self.scales[:, None] if transform == "covector" else self.vectors(B))
 
     def targets(self, layer: int, label_rows: Tensor, writer_rows: Mapping[str, Tensor]) -> dict[str, Target]:
         """The layer's standardized targets: ``act`` of the rows D·u_i (each normalised in the new
         coordinates) and, where the delta writes to the residual, ``combined``: the
         Frobenius-balanced combination of each writer's D·M (``writer_rows``: d x n_in, as
-        ``sweep.writer_rows`` reads them), each with its storage floor (``Target.from_matrix``)."""
+        ``sweep.writer_rows`` reads them), each with the noise floor of the dtype M was stored in."""
         out = {"act": Target.from_rows(f"act_std@{layer}", self.vectors(label_rows, columns=False))}
-        writers = []
-        for name, M in writer_rows.items():
-            G = linalg.row_gram(self.vectors(M))
-            writers.append(Target.from_gram(f"{name}_std@{layer}", G,
-                                            noise_floor=unit_roundoff(M.dtype) ** 2 * float(torch.trace(G))))
+        writers = [Target.from_matrix(f"{name}_std@{layer}", self.vectors(M), stored=M.dtype)
+                   for name, M in writer_rows.items()]
         if writers:
             out["combined"] = Target.combine(f"combined_std@{layer}", writers)
         return out

@@ -91,12 +91,13 @@ class Target:
         return cls.from_gram(name, F @ F.T, factor=F if F.shape[1] < F.shape[0] else None)
 
     @classmethod
-    def from_matrix(cls, name: str, M: Tensor) -> Target:
+    def from_matrix(cls, name: str, M: Tensor, stored: torch.dtype | None = None) -> Target:
         """Weight target for one residual-writing tensor M (d x n_in) as stored: ``G = M Mᵀ``,
         formed in float64 (a float32 Gram of a rank-2 delta has round-off eigenvalues ~1e-7 of
-        the top, which would pass for directions). Its noise floor follows M's dtype."""
+        the top, which would pass for directions). Its noise floor follows the dtype the tensor
+        was stored in: M's own, or ``stored`` when M is a rescaled float64 image of it."""
         G = linalg.row_gram(linalg.as64(M))
-        return cls.from_gram(name, G, noise_floor=unit_roundoff(M.dtype) ** 2 * float(torch.trace(G)))
+        return cls.from_gram(name, G, noise_floor=unit_roundoff(stored or M.dtype) ** 2 * float(torch.trace(G)))
 
     @classmethod
     def combine(cls, name: str, targets: Sequence[Target]) -> Target:

@@ -129,6 +129,19 @@ def _mc_z(target: Target, B: Tensor, null: str, n_null: int, seed: int, layer: i
     return scoring.mc_score_z(target, B, n_null, scoring.stable_seed(seed, layer, target.name, B.shape[1]))
 
 
+def score_columns(prefix: str, pct: str, t: Target | None, B: Tensor, e: float, *, null: str, n_null: int, seed: int,
+                  layer: int) -> dict[str, float]:
+    """One basis's per_layer columns on one target, its energy ``e`` known: e, R, z (the exact
+    null's, or the Monte-Carlo one's with ``--null mc``), pct_oracle and gain; NaN where the layer
+    has no such target."""
+    names = (f"e_{prefix}", f"R_{prefix}", f"z_{prefix}", f"pct_oracle_{pct}", f"gain_{prefix}")
+    if t is None:
+        return dict.fromkeys(names, math.nan)
+    s = scoring.score_energy(t, int(B.shape[1]), e)
+    z = _mc_z(t, B, null, n_null, seed, layer)
+    return dict(zip(names, (s.energy, s.concentration, s.z if z is None else z, s.pct_oracle, s.gain)))
+
+
 def score_layer(
     candidates: Sequence[Candidate],
     layer: int,
@@ -159,14 +172,9 @@ def score_layer(
         }
         for name in names:
             prefix = name if name.startswith("act") else f"w_{name}"
-            t = targets.get(name)
-            s = scoring.score_energy(t, r, float(energies[name][i])) if t is not None else None
-            z = _mc_z(t, B, null, n_null, seed, layer) if t is not None else None
-            row[f"e_{prefix}"] = s.energy if s else math.nan
-            row[f"R_{prefix}"] = s.concentration if s else math.nan
-            row[f"z_{prefix}"] = (s.z if z is None else z) if s else math.nan
-            row[f"pct_oracle_{name}"] = s.pct_oracle if s else math.nan
-            row[f"gain_{prefix}"] = s.gain if s else math.nan
+            row.update(score_columns(prefix, name, targets.get(name), B,
+                                     float(energies[name][i]) if name in energies else math.nan,
+                                     null=null, n_null=n_null, seed=seed, layer=layer))
             if name not in TARGETS:
                 continue
             cos = linalg.principal_cosines(B, oracles[name]) if name in oracles else torch.zeros(0)
@@ -195,16 +203,9 @@ def score_standardized(candidates: Sequence[Candidate], layer: int, targets: Map
         t = targets.get(name)
         energies = scoring.energies(t, bases) if t is not None else None
         for i, B in enumerate(bases):
-            r = int(B.shape[1])
-            s = scoring.score_energy(t, r, float(energies[i])) if t is not None else None
-            z = _mc_z(t, B, config.null, config.n_null, config.seed, layer) if t is not None else None
-            rows[i].update({
-                f"e_{suffix}": s.energy if s else math.nan,
-                f"R_{suffix}": s.concentration if s else math.nan,
-                f"z_{suffix}": (s.z if z is None else z) if s else math.nan,
-                f"pct_oracle_{suffix.removeprefix('w_')}": s.pct_oracle if s else math.nan,
-                f"gain_{suffix}": s.gain if s else math.nan,
-            })
+            rows[i].update(score_columns(suffix, suffix.removeprefix("w_"), t, B,
+                                         float(energies[i]) if energies is not None else math.nan,
+                                         null=config.null, n_null=config.n_null, seed=config.seed, layer=layer))
     return rows
 
 
@@ -435,11 +436,14 @@ def sweep(
             for j in flag.coordinates:
                 sources.setdefault(j, outliers.source_of(j, a_side.coordinate_rms[layer], gains[layer]))
         # each weight target is reduced to tridiagonal form once for all its spectra (3 reductions
-        # per layer instead of 7, same bits), the reductions freed with the layer
-        with scoring.shared_reductions(targets[layer].values()):
+        # per layer instead of 7, same bits; the standardized combined target's one more), the
+        # reductions freed with the layer
+        with scoring.shared_reductions([*targets[layer].values(), *std_targets.values()]):
             with compute.policy():
-                # the spectra as parallel jobs, and the LoRA slice's dimension (the combined Gram's rank)
+                # the spectra as parallel jobs, and the LoRA slice's dimension (the combined Gram's rank);
+                # the standardized targets' top-k at the widest basis once (scoring asks for each rank)
                 slice_dims = prepare_spectra(targets, widest)
+                compute.run_jobs({name: functools.partial(t.spectrum, widest) for name, t in std_targets.items()})
                 b_parts.append(build_b_side(labels, {layer: {n: t for n, t in targets[layer].items() if n in TARGETS}},
                                             r=config.r))
                 t1 = time.perf_counter()

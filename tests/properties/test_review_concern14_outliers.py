@@ -19,16 +19,11 @@ import pytest
 import torch
 
 from subspace_sweep import linalg
-from subspace_sweep.a_side import build_a_side_for
-from subspace_sweep.demo import default_layers, plant_away_from
-from subspace_sweep.prompts import load_probe_set
+from subspace_sweep.demo import OUTLIER_COORDINATES, OUTLIER_GENERIC_RATIO, outlier_toy, plant_away_from
 from subspace_sweep.report import GAIN_RESOLUTION, rank_fair_order
 from subspace_sweep.sweep import SweepConfig, sweep
-from subspace_sweep.toy import build_tiny_decoder, plant_outlier_gains
 
-OUTLIERS = [3, 17, 29, 41]
-FACTOR = 300.0
-GENERIC_RATIO = 1000.0
+OUTLIERS = list(OUTLIER_COORDINATES)
 PLANTS = ["chars_clusters", "TaskDiff_contrast"]
 #: How far ahead of every candidate not containing it the plant must rank (gain units): measured
 #: 0.32 (chars_clusters) and 0.19 (TaskDiff_contrast) in the standardized view, ≤ 0.001 in the residual one.
@@ -40,15 +35,12 @@ LEGACY = pytest.mark.xfail(strict=True, reason="legacy (residual coordinates onl
 
 @pytest.fixture(scope="module")
 def outlier_runs():
-    model, tok = build_tiny_decoder("gemma2", seed=0, n_layers=4)
-    plant_outlier_gains(model, OUTLIERS, FACTOR)
     config = SweepConfig(quiet=True)
-    layers = default_layers(model.config.num_hidden_layers)
-    a_side = build_a_side_for(model, tok, config, layers, load_probe_set(config.n_fit))
+    model, tok, layers, a_side = outlier_toy(config)
     by_name = {c.name: c for c in a_side.candidates}
     runs = {}
     for i, plant in enumerate(PLANTS):
-        delta = plant_away_from(model, by_name[plant], layers, OUTLIERS, generic_ratio=GENERIC_RATIO, seed=i)
+        delta = plant_away_from(model, by_name[plant], layers, OUTLIERS, generic_ratio=OUTLIER_GENERIC_RATIO, seed=i)
         runs[plant] = sweep(model, tok, delta, config, a_side=a_side)
     return runs, by_name, layers, a_side
 
