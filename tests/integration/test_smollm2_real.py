@@ -37,6 +37,7 @@ from subspace_sweep.causal import answer_masses
 from subspace_sweep.demo import plant_in, plant_rank
 from subspace_sweep.model import block_name, extract_base_weights
 from subspace_sweep.prompts import load_probe_set
+from tests.helpers_outliers import check_coordinate_rms_against_the_forward, check_transforms_against_the_modules
 from tests.helpers_sweep import weight_summary
 from tests.integration.conftest import SMOL, SMOL_PAIR, SMOL_RUN_ARGS, SMOL_SHA256, timed
 from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, gain_free
@@ -208,6 +209,24 @@ def test_golden_joint_ranking_of_the_real_pair(smol_run, num_regression, data_re
     data_regression.check({"top10_by_joint_gain": top["candidate"].to_list()})
     num_regression.check({c: top[c].to_numpy() for c in ("joint_gain", "gain_act", "gain_w_combined")},
                          default_tolerance={"atol": 0.005, "rtol": 0.0})
+
+
+def test_the_standardized_view_against_the_real_modules(smol):
+    """Concern 14's view on the real model (Llama-style, no post-norm; RMSNorm gains ~0.02-3; its
+    own residual scales): the coordinate RMS of the A-side's captures (what ``a_side._build`` keeps;
+    the whole A-side path is checked on the tiny model) against its forward pass, and the vector /
+    covector transforms against its MLP readers and o_proj, at layers 8 and 21."""
+    from types import SimpleNamespace
+
+    from subspace_sweep.capture import capture_activations
+    from subspace_sweep.outliers import StandardizedView, coordinate_rms
+
+    model, tok = smol
+    layers = [8, 21]
+    rms = coordinate_rms(capture_activations(model, tok, PROBES, token_layers=layers), layers)
+    check_coordinate_rms_against_the_forward(model, tok, SimpleNamespace(coordinate_rms=rms), PROBES)
+    for layer in layers:
+        check_transforms_against_the_modules(model, layer, StandardizedView.of(rms[layer]))
 
 
 def test_outlier_coordinates_and_the_standardized_view_on_the_real_pair(smol_run, num_regression, data_regression):

@@ -17,10 +17,10 @@ import torch
 
 from subspace_sweep import linalg, outliers, scoring
 from subspace_sweep.candidates import FAMILY_AXIS
-from subspace_sweep.model import norm_gain, write_gains
 from subspace_sweep.outliers import StandardizedView, standard_scales, top_coordinates
 from subspace_sweep.scoring import Target
 from subspace_sweep.toy import build_tiny_decoder, plant_outlier_gains
+from tests.helpers_outliers import check_coordinate_rms_against_the_forward, check_transforms_against_the_modules
 
 D64 = torch.float64
 
@@ -65,46 +65,11 @@ def test_a_reader_reads_the_same_of_every_change_in_both_coordinates():
 
 
 def test_read_bases_are_covectors_and_write_bases_vectors_against_the_modules():
-    """On a tiny Gemma-2 with outlier gains, bases read off the modules' own forward passes:
-    (1) the MLP's read basis (top right singular vectors of [W_up; W_gate]·diag(γ_mlp), the rows
-    the modules apply to x/rms(x)): a residual change it pairs to zero stays orthogonal to it in
-    standardized coordinates when it transforms as a covector, and not as a vector; (2) what
-    o_proj writes through the post-attention norm from inputs in its top-r input directions lies
-    wholly inside its top-r write basis transformed as a vector, and not as a covector."""
+    """On a tiny Gemma-2 (random norm gains, post-norm writers) with outlier gains planted
+    (``check_transforms_against_the_modules``; the real model's in the real tier)."""
     model, _ = build_tiny_decoder("gemma2", seed=3, n_layers=2)
     plant_outlier_gains(model, [2, 9, 30], factor=50.0)
-    d, r = int(model.config.hidden_size), 8
-    block = model.model.layers[0]
-    view = StandardizedView.of(_scales(d, 4, outliers_at=(2, 9)))
-    gen = torch.Generator().manual_seed(5)
-
-    # (1) the reader's rows, checked against the modules: up_proj(norm(x)) = rows_up · x/rms(x)
-    gamma = norm_gain(block.pre_feedforward_layernorm, d).double()
-    rows = torch.cat([block.mlp.up_proj.weight, block.mlp.gate_proj.weight]).double() * gamma[None, :]
-    x = torch.randn(2, d, generator=gen)
-    with torch.no_grad():
-        read = block.mlp.up_proj(block.pre_feedforward_layernorm(x)).double()
-    eps = block.pre_feedforward_layernorm.eps
-    xhat = x.double() / (x.double().pow(2).mean(1, keepdim=True) + eps).sqrt()
-    assert torch.allclose(read, xhat @ rows[: block.mlp.up_proj.out_features].T, rtol=1e-4, atol=1e-5)
-    Vh = torch.linalg.svd(rows, full_matrices=True)[2]
-    read_basis, rest = Vh[:r].T, Vh[r:].T
-    u = rest @ torch.randn(rest.shape[1], generator=gen, dtype=D64)  # read_basisᵀu = 0
-    Du = view.vectors(u[:, None])[:, 0]
-    assert float((view.basis(read_basis, "covector").T @ Du).norm()) < 1e-10 * float(Du.norm())
-    assert float((view.basis(read_basis, "vector").T @ Du).norm()) > 1e-3 * float(Du.norm())
-
-    # (2) the writer: post_attention_layernorm(o_proj(x)) = γ ⊙ W_o x / rms, inside diag(γ)·W_o's top-r span
-    gain = write_gains(model, 0)["o_proj"].double()
-    U, _, Vh_o = torch.linalg.svd(gain[:, None] * block.self_attn.o_proj.weight.double())
-    write_basis = U[:, :r]
-    x = (Vh_o[:r].T @ torch.randn(r, 3, generator=gen, dtype=D64)).T.float()  # inputs in the top-r directions
-    with torch.no_grad():
-        out = block.post_attention_layernorm(block.self_attn.o_proj(x)).double().T  # d x 3
-    Dout = view.vectors(out)
-    kept = {t: float((view.basis(write_basis, t).T @ Dout).norm() ** 2 / Dout.norm() ** 2) for t in ("vector", "covector")}
-    assert kept["vector"] == pytest.approx(1.0, abs=1e-6)  # float32 forward
-    assert kept["covector"] < 1.0 - 1e-3  # (0.993 here: far outside the forward's float32 round-off)
+    check_transforms_against_the_modules(model, 0, StandardizedView.of(_scales(64, 4, outliers_at=(2, 9))))
 
 
 def test_every_family_has_its_transform_and_reads_are_covectors():
@@ -229,30 +194,13 @@ def test_without_outliers_the_views_agree_where_they_must(plain_runs):
 
 
 def test_coordinate_rms_is_the_rms_over_the_persona_prompts_real_tokens_as_the_model_computes_them(tiny):
-    """Against the model's own forward (hidden_states[l + 1] = block l's output) on the persona±
-    FIT prompts, padding positions masked out: a mean that counted the zero padding rows, or one
-    prompt set only, fails."""
+    """Against the model's own forward (``check_coordinate_rms_against_the_forward``): a mean that
+    counted the zero padding rows, or one prompt set only, fails."""
     from subspace_sweep.a_side import build_a_side_for
-    from subspace_sweep.capture import a_side_conditions, encode
     from subspace_sweep.prompts import load_probe_set
     from subspace_sweep.sweep import SweepConfig
 
     model, tok = tiny
     config = SweepConfig(quiet=True)
     probes = load_probe_set(config.n_fit)
-    layers = [0, 2]
-    a_side = build_a_side_for(model, tok, config, layers, probes)
-    rows = {layer: [] for layer in layers}
-    for name, (texts, chat) in a_side_conditions(tok, probes).items():
-        if not name.startswith("persona"):
-            continue
-        enc = encode(tok, texts, chat=chat)
-        with torch.no_grad():
-            hidden = model(**enc, output_hidden_states=True).hidden_states
-        real = enc["attention_mask"].bool()
-        for layer in layers:
-            rows[layer].append(hidden[layer + 1][real].double())
-    for layer in layers:
-        want = torch.cat(rows[layer]).pow(2).mean(0).sqrt()
-        assert torch.allclose(a_side.coordinate_rms[layer], want, rtol=1e-4, atol=0), layer
-        assert a_side.coordinate_rms[layer].dtype == torch.float64
+    check_coordinate_rms_against_the_forward(model, tok, build_a_side_for(model, tok, config, [0, 2], probes), probes)
