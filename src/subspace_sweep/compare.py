@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import scipy.stats  # noqa: E402
 
-from . import linalg, publish, report  # noqa: E402
+from . import html_report, linalg, publish, report  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .provenance import package_versions  # noqa: E402
 
@@ -224,8 +224,9 @@ def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int =
 
 def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, settings: dict,
                      snapshot: publish.Snapshot | None = None, run_paths: list[str] | None = None) -> Path:
-    """Write the compare folder and publish it as ``out`` (``publish.write_folder``); its
-    manifest.json (written last) makes it a folder ``--overwrite`` may replace."""
+    """Write the compare folder (report.html included) and publish it as ``out``
+    (``publish.write_folder``); its manifest.json (written last) makes it a folder ``--overwrite``
+    may replace."""
     if snapshot is None:
         snapshot = publish.check_destination(out, overwrite=overwrite)
 
@@ -240,6 +241,7 @@ def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, setti
         ranking_figure(cmp.per_candidate, tmp / "compare_ranking.png", tmp / "compare_ranking.pdf")
         manifest = {"package_versions": package_versions(), "kind": "compare", "out": str(snapshot.path),
                     "runs": [str(Path(p).expanduser().resolve()) for p in (run_paths or cmp.runs)]}
+        html_report.write_into(tmp, kind="compare", manifest=manifest)  # links the runs' reports
         (tmp / publish.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     return publish.write_folder(out, fill, overwrite=overwrite, snapshot=snapshot)
