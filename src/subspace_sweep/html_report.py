@@ -79,15 +79,15 @@ def _float(text: str) -> float | None:
 
 
 def fmt_number(x: float) -> str:
-    """Short and exact enough to read: integers as integers, else 4 significant digits (no
-    exponent between 1e-3 and 1e6)."""
+    """Short and exact enough to read: integers as integers, else 4 significant digits (an
+    exponent only below 1e-4 or from 1e6)."""
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
         return "∞" if x > 0 else "−∞"
     if x == int(x) and abs(x) < 1e15:
         return str(int(x))
-    if abs(x) >= 1e6 or abs(x) < 1e-3:
+    if abs(x) >= 1e6:
         return f"{x:.3e}"
     if abs(x) >= 1000:
         return f"{x:.1f}"
@@ -180,9 +180,12 @@ def _markdown() -> MarkdownIt:
     return MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
-def markdown(text: str, *, shift: int = 1) -> Markup:
+def markdown(text: str, *, shift: int = 1, defs: Mapping[str, Definition] = {}) -> Markup:
     """Render a conclusion's markdown: headings ``shift`` levels down (the page has its own h1/h2),
-    paragraphs and bullets that start with a ``WARNING_STARTS`` phrase get class ``warn``."""
+    paragraphs and bullets that start with a ``WARNING_STARTS`` phrase get class ``warn``, and a
+    `name` in code that is a candidate of ``defs`` links to its definition."""
+    from markdown_it.token import Token
+
     md = _markdown()
     tokens = md.parse(text)
     for i, tok in enumerate(tokens):
@@ -192,6 +195,16 @@ def markdown(text: str, *, shift: int = 1) -> Markup:
             inline = next((t for t in tokens[i + 1:i + 3] if t.type == "inline"), None)
             if inline is not None and inline.content.startswith(WARNING_STARTS):
                 tok.attrSet("class", "warn")
+        if tok.type == "inline" and tok.children:
+            children = []
+            for child in tok.children:
+                d = defs.get(child.content) if child.type == "code_inline" else None
+                if d is None:
+                    children.append(child)
+                    continue
+                children += [Token("link_open", "a", 1, attrs={"class": "cand", "href": f"#{d.id}", "title": d.text}),
+                             child, Token("link_close", "a", -1)]
+            tok.children = children
     return Markup(md.renderer.render(tokens, md.options, {}))
 
 
@@ -309,12 +322,10 @@ def provenance(manifest: Mapping[str, object], config: Mapping[str, object] | No
     """The manifest's facts, its package versions and timings apart; the settings (``config_file``)."""
     versions = manifest.get("package_versions") or {}
     timings = manifest.get("timings_s") or {}
-    total = sum(v for v in timings.values() if isinstance(v, (int, float)))
     return {
         "facts": facts(manifest, skip=("package_versions", "timings_s")),
         "versions": facts(versions if isinstance(versions, dict) else {}),
         "timings": facts(timings if isinstance(timings, dict) else {}),
-        "timings_total": fmt_number(round(total, 3)),
         "config": facts(config) if config else [],
         "config_file": config_file,
     }
@@ -343,12 +354,12 @@ RANKING_FIRST = ("panel", "rank_in_panel", "rank_in_panel_std", "candidate", "fa
                  "R_act", "R_act_lo", "R_act_hi", "z_act", "z_act_std", "R_w_combined", "z_w_combined",
                  "z_w_combined_std", "joint", "joint_lo", "joint_hi")
 VIEW_COLUMNS = {
-    "residual": ("rank_in_panel", "candidate", "axis_kind", "rank", "joint_gain", "gain_act", "gain_w_combined",
-                 "z_act", "z_w_combined"),
-    "standardized": ("rank_in_panel_std", "candidate", "axis_kind", "rank", "joint_gain_std", "gain_act_std",
-                     "gain_w_combined_std", "z_act_std", "z_w_combined_std"),
+    "residual": ("rank_in_panel", "candidate", "rank", "joint_gain", "gain_act", "gain_w_combined", "z_act",
+                 "z_w_combined"),
+    "standardized": ("rank_in_panel_std", "candidate", "rank", "joint_gain_std", "gain_act_std", "gain_w_combined_std",
+                     "z_act_std", "z_w_combined_std"),
 }
-CAUSAL_KINDS = ("strength", "alpha_0", "candidate", "oracle", "act_oracle", "random", "curve")
+CAUSAL_KINDS = ("strength", "reference", "candidate", "oracle", "act_oracle", "random", "curve")
 CAUSAL_FIRST = ("kind", "name", "rank", "alpha", "kept", "z_kept", "null_kept_mean", "null_kept_sd", "ablated")
 #: The files a run section shows; any other TSV of the folder gets a generic section.
 RUN_TSVS = ("summary.tsv", "summary_pct.tsv", "specific_summary.tsv", "scope.tsv", "spectra.tsv", "readout.tsv",
@@ -372,6 +383,7 @@ def spectra_summary(spectra: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     energy at k in ``SPECTRA_KS`` (one row, not 32); and the concentration rows
     (``*_top8_coordinates``) as they are."""
     conc = spectra.filter(pl.col("target").str.ends_with("_top8_coordinates"))
+    conc = conc.select([c for c in ("layer", "target", "energy", "coordinates") if c in conc.columns])
     curves = spectra.filter(~pl.col("target").str.ends_with("_top8_coordinates"))
     keys = ["layer", "target"]
     base = curves.select(*keys, "participation_rank").unique(keys, keep="first", maintain_order=True)
@@ -379,6 +391,58 @@ def spectra_summary(spectra: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         at = curves.filter(pl.col("k") == str(k)).select(*keys, pl.col("energy").alias(f"energy_k{k}"))
         base = base.join(at, on=keys, how="left", maintain_order="left")
     return base, conc
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the page's head: a warning the run can raise, and whether it did."""
+
+    topic: str
+    status: str  # "ok", "warn" or "none" (not checked in this run)
+    text: str
+
+
+def _row(frame: pl.DataFrame | None, **match: str) -> dict | None:
+    if frame is None or not set(match) <= set(frame.columns):
+        return None
+    rows = frame.filter(pl.all_horizontal([pl.col(k) == v for k, v in match.items()]))
+    return rows.row(0, named=True) if rows.height else None
+
+
+def checks(warnings: Sequence[str], parts: Mapping[str, str], causal: pl.DataFrame | None,
+           concentration: pl.DataFrame | None) -> list[Check]:
+    """The three warnings a reader looks for first (issue 33): the answer mass of the causal check,
+    outlier coordinates, scope; from the conclusion's own warnings and the folder's tables."""
+    out = []
+    mass = next((w for w in warnings if w.startswith("Warning: the behaviour metric")), None)
+    if causal is None:
+        out.append(Check("Answer mass", "none", "no causal check in this run"))
+    else:
+        unsteered, steered = _row(causal, kind="reference", name="alpha_0"), _row(causal, kind="reference", name="w")
+        numbers = (f"probability on the two answers {float(unsteered['mass_plus']):.2f} unsteered, "
+                   f"{float(steered['mass_plus']):.2f} / {float(steered['mass_minus']):.2f} at α = "
+                   f"±{fmt_number(float(steered['alpha']))}"
+                   if unsteered and steered and {"mass_plus", "mass_minus", "alpha"} <= set(steered) else "")
+        out.append(Check("Answer mass", "warn" if mass else "ok",
+                         ("the steered model does not answer: see the warning" if mass else
+                          "the behaviour metric reads an answer") + (f" ({numbers})" if numbers else "")))
+    outlier = next((w for w in warnings if w.startswith("Outlier coordinates")), None)
+    if outlier:
+        out.append(Check("Outlier coordinates", "warn", "a few coordinates decide the residual view's shares: "
+                                                        "see the warning and the standardized view"))
+    elif concentration is not None and concentration.height and "energy" in concentration.columns:
+        top = max(float(v) for v in concentration["energy"].to_list())
+        out.append(Check("Outlier coordinates", "ok", f"no target holds more than 0.5 of its energy on 8 "
+                                                      f"coordinates (largest share {fmt_number(top)})"))
+    else:
+        out.append(Check("Outlier coordinates", "none", "spectra.tsv has no concentration rows (an older run)"))
+    scope = parts.get("Scope")
+    if not scope:
+        out.append(Check("Scope", "none", "no scope diagnostic in this run"))
+    else:
+        verdict = scope.rstrip(".").rsplit(". ", 1)[-1]
+        out.append(Check("Scope", "ok" if "no scope artifact" in scope else "warn", verdict))
+    return out
 
 
 def run_context(folder: Path, manifest: Mapping[str, object] | None = None) -> dict:
@@ -406,12 +470,13 @@ def run_context(folder: Path, manifest: Mapping[str, object] | None = None) -> d
     causal_tables = split_by(causal, "kind", CAUSAL_KINDS, "causal", first=CAUSAL_FIRST, defs=defs,
                              source="causal.tsv") if causal is not None and "kind" in causal.columns else []
     spectra = read_tsv(folder / "spectra.tsv")
-    spectra_tables = []
+    spectra_tables, conc = [], None
     if spectra is not None and {"layer", "target", "k", "energy", "participation_rank"} <= set(spectra.columns):
         curves, conc = spectra_summary(spectra)
         spectra_tables = [tsv_table(conc, "concentration", source="spectra.tsv, targets *_top8_coordinates",
-                                    note="share of each target's energy on its 8 largest residual coordinates "
-                                         "(above 0.5: outlier coordinates decide the residual view's shares)"),
+                                    note="energy = the share of each target's energy on its 8 largest residual "
+                                         "coordinates (above 0.5: outlier coordinates decide the residual view's "
+                                         "shares)"),
                           tsv_table(curves, "spectra", source="spectra.tsv",
                                     note=f"top-k energy at k = {', '.join(map(str, SPECTRA_KS))}; every k is "
                                          "in spectra.tsv")]
@@ -423,16 +488,17 @@ def run_context(folder: Path, manifest: Mapping[str, object] | None = None) -> d
               for p in sorted(folder.glob("*.tsv")) if p.name not in RUN_TSVS]
 
     warnings = warnings_of(conclusion_text or "")
-    model = str(manifest.get("model_source") or manifest.get("model") or "?")
+    model = str(manifest.get("model") or "?")
     delta = str(manifest.get("delta") or "?")
     return {
         "kind": "run",
         "title": f"{Path(model).name} × {Path(delta).name}",
         "folder": str(manifest.get("out") or folder),
         "manifest_missing": not manifest,
-        "conclusion": markdown(_without_title(conclusion_text)) if conclusion_text is not None else None,
-        "warnings": [markdown(w, shift=0) for w in warnings],
-        "verdict": markdown(parts["Causal check"]) if parts.get("Causal check") else None,
+        "conclusion": markdown(_without_title(conclusion_text), defs=defs) if conclusion_text is not None else None,
+        "warnings": [markdown(w, shift=0, defs=defs) for w in warnings],
+        "checks": checks(warnings, parts, causal, conc),
+        "verdict": markdown(parts["Causal check"], defs=defs) if parts.get("Causal check") else None,
         "scope_text": markdown(parts["Scope"]) if parts.get("Scope") else None,
         "ranking": ranking,
         "views": best,

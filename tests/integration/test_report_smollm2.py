@@ -22,7 +22,8 @@ def test_the_real_runs_report_is_small_and_quick(smol_run):
     _, out = smol_run
     size = (out / "report.html").stat().st_size
     timings = json.loads((out / "manifest.json").read_text())["timings_s"]
-    run_s = sum(v for k, v in timings.items() if k != "report_html")
+    # the run's parts (candidates_b_side is a part of candidates; report_html is what is measured)
+    run_s = sum(v for k, v in timings.items() if k not in ("report_html", "candidates_b_side"))
     print(f"report.html: {size / 2**20:.2f} MiB, written in {timings['report_html']:.2f} s of a {run_s:.0f} s run "
           f"({100 * timings['report_html'] / run_s:.1f}%)")
     assert size <= MAX_BYTES

@@ -58,6 +58,16 @@ def test_the_self_containment_scan_finds_every_kind_of_outside_reference():
     assert ("a", "href", "../r/report.html") in outside_refs(page)  # a link is allowed only where named
 
 
+def test_what_the_run_writes_is_what_report_rebuilds(run):
+    """The run renders its report from the folder as written and the manifest in memory; the
+    rebuild reads the same from the files (the manifest then also holds report.html's own time)."""
+    written = (run / "report.html").read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["timings_s"].pop("report_html")
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert html_report.render(run) == written
+
+
 def test_the_report_is_a_function_of_the_folder(run, tmp_path):
     """Same folder, same bytes; a copy elsewhere gives the same bytes (nothing of the place it is
     read from, nor of the time, enters the page)."""
@@ -145,8 +155,9 @@ def test_new_columns_rows_and_files_appear_without_a_template_change(run):
 
 
 def test_numbers_are_shown_short_and_sorted_by_the_files_text(run):
-    assert [html_report.fmt_number(x) for x in (8.0, 0.765373, 42.174458, 1234.5, 1e-5, float("nan"), -3.0)] == \
-        ["8", "0.7654", "42.17", "1234.5", "1.000e-05", "nan", "-3"]
+    assert [html_report.fmt_number(x) for x in (8.0, 0.765373, 42.174458, 1234.5, 2.12e-4, 1e-5, 2.5e7, float("nan"),
+                                                -3.0)] == \
+        ["8", "0.7654", "42.17", "1234.5", "0.000212", "1e-05", "2.500e+07", "nan", "-3"]
     html = html_report.render(run)
     first = pl.read_csv(run / "summary.tsv", separator="\t", infer_schema=False).row(0, named=True)
     assert f'data-v="{first["joint_gain"]}" class="num">{html_report.fmt_number(float(first["joint_gain"]))}<' in html
