@@ -46,7 +46,7 @@ def test_the_real_runs_report_in_a_browser(smol_run, browser):
     _, out = smol_run
     browser.open(out / "report.html")
     widths = image_widths(browser)
-    assert len(widths) == len(list(out.glob("*.png"))) == 6 and min(widths) > 0  # causal_kept.png included
+    assert len(widths) == len(list(out.glob("*.png"))) == 5 and min(widths) > 0  # causal_kept.png included
     check_self_contained(browser, out)
     check_ranking(browser, out, "summary.tsv")
     check_sorting(browser, "joint_gain", numeric=True)

@@ -155,7 +155,7 @@ def test_new_columns_rows_and_files_appear_without_a_template_change(run):
 
 
 def test_numbers_are_shown_short_and_sorted_by_the_files_text(run):
-    assert [html_report.fmt_number(x) for x in (8.0, 0.765373, 42.174458, 1234.5, 2.12e-4, 1e-5, 2.5e7, float("nan"),
+    assert [html_report.fmt_number(x) for x in (8.0, 0.765373, 42.174458, 1234.5, 2.12e-4, 1e-5, 2.5e7 + 0.5, float("nan"),
                                                 -3.0)] == \
         ["8", "0.7654", "42.17", "1234.5", "0.000212", "1e-05", "2.500e+07", "nan", "-3"]
     html = html_report.render(run)
@@ -247,3 +247,14 @@ def test_a_compare_folder_reports_its_tables_and_links_its_runs(run, tmp_path, c
     assert html.count("data:image/png;base64,") == 2
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 0 and (out / "report.html").read_text() == html
+
+
+def test_the_templates_ship_as_package_data():
+    """Every file of templates/ is matched by pyproject's package-data (an installed wheel has them)."""
+    import tomllib
+    from fnmatch import fnmatch
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["subspace_sweep"]
+    package = Path(html_report.__file__).parent
+    files = [p.relative_to(package).as_posix() for p in (package / "templates").iterdir() if p.is_file()]
+    assert len(files) >= 6 and [f for f in files if not any(fnmatch(f, g) for g in globs)] == []
