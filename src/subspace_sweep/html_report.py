@@ -622,18 +622,19 @@ def folder_kind(folder: Path) -> str:
                          f"({'it is not' if manifest.is_file() else 'there is none'}); a folder of runs holds one "
                          "per run: give each run folder")
     kind = (_json(manifest) or {}).get("kind") or ("run" if (folder / "summary.tsv").is_file() else None)
+    if kind is None:
+        raise InputError(f"{folder} is neither a run folder (it has no summary.tsv) nor a compare folder (its "
+                         f"{publish.MANIFEST} names no kind)")
     if kind not in PAGES:
-        raise InputError(f"{folder}: {publish.MANIFEST} names no kind of folder this version reports on "
+        raise InputError(f"{folder}: its {publish.MANIFEST} names a kind of folder this version has no report for "
                          f"({kind!r}; known: {', '.join(PAGES)})")
     return kind
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("subspace_sweep", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
-    env.globals["def_id"] = def_id
-    return env
+    return jinja2.Environment(loader=jinja2.PackageLoader("subspace_sweep", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
 
 
 def render(folder: str | Path, *, kind: str | None = None, manifest: Mapping[str, object] | None = None) -> str:
