@@ -147,7 +147,6 @@ class Browser:
         self.driver.get("about:blank")
         self.logs()  # drop what earlier pages logged
         self.driver.get(path.resolve().as_uri())
-        self.driver.execute_script("return document.readyState")
 
     def logs(self) -> tuple[list[dict], list[str]]:
         """(console entries, URLs the page requested) since the last call."""
