@@ -1,4 +1,4 @@
-"""The ``subspace-sweep`` command line: run, demo, train, delta, compare, explain.
+"""The ``subspace-sweep`` command line: run, demo, train, delta, compare, report, explain.
 
 Bad input ends with exit code 2 and one line naming the fault; nothing is written then.
 Ctrl-C ends with exit code 130 and one line. Warnings are one line each, without source lines.
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--z-min", type=float, default=2.0, help="stable: z_w_combined above this in every run")
     compare.add_argument("--overwrite", action="store_true")
 
+    report = sub.add_parser("report", parents=[common], help="(re)write report.html of a run or compare folder")
+    report.add_argument("folder", help="a run or compare folder written by subspace-sweep (old ones included)")
+
     explain = sub.add_parser("explain", help="print a candidate's definition")
     explain.add_argument("name")
     return parser
@@ -263,6 +266,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .html_report import rebuild
+
+    print(f"wrote {rebuild(args.folder)}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .candidates import get_spec
 
@@ -290,7 +300,8 @@ def bluf_table(result, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare,
+            "report": cmd_report, "explain": cmd_explain}
 
 
 def _one_line(text: object) -> str:
