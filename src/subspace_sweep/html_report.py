@@ -562,31 +562,46 @@ def compare_context(folder: Path, manifest: Mapping[str, object] | None = None) 
     manifest = manifest if manifest is not None else (_json(folder / publish.MANIFEST) or {})
     settings = _json(folder / "compare_config.json")
     runs = [str(r) for r in manifest.get("runs") or (settings or {}).get("runs") or []]
-    summary = read_tsv(folder / "compare_summary.tsv")
     headline = read_tsv(folder / "headline.tsv")
-    names = summary["candidate"].to_list() if summary is not None and "candidate" in summary.columns else []
-    others = [v for c in ("best_candidate", "causal_winner") if headline is not None and c in headline.columns
-              for v in headline[c].to_list()]
+    # One stability table and figure per ranking view (issue 35), in the order compare_config.json gives
+    # (the view a reader should read first first: the standardized one where a run's outlier warning fired).
+    views = [str(v) for v in (settings or {}).get("views") or ("residual",)]
+    suffix = {"residual": "", "standardized": "_std"}
+    stability, names = [], []
+    for view in views:
+        sfx = suffix.get(view, f"_{slug(view)}")
+        summary = read_tsv(folder / f"compare_summary{sfx}.tsv")
+        if summary is not None and "candidate" in summary.columns:
+            names += summary["candidate"].to_list()
+        stability.append({"view": view, "source": f"compare_summary{sfx}.tsv", "summary": summary,
+                          "figure": figure(folder, f"compare_ranking{sfx}.png",
+                                           f"{view} view: median joint gain per candidate over the runs, with IQR and "
+                                           "min-max; stars pass the stability filter")})
+    others = [v for c in ("best_candidate", "best_candidate_std", "causal_winner")
+              if headline is not None and c in headline.columns for v in headline[c].to_list()]
     run_dirs = [Path(r) if Path(r).is_absolute() else folder / r for r in runs]
     defs, _ = definitions(run_dirs, names, others)
-    known = ("compare_summary.tsv", "headline.tsv", "rank_stability.tsv", "oracle_angles.tsv")
+    for entry in stability:
+        summary = entry.pop("summary")
+        entry["table"] = (tsv_table(summary, f"ranking{suffix.get(entry['view'], '')}", first=("candidate", "stable"),
+                                    defs=defs, source=entry["source"]) if summary is not None else None)
+    known = {"headline.tsv", "rank_stability.tsv", "oracle_angles.tsv", *(e["source"] for e in stability)}
+    summary_md = (folder / "compare.md").read_text(encoding="utf-8") if (folder / "compare.md").is_file() else None
     return {
         "kind": "compare",
         "title": f"{len(runs)} runs compared",
         "folder": str(manifest.get("out") or folder),
         "manifest_missing": not manifest,
         "runs": run_links(folder, runs),
+        "summary": markdown(_without_title(summary_md), defs=defs) if summary_md is not None else None,
         "headline": tsv_table(headline, "headline", defs=defs, source="headline.tsv") if headline is not None else None,
-        "ranking": tsv_table(summary, "ranking", first=("candidate", "stable"), defs=defs,
-                             source="compare_summary.tsv") if summary is not None else None,
+        "stability": stability,
         "taus": file_table(folder, "rank_stability.tsv", "rank-stability"),
         "angles": file_table(folder, "oracle_angles.tsv", "oracle-angles"),
         "others": [tsv_table(read_tsv(p), f"file-{slug(p.stem)}", defs=defs, source=p.name)
                    for p in sorted(folder.glob("*.tsv")) if p.name not in known],
         "figures": {
             "headline": figure(folder, "headline.png", "per run: the best joint gain and the causal winner's kept"),
-            "ranking": figure(folder, "compare_ranking.png", "median joint gain per candidate over the runs, with "
-                                                             "IQR and min-max; stars pass the stability filter"),
         },
         "definitions": list(defs.values()),
         "definitions_prose": None,

@@ -240,11 +240,14 @@ def test_a_compare_folder_reports_its_tables_and_links_its_runs(run, tmp_path, c
     assert outside_refs(html, allowed_links={"../runs/seed_a/report.html"}) == []
     assert 'href="../runs/seed_a/report.html"' in html
     assert f"no report.html there (an old run, or moved): subspace-sweep report {runs[1].resolve()} writes one" in html
-    for name, id in (("compare_summary.tsv", "ranking"), ("headline.tsv", "headline"),
-                     ("rank_stability.tsv", "rank-stability"), ("oracle_angles.tsv", "oracle-angles")):
+    for name, id in (("compare_summary.tsv", "ranking"), ("compare_summary_std.tsv", "ranking_std"),
+                     ("headline.tsv", "headline"), ("rank_stability.tsv", "rank-stability"),
+                     ("oracle_angles.tsv", "oracle-angles")):
         header, rows = html_table(html, id)
         assert rows == tsv_rows(out / name, header), name
-    assert html.count("data:image/png;base64,") == 2
+    # both views' stability figures and the headline's, each inline
+    assert html.count("data:image/png;base64,") == len(list(out.glob("*.png"))) == 3
+    assert "residual view" in html and "standardized view" in html
     capsys.readouterr()
     assert cli.main(["report", str(out)]) == 0 and (out / "report.html").read_text() == html
 

@@ -89,8 +89,10 @@ def test_compare_report_shows_its_tables_and_links_its_runs(browser, compare_fol
 
     folder, runs = compare_folder
     browser.open(folder / "report.html")
-    assert min(image_widths(browser)) > 0 and len(image_widths(browser)) == 2
+    assert min(image_widths(browser)) > 0 and len(image_widths(browser)) == len(list(folder.glob("*.png"))) == 3
     check_ranking(browser, folder, "compare_summary.tsv")
+    header, rows = browser.table("ranking_std")  # the standardized view's stability table beside it
+    assert rows == tsv_rows(folder / "compare_summary_std.tsv", header)
     check_sorting(browser, "joint_gain_median", numeric=True)
     header, rows = browser.table("headline")
     assert rows == tsv_rows(folder / "headline.tsv", header)
