@@ -301,8 +301,8 @@ KL_PROMPTS, KL_TOKENS_REAL = 4, 8
 
 @pytest.fixture(scope="module")
 def smol_calibrations(smol, smol_delta_file):
-    """(w, bset, {(c, sign): Calibration}) on the shipped pair: both arms of w, 2w and 3w, as the
-    check searches (``start_and_bound`` of each delta)."""
+    """(w, bset, meter, {(c, sign): Calibration}) on the shipped pair: both arms of w, 2w and 3w, as
+    the check searches (``start_and_bound`` of each delta)."""
     from subspace_sweep.causal import BehaviourSet, kl_meter
     from subspace_sweep.delta import load_delta
     from subspace_sweep.strength import find_strength, start_and_bound
@@ -318,19 +318,25 @@ def smol_calibrations(smol, smol_delta_file):
             start, bound = start_and_bound(model, delta)
             for sign in signs:
                 found[(c, sign)] = find_strength(lambda a: meter(delta, sign * a).kl, 0.5, start=start, bound=bound)
-    return w, bset, found
+    return w, bset, meter, found
 
 
 def test_the_kl_budget_is_reached_within_tolerance_and_rises_with_alpha_on_the_real_pair(smol_calibrations):
-    """Each arm converges to |log(KL/0.5)| ≤ log 1.05 within the evaluation cap, and over every
-    strength the search evaluated the p95 KL rises with α (measured: it does on both arms)."""
+    """Each arm converges to |log(KL/0.5)| ≤ log 1.05 within the evaluation cap, and the p95 KL rises
+    with α over the bracket: every strength the search of w evaluated, and α/4 and 4α around each
+    arm's root (measured: + arm 0.504 at its start α = 0.253; − arm 0.15, 1.87, 0.77, 0.36, 0.51)."""
     from subspace_sweep.strength import KL_TOLERANCE, MAX_EVALUATIONS
 
-    _, _, found = smol_calibrations
+    w, _, meter, found = smol_calibrations
     for key, cal in found.items():
         assert cal.converged and abs(math.log(cal.kl / 0.5)) <= KL_TOLERANCE, (key, cal.trace)
         assert cal.evaluations <= MAX_EVALUATIONS and not cal.at_bound
-        assert cal.bracket_monotone, (key, sorted(cal.trace))
+    for sign in (1, -1):
+        cal = found[(1.0, sign)]
+        with timed("KL calibrations (4 prompts, 8 tokens; w, 2w, 3w)"):
+            around = [(a, meter(w, sign * a).kl) for a in (cal.alpha / 4, cal.alpha * 4)]
+        points = sorted([*cal.trace, *around])
+        assert all(b[1] > a[1] for a, b in zip(points, points[1:])), (sign, points)
     assert found[(1.0, 1)].alpha != pytest.approx(found[(1.0, -1)].alpha, rel=0.05)  # the arms differ
 
 
@@ -343,7 +349,7 @@ def test_the_calibrated_strength_is_scale_equivariant_on_the_real_pair(smol, smo
     from subspace_sweep.strength import KL_TOLERANCE
 
     model, tok = smol
-    w, bset, found = smol_calibrations
+    w, bset, _, found = smol_calibrations
     for sign in (1, -1):
         assert found[(2.0, sign)].alpha * 2 == pytest.approx(found[(1.0, sign)].alpha, rel=1e-6)
         assert abs(math.log(found[(3.0, sign)].alpha * 3 / found[(1.0, sign)].alpha)) <= 2 * KL_TOLERANCE / 0.5
