@@ -44,6 +44,7 @@ from subspace_sweep.strength import (
     weight_ratio,
 )
 from subspace_sweep.sweep import weight_targets
+from tests.helpers_kl import teacher_forced_kl
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL = load_probe_set().eval
@@ -218,28 +219,8 @@ def tiny_delta(tiny):
 
 
 def _teacher_forced_kl(model, tok, prompts, delta, alpha, n_tokens, stops):
-    """The per-position KLs computed without a cache: each prompt alone, the steered model's
-    greedy tokens one full pass at a time (up to a stop token, which counts), then one full pass of
-    each model over prompt + tokens."""
-    from subspace_sweep.steering import weight_steer
-
-    out = []
-    for text in prompts:
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        n_prompt = ids.shape[1]
-        with torch.no_grad():
-            for _ in range(n_tokens):
-                with weight_steer(model, delta, alpha):
-                    nxt = model(input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-                if int(nxt) in stops:
-                    break
-            with weight_steer(model, delta, alpha):
-                s = model(input_ids=ids).logits[0].double().log_softmax(-1)
-            r = model(input_ids=ids).logits[0].double().log_softmax(-1)
-        pos = slice(n_prompt - 1, ids.shape[1] - 1)
-        out.append((s[pos].exp() * (s[pos] - r[pos])).sum(-1))
-    return out
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in prompts]
+    return teacher_forced_kl(model, ids, delta, alpha, n_tokens, stops)
 
 
 def test_the_kl_is_the_teacher_forced_kl_of_the_steered_models_own_continuations(tiny, tiny_delta):
