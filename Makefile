@@ -51,8 +51,9 @@ real-pair: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py
 
-# Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, outliers.py, linalg.py, causal.py and the
-# circuit/basis builders of candidates.py, against the fast tiers ([tool.mutmut] in pyproject.toml).
+# Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, outliers.py, linalg.py, causal.py,
+# strength.py, pair.py and the circuit/basis builders of candidates.py, against the fast tiers ([tool.mutmut] in
+# pyproject.toml).
 # Prints each file's share of non-equivalent mutants killed (equivalents: tests/MUTATION_EQUIVALENTS.md)
 # and fails below 90% for scoring.py or linalg.py. MUTATE_SCOPE='subspace_sweep.scoring.*' runs a part.
 MUTMUT_VERSION := 3.8.1
@@ -73,9 +74,17 @@ MUTATE_LINALG_EIGEN := __init__ _reduction _pairs values top
 # causal.py (issue 25): the restriction, the behaviour and its mass, the strength rule, the plan,
 # the null's draws and the verdict's arithmetic (run_causal's loop is held by the end-to-end tests).
 MUTATE_CAUSAL := restrict frobenius scaled choose_alpha causal_plan _ratio _mean_sd _z null_bases \
-	behaviour_and_mass first_steered_layer _reply_ids answer_tokens answer_masses
+	behaviour_and_mass first_steered_layer _reply_ids answer_tokens answer_masses \
+	coherent_masses norm_only norm_only_line
+# issue 30: the KL-matched strength (the root finder, its start and bound, the option) and the pair's
+# geometry; strength.py's KL meter (ContinuationKL) is held by its tests against a teacher-forced
+# computation, not mutated (a mutated KV-cache plumbing mostly crashes rather than miscounts).
+MUTATE_STRENGTH := _excess find_strength weight_ratio start_and_bound _stop_tokens parse_strength
+MUTATE_PAIR := module_type check_shapes tensor_sums _ratio figures pair_geometry geometry_line
 MUTATE_SCOPE ?= subspace_sweep.scoring.* subspace_sweep.outliers.* \
 	$(foreach f,$(MUTATE_CAUSAL),subspace_sweep.causal.x_$(f)__mutmut_*) \
+	$(foreach f,$(MUTATE_STRENGTH),subspace_sweep.strength.x_$(f)__mutmut_*) \
+	$(foreach f,$(MUTATE_PAIR),subspace_sweep.pair.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_LINALG),subspace_sweep.linalg.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_LINALG_EIGEN),subspace_sweep.linalg.xǁSymmetricEigenǁ$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_BUILDERS),subspace_sweep.candidates.x_$(f)__mutmut_*)

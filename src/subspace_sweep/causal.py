@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import torch
@@ -47,6 +48,7 @@ from .errors import InputError
 from .model import block_name, model_device
 from .scoring import Target, energy, stable_seed
 from .steering import weight_steer
+from .strength import KL_QUANTILE, KL_TOKENS, Calibration, ContinuationKL, find_strength, start_and_bound
 from tqdm.auto import tqdm
 
 #: The two answers of the probes (``... Answer Yes or No.``) as a reply begins with them: the
@@ -384,26 +386,28 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
 
 
 def effect(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
-           answers: AnswerTokens | BehaviourSet, alpha: float = 1.0) -> tuple[float, Tensor]:
-    """``E(w)`` and the per-prompt ``b(+α) − b(−α)`` (two forward passes; the model is restored
-    bit for bit after each)."""
-    steered = steered_behaviour(model, tokenizer, delta, texts, answers, alpha=alpha)
+           answers: AnswerTokens | BehaviourSet, alpha: float = 1.0, alpha_minus: float | None = None,
+           ) -> tuple[float, Tensor]:
+    """``E(w)`` and the per-prompt ``b(+α) − b(−α₋)`` (``alpha_minus`` default α; two forward
+    passes; the model is restored bit for bit after each)."""
+    steered = steered_behaviour(model, tokenizer, delta, texts, answers, alpha=alpha, alpha_minus=alpha_minus)
     diff = steered[+1.0][0] - steered[-1.0][0]
     return float(diff.mean()), diff
 
 
 def steered_behaviour(model: nn.Module, tokenizer, delta: Mapping[str, Tensor], texts: Sequence[str],
                       answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None, *, alpha: float = 1.0,
-                      ) -> dict[float, tuple[Tensor, Tensor]]:
-    """sign -> (b, mass) per prompt, steered by ``W ← W + sign·α·w`` for sign = +1 and −1 (two
-    forward passes); with a recorded ``prefix`` that lies at or below the delta's first steered
-    layer, each pass resumes there."""
+                      alpha_minus: float | None = None) -> dict[float, tuple[Tensor, Tensor]]:
+    """sign -> (b, mass) per prompt, steered by ``W ← W + α·w`` and ``W ← W − α₋·w`` (``alpha_minus``,
+    default α: each arm at its own strength, issue 30) (two forward passes); with a recorded
+    ``prefix`` that lies at or below the delta's first steered layer, each pass resumes there."""
     first = first_steered_layer(delta)
     resume = prefix if (prefix is not None and prefix.hidden is not None and first is not None
                         and first >= prefix.layer) else None
+    strengths = {+1.0: alpha, -1.0: alpha if alpha_minus is None else alpha_minus}
     out = {}
     for sign in (+1.0, -1.0):
-        with weight_steer(model, delta, sign * alpha):
+        with weight_steer(model, delta, sign * strengths[sign]):
             out[sign] = behaviour_and_mass(model, tokenizer, texts, answers, resume)
     return out
 
@@ -470,12 +474,29 @@ class CausalResult:
     coherent: bool = True  # whether that α met the strength rule (False: none of the grid did)
     centre: str = "base"  # "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2
     alphas: tuple[float, ...] = (1.0,)  # the strength grid
+    alpha_minus: float | None = None  # the − arm's strength (None: ``alpha``; differs at a KL budget)
+    kl_target: float | None = None  # the KL budget in nats (``--causal-strength kl:T``); None: the grid
+    kl_tokens: int = KL_TOKENS  # the continuation length the KL is measured on
+    calibration: dict[float, Calibration] | None = None  # sign -> what the root finder found
+    calibration_cost: dict[str, float] = field(default_factory=dict)  # prefill_passes, decode_steps, seconds, bound
+    n_norm_only: int = 0  # draws of the norm-only control
+
+    @property
+    def minus(self) -> float:
+        """The − arm's strength."""
+        return self.alpha if self.alpha_minus is None else self.alpha_minus
+
+    @property
+    def strength(self) -> str:
+        """The strength rule as the command line names it."""
+        return "grid" if self.kl_target is None else f"kl:{self.kl_target:g}"
 
 
 COLUMNS = {
-    "kind": pl.String,  # reference | strength | candidate | act_oracle | oracle | random | curve
+    "kind": pl.String,  # reference | strength | calibration | kl_trace | candidate | act_oracle | oracle | random | curve | norm_only
     "name": pl.String,
-    "alpha": pl.Float64,  # the strength of the row's steering: ±α·w (±α·w/2 around the midpoint)
+    "alpha": pl.Float64,  # the strength of the row's steering: ±α·w (±α·w/2 around the midpoint); the + arm's
+    "alpha_minus": pl.Float64,  # the − arm's: −α₋·w (= alpha with the grid; its own with a KL budget)
     "rank": pl.Float64,  # mean effective rank over the scored layers
     "k": pl.Int64,  # curve: the number of leading directions (else null)
     "norm_matched": pl.Boolean,
@@ -494,6 +515,9 @@ COLUMNS = {
     "null_ablated_mean": pl.Float64,
     "null_ablated_sd": pl.Float64,
     "z_ablated": pl.Float64,
+    "kl": pl.Float64,  # calibration / kl_trace: the KL_QUANTILE quantile of the per-token KL at the row's α
+    "evaluations": pl.Int64,  # calibration: evaluations of KL(α); kl_trace: the evaluation's index
+    "converged": pl.Boolean,  # calibration: |log(KL/target)| within the tolerance
 }
 
 
@@ -511,6 +535,20 @@ def _z(x: float, mean: float, sd: float) -> float:
     return (x - mean) / sd if sd > 0.0 and math.isfinite(x) else math.nan
 
 
+def norm_only(delta: Mapping[str, Tensor], draw: int, seed: int) -> dict[str, Tensor]:
+    """Draw ``draw`` of the norm-only control (issue 30): every tensor of ``delta`` replaced by a
+    standard Gaussian one of its shape (float64, seeded by (seed, draw, key) through
+    ``stable_seed``: identical in every process) rescaled to the tensor's own Frobenius norm, stored
+    in its dtype. What survives this lives in how the norm is spread over tensors, not in directions."""
+    out: dict[str, Tensor] = {}
+    for key, M in sorted(delta.items()):
+        gen = torch.Generator().manual_seed(stable_seed("norm_only", seed, draw, key))
+        R = torch.randn(tuple(M.shape), generator=gen, dtype=torch.float64)
+        norm = float(linalg.as64(M).norm())
+        out[key] = (R * (norm / float(R.norm()))).to(M.dtype) if norm > 0 else torch.zeros_like(M)
+    return out
+
+
 def null_bases(d: int, profile: Mapping[int, int], draw: int, seed: int) -> dict[int, Tensor]:
     """Random draw ``draw`` of the null for per-layer ranks ``profile``: seeded by (seed, draw,
     layer, rank) through ``stable_seed``, so identical in every process."""
@@ -518,6 +556,9 @@ def null_bases(d: int, profile: Mapping[int, int], draw: int, seed: int) -> dict
             for layer, r in sorted(profile.items())}
 
 
+#: The norm-only control "keeps the effect" (the subspace question is moot) when its draws keep at
+#: least this share of E(w_writes) on average (issue 30).
+NORM_ONLY_KEEPS = 0.5
 #: The default strength grid (issue 25): E is read at the largest α of it that stays coherent.
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
 #: The strength rule: the largest α whose answer mass under +α and −α both stay at least this
@@ -530,16 +571,24 @@ def choose_alpha(mass0: float, masses: Mapping[float, tuple[float, float]]) -> t
     """(α, coherent): the largest α of the grid whose answer mass under +α and under −α both stay
     ≥ ``COHERENT_SHARE`` × max(mass at α = 0, ``MIN_ANSWER_MASS``); when none does, the smallest α
     (the least incoherent) with ``coherent`` False."""
-    floor = COHERENT_SHARE * max(mass0, MIN_ANSWER_MASS)
-    ok = [a for a, (mp, mm) in masses.items() if mp >= floor and mm >= floor]
+    ok = [a for a, (mp, mm) in masses.items() if coherent_masses(mass0, mp, mm)]
     return (max(ok), True) if ok else (min(masses), False)
 
 
-def causal_plan(n_alphas: int, n_tested: int, n_profiles: int, n_null: int, n_curve_points: int) -> int:
+def coherent_masses(mass0: float, mass_plus: float, mass_minus: float) -> bool:
+    """Whether the answer mass under both arms stays ≥ ``COHERENT_SHARE`` × max(mass at α = 0,
+    ``MIN_ANSWER_MASS``): the grid's rule, and what a KL-matched strength reports as ``coherent``."""
+    floor = COHERENT_SHARE * max(mass0, MIN_ANSWER_MASS)
+    return mass_plus >= floor and mass_minus >= floor
+
+
+def causal_plan(n_alphas: int, n_tested: int, n_profiles: int, n_null: int, n_curve_points: int,
+                n_norm_only: int = 0) -> int:
     """The number of steered deltas the check runs (2 forward passes each): w at each α of the
-    grid, w_writes, each tested subspace and its ablation, per rank profile the oracle and the
-    random draws (kept and ablated each), and every curve point (trained norm and norm-matched)."""
-    return n_alphas + 1 + 2 * n_tested + n_profiles * 2 * (1 + n_null) + 2 * n_curve_points
+    grid (one α: the KL-matched strengths), w_writes, each tested subspace and its ablation, per
+    rank profile the oracle and the random draws (kept and ablated each), every curve point (trained
+    norm and norm-matched), and the norm-only control's draws."""
+    return n_alphas + 1 + 2 * n_tested + n_profiles * 2 * (1 + n_null) + 2 * n_curve_points + n_norm_only
 
 
 @forward_pass_memory()  # the steered passes recycle their temporaries; freed memory goes back once, at the end
@@ -560,6 +609,9 @@ def run_causal(
     alphas: Sequence[float] = (1.0,),
     centre: Mapping[str, Tensor] | None = None,
     progress: bool = False,
+    kl_target: float | None = None,
+    n_norm_only: int = 0,
+    kl_tokens: int = KL_TOKENS,
 ) -> CausalResult:
     """The causal table for the first ``k`` of ``ranked`` ((name, per-layer bases), best first),
     with ``combined[layer]`` the combined weight target of each scored layer (for the oracles);
@@ -570,22 +622,64 @@ def run_causal(
     ``alphas`` (rows of kind ``strength``), and everything else at the α ``choose_alpha`` names.
     ``centre`` (the pair's midpoint offset (Δ⁺ + Δ⁻)/2, ``delta.load_centre``): every pass runs on
     θ + centre, steered by ±α·w/2, so α = 1 is the two trained models themselves; None: the base
-    model steered by ±α·w. ``progress``: a progress bar over the steered deltas."""
+    model steered by ±α·w. ``progress``: a progress bar over the steered deltas.
+
+    ``kl_target`` (nats; issue 30): instead of the grid, each arm's α is the one at which the
+    ``KL_QUANTILE`` quantile of the per-token KL(steered ‖ unsteered) over ``kl_tokens``-token greedy
+    continuations of the prompts equals the target (``strength``: rows ``calibration`` and
+    ``kl_trace``), and everything is read at (α₊, α₋); "unsteered" is the model the arms are
+    steered from (θ + centre around the midpoint). ``n_norm_only``: that many draws of the
+    norm-only control (``norm_only`` of w_writes, rows ``norm_only``)."""
     if n_null < MIN_NULL_DRAWS:
         raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {n_null}")
     alphas = sorted({float(a) for a in alphas})
     if not alphas or not all(math.isfinite(a) and a > 0 for a in alphas):
         raise InputError(f"--causal-alpha needs positive strengths, got {list(alphas)}")
+    if kl_target is not None and not (math.isfinite(kl_target) and kl_target > 0):
+        raise InputError(f"--causal-strength kl:TARGET needs a positive number of nats, got {kl_target}")
+    if n_norm_only < 0:
+        raise InputError(f"the norm-only control needs a number of draws ≥ 0, got {n_norm_only}")
     if not isinstance(answers, BehaviourSet):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     with weight_steer(model, centre or {}, 1.0):
         return _run_causal(model, tokenizer, delta, answers, ranked, combined, k=k, n_null=n_null, seed=seed,
                            write_gains=write_gains, act_oracles=act_oracles, alphas=alphas,
-                           centred=centre is not None, progress=progress)
+                           centred=centre is not None, progress=progress, kl_target=kl_target,
+                           n_norm_only=n_norm_only, kl_tokens=kl_tokens)
+
+
+def kl_meter(model: nn.Module, tokenizer, answers: BehaviourSet, n_tokens: int = KL_TOKENS) -> ContinuationKL:
+    """KL(α) on the behaviour set's prompts, rendered and encoded exactly as ``behaviour_and_mass``
+    reads them (``answer_prompt`` for a chat set, the raw text otherwise)."""
+    asked = [answer_prompt(tokenizer, t) for t in answers.texts] if answers.chat else list(answers.texts)
+    return ContinuationKL(model, tokenizer, asked, add_special_tokens=not answers.chat, n_tokens=n_tokens)
+
+
+def _calibrate(model, tokenizer, delta, answers: BehaviourSet, step: float, target: float,
+               n_tokens: int) -> tuple[dict[float, Calibration], dict[str, float]]:
+    """Each arm's KL-matched α (sign -> ``Calibration``; the check steers by ±α·step·w) and the
+    calibration's cost: full passes over the prompts, one-token steps, seconds. The prompts are
+    rendered exactly as ``behaviour_and_mass`` reads them."""
+    t0 = time.perf_counter()
+    meter = kl_meter(model, tokenizer, answers, n_tokens)
+    start, bound = start_and_bound(model, delta, step)
+    cost = {"prefill_passes": meter.reference_passes, "decode_steps": 0}
+
+    def kl(sign: float, alpha: float) -> float:
+        reading = meter(delta, sign * step * alpha)
+        cost["prefill_passes"] += reading.prefill_passes
+        cost["decode_steps"] += reading.decode_steps
+        return reading.kl
+
+    found = {sign: find_strength(lambda a, s=sign: kl(s, a), target, start=start, bound=bound) for sign in (+1.0, -1.0)}
+    cost["seconds"] = time.perf_counter() - t0
+    cost["bound"] = bound
+    return found, cost
 
 
 def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined, *, k, n_null, seed, write_gains,
-                act_oracles, alphas: list[float], centred: bool, progress: bool) -> CausalResult:
+                act_oracles, alphas: list[float], centred: bool, progress: bool, kl_target: float | None = None,
+                n_norm_only: int = 0, kl_tokens: int = KL_TOKENS) -> CausalResult:
     texts = answers.texts
     layers = sorted(combined)
     d = next(iter(combined.values())).d
@@ -599,8 +693,9 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     curves += [(name, dict(bases)) for name, bases in act_oracles]
     curve_ks = {name: [x for x in CURVE_RANKS if x <= min(min(int(o[lay].shape[1]) for lay in layers), d)]
                 for name, o in curves}
-    total = causal_plan(len(alphas), len(tested_sets), len({profile_of(b) for _, _, b in tested_sets}), n_null,
-                        sum(len(v) for v in curve_ks.values()))
+    total = causal_plan(len(alphas) if kl_target is None else 1, len(tested_sets),
+                        len({profile_of(b) for _, _, b in tested_sets}), n_null,
+                        sum(len(v) for v in curve_ks.values()), n_norm_only)
     bar = tqdm(total=total, desc="causal check", unit="delta", disable=not progress)
     rows: list[dict] = []
     passes = 1
@@ -609,10 +704,11 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     prefix = Prefix(min(layers))
     b0, mass0 = behaviour_and_mass(model, tokenizer, texts, answers, prefix)
 
-    def E(w: Mapping[str, Tensor], alpha: float, into: dict | None = None) -> float:
+    def E(w: Mapping[str, Tensor], alpha: float, into: dict | None = None, minus: float | None = None) -> float:
         nonlocal passes
         passes += 2
-        got = steered_behaviour(model, tokenizer, w, texts, answers, prefix, alpha=step * alpha)
+        got = steered_behaviour(model, tokenizer, w, texts, answers, prefix, alpha=step * alpha,
+                                alpha_minus=None if minus is None else step * minus)
         bar.update(1)
         (bp, mp), (bm, mm) = got[+1.0], got[-1.0]
         if into is not None:
@@ -627,28 +723,48 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
 
     rows.append({"kind": "reference", "name": "alpha_0", "alpha": 0.0, "effect": float(b0.mean()),
                  "mass_plus": float(mass0.mean()), "mass_minus": float(mass0.mean())})
-    # The strength grid: the whole delta at each α, then the largest coherent one for everything else.
+    calibration: dict[float, Calibration] | None = None
+    cost: dict[str, float] = {}
     strengths: dict[float, dict] = {}
-    for a in alphas:
-        row: dict = {}
-        e = E(delta, a, row)
-        strengths[a] = {"kind": "strength", "name": f"w@{a:g}", "alpha": a, "effect": e, **row}
-    alpha, coherent = choose_alpha(float(mass0.mean()), {a: (r["mass_plus"], r["mass_minus"]) for a, r in strengths.items()})
-    e_w, ref_w = strengths[alpha]["effect"], {c: strengths[alpha][c] for c in ("effect_plus", "effect_minus", "mass_plus", "mass_minus")}
+    if kl_target is None:
+        # The strength grid: the whole delta at each α, then the largest coherent one for everything else.
+        for a in alphas:
+            row: dict = {}
+            e = E(delta, a, row)
+            strengths[a] = {"kind": "strength", "name": f"w@{a:g}", "alpha": a, "effect": e, **row}
+        alpha, coherent = choose_alpha(float(mass0.mean()), {a: (r["mass_plus"], r["mass_minus"]) for a, r in strengths.items()})
+        e_w, ref_w = strengths[alpha]["effect"], {c: strengths[alpha][c] for c in ("effect_plus", "effect_minus", "mass_plus", "mass_minus")}
+        minus = alpha
+    else:
+        # Each arm at the α of the KL budget (issue 30), then the whole delta there.
+        calibration, cost = _calibrate(model, tokenizer, delta, answers, step, kl_target, kl_tokens)
+        passes += int(cost["prefill_passes"] + cost["decode_steps"])
+        alpha, minus = calibration[+1.0].alpha, calibration[-1.0].alpha
+        for sign, arm in ((+1.0, "plus"), (-1.0, "minus")):
+            c = calibration[sign]
+            rows.append({"kind": "calibration", "name": arm, "alpha": c.alpha, "kl": c.kl, "evaluations": c.evaluations,
+                         "converged": c.converged})
+            rows += [{"kind": "kl_trace", "name": arm, "alpha": a, "kl": v, "evaluations": i + 1}
+                     for i, (a, v) in enumerate(c.trace)]
+        ref_w = {}
+        e_w = E(delta, alpha, ref_w, minus)
+        coherent = coherent_masses(float(mass0.mean()), ref_w["mass_plus"], ref_w["mass_minus"])
+    at = {"alpha": alpha, "alpha_minus": minus}
     writes = restrict(delta, layers=layers, write_gains=write_gains)
     ref_writes: dict = {}
-    e_writes = E(writes, alpha, ref_writes)
+    e_writes = E(writes, alpha, ref_writes, minus)
     writes_norm = frobenius(writes)
-    rows += [{**r, "kept": _ratio(r["effect"], e_writes) if a == alpha else None} for a, r in strengths.items()]
-    rows.append({"kind": "reference", "name": "w", "alpha": alpha, "effect": e_w, "kept": _ratio(e_w, e_writes), **ref_w})
-    rows.append({"kind": "reference", "name": "w_writes", "alpha": alpha, "effect": e_writes,
+    rows += [{**r, "alpha_minus": a, "kept": _ratio(r["effect"], e_writes) if a == alpha else None}
+             for a, r in strengths.items()]
+    rows.append({"kind": "reference", "name": "w", **at, "effect": e_w, "kept": _ratio(e_w, e_writes), **ref_w})
+    rows.append({"kind": "reference", "name": "w_writes", **at, "effect": e_writes,
                  "kept": 1.0 if e_writes else math.nan, "R_w_combined": 1.0, **ref_writes})
 
     def tested(kind: str, name: str, bases: Mapping[int, Tensor]) -> dict:
         row: dict = {}
-        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), alpha, row)
-        e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains), alpha)
-        row.update({"kind": kind, "name": name, "alpha": alpha,
+        e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), alpha, row, minus)
+        e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains), alpha, None, minus)
+        row.update({"kind": kind, "name": name, **at,
                     "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
                     "R_w_combined": R_w(bases), "effect": e_b, "effect_ablated": e_abl,
                     "kept": _ratio(e_b, e_writes), "ablated": 1.0 - _ratio(e_abl, e_writes)})
@@ -676,23 +792,83 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
             bases = {lay: ordered[lay][:, :kk] for lay in layers}
             w_b = restrict(delta, bases, layers=layers, write_gains=write_gains)
             for matched, w in ((False, w_b), (True, scaled(w_b, writes_norm))):
-                e_b = E(w, alpha)
-                rows.append({"kind": "curve", "name": name, "alpha": alpha, "rank": float(kk), "k": kk,
+                e_b = E(w, alpha, None, minus)
+                rows.append({"kind": "curve", "name": name, **at, "rank": float(kk), "k": kk,
                              "norm_matched": matched, "R_w_combined": R_w(bases), "effect": e_b,
                              "kept": _ratio(e_b, e_writes)})
+    # Direction or allocation (issue 30): w_writes with every tensor's direction drawn at random, its norm kept.
+    for i in range(n_norm_only):
+        row = {}
+        e = E(norm_only(writes, i, seed), alpha, row, minus)
+        rows.append({"kind": "norm_only", "name": f"norm_only_{i}", **at, "effect": e, "kept": _ratio(e, e_writes), **row})
     bar.close()
     table = pl.DataFrame([{c: row.get(c) for c in COLUMNS} for row in rows], schema=COLUMNS)
     return CausalResult(table, answers, e_w, e_writes, [name for name, _ in top], n_null, passes, alpha=alpha,
-                        coherent=coherent, centre="midpoint" if centred else "base", alphas=tuple(alphas))
+                        coherent=coherent, centre="midpoint" if centred else "base", alphas=tuple(alphas),
+                        alpha_minus=minus, kl_target=kl_target, kl_tokens=kl_tokens,
+                        calibration=calibration, calibration_cost=cost, n_norm_only=n_norm_only)
 
 
 def answer_masses(result: CausalResult) -> dict[float, float]:
     """α -> mean probability of the two answers: the unsteered model (α = 0) and the model steered
-    with the whole delta w at ±α of the check (the reference rows ``alpha_0`` and ``w``)."""
+    with the whole delta w at +α₊ and −α₋ of the check (the reference rows ``alpha_0`` and ``w``)."""
     t = result.table
     a0 = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "alpha_0")).row(0, named=True)
     w = t.filter((pl.col("kind") == "reference") & (pl.col("name") == "w")).row(0, named=True)
-    return {0.0: a0["mass_plus"], result.alpha: w["mass_plus"], -result.alpha: w["mass_minus"]}
+    return {0.0: a0["mass_plus"], result.alpha: w["mass_plus"], -result.minus: w["mass_minus"]}
+
+
+def norm_only_line(result: CausalResult) -> str | None:
+    """The norm-only control's paragraph (None without draws): moot when its draws keep at least
+    ``NORM_ONLY_KEEPS`` of E(w_writes) on average."""
+    rows = result.table.filter(pl.col("kind") == "norm_only")
+    if not rows.height:
+        return None
+    mean, sd = _mean_sd(rows["kept"].to_list())
+    said = (f"Direction or allocation (the norm-only control): w_writes with every tensor's direction replaced by a "
+            f"seeded random one of the same Frobenius norm keeps {mean:.2f} ± {sd:.2f} of E(w_writes) ({rows.height} "
+            "draws, at the same strengths)")
+    if mean >= NORM_ONLY_KEEPS:
+        return (f"Verdict (norm-only control): {said}: the behaviour change survives losing every direction of the "
+                "delta, so it lives in how the norm is spread over layers and modules, and the subspace question is "
+                f"MOOT for this pair (random directions at the trained norms do as well as any subspace; 'keeps': at "
+                f"least {NORM_ONLY_KEEPS:g} on average).")
+    return (f"{said}: the delta's directions carry the behaviour, not only how its norm is spread over layers and "
+            "modules, so the subspace question stands.")
+
+
+def strength_sentence(result: CausalResult) -> str:
+    """How the check's strength was chosen, for the verdict: the grid and its rule, or the KL
+    budget with each arm's α, the KL it reached, its evaluations and whether it converged."""
+    def f(x, spec=".2f"):
+        return "nan" if x is None or not math.isfinite(x) else format(x, spec)
+
+    t = result.table
+    if result.kl_target is None:
+        a = result.alpha
+        mass0 = answer_masses(result)[0.0]
+        grid = "; ".join(f"α = {r['alpha']:g}: {f(r['mass_plus'])} / {f(r['mass_minus'])}"
+                         for r in t.filter(pl.col("kind") == "strength").sort("alpha").iter_rows(named=True))
+        rule = (f"α = {a:g}, the largest whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at α = 0, "
+                f"{MIN_ANSWER_MASS:g})" if result.coherent else
+                f"α = {a:g}, the smallest: NONE of the grid keeps the mass under ±α at ≥ {COHERENT_SHARE:g} × max(mass at "
+                f"α = 0, {MIN_ANSWER_MASS:g}), so every number below is read where steering breaks the answer format")
+        return f"the strength grid's answer mass under +α / −α: {grid} (unsteered {f(mass0)}); the check reads {rule}."
+    reference = "θ + (Δ⁺ + Δ⁻)/2, the model the arms are steered from" if result.centre == "midpoint" else "the base model"
+    arms = []
+    for sign, name in ((+1.0, "α₊"), (-1.0, "α₋")):
+        c = result.calibration[sign]
+        how = (f"KL {f(c.kl, '.3f')}, {c.evaluations} evaluations" +
+               ("" if c.converged else
+                f"; NOT converged: {'the target is not reached within the bound α ≤ ' + format(c.alpha, '.4g') + ', read at the bound' if c.at_bound else 'read at the evaluation nearest the target'}"))
+        arms.append(f"{name} = {c.alpha:.4g} ({how})")
+    return (f"the strength is a matched KL budget (`--causal-strength {result.strength}`): each arm's α is the one at "
+            f"which the {KL_QUANTILE:.0%} quantile of the per-token KL(steered ‖ {reference}) over {result.kl_tokens}-token "
+            f"greedy continuations generated by the steered model from where b is read equals {result.kl_target:g} nat "
+            f"(±5%): {'; '.join(arms)}; everything below is read at θ + α₊·w and θ − α₋·w"
+            f"{' (±α·w/2 around the midpoint)' if result.centre == 'midpoint' else ''}. The answer mass under the two "
+            f"arms {'stays' if result.coherent else 'does NOT stay'} ≥ {COHERENT_SHARE:g} × max(unsteered, "
+            f"{MIN_ANSWER_MASS:g}).")
 
 
 def verdict(result: CausalResult) -> str:
@@ -709,24 +885,17 @@ def verdict(result: CausalResult) -> str:
     carries = best["z_kept"] is not None and math.isfinite(best["z_kept"]) and best["z_kept"] > 2.0
     share = _ratio(best["kept"], oracle["kept"]) if oracle["kept"] and oracle["kept"] > 0 else math.nan
     mass = answer_masses(result)
-    a = result.alpha
+    a, m = result.alpha, result.minus
     where = "after the chat template's generation prompt" if result.answers.chat else "at the end of the raw prompt"
     how = ("around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2, steered by ±α·w/2 (α = 1: the two trained models)"
            if result.centre == "midpoint" else "around the base model, steered by ±α·w")
-    t = result.table
-    grid = "; ".join(f"α = {r['alpha']:g}: {f(r['mass_plus'])} / {f(r['mass_minus'])}"
-                     for r in t.filter(pl.col("kind") == "strength").sort("alpha").iter_rows(named=True))
-    rule = (f"α = {a:g}, the largest whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at α = 0, "
-            f"{MIN_ANSWER_MASS:g})" if result.coherent else
-            f"α = {a:g}, the smallest: NONE of the grid keeps the mass under ±α at ≥ {COHERENT_SHARE:g} × max(mass at "
-            f"α = 0, {MIN_ANSWER_MASS:g}), so every number below is read where steering breaks the answer format")
     lines = [
         f"Causal check (restricted steering, the behaviour b of {result.answers.source}, read {where}; {how}): "
-        f"the strength grid's answer mass under +α / −α: {grid} (unsteered {f(mass[0.0])}); the check reads {rule}. "
+        f"{strength_sentence(result)} "
         f"E(w) = {f(result.effect_w, '.3f')}, E(w_writes) = {f(result.effect_writes, '.3f')} "
         f"(the residual writers alone carry {f(_ratio(result.effect_writes, result.effect_w))} of the effect). "
-        f"Probability mass on the two answers: {f(mass[0.0])} unsteered (α = 0), {f(mass[a])} at +α, "
-        f"{f(mass[-a])} at −α. "
+        f"Probability mass on the two answers: {f(mass[0.0])} unsteered (α = 0), {f(mass[a])} at +α"
+        f"{'' if a == m else '₊'}, {f(mass[-m])} at −α{'' if a == m else '₋'}. "
         f"The delta restricted to the winner `{best['name']}` (rank {f(best['rank'], '.0f')}) keeps "
         f"{f(best['kept'])} of E(w_writes); {result.n_null} random subspaces of the same ranks keep "
         f"{f(best['null_kept_mean'])} ± {f(best['null_kept_sd'])} (z = {f(best['z_kept'], '.1f')}); the rank-matched "
@@ -759,6 +928,9 @@ def verdict(result: CausalResult) -> str:
         lines.append(f"Verdict: the winner carries the behaviour: it keeps {f(best['kept'])} of the effect "
                      f"(z_kept = {f(best['z_kept'], '.1f')} > 2 against random subspaces of its rank), "
                      f"{f(100 * share, '.0f')}% of what the rank-matched oracle keeps ({f(oracle['kept'])}).")
+    control = norm_only_line(result)
+    if control:
+        lines += ["", control]
     low = {x: m for x, m in mass.items() if x != 0.0 and not (m >= MIN_ANSWER_MASS)}
     if low:
         which = " and ".join(f"α = {x:+g} ({f(m)})" for x, m in sorted(low.items(), reverse=True))

@@ -67,6 +67,14 @@ def _alphas_arg(text: str) -> tuple[float, ...]:
     return out
 
 
+def _strength(args: argparse.Namespace) -> str:
+    """--causal-strength as given; --causal-alpha alone selects the grid (it is the grid's option)."""
+    if args.causal_alpha and args.causal_strength not in (None, "grid"):
+        raise InputError(f"--causal-alpha is the grid of --causal-strength grid; it does not go with "
+                         f"--causal-strength {args.causal_strength}")
+    return args.causal_strength or "grid"
+
+
 def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=8, help="rank of every candidate basis (default 8)")
     p.add_argument("--k-broad", type=int, default=None,
@@ -94,9 +102,14 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--behaviour", default=None, metavar="FILE",
                    help="the causal check's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1} "
                         "(default: the shipped EVAL probes with Yes/No)")
+    p.add_argument("--causal-strength", default=None, metavar="kl:T|grid",
+                   help="the causal check's strength: kl:T (default kl:0.5) steers each arm at the α where the 95th "
+                        "percentile of the per-token KL(steered ‖ unsteered) over 32-token greedy continuations of the "
+                        "EVAL prompts is T nats (comparable across adapter families and seeds); grid reads the "
+                        "largest coherent α of --causal-alpha")
     p.add_argument("--causal-alpha", type=_alphas_arg, default=None, metavar="A,B,...",
-                   help="the causal check's strength grid (default 0.25,0.5,1): it reads the largest α whose answer "
-                        "mass under ±α stays at least half the unsteered one (or of 0.1)")
+                   help="the strength grid of --causal-strength grid (default 0.25,0.5,1; giving it selects the grid): "
+                        "it reads the largest α whose answer mass under ±α stays at least half the unsteered one (or of 0.1)")
     p.add_argument("--causal-centre", choices=("base", "midpoint"), default="base",
                    help="steer around the base model (θ ± α·w, default) or the pair's midpoint (θ + (Δ⁺+Δ⁻)/2 ± α·w/2: "
                         "α = 1 is the two trained models; needs a delta made by `subspace-sweep delta`)")
@@ -194,6 +207,7 @@ def _config(args: argparse.Namespace, **overrides):
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
         causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour,
         causal_centre=args.causal_centre, **({"causal_alpha": args.causal_alpha} if args.causal_alpha else {}),
+        **({"causal_strength": _strength(args)} if args.causal_strength or args.causal_alpha else {}),
     )
     fields.update(overrides)
     return SweepConfig(**fields)

@@ -13,6 +13,7 @@ from .candidates import DEFINITIONS, PANEL_AXES
 from .capture import LABEL_KINDS
 from .causal import CENTRES, DEFAULT_ALPHAS, MIN_NULL_DRAWS, read_behaviour_file
 from .errors import InputError
+from .strength import DEFAULT_STRENGTH, parse_strength
 
 #: How many A-side candidates the joint ranking holds (known before anything is built).
 JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
@@ -50,6 +51,7 @@ class SweepConfig:
     causal: int = 0  # restricted steering of the top K of the joint ranking (SPEC §8); 0: off
     causal_null: int = 8  # random subspaces per tested rank in the causal null
     causal_alpha: tuple[float, ...] = DEFAULT_ALPHAS  # the strength grid; the check reads the largest coherent α
+    causal_strength: str = DEFAULT_STRENGTH  # "kl:T": each arm at a KL budget of T nats (issue 30); "grid": causal_alpha
     causal_centre: str = "base"  # "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre)
     behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
     overwrite: bool = False
@@ -92,6 +94,7 @@ class SweepConfig:
         if not self.causal_alpha or not all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0
                                             for a in self.causal_alpha):
             raise InputError(f"--causal-alpha needs one or more positive strengths, got {list(self.causal_alpha)}")
+        parse_strength(self.causal_strength)
         if self.causal_centre not in CENTRES:
             raise InputError(f"--causal-centre must be one of {', '.join(CENTRES)}, got {self.causal_centre!r}")
         if self.behaviour is not None:

@@ -102,11 +102,18 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
 def load_centre(path: str | Path) -> dict[str, Tensor]:
     """The midpoint offset (Δ⁺ + Δ⁻)/2 stored beside w in a delta file (keyed by parameter name);
     DeltaFormatError when the file holds none."""
-    centre = {k[len(CENTRE_PREFIX):]: v for k, v in _load_tensors(path).items() if k.startswith(CENTRE_PREFIX)}
+    centre = stored_centre(path)
     if not centre:
         raise DeltaFormatError(f"{path} holds w only, not the pair's midpoint (Δ⁺ + Δ⁻)/2 that --causal-centre midpoint "
                                "steers around: make the delta again with `subspace-sweep delta` (it stores both)")
     return centre
+
+
+def stored_centre(path: str | Path) -> dict[str, Tensor] | None:
+    """The midpoint offset a delta file stores beside w (keyed by parameter name), None when it
+    holds w only (``load_centre`` refuses that)."""
+    centre = {k[len(CENTRE_PREFIX):]: v for k, v in _load_tensors(path).items() if k.startswith(CENTRE_PREFIX)}
+    return centre or None
 
 
 def _load_tensors(path: str | Path) -> dict[str, Tensor]:

@@ -229,7 +229,7 @@ class RunInputs:
     snapshot: object | None  # publish.Snapshot of --out
     names: list[str]  # the run folders' names (the deltas' file stems)
     deltas: list[dict]
-    centres: list[dict | None]  # the pairs' midpoint offsets, for --causal-centre midpoint
+    centres: list[dict | None]  # the pairs' midpoint offsets (where the files store them): the pair's geometry, --causal-centre midpoint
 
 
 def check_run(config, deltas, snapshot=None) -> RunInputs:
@@ -238,11 +238,13 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     then the options alone, the probe set and the topic holdout, the device and dtype, the model's
     files or GGUF header (width and layers) with the options that need them, --out (unless the
     caller took its ``snapshot``), the cache folder, the deltas' names, files and values, the
-    layers they score, and the midpoint offsets ``--causal-centre midpoint`` needs."""
+    layers they score, and the midpoint offsets the files store (``--causal-centre midpoint`` needs
+    them; the pair's geometry reads them: finite, of w's shapes where both hold a tensor)."""
     import warnings
 
     from .a_side import check_cache_dir
-    from .delta import check_delta_values, check_finite, load_centre, load_delta
+    from .delta import check_delta_values, check_finite, load_centre, load_delta, stored_centre
+    from .pair import check_shapes
     from .model import resolve_dtype
     from .prompts import holdout_rows, load_probe_set
     from . import publish
@@ -271,10 +273,11 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
         if shape is not None:
             config.scored_layers(delta, shape.n_layers)
     midpoint = config.causal and config.causal_centre == "midpoint"
-    centres = [load_centre(p) for p in deltas] if midpoint else [None] * len(deltas)
-    for centre in centres:
+    centres = [load_centre(p) if midpoint else stored_centre(p) for p in deltas]
+    for delta, centre in zip(loaded, centres):
         if centre is not None:
             check_finite(centre, "the pair's midpoint offset")
+            check_shapes(delta, centre)
     return RunInputs(probes, shape, snapshot, names, loaded, centres)
 
 

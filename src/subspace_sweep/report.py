@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from . import html_report, publish  # noqa: E402
-from .causal import COHERENT_SHARE, MIN_ANSWER_MASS  # noqa: E402
+from .causal import COHERENT_SHARE, MIN_ANSWER_MASS, NORM_ONLY_KEEPS  # noqa: E402
+from .pair import geometry_line  # noqa: E402
+from .strength import KL_QUANTILE, MAX_EVALUATIONS, START_RATIO  # noqa: E402
 from .provenance import package_versions  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
@@ -103,7 +105,7 @@ def _csv(frame: pl.DataFrame, path: Path) -> None:
 
 
 
-def definitions_markdown(candidates, causal=None) -> str:
+def definitions_markdown(candidates, causal=None, pair=None) -> str:
     lines = [
         "# Candidate definitions",
         "",
@@ -208,19 +210,63 @@ def definitions_markdown(candidates, causal=None) -> str:
             "with ±α·w/2 instead when `--causal-centre midpoint`: α = 1 is then the two trained models; "
             f"this run: {causal.centre}); `effect_plus` / `effect_minus` are "
             "b(+α) − b(0) and b(−α) − b(0) (the unsteered model: row `alpha_0`), `mass_plus` / `mass_minus` "
-            "the mean probability of the two answers' first tokens (coherence). The strength: rows `strength` "
-            f"read the whole delta at every α of the grid ({', '.join(f'{a:g}' for a in causal.alphas)}); every other "
-            f"row is read at the largest α whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at "
-            f"α = 0, {MIN_ANSWER_MASS:g}) (the smallest when none does; this run: α = {causal.alpha:g}, "
-            f"{'coherent' if causal.coherent else 'none of the grid coherent'}); column `alpha`. Rows `act_oracle`: the oracles of "
+            "the mean probability of the two answers' first tokens (coherence). The strength with `--causal-strength "
+            f"grid`: rows `strength` read the whole delta at every α of the grid ({', '.join(f'{a:g}' for a in causal.alphas)}); "
+            f"every other row is read at the largest α whose mass under +α and −α both stay ≥ {COHERENT_SHARE:g} × max(mass at "
+            f"α = 0, {MIN_ANSWER_MASS:g}) (the smallest when none does"
+            + (f"; this run: α = {causal.alpha:g}, {'coherent' if causal.coherent else 'none of the grid coherent'}"
+               if causal.kl_target is None else "; not this run's rule, see below") +
+            "); column `alpha`. Rows `act_oracle`: the oracles of "
             "the cumulative and block-local labels (rank r) as restricted subspaces, curves included. w_writes = the residual writers (o_proj, "
             "down_proj) of w at the scored layers; w_B = each writer's ΔW replaced by P_B·ΔW (B the layer's basis), "
             "everything else dropped; the ablation uses (I − P_B)·ΔW. kept = E(w_B)/E(w_writes), ablated = 1 − "
             f"E(w_ablate)/E(w_writes). The null: {causal.n_null} seeded random subspaces of the same per-layer "
             "ranks (z against their mean and sample SD). Curves: the first k directions of the combined weight "
             "oracle (eigen-order) and of the top candidate, trained norm and norm-matched (rescaled to ‖w_writes‖_F).",
+            "",
+            strength_definition(causal),
+        ]
+        if causal.n_norm_only:
+            lines += ["", f"Rows `norm_only` (the norm-only control, {causal.n_norm_only} draws): w_writes with every tensor "
+                          "(each writer's weight and bias) replaced by a standard Gaussian tensor of its shape, seeded by "
+                          "(seed, draw, tensor name), rescaled to that tensor's Frobenius norm, read at the same strengths; "
+                          f"kept = E/E(w_writes). The verdict calls the subspace question moot when their mean kept is ≥ "
+                          f"{NORM_ONLY_KEEPS:g}."]
+    if pair is not None:
+        lines += [
+            "",
+            "## The pair's geometry (`pair.tsv`)",
+            "",
+            "Weight only, from the midpoint the delta file stores beside w (`subspace-sweep delta`): τ± the two "
+            "adapters' merged changes, w = τ⁺ − τ⁻, the shared drift M = (τ⁺ + τ⁻)/2 (so τ± = M ± w/2). Per group "
+            "of tensors (`scope` all; `module`: by the parameter's module name; `layer`: by decoder layer; a tensor "
+            "held by only one of w and M is zero in the other): `w_sq` = ‖w‖², `drift_sq` = ‖M‖², `w_dot_drift` = ⟨w, M⟩ "
+            "(float64 sums, which add up over groups), `cos_plus_neg_minus` = cos(τ⁺, −τ⁻) = (‖w‖²/4 − ‖M‖²)/(‖τ⁺‖‖τ⁻‖) "
+            "(positive exactly when ‖M‖ < ‖w‖/2), `norm_ratio` = ‖τ⁺‖/‖τ⁻‖, `drift_over_axis` = ‖M‖/‖w‖, "
+            "`abs_cos_w_drift` = |cos(w, M)|.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def strength_definition(causal) -> str:
+    """definitions.md's paragraph on the strength rule of this run (grid, or a KL budget)."""
+    if causal.kl_target is None:
+        return ("Strength rule of this run: `--causal-strength grid` (the coherence grid above; `alpha_minus` = `alpha`).")
+    cost = causal.calibration_cost
+    return (f"Strength rule of this run: `--causal-strength {causal.strength}` (SPEC §8, issue 30): each arm's α is the "
+            f"one at which the {KL_QUANTILE:.0%} quantile, over every generated position of every prompt, of the per-token "
+            f"KL(steered ‖ unsteered) (float64) equals {causal.kl_target:g} nat within ±5% (|log(KL/target)| ≤ log 1.05). "
+            f"The continuations: {causal.kl_tokens} greedy tokens generated by the steered model from each prompt as b reads "
+            "it (KV cache, one left-padded batch), ending at the model's end-of-turn/end-of-text token (that position "
+            "counts, later ones do not); the unsteered model (θ + (Δ⁺ + Δ⁻)/2 around the midpoint: the model the arms are "
+            "steered from) reads the same tokens. The root finder: bracketing by ×4 from the α where ‖α·w‖ is "
+            f"{START_RATIO:g} of the weights it changes, then Illinois regula falsi in (log α, log KL), at most "
+            f"{MAX_EVALUATIONS} evaluations per arm, α ≤ {cost.get('bound', math.nan):.4g} (‖α·w‖ = the weights' own norm); "
+            "a target not reached there is read at the bound. Rows `calibration` (per arm `plus` / `minus`): `alpha`, "
+            "`kl` reached, `evaluations`, `converged`; rows `kl_trace`: every evaluation (α, KL) in order. Every other "
+            "steered row is read at +`alpha`·w and −`alpha_minus`·w (the two arms' α). The calibration's cost: "
+            f"{int(cost.get('prefill_passes', 0))} full passes over the prompts, {int(cost.get('decode_steps', 0))} "
+            f"one-token steps, {cost.get('seconds', math.nan):.1f} s.")
 
 
 def _fmt(x: float, spec: str = ".2f") -> str:
@@ -287,6 +333,7 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         "",
         standardized_line(joint, best),
         "",
+        *([geometry_line(result.pair), ""] if getattr(result, "pair", None) is not None else []),
         f"Top-5 by gain_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
         f"Top-5 by gain_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
         f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
@@ -619,7 +666,7 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
     save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
     causal = getattr(result, "causal", None)
-    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal))
+    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal, getattr(result, "pair", None)))
     if getattr(result, "scope", None) is not None:
         _tsv(result.scope, tmp / "scope.tsv")
     if getattr(result, "spectra", None) is not None:
@@ -628,6 +675,8 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     if getattr(result, "readout", None) is not None:
         _tsv(result.readout, tmp / "readout.tsv")
         readout_figure(result.readout, tmp / "readout.png", tmp / "readout.pdf")
+    if getattr(result, "pair", None) is not None:
+        _tsv(result.pair, tmp / "pair.tsv")
     if causal is not None:
         _tsv(causal.table, tmp / "causal.tsv")
         causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")

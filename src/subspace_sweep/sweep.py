@@ -32,6 +32,8 @@ from .delta import check_keys_and_shapes, residual_writer_tensors, unscored_keys
 from .provenance import sha256_file
 from .errors import InputError
 from .model import load_model, n_layers_of, state_dict_sha256, write_gains
+from .pair import pair_geometry
+from .strength import parse_strength
 from .weights import residual_rows
 from .prompts import ProbeSet, holdout_rows, load_probe_set  # noqa: F401 - holdout_rows: re-exported
 from .report import rank_fair_order
@@ -59,6 +61,7 @@ class SweepResult:
     spectra: pl.DataFrame | None = None  # per layer and target: top-k energy curves, participation ranks
     readout: pl.DataFrame | None = None  # token energy, logit lens per layer; readout share per candidate
     outlier_warning: str | None = None  # concern 14: the conclusion's line when targets sit on a few coordinates
+    pair: pl.DataFrame | None = None  # the pair's geometry (pair.tsv) when the delta file stores the midpoint
 
     def ranking(self, panel: str, view: str = "residual") -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first, in the
@@ -381,7 +384,8 @@ def sweep(
 
     ``a_side`` (from ``build_a_side_for`` on the same model, prompts and config) skips the
     A-side captures and candidate building. ``centre``: the pair's midpoint offset, which
-    ``config.causal_centre == "midpoint"`` needs (``delta.load_centre``).
+    ``config.causal_centre == "midpoint"`` needs (``delta.load_centre``); whenever given, the
+    pair's geometry is computed from it (``pair.pair_geometry``).
     """
     config.validate()
     probes = probes or load_probe_set(config.n_fit)
@@ -504,7 +508,8 @@ def sweep(
                             n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
                             alphas=config.causal_alpha, progress=not config.quiet,
                             centre=centre if config.causal_centre == "midpoint" else None,
-                            act_oracles=act_oracles)
+                            act_oracles=act_oracles, kl_target=parse_strength(config.causal_strength),
+                            n_norm_only=config.causal_null)
         timings["causal"] = time.perf_counter() - t0
     return SweepResult(
         per_layer=per_layer,
@@ -526,6 +531,7 @@ def sweep(
         spectra=spectra,
         readout=readout,
         outlier_warning=outliers.warning_line(flags, len(layers), d, sources),
+        pair=pair_geometry(delta, centre) if centre is not None else None,
     )
 
 

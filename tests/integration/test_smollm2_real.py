@@ -19,6 +19,7 @@ seconds of each part.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -290,3 +291,89 @@ def test_the_manifest_records_the_gguf(smol_run):
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"] == SMOL and m["model_source"]["gguf_sha256"] == SMOL_SHA256
     assert m["model_source"]["gguf_quantization"]["file_type"] == "MOSTLY_Q4_1"
+
+
+# ----------------------------------------------------------------------------- the strength at a KL budget (issue 30)
+
+#: Kept cheap: 4 EVAL prompts, 8-token continuations (the run's own calibration uses all 16 and 32).
+KL_PROMPTS, KL_TOKENS_REAL = 4, 8
+
+
+@pytest.fixture(scope="module")
+def smol_calibrations(smol, smol_delta_file):
+    """(w, bset, meter, {(c, sign): Calibration}) on the shipped pair: both arms of w, 2w and 3w, as
+    the check searches (``start_and_bound`` of each delta)."""
+    from subspace_sweep.causal import BehaviourSet, kl_meter
+    from subspace_sweep.delta import load_delta
+    from subspace_sweep.strength import find_strength, start_and_bound
+
+    model, tok = smol
+    w = load_delta(smol_delta_file)
+    bset = BehaviourSet.from_probes(tok, PROBES.eval[:KL_PROMPTS])
+    meter = kl_meter(model, tok, bset, KL_TOKENS_REAL)
+    found = {}
+    with timed("KL calibrations (4 prompts, 8 tokens; w, 2w, 3w)"):
+        for c, signs in ((1.0, (1, -1)), (2.0, (1, -1)), (3.0, (1, -1))):
+            delta = {k: v * c for k, v in w.items()}
+            start, bound = start_and_bound(model, delta)
+            for sign in signs:
+                found[(c, sign)] = find_strength(lambda a: meter(delta, sign * a).kl, 0.5, start=start, bound=bound)
+    return w, bset, meter, found
+
+
+def test_the_kl_budget_is_reached_within_tolerance_and_rises_with_alpha_on_the_real_pair(smol_calibrations):
+    """Each arm converges to |log(KL/0.5)| ≤ log 1.05 within the evaluation cap, and the p95 KL rises
+    with α over the bracket: every strength the search of w evaluated, and α/4 and 4α around each
+    arm's root (measured: + arm 0.504 at its start α = 0.253; − arm 0.15, 1.87, 0.77, 0.36, 0.51)."""
+    from subspace_sweep.strength import KL_TOLERANCE, MAX_EVALUATIONS
+
+    w, _, meter, found = smol_calibrations
+    for key, cal in found.items():
+        assert cal.converged and abs(math.log(cal.kl / 0.5)) <= KL_TOLERANCE, (key, cal.trace)
+        assert cal.evaluations <= MAX_EVALUATIONS and not cal.at_bound
+    for sign in (1, -1):
+        cal = found[(1.0, sign)]
+        with timed("KL calibrations (4 prompts, 8 tokens; w, 2w, 3w)"):
+            around = [(a, meter(w, sign * a).kl) for a in (cal.alpha / 4, cal.alpha * 4)]
+        points = sorted([*cal.trace, *around])
+        assert all(b[1] > a[1] for a, b in zip(points, points[1:])), (sign, points)
+    assert found[(1.0, 1)].alpha != pytest.approx(found[(1.0, -1)].alpha, rel=0.05)  # the arms differ
+
+
+def test_the_calibrated_strength_is_scale_equivariant_on_the_real_pair(smol, smol_calibrations):
+    """α(c·w) = α(w)/c: to rounding for c = 2 (the searches evaluate the same models), within the
+    finder's tolerance for c = 3 (both KLs within log 1.05 of the target, and log KL rising at least
+    half as fast as log α there: |log(3·α(3w)/α(w))| ≤ 2·log 1.05/0.5); at the calibrated strengths
+    E(w_writes) of w and of 2w agree."""
+    from subspace_sweep.causal import effect, restrict
+    from subspace_sweep.strength import KL_TOLERANCE
+
+    model, tok = smol
+    w, bset, _, found = smol_calibrations
+    for sign in (1, -1):
+        assert found[(2.0, sign)].alpha * 2 == pytest.approx(found[(1.0, sign)].alpha, rel=1e-6)
+        assert abs(math.log(found[(3.0, sign)].alpha * 3 / found[(1.0, sign)].alpha)) <= 2 * KL_TOLERANCE / 0.5
+    writes = restrict(w, layers=list(range(8, 22)))
+    e1 = effect(model, tok, writes, bset.texts, bset, found[(1.0, 1)].alpha, found[(1.0, -1)].alpha)[0]
+    e2 = effect(model, tok, {k: 2 * v for k, v in writes.items()}, bset.texts, bset, found[(2.0, 1)].alpha,
+                found[(2.0, -1)].alpha)[0]
+    assert e2 == pytest.approx(e1, rel=1e-5) and e1 > 0
+
+
+def test_the_pairs_geometry_on_the_real_pair(smol_run):
+    """pair.tsv of the shipped pair (its delta file stores the midpoint): as measured, the two
+    adapters share a drift a little over half the behaviour axis (cos(τ⁺, −τ⁻) = −0.15, ‖M‖/‖w‖ =
+    0.58, |cos(w, M)| = 0.04, ‖τ⁺‖/‖τ⁻‖ = 0.96), alike in every module type and layer; the per-module
+    squared norms add up to the whole."""
+    _, out = smol_run
+    t = pl.read_csv(out / "pair.tsv", separator="\t")
+    whole = t.filter(pl.col("scope") == "all").row(0, named=True)
+    assert whole["cos_plus_neg_minus"] == pytest.approx(-0.152, abs=0.005)
+    assert whole["drift_over_axis"] == pytest.approx(0.582, abs=0.005)
+    assert whole["abs_cos_w_drift"] == pytest.approx(0.039, abs=0.005)
+    assert whole["norm_ratio"] == pytest.approx(0.962, abs=0.005)
+    modules = t.filter(pl.col("scope") == "module")
+    assert sorted(modules["name"]) == ["down_proj", "o_proj", "q_proj", "v_proj"]
+    assert sum(modules["w_sq"]) == pytest.approx(whole["w_sq"], rel=1e-9)
+    assert [int(x) for x in t.filter(pl.col("scope") == "layer")["name"]] == list(range(8, 22))
+    assert "neither mostly apart nor mostly together" in (out / "conclusion.md").read_text()

@@ -113,6 +113,25 @@ def test_a_steered_pass_resumed_at_its_first_steered_layer_is_bit_identical(tiny
     assert torch.equal(steered_behaviour(model, tok, deeper, bset.texts, bset, wrong)[1.0][0], full[1.0][0])
 
 
+def test_the_kl_of_greedy_continuations_is_the_teacher_forced_one(tiny_arch):
+    """The KL-matched strength's meter (issue 30: KV cache, one left-padded batch, the reference on
+    its cached prompts) on every row: the per-token KL of its continuations is the one computed
+    without a cache, each prompt alone; the unsteered model reads KL 0."""
+    from subspace_sweep.causal import BehaviourSet, kl_meter
+    from tests.helpers_kl import meter_prompt_ids, teacher_forced_kl
+
+    _, model, tok, _, _ = tiny_arch
+    gen = torch.Generator().manual_seed(4)
+    delta = {n: 0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()
+             if n.startswith(block_name(1) + ".") and n.endswith("proj.weight")}
+    meter = kl_meter(model, tok, BehaviourSet.from_probes(tok, PROBES.eval[:3]), n_tokens=5)
+    got = meter(delta, 1.0)
+    want = torch.cat(teacher_forced_kl(model, meter_prompt_ids(meter), delta, 1.0, 5, set(meter.stops.tolist())))
+    assert got.positions == want.numel() and float(want.max()) > 1e-4
+    assert got.kl == pytest.approx(float(torch.quantile(want, 0.95)), rel=1e-4)
+    assert meter(delta, 0.0).kl < 1e-8
+
+
 # ----------------------------------------------------------------------------- readers and circuits
 
 
