@@ -13,6 +13,10 @@ is loaded before them. The checks of the inputs themselves:
   and layer count (``ModelShape``) for the checks of ``SweepConfig.validate_for_model``;
 - a PEFT adapter folder: adapter_config.json and readable adapter weights;
 - a GGUF source (a ``.gguf`` file or a known name): its header (``gguf_models.model_shape``).
+- whether the model has a chat template (``ModelShape.chat_template``: a folder's
+  tokenizer_config.json or chat_template file, a GGUF's ``tokenizer.chat_template``): without one
+  (a base model) the causal check and ``train`` ask it in the plain-text format of SPEC §8, which
+  is decided here, before any conversion or load.
 
 A model given as an HF id is looked up in the local HF cache only here; when it is not there,
 ``model.load_model`` says where it looked.
@@ -68,6 +72,28 @@ class ModelShape:
     d: int  # residual width (hidden_size)
     n_layers: int
     where: str  # the config it was read from, for messages
+    chat_template: bool | None = None  # None: not known before the load (an HF id)
+
+    @property
+    def answer_format(self) -> str | None:
+        """How the model is asked where it answers (``causal.answer_form``): "chat" or "plain"."""
+        return None if self.chat_template is None else "chat" if self.chat_template else "plain"
+
+
+#: Where a saved tokenizer keeps its chat template: a key of tokenizer_config.json, or a file of its own.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def folder_chat_template(folder: Path) -> bool:
+    """Whether a saved model folder's tokenizer has a chat template (what ``AutoTokenizer`` would
+    load as ``chat_template``), from its files alone."""
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    data = _read_json(config, f"model folder {folder}")
+    return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -156,7 +182,7 @@ def model_shape(model: str) -> ModelShape | None:
     where = f"{path / CONFIG_FILE}" if local else f"the config of {name}"
     if not isinstance(d, int) or not isinstance(n_layers, int) or d < 1 or n_layers < 1:
         raise InputError(f"{where} has no positive hidden_size / num_hidden_layers ({d!r}, {n_layers!r})")
-    return ModelShape(d, n_layers, where)
+    return ModelShape(d, n_layers, where, folder_chat_template(path) if local else None)
 
 
 def check_adapter_folder(folder: str | Path, what: str) -> None:
