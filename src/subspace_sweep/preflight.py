@@ -294,8 +294,8 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
     folder is cleaned, --out, peft, the adapter family, the model's files or GGUF header (its layer
     count; an HF id outside the local cache fails its load here, before any output), the layers
     (default: ``lora_train.default_lora_layers``), the behaviour file and --n-train, the rank, steps,
-    lr and target modules. (The chat template is checked once the tokenizer is loaded, before the
-    first step.) Returns (the --out snapshot, the layers)."""
+    lr and target modules. Returns (the --out snapshot, the layers, the answer format: "chat", or
+    "plain" for a model without a chat template, SPEC §8; None for an HF id, known once loaded)."""
     import importlib.util
     import warnings
 
@@ -324,4 +324,4 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
         if n_train is not None and not 1 <= n_train <= len(rows):
             raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
     _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
-    return snapshot, layers
+    return snapshot, layers, shape.answer_format
