@@ -515,7 +515,9 @@ DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
 #: The strength rule: the largest α whose answer mass under +α and −α both stay at least this
 #: share of the larger of the unsteered mass and ``MIN_ANSWER_MASS``.
 COHERENT_SHARE = 0.5
-CENTRES = ("base", "midpoint")
+#: "auto" (the default): the pair's midpoint where the delta file holds it (``subspace-sweep delta``
+#: stores it), else the base model; "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2, required.
+CENTRES = ("auto", "base", "midpoint")
 
 
 def choose_alpha(mass0: float, masses: Mapping[float, tuple[float, float]]) -> tuple[float, bool]:
@@ -746,6 +748,10 @@ def verdict(result: CausalResult) -> str:
                       "logit difference between tokens the model does not produce, and E, kept and ablated measure "
                       "the format breaking, not the behaviour. (Little mass at α = 0 alone is no fault: a model "
                       "without an answer format can still be a valid test once steered.)"]
+    if not result.coherent and result.centre == "base":
+        lines += ["", "The way out: around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2, α = 1 is the two trained models "
+                      "themselves, which answer; a delta written by `subspace-sweep delta` holds the midpoint, and "
+                      "the check steers around it by default (`--causal-centre auto`; `midpoint` requires it)."]
     if result.effect_writes == 0.0 or (result.effect_w * result.effect_writes) < 0:
         lines += ["", "Caveat: E(w_writes) is zero or has the opposite sign of E(w): the residual writers do not carry "
                       "the behaviour, and kept/ablated ratios are not meaningful."]

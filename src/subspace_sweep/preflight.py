@@ -220,7 +220,7 @@ class RunInputs:
     snapshot: object | None  # publish.Snapshot of --out
     names: list[str]  # the run folders' names (the deltas' file stems)
     deltas: list[dict]
-    centres: list[dict | None]  # the pairs' midpoint offsets, for --causal-centre midpoint
+    centres: list[dict | None]  # the pairs' midpoint offsets (--causal-centre midpoint, or auto where a delta holds one)
 
 
 def check_run(config, deltas, snapshot=None) -> RunInputs:
@@ -229,7 +229,8 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     then the options alone, the probe set and the topic holdout, the device and dtype, the model's
     files or GGUF header (width and layers) with the options that need them, --out (unless the
     caller took its ``snapshot``), the cache folder, the deltas' names, files and values, the
-    layers they score, and the midpoint offsets ``--causal-centre midpoint`` needs."""
+    layers they score, and the midpoint offsets the causal check steers around (``--causal-centre``
+    midpoint: each delta's, required; auto: where a delta holds one)."""
     import warnings
 
     from .a_side import check_cache_dir
@@ -261,8 +262,10 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
         check_delta_values(delta)
         if shape is not None:
             config.scored_layers(delta, shape.n_layers)
-    midpoint = config.causal and config.causal_centre == "midpoint"
-    centres = [load_centre(p) for p in deltas] if midpoint else [None] * len(deltas)
+    # the midpoint: required by --causal-centre midpoint, used where the delta holds it by auto (SPEC §8)
+    around = config.causal and config.causal_centre != "base"
+    centres = ([load_centre(p, required=config.causal_centre == "midpoint") for p in deltas] if around
+               else [None] * len(deltas))
     for centre in centres:
         if centre is not None:
             check_finite(centre, "the pair's midpoint offset")
