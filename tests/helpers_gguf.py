@@ -27,11 +27,13 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: str | Path, seed: int = 0, *, architecture: str = "llama", truncate_to: int | None = None):
+def write_tiny_gguf(path: str | Path, seed: int = 0, *, architecture: str = "llama", truncate_to: int | None = None,
+                    chat_template: bool = True):
     """Write the tiny Llama of ``seed`` as a GGUF file; returns (path, model, tokenizer).
 
     ``architecture`` is written as ``general.architecture`` (e.g. ``"gpt2"`` for a foreign file,
-    whose tensors are then still Llama's). ``truncate_to`` cuts the file to that many bytes."""
+    whose tensors are then still Llama's). ``truncate_to`` cuts the file to that many bytes.
+    ``chat_template=False`` leaves the template out (a base model's GGUF)."""
     import gguf
 
     from subspace_sweep.toy import build_tiny_decoder
@@ -65,7 +67,8 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, *, architecture: str = "lla
     w.add_bos_token_id(tok.bos_token_id)
     w.add_eos_token_id(tok.eos_token_id)
     w.add_pad_token_id(tok.pad_token_id)
-    w.add_chat_template(tok.chat_template)
+    if chat_template:
+        w.add_chat_template(tok.chat_template)
     sd = {k: v.detach().to(torch.float32).numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
@@ -87,3 +90,62 @@ def write_tiny_gguf(path: str | Path, seed: int = 0, *, architecture: str = "lla
         data = path.read_bytes()
         path.write_bytes(data[:truncate_to])
     return path, model, tok
+
+
+# ----------------------------------------------------------------------------- a known model in pieces
+
+
+def fake_part_packages(site: Path, gguf_path: Path, name: str = "tiny-in-pieces", n_parts: int = 4):
+    """Data packages like Gemma-3-270m's (issue 31) holding ``gguf_path`` in ``n_parts`` pieces,
+    installed as dist-info folders in ``site``: ``fake-gguf`` (data/SHA256SUMS) and
+    ``fake-gguf-part1..n`` (data/<file>.partNN). Pieces 1..n-1 are the same size (so two can be
+    swapped), the last shorter. Returns the KnownModel (its pins computed from the file)."""
+    import hashlib
+
+    from subspace_sweep.gguf_models import DataPart, KnownModel
+
+    data = gguf_path.read_bytes()
+    step = len(data) // n_parts + 1  # the last piece shorter than the others
+    pieces = [data[i * step:(i + 1) * step] for i in range(n_parts)]
+    assert len(pieces[-1]) < step and all(pieces)
+    file = "tiny.gguf"
+
+    def package(dist: str, files: dict[str, bytes]) -> None:
+        module = dist.replace("-", "_")
+        info = site / f"{module}-1.0.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0.0\n")
+        for rel, blob in files.items():
+            (site / module / "data").mkdir(parents=True, exist_ok=True)
+            (site / module / "data" / rel).write_bytes(blob)
+
+    sha = hashlib.sha256(data).hexdigest()
+    package("fake-gguf", {"SHA256SUMS": f"{sha}  {file}\n".encode()})
+    parts = []
+    for i, piece in enumerate(pieces):
+        dist = f"fake-gguf-part{i + 1}"
+        package(dist, {f"{file}.part{i:02d}": piece})
+        parts.append(DataPart(dist, f"{dist.replace('-', '_')}/data/{file}.part{i:02d}", len(piece),
+                              hashlib.sha256(piece).hexdigest()))
+    return KnownModel(name, "fake-gguf", file, parts=tuple(parts), sha256=sha, sums="fake_gguf/data/SHA256SUMS")
+
+
+def install_fake_packages(monkeypatch, site: Path, known) -> None:
+    """Make ``importlib.metadata.distribution`` find the fake packages of ``site`` (a package whose
+    dist-info folder is gone is not installed) and ``known`` a known model name."""
+    from importlib import metadata
+
+    from subspace_sweep import gguf_models
+
+    real = metadata.distribution
+
+    def distribution(dist: str):
+        if not dist.startswith("fake-gguf"):
+            return real(dist)
+        info = site / f"{dist.replace('-', '_')}-1.0.0.dist-info"
+        if not info.is_dir():
+            raise metadata.PackageNotFoundError(dist)
+        return metadata.PathDistribution(info)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    monkeypatch.setitem(gguf_models.KNOWN_MODELS, known.name, known)

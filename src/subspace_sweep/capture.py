@@ -32,7 +32,9 @@ kernels of other shapes or devices may reassociate sums), so tests compare with 
 
 Raw probe text is tokenised with the tokenizer's default special tokens (the seed's convention;
 Qwen adds none); chat-template text with ``add_special_tokens=False``, since the template
-already holds them.
+already holds them. A model without a chat template (a base model) gets the persona conditions in
+the plain-text format of SPEC §8 (``chat_texts``: the persona, a blank line, the probe, "Answer:"),
+tokenised like raw text (its BOS added).
 
 Token-level tensors are right-aligned: position ``T-1`` is the last real token of every prompt,
 ``T`` is the longest prompt of the two persona conditions, and positions before a prompt's first
@@ -53,7 +55,7 @@ from .compute import forward_pass_memory
 from .errors import InputError
 from .arch import architecture_of, fused_rows
 from .model import attention_sink_token_id, block_name, model_device, n_layers_of, projection_weight, write_gains
-from .prompts import ProbeSet
+from .prompts import ProbeSet, plain_prompt
 from .steering import weight_steer
 
 # ---------------------------------------------------------------- hooks
@@ -232,10 +234,16 @@ class _Want:
     token_layers: tuple[int, ...] | None = None  # the layers of the token-level captures; None: all
 
 
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_texts(tokenizer, prompts: Sequence[str], system: str) -> list[str]:
-    """Chat-template texts with system = ``system``, user = prompt, generation prompt added."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InputError("the tokenizer has no chat template; persona captures need one")
+    """Each prompt asked with system = ``system``, where the model answers: the chat template
+    (user = prompt, generation prompt added), or for a model without one (a base model) the
+    plain-text format of SPEC §8 (``prompts.plain_prompt``: the system text, the prompt, the cue)."""
+    if not has_chat_template(tokenizer):
+        return [plain_prompt(p, system) for p in prompts]
     return [
         tokenizer.apply_chat_template(
             [{"role": "system", "content": system}, {"role": "user", "content": p}],
@@ -352,12 +360,14 @@ def _run_condition(
 
 
 def a_side_conditions(tokenizer, probes: ProbeSet) -> dict[str, tuple[list[str], bool]]:
-    """The A-side conditions as (texts, chat): everything of the prompts the A-side sees."""
+    """The A-side conditions as (texts, chat): everything of the prompts the A-side sees (``chat``:
+    chat-template text, which holds its own special tokens)."""
     fit = list(probes.fit)
+    templated = has_chat_template(tokenizer)
     return {
         "clean": (fit, False),
-        "persona_pos": (chat_texts(tokenizer, fit, probes.persona_pos), True),
-        "persona_neg": (chat_texts(tokenizer, fit, probes.persona_neg), True),
+        "persona_pos": (chat_texts(tokenizer, fit, probes.persona_pos), templated),
+        "persona_neg": (chat_texts(tokenizer, fit, probes.persona_neg), templated),
     }
 
 

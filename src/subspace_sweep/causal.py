@@ -5,9 +5,11 @@ model is steered with what is left:
 
 - behaviour ``b = logit(yes) − logit(no)`` where the model answers (SPEC §8, concern 13): each
   EVAL probe asked as the user turn of the chat template, the logits read after its generation
-  prompt, for the token each answer starts the assistant turn with (``answer_tokens``); raw probe
-  text and the answers' standalone first tokens only for a tokenizer without a chat template
-  (the R_act label stays on raw text, as the seed defines it). The answers' probability mass
+  prompt, for the token each answer starts the assistant turn with (``answer_tokens``); a model
+  without a chat template (a base model) is asked in the plain-text format of SPEC §8 (the probe,
+  a newline and "Answer:", ``prompts.plain_prompt``) and answers with the leading space
+  (" Yes"/" No"). ``answer_prompt`` is the one place a behaviour prompt is rendered (the R_act
+  label stays on raw text, as the seed defines it). The answers' probability mass
   says whether the metric reads an answer at all (``MIN_ANSWER_MASS``);
 - effect ``E(w) = mean_i [b_i(α=+1) − b_i(α=−1)]`` under weight steering ``W ← W + α·w``
   (``effect``: two forward passes over the EVAL prompts, one per sign);
@@ -41,11 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
-from .capture import _check_contiguous, encode, last_token_index, record_activations
+from .capture import _check_contiguous, encode, has_chat_template, last_token_index, record_activations
 from .compute import forward_pass_memory
 from .delta import writer_layer
 from .errors import InputError
 from .model import block_name, model_device
+from .prompts import plain_prompt, plain_reply
 from .scoring import Target, energy, stable_seed
 from .steering import weight_steer
 from .strength import KL_QUANTILE, KL_TOKENS, Calibration, ContinuationKL, find_strength, start_and_bound
@@ -82,31 +85,49 @@ class AnswerTokens:
     no_id: int
     yes_pieces: tuple[str, ...]
     no_pieces: tuple[str, ...]
-    after: str | None = None  # the text the answers follow (a chat template's generation prompt), None: standalone
+    after: str | None = None  # the text the answers follow (a rendered prompt, ``answer_prompt``), None: standalone
+    form: str = "raw"  # how the prompt was asked (``FORMS``)
 
     def describe(self) -> str:
         def one(text: str, tid: int, pieces: tuple[str, ...]) -> str:
             split = "" if len(pieces) == 1 else f" (the reply's tokens: {list(pieces)}; the first is used)"
             return f"`{text!r}` -> token id {tid} `{pieces[0]!r}`{split}"
 
-        where = (f"after the chat template's generation prompt (the prompt ends {self.after[-40:]!r}), where the "
-                 "assistant's answer starts" if self.after is not None else "at the last real token of the raw text")
+        where = ("at the last real token of the raw text" if self.after is None else
+                 f"{ASKED[self.form]} (the prompt ends {self.after[-40:]!r}), where the answer starts")
         how = ("each answer appended to the rendered prompt, the first token after the prompt's own" if self.after is not None
                else "each answer encoded alone without special tokens, its first token")
         return (f"b = logit(yes) − logit(no) {where}: {one(self.yes, self.yes_id, self.yes_pieces)}; "
                 f"{one(self.no, self.no_id, self.no_pieces)} ({how}).")
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+#: How a behaviour prompt is asked: "chat" (the chat template, read after its generation prompt),
+#: "plain" (a model without a template: ``prompts.plain_prompt``, read after its answer cue) or
+#: "raw" (the probe text alone, read at its last token: the R_act label's position, concern 13).
+FORMS = ("chat", "plain", "raw")
+ASKED = {"chat": "after the chat template's generation prompt",
+         "plain": "after the plain-text answer cue (no chat template: the probe, a newline and \"Answer:\", SPEC §8)",
+         "raw": "at the end of the raw prompt"}
+
+
+def answer_form(tokenizer) -> str:
+    """How this model is asked where it answers: "chat" with a chat template, else "plain"."""
+    return "chat" if has_chat_template(tokenizer) else "plain"
 
 
 def answer_prompt(tokenizer, text: str) -> str:
     """``text`` asked the way the model answers it (SPEC §8): the chat template with ``text`` as the
-    user turn and the generation prompt added; the raw text for a tokenizer without a template."""
+    user turn and the generation prompt added; for a model without a template, the plain-text
+    format (``prompts.plain_prompt``: the text, a newline and "Answer:")."""
     if not has_chat_template(tokenizer):
-        return text
+        return plain_prompt(text)
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def asked_reply(tokenizer, answer: str) -> str:
+    """An answer as the model produces it after ``answer_prompt``: as written after a chat
+    template's generation prompt, after a space in the plain-text format (``prompts.plain_reply``)."""
+    return answer if has_chat_template(tokenizer) else plain_reply(answer)
 
 
 def _reply_ids(tokenizer, answer: str, after: str | None) -> list[int]:
@@ -122,10 +143,12 @@ def _reply_ids(tokenizer, answer: str, after: str | None) -> list[int]:
     return full[len(prompt):]
 
 
-def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1], after: str | None = None) -> AnswerTokens:
+def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1], after: str | None = None,
+                  form: str | None = None) -> AnswerTokens:
     """The token each answer starts with: after the rendered prompt ``after`` when given (how the
-    assistant turn starts it), else encoded alone. InputError when an answer gives no token or
-    both answers start with the same one (the behaviour would then be identically 0)."""
+    answer starts there; ``form`` says how it was rendered, ``answer_form`` by default), else
+    encoded alone. InputError when an answer gives no token or both answers start with the same
+    one (the behaviour would then be identically 0)."""
     ids = {}
     for text in (yes, no):
         got = _reply_ids(tokenizer, text, after)
@@ -136,15 +159,16 @@ def answer_tokens(tokenizer, yes: str = ANSWERS[0], no: str = ANSWERS[1], after:
         raise InputError(f"the answers {yes!r} and {no!r} start with the same token {ids[yes][0]}: "
                          "the tokenizer gives no single first token that tells them apart")
     pieces = {t: tuple(tokenizer.convert_ids_to_tokens(v)) for t, v in ids.items()}
-    return AnswerTokens(yes, no, int(ids[yes][0]), int(ids[no][0]), pieces[yes], pieces[no], after)
+    form = "raw" if after is None else (form or answer_form(tokenizer))
+    return AnswerTokens(yes, no, int(ids[yes][0]), int(ids[no][0]), pieces[yes], pieces[no], after, form)
 
 
 def probe_answer_tokens(tokenizer, texts: Sequence[str], yes: str = ANSWERS[0], no: str = ANSWERS[1]) -> AnswerTokens:
-    """``answer_tokens`` where the answers are produced for the prompts ``texts`` (after the chat
-    template's generation prompt when there is one); InputError when they start differently for
-    different prompts (then one pair of token ids would not read every prompt's answer)."""
-    if not has_chat_template(tokenizer):
-        return answer_tokens(tokenizer, yes, no)
+    """``answer_tokens`` where the answers are produced for the prompts ``texts`` (``answer_prompt``:
+    after the chat template's generation prompt, or the plain-text cue with the answers' leading
+    space); InputError when they start differently for different prompts (then one pair of token
+    ids would not read every prompt's answer)."""
+    yes, no = asked_reply(tokenizer, yes), asked_reply(tokenizer, no)
     found = [answer_tokens(tokenizer, yes, no, answer_prompt(tokenizer, t)) for t in texts]
     if len({(a.yes_id, a.no_id) for a in found}) != 1:
         raise InputError(f"the answers {yes!r}/{no!r} start with different tokens after different prompts")
@@ -162,19 +186,24 @@ class BehaviourSet:
     signs: tuple[float, ...]
     source: str  # where it came from (definitions.md)
     description: str  # how the token ids were found (definitions.md)
-    chat: bool = False  # True: each prompt is asked through the chat template, read after its generation prompt
+    form: str = "raw"  # how each prompt is asked and where b is read (``FORMS``; ``answer_prompt`` unless "raw")
+
+    @property
+    def chat(self) -> bool:
+        """Whether the prompts are asked through the chat template."""
+        return self.form == "chat"
 
     @classmethod
     def from_probes(cls, tokenizer, texts: Sequence[str], answers: AnswerTokens | None = None, *,
-                    chat: bool | None = None) -> BehaviourSet:
+                    raw: bool = False) -> BehaviourSet:
         """The shipped EVAL probes with the answers ``Yes`` / ``No`` (sign +1: sycophantic
-        agreement), asked where the model answers them (``answer_prompt``); ``chat=False`` reads
+        agreement), asked where the model answers them (``answer_prompt``); ``raw=True`` reads
         the raw text's last token instead (the label's position, for comparisons with it)."""
-        chat = has_chat_template(tokenizer) if chat is None else bool(chat)
-        a = answers or (probe_answer_tokens(tokenizer, texts) if chat else answer_tokens(tokenizer))
+        form = "raw" if raw else answer_form(tokenizer)
+        a = answers or (answer_tokens(tokenizer) if raw else probe_answer_tokens(tokenizer, texts))
         n = len(texts)
         return cls(tuple(texts), (a.yes_id,) * n, (a.no_id,) * n, (1.0,) * n, "the shipped EVAL probes", a.describe(),
-                   chat)
+                   form)
 
     @classmethod
     def from_jsonl(cls, path: str, tokenizer) -> BehaviourSet:
@@ -185,8 +214,8 @@ class BehaviourSet:
         texts, first, second, signs, notes = [], [], [], [], []
         for i, (prompt, answers, sign) in enumerate(rows, 1):
             try:
-                after = answer_prompt(tokenizer, prompt) if has_chat_template(tokenizer) else None
-                a = answer_tokens(tokenizer, answers[0], answers[1], after)
+                a = answer_tokens(tokenizer, asked_reply(tokenizer, answers[0]), asked_reply(tokenizer, answers[1]),
+                                  answer_prompt(tokenizer, prompt))
             except InputError as e:
                 raise InputError(f"{path}, line {i}: {e}") from None
             texts.append(prompt)
@@ -197,7 +226,7 @@ class BehaviourSet:
                 notes.append(a.describe())
         return cls(tuple(texts), tuple(first), tuple(second), tuple(signs), str(path),
                    "per prompt, sign·(logit(first answer) − logit(second answer)); e.g. " + " ".join(notes),
-                   has_chat_template(tokenizer))
+                   answer_form(tokenizer))
 
 
 #: The longest prompt or answer a behaviour file may hold, in characters (issue 35): a question the
@@ -340,14 +369,14 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
     """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
     first tokens together (coherence: steering that breaks the answer format loses it), read at
     the last real token of each prompt as the behaviour set asks it (after the chat template's
-    generation prompt, or at the end of the raw text). One forward pass over the decoder per length
+    generation prompt or the plain-text answer cue, or at the end of the raw text). One forward pass over the decoder per length
     batch (``length_batches``: one for prompts of similar lengths), the unembedding applied to the
     last positions only. ``prefix``: record the residual entering its layer (when it holds none
     yet) or resume there (when it does; the caller vouches that nothing below it is steered)."""
     if isinstance(answers, AnswerTokens):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
-    asked = [answer_prompt(tokenizer, t) for t in texts] if answers.chat else list(texts)
+    asked = list(texts) if answers.form == "raw" else [answer_prompt(tokenizer, t) for t in texts]
     enc = encode(tokenizer, asked, chat=answers.chat)
     batches = length_batches(enc["attention_mask"].sum(1).tolist())
     active = prefix is not None and prefix.layer > 0
@@ -564,7 +593,9 @@ DEFAULT_ALPHAS = (0.25, 0.5, 1.0)
 #: The strength rule: the largest α whose answer mass under +α and −α both stay at least this
 #: share of the larger of the unsteered mass and ``MIN_ANSWER_MASS``.
 COHERENT_SHARE = 0.5
-CENTRES = ("base", "midpoint")
+#: "auto" (the default): the pair's midpoint where the delta file holds it (``subspace-sweep delta``
+#: stores it), else the base model; "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2, required.
+CENTRES = ("auto", "base", "midpoint")
 
 
 def choose_alpha(mass0: float, masses: Mapping[float, tuple[float, float]]) -> tuple[float, bool]:
@@ -886,7 +917,7 @@ def verdict(result: CausalResult) -> str:
     share = _ratio(best["kept"], oracle["kept"]) if oracle["kept"] and oracle["kept"] > 0 else math.nan
     mass = answer_masses(result)
     a, m = result.alpha, result.minus
-    where = "after the chat template's generation prompt" if result.answers.chat else "at the end of the raw prompt"
+    where = ASKED[result.answers.form]
     how = ("around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2, steered by ±α·w/2 (α = 1: the two trained models)"
            if result.centre == "midpoint" else "around the base model, steered by ±α·w")
     lines = [
@@ -939,6 +970,10 @@ def verdict(result: CausalResult) -> str:
                       "logit difference between tokens the model does not produce, and E, kept and ablated measure "
                       "the format breaking, not the behaviour. (Little mass at α = 0 alone is no fault: a model "
                       "without an answer format can still be a valid test once steered.)"]
+    if not result.coherent and result.centre == "base":
+        lines += ["", "The way out: around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2, α = 1 is the two trained models "
+                      "themselves, which answer; a delta written by `subspace-sweep delta` holds the midpoint, and "
+                      "the check steers around it by default (`--causal-centre auto`; `midpoint` requires it)."]
     if result.effect_writes == 0.0 or (result.effect_w * result.effect_writes) < 0:
         lines += ["", "Caveat: E(w_writes) is zero or has the opposite sign of E(w): the residual writers do not carry "
                       "the behaviour, and kept/ablated ratios are not meaningful."]

@@ -110,9 +110,10 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--causal-alpha", type=_alphas_arg, default=None, metavar="A,B,...",
                    help="the strength grid of --causal-strength grid (default 0.25,0.5,1; giving it selects the grid): "
                         "it reads the largest α whose answer mass under ±α stays at least half the unsteered one (or of 0.1)")
-    p.add_argument("--causal-centre", choices=("base", "midpoint"), default="base",
-                   help="steer around the base model (θ ± α·w, default) or the pair's midpoint (θ + (Δ⁺+Δ⁻)/2 ± α·w/2: "
-                        "α = 1 is the two trained models; needs a delta made by `subspace-sweep delta`)")
+    p.add_argument("--causal-centre", choices=("auto", "base", "midpoint"), default="auto",
+                   help="steer around the pair's midpoint (θ + (Δ⁺+Δ⁻)/2 ± α·w/2: α = 1 is the two trained models; "
+                        "needs a delta made by `subspace-sweep delta`, which stores it) or the base model (θ ± α·w); "
+                        "default auto: the midpoint where the delta holds it, else the base")
     p.add_argument("--causal-null", type=int, default=8, metavar="N",
                    help="random subspaces per tested rank in the causal null (default 8, at least 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -297,19 +298,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def bluf_table(result, top: int = 12) -> str:
-    """The joint A-side ranking's head as a fixed-width table."""
-    rows = result.ranking("joint").head(top)
-    ci = "R_act_lo" in rows.columns
+    """The joint A-side ranking's head as a fixed-width table, in the view the report leads with
+    (SPEC §12: the standardized one where the concentration warning fired)."""
+    view = getattr(result, "leading_view", "residual")
+    c = (lambda name: f"{name}_std") if view == "standardized" else (lambda name: name)  # noqa: E731
+    rows = result.ranking("joint", view).head(top)
+    ci = "R_act_lo" in rows.columns and view == "residual"
     head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
             f"{'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "") + f"{'R_w_comb':>9} {'%orc_w':>7} {'z_w':>7}")
-    lines = ["A-side write+mixed ranking (joint oracle gain, mean over scored layers; "
+    where = (" in standardized coordinates: the outlier warning fired, see the conclusion"
+             if view == "standardized" else "")
+    lines = [f"A-side write+mixed ranking (joint oracle gain, mean over scored layers{where}; "
              "gain: 0 = random subspace, 1 = oracle of the same rank)", head]
     for i, r in enumerate(rows.iter_rows(named=True), 1):
         interval = f"[{r['R_act_lo']:>6.2f},{r['R_act_hi']:>6.2f}] " if ci else ""
         lines.append(
-            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['rank']:>5.1f} {r['joint_gain']:>7.3f} "
-            f"{r['gain_act']:>7.3f} {r['gain_w_combined']:>7.3f} {r['R_act']:>8.2f} {interval}{r['R_w_combined']:>9.2f} "
-            f"{r['pct_oracle_combined']:>7.1f} {r['z_w_combined']:>7.1f}"
+            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['rank']:>5.1f} {r[c('joint_gain')]:>7.3f} "
+            f"{r[c('gain_act')]:>7.3f} {r[c('gain_w_combined')]:>7.3f} {r[c('R_act')]:>8.2f} {interval}"
+            f"{r[c('R_w_combined')]:>9.2f} {r[c('pct_oracle_combined')]:>7.1f} {r[c('z_w_combined')]:>7.1f}"
         )
     return "\n".join(lines)
 

@@ -52,7 +52,8 @@ class SweepConfig:
     causal_null: int = 8  # random subspaces per tested rank in the causal null
     causal_alpha: tuple[float, ...] = DEFAULT_ALPHAS  # the strength grid; the check reads the largest coherent α
     causal_strength: str = DEFAULT_STRENGTH  # "kl:T": each arm at a KL budget of T nats (issue 30); "grid": causal_alpha
-    causal_centre: str = "base"  # "base": θ ± α·w; "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre)
+    causal_centre: str = "auto"  # "auto": the midpoint where the delta holds it, else base; "base": θ ± α·w;
+    # "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre; SPEC §8)
     behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
     overwrite: bool = False
     quiet: bool = False

@@ -99,10 +99,12 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     return {k: v for k, v in _load_tensors(path).items() if not k.startswith(CENTRE_PREFIX)}
 
 
-def load_centre(path: str | Path) -> dict[str, Tensor]:
+def load_centre(path: str | Path, *, required: bool = True) -> dict[str, Tensor] | None:
     """The midpoint offset (Δ⁺ + Δ⁻)/2 stored beside w in a delta file (keyed by parameter name);
-    DeltaFormatError when the file holds none."""
+    when the file holds none: DeltaFormatError, or None where it is not ``required``."""
     centre = stored_centre(path)
+    if not centre and not required:
+        return None
     if not centre:
         raise DeltaFormatError(f"{path} holds w only, not the pair's midpoint (Δ⁺ + Δ⁻)/2 that --causal-centre midpoint "
                                "steers around: make the delta again with `subspace-sweep delta` (it stores both)")

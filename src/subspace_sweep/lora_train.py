@@ -132,11 +132,14 @@ def end_of_turn(tokenizer) -> str:
     """The text the tokenizer's chat template puts right after an assistant message's content,
     up to its first non-whitespace run (ChatML ``<|im_end|>``, Llama 3 ``<|eot_id|>``, Gemma
     ``<end_of_turn>``): what a trained answer must end with for the model to stop where its own
-    turns stop. InputError for a tokenizer without a chat template or one that hides the end."""
+    turns stop. A model without a chat template (a base model, SPEC §8) ends a text with its EOS
+    token. InputError for a template that hides the end, or a base model without an EOS token."""
     template = getattr(tokenizer, "chat_template", None)
     if not template:
-        raise InputError("the model's tokenizer has no chat template: a behaviour adapter is trained on chat turns "
-                         "(user probe -> assistant answer); use an instruct model")
+        if not getattr(tokenizer, "eos_token", None):
+            raise InputError("the model's tokenizer has neither a chat template nor an EOS token: nothing says where "
+                             "a trained answer ends")
+        return str(tokenizer.eos_token)
     msgs = [{"role": "user", "content": "Q"}]
     prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
@@ -163,19 +166,31 @@ def encode_examples(tokenizer, examples: Sequence[Mapping]) -> dict[str, torch.T
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (−100 outside the answer).
 
     The prompt is the chat template up to the assistant header (``add_generation_prompt``); the
-    answer and the template's own end-of-turn token (``end_of_turn``) follow it. Tokenising the
+    answer and the template's own end-of-turn token (``end_of_turn``) follow it. A model without a
+    chat template is trained in the format the causal check asks it in (SPEC §8): the prompt as
+    ``causal.answer_prompt`` renders it (the user turn, a newline and "Answer:", the tokenizer's BOS
+    added), the answer after a space (``causal.asked_reply``), then its EOS token. Tokenising the
     two parts separately puts the loss boundary exactly at the answer, whatever the tokenizer
     merges across it.
     """
+    from .causal import answer_prompt, asked_reply, has_chat_template
+
     if not examples:
         raise InputError("no training examples")
     eos = end_of_turn(tokenizer)
+    templated = has_chat_template(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for ex in examples:
         prompt_msgs, answer = _prompt_and_answer(ex)
-        prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(answer + eos, add_special_tokens=False)["input_ids"]
+        if templated:
+            prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+        elif len(prompt_msgs) == 1 and prompt_msgs[0]["role"] == "user":
+            prompt = answer_prompt(tokenizer, str(prompt_msgs[0]["content"]))
+        else:
+            raise InputError("a model without a chat template is trained on one user turn and its answer; an example "
+                             f"has {len(prompt_msgs)} turns before the answer")
+        p_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        a_ids = tokenizer(asked_reply(tokenizer, answer) + eos, add_special_tokens=False)["input_ids"]
         rows.append((p_ids, a_ids))
     width = max(len(p) + len(a) for p, a in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -191,15 +206,26 @@ def encode_examples(tokenizer, examples: Sequence[Mapping]) -> dict[str, torch.T
 
 
 def assistant_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the answer tokens of ``batch`` (from ``encode_examples``)."""
+    """Mean next-token cross-entropy over the answer tokens of ``batch`` (from ``encode_examples``).
+
+    The loss reads the logits only where the next token is an answer token (a few dozen of a
+    batch's hundreds of positions), so the unembedding is applied there alone: the decoder's final
+    hidden states at those positions are gathered first (issue 31: Gemma-3-270m's 262k-way
+    unembedding at every position cost most of a training step and 7 GB). The same loss as the
+    model's full logits, to float rounding; a final logit softcap (Gemma 2) applied as the model does.
+    """
     dev = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    hidden = causal_lm.model(input_ids=batch["input_ids"].to(dev),
+                             attention_mask=batch["attention_mask"].to(dev)).last_hidden_state
     # Position t predicts token t+1.
-    return nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        batch["labels"][:, 1:].reshape(-1).to(dev),
-        ignore_index=-100,
-    )
+    labels = batch["labels"][:, 1:].to(dev)
+    read = labels != -100
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][read]).float()
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return nn.functional.cross_entropy(logits, labels[read])
 
 
 def _check_args(
@@ -277,6 +303,8 @@ def train_lora_adapter(
         raise InputError(f"adapter folder {out_dir} is a file")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"adapter folder {out_dir} is not empty; pass overwrite=True to replace it")
+
+    from .causal import answer_form
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(model_dir, dtype="float32", device="cpu")
@@ -363,6 +391,7 @@ def train_lora_adapter(
         "n_examples": int(batch["input_ids"].shape[0]),
         "n_answer_tokens": int((batch["labels"] != -100).sum()),
         "data": str(behaviour) if behaviour is not None else "the shipped sycophancy probes",
+        "answer_format": answer_form(tokenizer),  # "chat" or "plain" (a model without a chat template, SPEC §8)
         "end_of_turn": end_of_turn(tokenizer),
         "system_prompt": "none given (persona is provenance only; the chat template may insert its default)",
         "loss_per_step": losses,  # loss before each optimiser step; [0] is the base model's loss

@@ -173,6 +173,15 @@ def concentrated(layer: int, targets: Mapping[str, Target]) -> list[Concentratio
     return out
 
 
+def met_most(flags: Sequence[Concentration]) -> list[int]:
+    """The coordinates among the flagged targets' top 8 met most often, up to 8 (ties to the lower index)."""
+    counts: dict[int, int] = {}
+    for f in flags:
+        for j in f.coordinates:
+            counts[j] = counts.get(j, 0) + 1
+    return sorted(counts, key=lambda j: (-counts[j], j))[:TOP_COORDINATES]
+
+
 def warning_line(flags: Sequence[Concentration], n_layers: int, d: int, sources: Mapping[int, str | None]) -> str | None:
     """The conclusion's one line on outlier coordinates (None when no target is concentrated):
     which targets at how many layers, the largest share against 8/d, the coordinates met most
@@ -186,11 +195,7 @@ def warning_line(flags: Sequence[Concentration], n_layers: int, d: int, sources:
         if mine:
             parts.append(f"the {what[name]} target at {len({f.layer for f in mine})} of {n_layers} scored layers "
                          f"(up to {max(f.share for f in mine):.2f})")
-    counts: dict[int, int] = {}
-    for f in flags:
-        for j in f.coordinates:
-            counts[j] = counts.get(j, 0) + 1
-    top = sorted(counts, key=lambda j: (-counts[j], j))[:TOP_COORDINATES]
+    top = met_most(flags)
     named = [f"{j}: {sources[j]}" for j in top if sources.get(j)]
     rest = [str(j) for j in top if not sources.get(j)]
     unnamed = f"{', '.join(rest)} (no norm gain or residual scale ≥ {SOURCE_RATIO:g}x its median)" if rest else ""
@@ -200,4 +205,5 @@ def warning_line(flags: Sequence[Concentration], n_layers: int, d: int, sources:
             f"{OUTLIER_SHARE:g} of the energy of {' and of '.join(parts)}; an isotropic target's {TOP_COORDINATES} "
             f"coordinates hold {TOP_COORDINATES}/d = {TOP_COORDINATES / d:.4f}. {found} "
             "In residual coordinates these decide the energy shares; the standardized ranking (`joint_gain_std`, "
-            "SPEC §5) is the one they do not decide.")
+            "SPEC §5) is the one they do not decide, and it leads this report (the BLUF, the figures and the causal "
+            "check's winner; SPEC §12).")

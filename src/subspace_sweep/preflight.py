@@ -13,6 +13,10 @@ is loaded before them. The checks of the inputs themselves:
   and layer count (``ModelShape``) for the checks of ``SweepConfig.validate_for_model``;
 - a PEFT adapter folder: adapter_config.json and readable adapter weights;
 - a GGUF source (a ``.gguf`` file or a known name): its header (``gguf_models.model_shape``).
+- whether the model has a chat template (``ModelShape.chat_template``: a folder's
+  tokenizer_config.json or chat_template file, a GGUF's ``tokenizer.chat_template``): without one
+  (a base model) the causal check and ``train`` ask it in the plain-text format of SPEC §8, which
+  is decided here, before any conversion or load.
 
 A model given as an HF id is looked up in the local HF cache only here; when it is not there,
 ``model.load_model`` says where it looked.
@@ -74,6 +78,7 @@ class ModelShape:
     n_layers: int
     where: str  # the config it was read from, for messages
     sizes: Mapping[str, int | None] | None = None  # ``SIZE_NAMES`` as the config or GGUF header gives them
+    chat_template: bool | None = None  # None: not known before the load (an HF id)
 
     def projection_dims(self) -> dict[str, tuple[int, int]] | None:
         """(out, in) of each projection an adapter may target, from the config's sizes (head_dim
@@ -88,6 +93,27 @@ class ModelShape:
         q, k, d = heads * head_dim, kv * head_dim, self.d
         return {"q_proj": (q, d), "k_proj": (k, d), "v_proj": (k, d), "o_proj": (d, q),
                 "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
+
+    @property
+    def answer_format(self) -> str | None:
+        """How the model is asked where it answers (``causal.answer_form``): "chat" or "plain"."""
+        return None if self.chat_template is None else "chat" if self.chat_template else "plain"
+
+
+#: Where a saved tokenizer keeps its chat template: a key of tokenizer_config.json, or a file of its own.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def folder_chat_template(folder: Path) -> bool:
+    """Whether a saved model folder's tokenizer has a chat template (what ``AutoTokenizer`` would
+    load as ``chat_template``), from its files alone."""
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    data = _read_json(config, f"model folder {folder}")
+    return isinstance(data, dict) and bool(data.get("chat_template"))
 
 
 def _first_line(e: BaseException) -> str:
@@ -156,7 +182,8 @@ def model_shape(model: str) -> ModelShape | None:
     if not name.strip():
         raise InputError("--model is empty; give an HF id, a model folder or a GGUF file")
     if is_gguf_source(name):
-        return ModelShape(*gguf_shape(name))
+        d, n_layers, where, templated, sizes = gguf_shape(name)
+        return ModelShape(d, n_layers, where, sizes, templated)
     path = Path(name).expanduser()
     local = path.is_dir()
     if local:
@@ -181,7 +208,7 @@ def model_shape(model: str) -> ModelShape | None:
     if not isinstance(d, int) or not isinstance(n_layers, int) or d < 1 or n_layers < 1:
         raise InputError(f"{where} has no positive hidden_size / num_hidden_layers ({d!r}, {n_layers!r})")
     sizes = {k: v if isinstance(v := getattr(text, k, None), int) and v > 0 else None for k in SIZE_NAMES}
-    return ModelShape(d, n_layers, where, sizes)
+    return ModelShape(d, n_layers, where, sizes, folder_chat_template(path) if local else None)
 
 
 def _near_known_name(name: str) -> str | None:
@@ -229,7 +256,7 @@ class RunInputs:
     snapshot: object | None  # publish.Snapshot of --out
     names: list[str]  # the run folders' names (the deltas' file stems)
     deltas: list[dict]
-    centres: list[dict | None]  # the pairs' midpoint offsets (where the files store them): the pair's geometry, --causal-centre midpoint
+    centres: list[dict | None]  # the pairs' midpoint offsets (where the files store them): the pair's geometry, and --causal-centre midpoint (required) or auto
 
 
 def check_run(config, deltas, snapshot=None) -> RunInputs:
@@ -239,11 +266,12 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     files or GGUF header (width and layers) with the options that need them, --out (unless the
     caller took its ``snapshot``), the cache folder, the deltas' names, files and values, the
     layers they score, and the midpoint offsets the files store (``--causal-centre midpoint`` needs
-    them; the pair's geometry reads them: finite, of w's shapes where both hold a tensor)."""
+    them, auto steers around them where a delta holds one; the pair's geometry reads them: finite,
+    of w's shapes where both hold a tensor)."""
     import warnings
 
     from .a_side import check_cache_dir
-    from .delta import check_delta_values, check_finite, load_centre, load_delta, stored_centre
+    from .delta import check_delta_values, check_finite, load_centre, load_delta
     from .pair import check_shapes
     from .model import resolve_dtype
     from .prompts import holdout_rows, load_probe_set
@@ -272,8 +300,10 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
         check_delta_values(delta)
         if shape is not None:
             config.scored_layers(delta, shape.n_layers)
-    midpoint = config.causal and config.causal_centre == "midpoint"
-    centres = [load_centre(p) if midpoint else stored_centre(p) for p in deltas]
+    # the midpoint: required by --causal-centre midpoint, used where the delta holds it by auto (SPEC §8),
+    # and the pair's geometry whenever it is stored
+    required = bool(config.causal) and config.causal_centre == "midpoint"
+    centres = [load_centre(p, required=required) for p in deltas]
     for delta, centre in zip(loaded, centres):
         if centre is not None:
             check_finite(centre, "the pair's midpoint offset")
@@ -310,9 +340,9 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
     local cache fails its load here, before any output), the layers (default:
     ``lora_train.default_lora_layers``), the target modules, steps and lr, the rank (at most the
     smaller dimension of every adapted projection: ``ModelShape.projection_dims``, else d), the
-    behaviour file (``causal.read_behaviour_file``) and --n-train against its lines. (The chat
-    template is checked once the tokenizer is loaded, before the first step.) Returns (the --out
-    snapshot, the layers)."""
+    behaviour file (``causal.read_behaviour_file``) and --n-train against its lines. Returns (the
+    --out snapshot, the layers, the answer format: "chat", or "plain" for a model without a chat
+    template, SPEC §8; None for an HF id, known once loaded)."""
     import importlib.util
     import math
     import warnings
@@ -367,4 +397,4 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
         rows = read_behaviour_file(str(behaviour))
         if n_train is not None and not 1 <= n_train <= len(rows):
             raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
-    return snapshot, layers
+    return snapshot, layers, shape.answer_format

@@ -40,6 +40,25 @@ def load_probe_set(n_fit: int | None = None) -> ProbeSet:
     )
 
 
+#: How a model without a chat template (a base model) is asked (SPEC §8, "Base models"): the
+#: question, a newline and this cue; the model answers after it with a space (" Yes", " No"), as
+#: running text does. Measured on Gemma-3-270m: the two answers get 0.41 of the probability there,
+#: 0.025 at the end of the raw probe, and "Yes"/"No" without the space ≤ 0.003.
+PLAIN_ANSWER_CUE = "\nAnswer:"
+
+
+def plain_prompt(user: str, system: str | None = None) -> str:
+    """A conversation in the plain-text format of a model without a chat template: the system
+    text (a persona) and a blank line when given, the user's text, then ``PLAIN_ANSWER_CUE``."""
+    return (f"{system}\n\n" if system else "") + user + PLAIN_ANSWER_CUE
+
+
+def plain_reply(answer: str) -> str:
+    """An answer as it follows ``plain_prompt``: after a space (the tokenizer's leading-space
+    form, the token running text uses)."""
+    return " " + answer
+
+
 def persona_texts() -> tuple[list[str], list[str]]:
     """All positive and negative persona system prompts (for the tokenizer corpus and training)."""
     raw = json.loads(resources.files(__package__).joinpath("data/sycophancy.json").read_text(encoding="utf-8"))

@@ -207,7 +207,7 @@ def definitions_markdown(candidates, causal=None, pair=None) -> str:
             f"Behaviour metric on {causal.answers.source} ({len(causal.answers.texts)} prompts): "
             f"{causal.answers.description} Effect E(w) = mean over the prompts of "
             "b(+α) − b(−α) under weight steering W ← W + α·w (around the pair's midpoint θ + (Δ⁺ + Δ⁻)/2 "
-            "with ±α·w/2 instead when `--causal-centre midpoint`: α = 1 is then the two trained models; "
+            "with ±α·w/2 instead where the delta holds the midpoint (`--causal-centre auto`, the default, or `midpoint`): α = 1 is then the two trained models; "
             f"this run: {causal.centre}); `effect_plus` / `effect_minus` are "
             "b(+α) − b(0) and b(−α) − b(0) (the unsteered model: row `alpha_0`), `mass_plus` / `mass_minus` "
             "the mean probability of the two answers' first tokens (coherence). The strength with `--causal-strength "
@@ -288,31 +288,94 @@ def standardized_line(joint: pl.DataFrame, best: Mapping[str, object]) -> str:
                f"; the residual view's best is at place {place} there (joint_gain_std = {_fmt(best['joint_gain_std'], '.3f')})."))
 
 
+#: The summary columns of each view's BLUF row (SPEC §12): the residual view's, and the standardized
+#: view's under the same names with ``_std`` (``gain_w_combined`` -> ``gain_w_combined_std``, ...).
+BLUF_COLS = ("joint_gain", "gain_act", "gain_w_combined", "R_act", "z_act", "R_w_combined", "z_w_combined",
+             "pct_oracle_act", "pct_oracle_combined")
+
+
+def view_col(column: str, view: str) -> str:
+    return f"{column}_std" if view == "standardized" else column
+
+
+def view_order(frame: pl.DataFrame, view: str) -> pl.DataFrame:
+    """A panel's rows in the view's ranking order (``ranked_summary``'s rank_in_panel(_std))."""
+    return frame.sort("rank_in_panel_std" if view == "standardized" else "rank_in_panel")
+
+
+def bluf_row(row: Mapping[str, object], view: str, label: str) -> str:
+    fmt = {"joint_gain": ".3f", "gain_act": ".3f", "gain_w_combined": ".3f", "z_act": ".1f", "z_w_combined": ".1f",
+           "pct_oracle_act": ".1f", "pct_oracle_combined": ".1f"}
+    return "| " + " | ".join([label, *(_fmt(row[view_col(c, view)], fmt.get(c, ".2f")) for c in BLUF_COLS)]) + " |"
+
+
+def coordinates_text(coordinates) -> str:
+    return ", ".join(str(j) for j in coordinates) if coordinates else "a few outlier coordinates"
+
+
+def residual_line(joint: pl.DataFrame, best: Mapping[str, object], coords: str) -> str:
+    """The BLUF's line on the residual view where the standardized view leads (SPEC §12): its best
+    write/mixed row, marked as decided by the named coordinates, and where the leader lands in it."""
+    order = joint.sort("rank_in_panel")
+    top = order.row(0, named=True)
+    place = order["candidate"].to_list().index(best["candidate"]) + 1
+    return (f"In residual coordinates (the seed's view; decided by coordinates {coords}, whose scale dwarfs the "
+            f"rest) the best is `{top['candidate']}`: joint_gain = {_fmt(top['joint_gain'], '.3f')} (gain_act = "
+            f"{_fmt(top['gain_act'], '.3f')}, gain_w_combined = {_fmt(top['gain_w_combined'], '.3f')}, "
+            f"{_fmt(top['pct_oracle_combined'], '.1f')}% of the combined weight oracle)"
+            + (" — the same candidate." if top["candidate"] == best["candidate"] else
+               f"; the standardized view's best is at place {place} there."))
+
+
+def causal_views_line(causal, ranked: pl.DataFrame, best: str) -> str:
+    """Where the views' winners differ, the causal check tested both (SPEC §12): their kept values."""
+    t = causal.table.filter(pl.col("kind") == "candidate")
+    joint = ranked.filter(pl.col("panel") == "joint").sort("rank_in_panel")
+    residual_best = joint["candidate"][0]
+    if residual_best == best:
+        return "Both views' best candidate is the same; the check's winner is it."
+    row = t.filter(pl.col("name") == residual_best)
+    if not row.height:
+        return f"The residual view's best, `{residual_best}`, was not tested."
+    r = row.row(0, named=True)
+    return (f"The residual view's best, `{residual_best}`, tested beside it: kept {_fmt(r['kept'])} (z = "
+            f"{_fmt(r['z_kept'], '.1f')} against random subspaces of its rank), ablated {_fmt(r['ablated'])}.")
+
+
 def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
-    joint = ranked.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"]))
-    read = ranked.filter(pl.col("panel") == "read")
+    lead = getattr(result, "leading_view", "residual")
+    coords = coordinates_text(getattr(result, "outlier_coordinates", None))
+    joint = view_order(ranked.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"])), lead)
+    read = view_order(ranked.filter(pl.col("panel") == "read"), lead)
     refs = ranked.filter(pl.col("panel") == "reference")
     best = joint.row(0, named=True)
-    top_act = rank_fair_order(joint, "gain_act", "z_act").head(5)["candidate"].to_list()
-    top_w = rank_fair_order(joint, "gain_w_combined", "z_w_combined").head(5)["candidate"].to_list()
+    g_act, g_w, z_act, z_w = (view_col(c, lead) for c in ("gain_act", "gain_w_combined", "z_act", "z_w_combined"))
+    top_act = rank_fair_order(joint, g_act, z_act).head(5)["candidate"].to_list()
+    top_w = rank_fair_order(joint, g_w, z_w).head(5)["candidate"].to_list()
     overlap = [c for c in top_act if c in top_w]
-    significant = (best["z_act"] or 0) > 2 and (best["z_w_combined"] or 0) > 2
+    significant = (best[z_act] or 0) > 2 and (best[z_w] or 0) > 2
+    std = lead == "standardized"
+    view_rows = ([bluf_row(best, "standardized", "standardized (leads)"),
+                  bluf_row(best, "residual", f"residual (decided by coordinates {coords})")] if std else
+                 [bluf_row(best, "residual", "residual")])
     lines = [
         "# Conclusion",
         "",
         "## BLUF",
         "",
-        f"Best A-side write/mixed candidate by joint oracle gain √(max(gain_act, 0)·max(gain_w_combined, 0)): "
+        *([f"The standardized view leads this report (SPEC §12): the concentration warning fired (see the caveats), "
+           f"so in residual coordinates a few coordinates ({coords}) decide the energy shares; each residual coordinate "
+           "is measured here in units of its own scale in the base model. The residual view's numbers stand beside "
+           "it, marked.", ""] if std else []),
+        f"Best A-side write/mixed candidate by joint oracle gain √(max(gain_act, 0)·max(gain_w_combined, 0))"
+        f"{' in the standardized view' if std else ''}: "
         f"**`{best['candidate']}`** ({best['family']}, {best['axis_kind']}, rank {_fmt(best['rank'], '.0f')}), "
         f"mean over {len(result.scored_layers)} scored layers {result.scored_layers[0]}..{result.scored_layers[-1]}:",
         "",
-        "| joint_gain | gain_act | gain_w_combined | R_act | z_act (Stouffer) | R_w_combined | z_w_combined (Stouffer) "
-        "| % of act oracle | % of combined weight oracle |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {_fmt(best['joint_gain'], '.3f')} | {_fmt(best['gain_act'], '.3f')} | {_fmt(best['gain_w_combined'], '.3f')} "
-        f"| {_fmt(best['R_act'])} | {_fmt(best['z_act'], '.1f')} | {_fmt(best['R_w_combined'])} | "
-        f"{_fmt(best['z_w_combined'], '.1f')} | {_fmt(best['pct_oracle_act'], '.1f')} | "
-        f"{_fmt(best['pct_oracle_combined'], '.1f')} |",
+        "| view | joint_gain | gain_act | gain_w_combined | R_act | z_act (Stouffer) | R_w_combined | z_w_combined "
+        "(Stouffer) | % of act oracle | % of combined weight oracle |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *view_rows,
         "",
         "gain = (e − r/d)/(e_max(r) − r/d) at each basis's own rank r: 0 for a random subspace of any rank, 1 "
         "for the best subspace of that rank (the Ky Fan oracle); ties (within "
@@ -327,15 +390,15 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
            f"gain_act = {_fmt(best['gain_act_holdout'], '.3f')}, R_act = {_fmt(best['R_act_holdout'])}, "
            f"z_act = {_fmt(best['z_act_holdout'], '.1f')}, joint_gain = {_fmt(best['joint_gain_holdout'], '.3f')}.", ""]
           if "R_act_holdout" in best else []),
-        ("Both its activation and weight concentrations are above the exact random-subspace null (z > 2)."
-         if significant else
+        ("Both its activation and weight concentrations are above the exact random-subspace null (z > 2)"
+         f"{' in the standardized view' if std else ''}." if significant else
          "It does NOT clear the exact random-subspace null on both axes (z > 2): treat it as no evidence."),
         "",
-        standardized_line(joint, best),
+        residual_line(joint, best, coords) if std else standardized_line(joint, best),
         "",
         *([geometry_line(result.pair), ""] if getattr(result, "pair", None) is not None else []),
-        f"Top-5 by gain_act (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
-        f"Top-5 by gain_w_combined (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
+        f"Top-5 by {g_act} (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
+        f"Top-5 by {g_w} (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
         f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
         "",
     ]
@@ -343,8 +406,9 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         r0 = read.row(0, named=True)
         lines += [
             f"Best read-side row (own table; its weight score measures read/write alignment, not 'explains the "
-            f"delta'): `{r0['candidate']}` joint_gain = {_fmt(r0['joint_gain'], '.3f')}, R_act = {_fmt(r0['R_act'])}, "
-            f"R_w_combined = {_fmt(r0['R_w_combined'])}.",
+            f"delta'): `{r0['candidate']}` {view_col('joint_gain', lead)} = {_fmt(r0[view_col('joint_gain', lead)], '.3f')}, "
+            f"{view_col('R_act', lead)} = {_fmt(r0[view_col('R_act', lead)])}, "
+            f"{view_col('R_w_combined', lead)} = {_fmt(r0[view_col('R_w_combined', lead)])}.",
             "",
         ]
     ref_bits = [f"`{r['candidate']}` gain_act = {_fmt(r['gain_act'], '.3f')}, gain_w_combined = "
@@ -391,6 +455,8 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         from .causal import verdict
 
         extra += ["## Causal check", "", verdict(causal), ""]
+        if std:
+            extra += [causal_views_line(causal, ranked, best["candidate"]), ""]
     lines[lines.index("## Caveats"):lines.index("## Caveats")] = extra
     return "\n".join(lines) + "\n"
 
@@ -431,31 +497,30 @@ def plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "2358" else ""))
 
 
-def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
-    """R_act vs R_w_combined, log-log: write+mixed panel and read panel; oracles starred."""
+def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path, view: str = "residual") -> None:
+    """R_act vs R_w_combined, log-log, in ``view`` (SPEC §12: the leading one; the standardized
+    view's R_act_std and R_w_combined_std): write+mixed panel and read panel, each panel's top 10
+    in that view labelled; oracles starred."""
     fig, axes = plt.subplots(1, 2, figsize=(14, 6.5), sharex=True, sharey=True)
+    x, y = view_col("R_act", view), view_col("R_w_combined", view)
     refs = ranked.filter(pl.col("panel") == "reference")
     for ax, panel, title in [
         (axes[0], "joint", "A-side write + mixed (R_w: explains the delta)"),
         (axes[1], "read", "A-side read (R_w: read/write alignment only)"),
     ]:
-        rows = ranked.filter(pl.col("panel") == panel)
+        rows = view_order(ranked.filter(pl.col("panel") == panel), view)
         families = sorted(set(rows["family"].to_list()))
         cmap = plt.get_cmap("tab20", max(len(families), 1))
         for i, fam in enumerate(families):
             sub = rows.filter(pl.col("family") == fam)
             marker = FAMILY_MARKERS.get(sub["axis_kind"][0], "o")
-            ax.scatter(_positive(sub["R_act"]), _positive(sub["R_w_combined"]), s=46, alpha=0.85,
+            ax.scatter(_positive(sub[x]), _positive(sub[y]), s=46, alpha=0.85,
                        color=cmap(i), marker=marker, label=fam)
-        for r in rows.head(10).iter_rows(named=True):
-            if r["R_act"] and r["R_w_combined"] and r["R_act"] > 0 and r["R_w_combined"] > 0:
-                ax.annotate(r["candidate"], (r["R_act"], r["R_w_combined"]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        ax.scatter(_positive(refs["R_act"]), _positive(refs["R_w_combined"]), s=150, marker="*", color="black",
+        ax.scatter(_positive(refs[x]), _positive(refs[y]), s=150, marker="*", color="black",
                    label="B-side references", zorder=5)
         for r in refs.iter_rows(named=True):
-            if r["R_act"] and r["R_w_combined"] and r["R_act"] > 0 and r["R_w_combined"] > 0:
-                ax.annotate(r["candidate"], (r["R_act"], r["R_w_combined"]), fontsize=7, xytext=(4, -9),
+            if r[x] and r[y] and r[x] > 0 and r[y] > 0:
+                ax.annotate(r["candidate"], (r[x], r[y]), fontsize=7, xytext=(4, -9),
                             textcoords="offset points", style="italic")
         ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.9)
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=0.9)
@@ -463,12 +528,17 @@ def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path) -> None
         ax.set_yscale("log")
         plain_log_ticks(ax.xaxis)
         plain_log_ticks(ax.yaxis)
-        ax.set_xlabel("activation concentration R_act (null = 1)")
+        ax.set_xlabel(f"activation concentration {x} (null = 1)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.25, which="both")
         ax.legend(fontsize=7, ncols=2, loc="best")
-    axes[0].set_ylabel("weight concentration R_w, Frobenius-balanced combined (null = 1)")
-    fig.suptitle("Which base-model subspace explains the LoRA? (mean over scored layers)")
+        # the panel's top 10 in this view, labels moved apart where points coincide
+        annotate_apart(ax, [(r[x], r[y], r["candidate"]) for r in rows.head(10).iter_rows(named=True)
+                            if r[x] and r[y] and r[x] > 0 and r[y] > 0])
+    axes[0].set_ylabel(f"weight concentration {y}, Frobenius-balanced combined (null = 1)")
+    where = (" — standardized coordinates (each residual coordinate in units of its own scale; SPEC §12)"
+             if view == "standardized" else "")
+    fig.suptitle(f"Which base-model subspace explains the LoRA? (mean over scored layers){where}")
     fig.tight_layout()
     fig.savefig(path_png, dpi=150, bbox_inches="tight")
     fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
@@ -610,11 +680,13 @@ def draw_causal(table: pl.DataFrame):
 
 
 def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, path_pdf: Path,
-                   panel_ends: list[int] = ()) -> None:
-    """Candidates x scored layers: log2 R_act and log2 R_w_combined (0 = null); lines separate panels."""
+                   panel_ends: list[int] = (), view: str = "residual") -> None:
+    """Candidates x scored layers: log2 R_act and log2 R_w_combined (0 = null) in ``view`` (the
+    standardized view's ``*_std`` columns); lines separate panels."""
     layers = sorted(set(per_layer["layer"].to_list()))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 2 + 0.45 * len(layers)) * 2, 0.24 * len(order) + 2.5))
-    for ax, col, title in [(axes[0], "R_act", "log2 R_act"), (axes[1], "R_w_combined", "log2 R_w_combined")]:
+    for ax, col, title in [(axes[0], view_col("R_act", view), f"log2 {view_col('R_act', view)}"),
+                           (axes[1], view_col("R_w_combined", view), f"log2 {view_col('R_w_combined', view)}")]:
         grid = np.full((len(order), len(layers)), np.nan)
         idx = {c: i for i, c in enumerate(order)}
         lidx = {lay: j for j, lay in enumerate(layers)}
@@ -681,11 +753,13 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
         _tsv(causal.table, tmp / "causal.tsv")
         causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")
     (tmp / "conclusion.md").write_text(conclusion_markdown(result, ranked, config))
-    scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf")
-    panels = ranked["panel"].to_list()
+    lead = getattr(result, "leading_view", "residual")
+    scatter_figure(ranked, tmp / "joint_act_weight_scatter.png", tmp / "joint_act_weight_scatter.pdf", lead)
+    in_view = pl.concat([view_order(ranked.filter(pl.col("panel") == p), lead) for p in PANELS])
+    panels = in_view["panel"].to_list()
     ends = [i for i in range(1, len(panels)) if panels[i] != panels[i - 1]]
-    heatmap_figure(result.per_layer, ranked["candidate"].to_list(), tmp / "per_layer_heatmap.png",
-                   tmp / "per_layer_heatmap.pdf", ends)
+    heatmap_figure(result.per_layer, in_view["candidate"].to_list(), tmp / "per_layer_heatmap.png",
+                   tmp / "per_layer_heatmap.pdf", ends, lead)
     timings = {**result.timings, "report": time.perf_counter() - t0}
     full_manifest = {
         "package_versions": package_versions(),

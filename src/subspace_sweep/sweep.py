@@ -62,6 +62,14 @@ class SweepResult:
     readout: pl.DataFrame | None = None  # token energy, logit lens per layer; readout share per candidate
     outlier_warning: str | None = None  # concern 14: the conclusion's line when targets sit on a few coordinates
     pair: pl.DataFrame | None = None  # the pair's geometry (pair.tsv) when the delta file stores the midpoint
+    outlier_coordinates: list[int] = field(default_factory=list)  # the coordinates the warning names, most met first
+
+    @property
+    def leading_view(self) -> str:
+        """The view the conclusion, the BLUF and the figures lead with (SPEC §12): the standardized
+        one where the concentration warning fires (a few coordinates decide the residual view's
+        shares), else the residual one (the seed's)."""
+        return leading_view(self.outlier_warning)
 
     def ranking(self, panel: str, view: str = "residual") -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first, in the
@@ -76,6 +84,23 @@ class SweepResult:
 #: The columns each ranking view sorts on: (joint gain, the two axes' Stouffer z).
 VIEW_COLUMNS = {"residual": ("joint_gain", ("z_act", "z_w_combined")),
                 "standardized": ("joint_gain_std", ("z_act_std", "z_w_combined_std"))}
+
+
+def leading_view(outlier_warning: str | None) -> str:
+    """"standardized" where the concentration warning fired (SPEC §6 concern 14, §12), else "residual"."""
+    return "standardized" if outlier_warning else "residual"
+
+
+def causal_candidates(summary: pl.DataFrame, pool: set[str], k: int, lead: str) -> tuple[list[str], int]:
+    """(the joint panel's candidates in the order the causal check takes them, how many it tests):
+    the top ``k`` of the leading view, then those of the top ``k`` of the other view not among them
+    (SPEC §12: where the views disagree, both views' winners are tested), then the rest of the
+    leading view's order. The first is the check's winner."""
+    rows = summary.filter(pl.col("candidate").is_in(pool))
+    first = rank_rows(rows, lead)["candidate"].to_list()
+    other = rank_rows(rows, "residual" if lead == "standardized" else "standardized")["candidate"].to_list()
+    tested = first[:k] + [n for n in other[:k] if n not in first[:k]]
+    return tested + [n for n in first if n not in tested], len(tested)
 
 
 def rank_rows(summary: pl.DataFrame, view: str = "residual") -> pl.DataFrame:
@@ -384,8 +409,9 @@ def sweep(
 
     ``a_side`` (from ``build_a_side_for`` on the same model, prompts and config) skips the
     A-side captures and candidate building. ``centre``: the pair's midpoint offset, which
-    ``config.causal_centre == "midpoint"`` needs (``delta.load_centre``); whenever given, the
-    pair's geometry is computed from it (``pair.pair_geometry``).
+    the causal check steers around unless ``config.causal_centre == "base"`` (``delta.load_centre``;
+    None: around the base model); whenever given, the pair's geometry is computed from it
+    (``pair.pair_geometry``).
     """
     config.validate()
     probes = probes or load_probe_set(config.n_fit)
@@ -492,6 +518,7 @@ def sweep(
         reader = Readout.of(model, tokens.yes_id, tokens.no_id)
         readout = pl.DataFrame(readout_rows(reader, layers, labels.eval, labels.eval_midpoint, candidates))
     timings["scoring"] = scoring_s + time.perf_counter() - t0  # the per-layer scores and the summaries
+    warning = outliers.warning_line(flags, len(layers), d, sources)
     bar.update(1)
     bar.close()
     causal = None
@@ -499,15 +526,15 @@ def sweep(
         t0 = time.perf_counter()
         by_name = {c.name: c for c in candidates}
         pool = {c.name for c in ranking_pool(candidates, "joint")}
-        names = rank_rows(summary.filter(pl.col("candidate").is_in(pool)))["candidate"].to_list()
+        names, n_tested = causal_candidates(summary, pool, config.causal, leading_view(warning))
         act_oracles = [(f"oracle_act_{kind}", {layer: Target.from_rows(f"{kind}@{layer}", rows[layer]).oracle_basis(config.r)
                                                 for layer in layers})
                        for kind, rows in (("cumulative", labels.eval_cumulative), ("local", labels.eval_local))]
         causal = run_causal(model, tokenizer, delta, bset.texts, [(n, by_name[n].bases) for n in names],
-                            combined, k=config.causal,
+                            combined, k=n_tested,
                             n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
                             alphas=config.causal_alpha, progress=not config.quiet,
-                            centre=centre if config.causal_centre == "midpoint" else None,
+                            centre=None if config.causal_centre == "base" else centre,
                             act_oracles=act_oracles, kl_target=parse_strength(config.causal_strength),
                             n_norm_only=config.causal_null)
         timings["causal"] = time.perf_counter() - t0
@@ -530,7 +557,8 @@ def sweep(
         scope=scope,
         spectra=spectra,
         readout=readout,
-        outlier_warning=outliers.warning_line(flags, len(layers), d, sources),
+        outlier_warning=warning,
+        outlier_coordinates=outliers.met_most(flags),
         pair=pair_geometry(delta, centre) if centre is not None else None,
     )
 

@@ -40,12 +40,13 @@ def train_pair_folder(
     Ctrl-C), with a manifest of the settings and the model's source. Every check that needs no
     weights runs first (``preflight.check_train``: the destination, the model's files or GGUF
     header, the layers, the rank against the adapted modules' sizes, alpha, lr, seed, the behaviour
-    file, --n-train, the family); the model's chat template is checked before the first step.
+    file, --n-train, the family) and whether the model has a chat template (else it is trained in the
+    plain-text format of SPEC §8), before any conversion or load.
     ``alpha`` defaults to ``rank`` (LoRA scale 1); ``layers`` to ``lora_train.default_lora_layers``."""
     from .gguf_models import convert, is_gguf_source
     from .provenance import package_versions
 
-    snapshot, layers = preflight.check_train(model, out, behaviour=behaviour, n_train=n_train, family=family,
+    snapshot, layers, answer_format = preflight.check_train(model, out, behaviour=behaviour, n_train=n_train, family=family,
                                              layers=layers, target_modules=target_modules, rank=rank, alpha=alpha,
                                              steps=steps, lr=lr, seed=seed, overwrite=overwrite)
     alpha = float(rank) if alpha is None else float(alpha)
@@ -58,8 +59,13 @@ def train_pair_folder(
                                    target_modules=tuple(target_modules), lr=lr, family=family, behaviour=behaviour,
                                    n_topics=n_train, progress=progress)
         source = convert(model).provenance() if is_gguf_source(model) else None
+        trained_as = json.loads((tmp / "pos" / lora_train.TRAIN_LOG).read_text())["answer_format"]
+        if answer_format is not None and trained_as != answer_format:  # the files and the loaded tokenizer disagree
+            raise preflight.InputError(f"--model {model}: its files say the answer format is {answer_format!r}, its "
+                                       f"loaded tokenizer {trained_as!r}")
         manifest = {"kind": "train", "package_versions": package_versions(), "model": str(model),
                     "model_source": source, "settings": settings,
+                    "answer_format": trained_as,  # "chat", or "plain" (no chat template: SPEC §8's text format)
                     "adapters": {"pos": "pos (+1: the behaviour)", "neg": "neg (−1: its opposite)"}}
         (tmp / TRAIN_MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -91,10 +91,14 @@ SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 #: 20 full-batch steps at lr 5e-4, seed 0, on the first 20 shipped claims.
 SMOL_PAIR = Path(__file__).parent / "data" / "smollm2_pair"
 #: The sweep the goldens hold: --causal 1 --causal-null 5 (the winner, the oracle, 5 random draws), at the
-#: coherence grid (issue 25) as the goldens were made; the KL-matched strength is tested apart, cheaply.
-SMOL_RUN_ARGS = ("--causal", "1", "--causal-null", "5", "--causal-strength", "grid")
-#: Seconds of each part of the real tier, printed at the end of the session.
+#: coherence grid (issue 25) around the base model, as the goldens were made; the KL-matched strength
+#: (the default) is tested apart, cheaply, and the default centre (auto: this delta's midpoint) by
+#: test_the_default_centre_is_the_pairs_midpoint.
+SMOL_RUN_ARGS = ("--causal", "1", "--causal-null", "5", "--causal-strength", "grid", "--causal-centre", "base")
+#: Seconds of each part of the real tier, printed at the end of the session (a part whose name
+#: starts with a space is inside another).
 REAL_TIMES: dict[str, float] = {}
+GEMMA_TIMES: dict[str, float] = {}
 
 
 def smol_unavailable() -> str | None:
@@ -112,33 +116,42 @@ def smol_unavailable() -> str | None:
 
 
 class timed:
-    """Adds the block's wall time to REAL_TIMES[name]."""
+    """Adds the block's wall time to ``times[name]`` (REAL_TIMES: SmolLM2's tier)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, times: dict[str, float] = REAL_TIMES):
         self.name = name
+        self.times = times
 
     def __enter__(self):
         self.t0 = time.perf_counter()
 
     def __exit__(self, *exc):
-        REAL_TIMES[self.name] = REAL_TIMES.get(self.name, 0.0) + time.perf_counter() - self.t0
+        self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - self.t0
 
 
 @pytest.fixture(scope="session")
-def smol_converted(tmp_path_factory):
-    """The session's converted SmolLM2 (a private cache, named by $SUBSPACE_SWEEP_CACHE for every
-    command the tier runs, in-process or not)."""
+def real_model_cache(tmp_path_factory):
+    """The real tiers' private model cache, named by $SUBSPACE_SWEEP_CACHE for every command they
+    run, in-process or not (one for both models: a second variable would be the last one set)."""
+    from subspace_sweep.gguf_models import CACHE_ENV
+
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("model-cache")
+    mp.setenv(CACHE_ENV, str(root))
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def smol_converted(real_model_cache):
+    """The session's converted SmolLM2 (in the real tiers' private cache)."""
     why = smol_unavailable()
     if why:
         pytest.skip(f"SmolLM2-135M-Instruct tier: {why}")
-    from subspace_sweep.gguf_models import CACHE_ENV, convert
+    from subspace_sweep.gguf_models import convert
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("model-cache")))
     with timed("convert the GGUF (once)"):
-        converted = convert(SMOL)
-    yield converted
-    mp.undo()
+        return convert(SMOL)
 
 
 @pytest.fixture(scope="session")
@@ -180,7 +193,116 @@ def smol_run(smol_converted, smol_delta_file, tmp_path_factory):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if REAL_TIMES:
-        terminalreporter.section("real-model tier (SmolLM2-135M-Instruct): seconds per part")
-        for name, s in REAL_TIMES.items():
-            terminalreporter.write_line(f"{s:8.1f}  {name}")
+    for model, times in (("SmolLM2-135M-Instruct", REAL_TIMES), ("Gemma-3-270m", GEMMA_TIMES)):
+        if times:
+            terminalreporter.section(f"real-model tier ({model}): seconds per part")
+            for name, s in times.items():
+                terminalreporter.write_line(f"{s:8.1f}  {name}")
+            terminalreporter.write_line(f"{sum(v for k, v in times.items() if not k.startswith(' ')):8.1f}  in all")
+
+
+# ----------------------------------------------------------------------------- Gemma-3-270m
+# The hard real model (issue 31): a base model (no chat template), post-norms with `1 + weight`
+# gains, massive activations, a 262k vocabulary; five data packages (`make test` installs them),
+# assembled and converted once per session into the real tiers' private cache.
+
+GEMMA = "gemma-3-270m"
+#: The assembled GGUF the goldens and the shipped pair were made from (the packages 1.0.0).
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+#: The shipped trained pair (`make real-pair-gemma` regenerates it): its settings are in its manifest.
+GEMMA_PAIR = Path(__file__).parent / "data" / "gemma3_pair"
+#: The causal check's prompts in the tier: the last 8 of the 16 EVAL probes (claims 24..31, held out
+#: of the pair's training too) as a behaviour file, Yes/No: half the tokens of every steered pass.
+GEMMA_EVAL8 = Path(__file__).parent / "data" / "gemma3_eval8.jsonl"
+#: The sweep the goldens hold: the winner, the oracle and 5 random draws, at α = 1 only (around the
+#: pair's midpoint, the default centre: the two trained models), on GEMMA_EVAL8.
+GEMMA_RUN_ARGS = ("--causal", "1", "--causal-null", "5", "--causal-alpha", "1", "--behaviour", str(GEMMA_EVAL8))
+
+
+def gemma_unavailable() -> str | None:
+    """Why the Gemma tier cannot run here (None when it can): checked without assembling anything."""
+    from importlib import metadata
+
+    from subspace_sweep.gguf_models import GEMMA3_270M
+
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed (pip install gguf; make test installs it)"
+    for dist in GEMMA3_270M.distributions():
+        try:
+            metadata.distribution(dist)
+        except metadata.PackageNotFoundError:
+            return f"the package {dist} is not installed; {GEMMA3_270M.install_hint()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def gemma_converted(real_model_cache):
+    """Gemma-3-270m assembled from its packages and converted, in the real tiers' private cache."""
+    why = gemma_unavailable()
+    if why:
+        pytest.skip(f"Gemma-3-270m tier: {why}")
+    from subspace_sweep.gguf_models import convert
+
+    with timed("assemble + convert the GGUF (once)", GEMMA_TIMES):
+        return convert(GEMMA)
+
+
+@pytest.fixture(scope="session")
+def gemma(gemma_converted):
+    """(model, tokenizer) of Gemma-3-270m, float32 on the CPU; shared: only read it."""
+    from subspace_sweep.model import load_model
+
+    with timed("load the model", GEMMA_TIMES):
+        return load_model(GEMMA, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma_delta_file(gemma_converted, tmp_path_factory):
+    """w = merged⁺ − merged⁻ of the shipped Gemma pair (and its midpoint), through `subspace-sweep delta`."""
+    from subspace_sweep import cli
+
+    out = tmp_path_factory.mktemp("gemma-delta") / "w.safetensors"
+    with timed("delta of the shipped pair", GEMMA_TIMES):
+        assert cli.main(["delta", "--model", GEMMA, "--adapter-pos", str(GEMMA_PAIR / "pos"), "--adapter-neg",
+                         str(GEMMA_PAIR / "neg"), "--out", str(out)]) == 0
+    return out
+
+
+@dataclass
+class GemmaRun:
+    result: object  # SweepResult
+    out: Path  # the run folder
+    a_side: object  # the A-side the sweep used (coordinate scales, candidates)
+    config: object
+
+
+@pytest.fixture(scope="session")
+def gemma_run(gemma, gemma_delta_file, tmp_path_factory):
+    """The shipped pair's sweep on the session's model (the CLI's settings, GEMMA_RUN_ARGS), its
+    A-side kept for the tests, its run folder written as `run` writes it."""
+    from subspace_sweep import report
+    from subspace_sweep.a_side import build_a_side_for
+    from subspace_sweep.cli import _config, build_parser
+    from subspace_sweep.delta import load_centre, load_delta
+    from subspace_sweep.model import n_layers_of
+    from subspace_sweep.prompts import load_probe_set
+    from subspace_sweep.sweep import model_manifest, sweep
+
+    model, tok = gemma
+    out = tmp_path_factory.mktemp("gemma-run") / "run"
+    args = build_parser().parse_args(["run", "--model", GEMMA, "--delta", str(gemma_delta_file), "--out", str(out),
+                                      "--quiet", *GEMMA_RUN_ARGS])
+    config = _config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=args.dtype, device=args.device)
+    delta = load_delta(gemma_delta_file)
+    probes = load_probe_set(config.n_fit)
+    layers = config.scored_layers(delta, n_layers_of(model))
+    with timed("A-side", GEMMA_TIMES):
+        a_side = build_a_side_for(model, tok, config, layers, probes)
+    with timed("sweep + causal check", GEMMA_TIMES):
+        centre = (load_centre(gemma_delta_file, required=config.causal_centre == "midpoint")
+                  if config.causal_centre != "base" else None)  # as preflight.check_run reads it
+        result = sweep(model, tok, delta, config, probes, a_side=a_side, centre=centre)
+    GEMMA_TIMES["  of which the causal check"] = result.timings.get("causal", 0.0)
+    with timed("report", GEMMA_TIMES):
+        report.write_run(result, config, out, model_manifest(model, config, result))
+    return GemmaRun(result, out, a_side, config)

@@ -194,7 +194,7 @@ def test_the_behaviour_is_read_where_the_model_answers(smol, position):
 
     model, tok = smol
     bset = (BehaviourSet.from_probes(tok, PROBES.eval) if position == "answer"
-            else BehaviourSet.from_probes(tok, PROBES.eval, answer_tokens(tok), chat=False))
+            else BehaviourSet.from_probes(tok, PROBES.eval, answer_tokens(tok), raw=True))
     _, mass = behaviour_and_mass(model, tok, bset.texts, bset)
     assert float(mass.mean()) >= 0.3, float(mass.mean())
 

@@ -105,3 +105,97 @@ def test_concern14_the_scales_come_from_the_residual_and_see_the_outliers(outlie
         rest = torch.ones(rms.shape[0], dtype=torch.bool)
         rest[OUTLIERS] = False
         assert float(ratio[rest].max()) < 10.0
+
+
+# ----------------------------------------------------------------------------- which view leads (SPEC §12, issue 31)
+
+
+@pytest.fixture(scope="module")
+def outlier_report(tmp_path_factory):
+    """The chars_clusters plant's sweep with the causal check (the top 2 of each view), written as
+    a run folder, the figures' views recorded."""
+    from subspace_sweep import report
+
+    config = SweepConfig(quiet=True, causal=2, causal_null=5, causal_alpha=(1.0,), n_boot=0)
+    model, tok, layers, a_side = outlier_toy(config)
+    plant = {c.name: c for c in a_side.candidates}["chars_clusters"]
+    delta = plant_away_from(model, plant, layers, OUTLIERS, generic_ratio=OUTLIER_GENERIC_RATIO, seed=0)
+    result = sweep(model, tok, delta, config, a_side=a_side)
+    drawn = {}
+    real_scatter, real_heatmap = report.scatter_figure, report.heatmap_figure
+    mp = pytest.MonkeyPatch()
+    mp.setattr(report, "scatter_figure", lambda ranked, png, pdf, view="residual": (
+        drawn.__setitem__("scatter", view), real_scatter(ranked, png, pdf, view)))
+    mp.setattr(report, "heatmap_figure", lambda per_layer, order, png, pdf, ends=(), view="residual": (
+        drawn.__setitem__("heatmap", (view, order)), real_heatmap(per_layer, order, png, pdf, ends, view)))
+    out = tmp_path_factory.mktemp("outlier-report") / "run"
+    try:
+        report.write_run(result, config, out, {})
+    finally:
+        mp.undo()
+    return result, out, drawn
+
+
+def test_concern14_the_report_leads_with_the_standardized_view(outlier_report):
+    """Where the warning fires: the BLUF's first numbers are the standardized view's best, the
+    residual ones beside them marked as decided by the named coordinates; the scatter and the
+    heatmap are drawn in the standardized view (its R columns, its order)."""
+    result, out, drawn = outlier_report
+    assert result.leading_view == "standardized" and set(result.outlier_coordinates) >= set(OUTLIERS)
+    coords = ", ".join(str(j) for j in result.outlier_coordinates)
+    bluf = (out / "conclusion.md").read_text().split("## BLUF", 1)[1].split("##", 1)[0]
+    best = result.ranking("joint", "standardized").filter(pl.col("axis_kind").is_in(["write", "mixed"])).row(0, named=True)
+    assert best["candidate"] == "chars_clusters"
+    assert bluf.lstrip().startswith("The standardized view leads this report")
+    table = [ln for ln in bluf.splitlines() if ln.startswith("| standardized") or ln.startswith("| residual")]
+    assert table == [f"| standardized (leads) | {best['joint_gain_std']:.3f} | {best['gain_act_std']:.3f} | "
+                     f"{best['gain_w_combined_std']:.3f} | {best['R_act_std']:.2f} | {best['z_act_std']:.1f} | "
+                     f"{best['R_w_combined_std']:.2f} | {best['z_w_combined_std']:.1f} | "
+                     f"{best['pct_oracle_act_std']:.1f} | {best['pct_oracle_combined_std']:.1f} |",
+                     f"| residual (decided by coordinates {coords}) | {best['joint_gain']:.3f} | {best['gain_act']:.3f} | "
+                     f"{best['gain_w_combined']:.3f} | {best['R_act']:.2f} | {best['z_act']:.1f} | "
+                     f"{best['R_w_combined']:.2f} | {best['z_w_combined']:.1f} | {best['pct_oracle_act']:.1f} | "
+                     f"{best['pct_oracle_combined']:.1f} |"]
+    assert "In residual coordinates (the seed's view; decided by coordinates" in bluf
+    assert "Top-5 by gain_act_std" in bluf and "Top-5 by gain_w_combined_std" in bluf
+    assert drawn["scatter"] == "standardized"
+    view, order = drawn["heatmap"]
+    std_joint = result.ranking("joint", "standardized")["candidate"].to_list()
+    assert view == "standardized" and order[:len(std_joint)] == std_joint
+
+
+def test_concern14_the_causal_check_tests_both_views_top_candidates(outlier_report):
+    """The views' top 2 differ on this toy (the residual view ties): the check tests the
+    standardized view's first (the verdict's winner, then its second) and the residual view's
+    others beside them."""
+    result, out, _ = outlier_report
+    std = result.ranking("joint", "standardized")["candidate"].to_list()[:2]
+    res = result.ranking("joint")["candidate"].to_list()[:2]
+    both = std + [n for n in res if n not in std]
+    assert len(both) > 2 and std[0] == "chars_clusters"
+    assert result.causal.top == both
+    assert result.causal.table.filter(pl.col("kind") == "candidate")["name"].to_list() == both
+    text = (out / "conclusion.md").read_text()
+    assert f"The delta restricted to the winner `{std[0]}`" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("The residual view's") or ln.startswith("Both views'"))
+    assert line.startswith("Both views' best candidate is the same") == (res[0] == std[0]), line
+
+
+def test_the_figures_plot_the_leading_views_columns(outlier_report, tmp_path, monkeypatch):
+    """scatter_figure in the standardized view puts each candidate at (R_act_std, R_w_combined_std)."""
+    import matplotlib.axes
+    import numpy as np
+
+    from subspace_sweep import report
+
+    result, _, _ = outlier_report
+    ranked = report.ranked_summary(result)
+    seen = []
+    real = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda self, x, y, *a, **k: (
+        seen.append((np.asarray(x, dtype=float), np.asarray(y, dtype=float))), real(self, x, y, *a, **k))[1])
+    report.scatter_figure(ranked, tmp_path / "s.png", tmp_path / "s.pdf", "standardized")
+    xs = np.concatenate([x for x, _ in seen])
+    want = np.asarray(ranked["R_act_std"].to_numpy(), dtype=float)
+    assert set(np.round(xs[np.isfinite(xs)], 9)) <= set(np.round(want[want > 0], 9))
+    assert not set(np.round(xs[np.isfinite(xs)], 9)) <= set(np.round(ranked["R_act"].to_numpy(), 9))

@@ -350,7 +350,7 @@ def test_the_behaviour_reader_takes_exactly_the_stated_bound_and_the_integer_sig
 
 
 def _result(best_kept: float, z: float, oracle_kept: float, mass0: float, mass_plus: float, mass_minus: float,
-            chat: bool = True):
+            form: str = "chat"):
     """A CausalResult whose table holds exactly the rows the verdict reads."""
     from subspace_sweep.causal import COLUMNS, BehaviourSet, CausalResult
 
@@ -363,7 +363,7 @@ def _result(best_kept: float, z: float, oracle_kept: float, mass0: float, mass_p
         {"kind": "oracle", "name": "oracle_combined@8", "rank": 8.0, "kept": oracle_kept},
     ]
     table = pl.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], schema=COLUMNS)
-    answers = BehaviourSet(("p",), (1,), (2,), (1.0,), "the shipped EVAL probes", "", chat)
+    answers = BehaviourSet(("p",), (1,), (2,), (1.0,), "the shipped EVAL probes", "", form)
     return CausalResult(table, answers, 9.0, 8.7, ["best"], 5, 0)
 
 
@@ -385,7 +385,7 @@ def test_the_verdict_weighs_the_winners_share_against_the_oracle_not_only_its_z(
     for text in (small, big, none):
         assert "0.45 unsteered (α = 0), 0.85 at +α, 0.16 at −α" in text
         assert "read after the chat template's generation prompt" in text and "not reading an answer" not in text
-    assert "read at the end of the raw prompt" in verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16, chat=False))
+    assert "read at the end of the raw prompt" in verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16, form="raw"))
 
 
 def test_where_the_rank_matched_oracle_keeps_little_no_subspace_of_that_rank_is_said_to_carry_the_behaviour():

@@ -273,3 +273,27 @@ def test_config_json_records_the_grid_and_centre(tmp_path):
     assert json.loads(json.dumps(c.to_json()))["causal_alpha"] == [0.5, 1.0]
     with pytest.raises(InputError, match="--causal-centre"):
         SweepConfig(causal=1, causal_centre="middle").validate()
+
+
+def test_the_default_centre_is_the_midpoint_where_the_delta_holds_it(lora_pair, tmp_path):
+    """SPEC §8 (issue 31): --causal-centre auto (the default) steers around the pair's midpoint
+    when the delta file holds it (what `delta` writes), around the base model when it does not;
+    base ignores a stored midpoint; midpoint requires one."""
+    from subspace_sweep import preflight
+    from subspace_sweep.config import SweepConfig
+
+    model_dir, pos, neg = lora_pair
+    full = tmp_path / "w.safetensors"
+    assert cli.main(["delta", "--model", str(model_dir), "--adapter-pos", str(pos), "--adapter-neg", str(neg),
+                     "--out", str(full)]) == 0
+    plain = save_delta(load_delta(full), tmp_path / "plain.safetensors")
+    assert SweepConfig().causal_centre == "auto"
+    for centre, path, want in (("auto", full, True), ("auto", plain, False), ("base", full, False),
+                               ("midpoint", full, True)):
+        config = SweepConfig(model=str(model_dir), causal=1, causal_centre=centre, quiet=True)
+        got = preflight.check_run(config, [str(path)]).centres[0]
+        assert (got is not None) == want, (centre, path.name)
+        if want:
+            assert got.keys() == load_centre(full).keys()
+    with pytest.raises(InputError, match="holds w only"):
+        preflight.check_run(SweepConfig(model=str(model_dir), causal=1, causal_centre="midpoint"), [str(plain)])

@@ -141,7 +141,7 @@ def test_the_logit_lens_at_the_last_layer_is_the_models_first_order_logit_change
     last = model.config.num_hidden_layers - 1
     lens = reader.logit_lens(labels.eval[last], labels.eval_midpoint[last])
     # at the label's position (the raw probe's last token), where the lens reads the residual
-    raw = BehaviourSet.from_probes(tok, probes.eval, answer_tokens(tok), chat=False)
+    raw = BehaviourSet.from_probes(tok, probes.eval, answer_tokens(tok), raw=True)
     real = effect(model, tok, delta, probes.eval, raw)[0]
     assert abs(real) > 1e-4
     assert lens == pytest.approx(real, rel=2e-3)

@@ -299,3 +299,135 @@ def test_a_killed_conversion_leaves_no_usable_entry_and_the_next_use_cleans_it(t
     assert not (tmp_path / "run").exists()
     converted = gguf_models.convert(tiny_gguf[0], cache=cache)
     assert converted.status == "miss" and _entries(cache) == [converted.folder.name]
+
+
+# ----------------------------------------------------------------------------- a known model in pieces (issue 31)
+
+
+@pytest.fixture
+def pieces(tiny_gguf, tmp_path, monkeypatch):
+    """The tiny GGUF as a known model in four data packages (like Gemma-3-270m's), installed."""
+    from tests.helpers_gguf import fake_part_packages, install_fake_packages
+
+    site = tmp_path / "site"
+    known = fake_part_packages(site, tiny_gguf[0])
+    install_fake_packages(monkeypatch, site, known)
+    return known, site
+
+
+def test_a_known_model_in_pieces_is_assembled_into_the_cache_verified_and_converted(tiny_gguf, cache, pieces):
+    """The pieces concatenated in order are the file (its sha256 pinned and listed in SHA256SUMS),
+    published into the cache once; its conversion is the whole file's (the same cache entry)."""
+    known, _ = pieces
+    path = gguf_models.known_model_file(known.name)
+    assert path == cache / "models" / f"assembled-{known.sha256}" / "tiny.gguf"
+    assert path.read_bytes() == tiny_gguf[0].read_bytes()
+    stamp = path.stat().st_mtime_ns
+    converted = convert(known.name)
+    assert converted.status == "miss" and converted.record["gguf_sha256"] == known.sha256
+    assert gguf_models.known_model_file(known.name).stat().st_mtime_ns == stamp  # verified, not assembled again
+    assert convert(tiny_gguf[0]).folder == converted.folder  # the same file: the same entry
+    assert _entries(cache) == [f"assembled-{known.sha256}", converted.folder.name]
+    assert gguf_models.model_shape(known.name)[:2] == (64, 3)
+
+
+def _fault(kind: str, known, site: Path) -> str:
+    """Damage the installed pieces one way; returns the package the error must name."""
+    def piece(i: int) -> Path:
+        return site / known.parts[i].file
+
+    if kind == "missing_package":
+        import shutil
+
+        shutil.rmtree(site / "fake_gguf_part3-1.0.0.dist-info")
+        return "fake-gguf-part3"
+    if kind == "out_of_order":  # pieces 1 and 2 (equal sizes) swapped between their packages
+        a, b = piece(0).read_bytes(), piece(1).read_bytes()
+        piece(0).write_bytes(b)
+        piece(1).write_bytes(a)
+        return "fake-gguf-part1"
+    if kind == "truncated":
+        piece(2).write_bytes(piece(2).read_bytes()[:-7])
+        return "fake-gguf-part3"
+    if kind == "damaged":
+        data = bytearray(piece(3).read_bytes())
+        data[len(data) // 2] ^= 0x40
+        piece(3).write_bytes(bytes(data))
+        return "fake-gguf-part4"
+    if kind == "other_release":  # SHA256SUMS lists another file
+        (site / "fake_gguf" / "data" / "SHA256SUMS").write_text(f"{'0' * 64}  tiny.gguf\n")
+        return "fake-gguf"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing_package", "the package fake-gguf-part3 that ships it is not installed; install its 5 data packages"),
+    ("out_of_order", "tiny.gguf.part00 of fake-gguf-part1 does not match its sha256 \\(it holds piece 2 of 4"),
+    ("truncated", "tiny.gguf.part02 of fake-gguf-part3 has .* bytes, not .* \\(truncated or damaged\\)"),
+    ("damaged", "tiny.gguf.part03 of fake-gguf-part4 does not match its sha256 \\(damaged\\)"),
+    ("other_release", "fake-gguf's SHA256SUMS lists 0000000000000000"),
+])
+def test_a_fault_in_the_pieces_is_exit_2_naming_the_package_and_nothing_is_cached(tiny_gguf, cache, pieces, tmp_path,
+                                                                                  capsys, monkeypatch, kind, message):
+    import re
+
+    known, site = pieces
+    package = _fault(kind, known, site)
+    monkeypatch.setattr(gguf_models, "_convert_into", lambda *a: pytest.fail("a bad model reached the conversion"))
+    delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
+    (tmp_path / "out").mkdir()
+    assert cli.main(["run", "--model", known.name, "--delta", str(delta), "--out", str(tmp_path / "out" / "run"),
+                     "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("subspace-sweep run: error: --model tiny-in-pieces: "), err
+    assert package in err[0] and re.search(message, err[0]), err[0]
+    assert _entries(cache) == [] and not list((tmp_path / "out").iterdir())
+
+
+def test_a_damaged_assembled_file_in_the_cache_is_assembled_again(cache, pieces):
+    known, _ = pieces
+    path = gguf_models.known_model_file(known.name)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="damaged; assembling tiny.gguf again"):
+        again = gguf_models.known_model_file(known.name)
+    assert again == path and gguf_models.sha256_file(again) == known.sha256
+
+
+def test_one_parse_of_the_gguf_per_conversion(tiny_gguf, cache, monkeypatch):
+    """The header's reader serves the conversion after it: transformers' three loads (config,
+    tokenizer, weights) build none of their own (each is 16 s on Gemma-3-270m's 262k vocabulary);
+    the reader is dropped once the conversion is done."""
+    import gguf
+
+    built = []
+    real = gguf.GGUFReader
+
+    class Counting(real):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    gguf_models._forget_reader()
+    assert gguf_models.model_shape(tiny_gguf[0])[:2] == (64, 3)
+    convert(tiny_gguf[0])
+    assert built == [str(tiny_gguf[0].resolve())]
+    assert gguf_models._READER is None and gguf.GGUFReader is Counting  # dropped, and the library's name restored
+
+
+def test_the_header_says_whether_the_gguf_holds_a_chat_template(tiny_gguf, cache, tmp_path):
+    """A GGUF without tokenizer.chat_template is a base model: the preflight knows it from the
+    header, before any conversion, and the converted tokenizer agrees (SPEC §8's plain format)."""
+    from subspace_sweep import preflight
+
+    base, _, _ = write_tiny_gguf(tmp_path / "base.gguf", seed=4, chat_template=False)
+    assert read_header(tiny_gguf[0]).chat_template and not read_header(base).chat_template
+    assert preflight.model_shape(str(base)).answer_format == "plain"
+    assert preflight.model_shape(str(tiny_gguf[0])).answer_format == "chat"
+    converted = convert(base)
+    assert converted.record["chat_template"] is False
+    assert preflight.model_shape(str(base)).answer_format == "plain"  # now from the record
+    _, tok = load_model(base, dtype="float32", device="cpu")
+    assert not getattr(tok, "chat_template", None)

@@ -245,3 +245,78 @@ def test_train_diff_and_sweep_end_to_end(tmp_path, capsys):
     timing = f"train {t_train:.1f}s, delta {t_delta:.1f}s, total {t_total:.1f}s"
     print(timing)
     assert t_total < 120, timing  # the issue's CI budget
+
+
+# ----------------------------------------------------------------------------- the loss's cost (issue 31)
+
+
+def full_logits_loss(model, batch) -> torch.Tensor:
+    """The loss as it was: the model's own logits at every position (262k-way on Gemma-3-270m),
+    cross-entropy over the answer tokens (the reference ``assistant_loss`` is held to)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _lora(model, seed: int = 3):
+    """A peft LoRA on the model with B ≠ 0 (an adapter mid-training, not the identity)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                                                   lora_dropout=0.0, init_lora_weights=False))
+    return m
+
+
+def check_loss_matches_the_full_logits(model, batch, *, rtol: float = 1e-5) -> int:
+    """``assistant_loss`` against ``full_logits_loss`` on a LoRA-wrapped copy of ``model``: the same
+    value and the same gradient on every adapter tensor; the unembedding sees only the positions
+    whose next token is an answer token. Returns how many rows it saw."""
+    m = _lora(model)
+    params = [p for p in m.parameters() if p.requires_grad]
+    seen = []
+    handle = m.get_base_model().get_output_embeddings().register_forward_hook(lambda mod, i, o: seen.append(i[0].shape))
+    try:
+        ours = assistant_loss(m, batch)
+    finally:
+        handle.remove()
+    g_ours = torch.autograd.grad(ours, params)
+    ref = full_logits_loss(m, batch)
+    g_ref = torch.autograd.grad(ref, params)
+    torch.testing.assert_close(ours, ref, rtol=rtol, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n_answer = int((batch["labels"][:, 1:] != -100).sum())
+    assert [tuple(s) for s in seen] == [(n_answer, model.config.hidden_size)], seen
+    return n_answer
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2"])
+def test_the_loss_applies_the_unembedding_only_where_the_labels_count(model_type):
+    """The gathered loss equals the full-logits loss, value and gradients, on the tiny Qwen3 and on
+    a tiny Gemma 2, whose logits are softcapped (final_logit_softcapping, applied by the model's own
+    forward: a loss that left it out would differ); its unembedding runs on the answer rows only."""
+    from subspace_sweep.toy import build_tiny_decoder
+
+    model, tok = build_tiny_decoder(model_type, seed=2)
+    if model_type == "gemma2":
+        model.config.final_logit_softcapping = 2.0  # tight enough that the cap changes every logit
+    batch = encode_examples(tok, training_texts(1, n_topics=6))
+    n = check_loss_matches_the_full_logits(model, batch)
+    assert 0 < n < int(batch["attention_mask"].sum())
+
+
+def test_the_gathered_loss_trains_the_same_adapters(tiny_dir, tmp_path, monkeypatch):
+    """Three steps with the gathered loss and with the full-logits one give the same adapter to
+    float tolerance (the optimiser sees the same gradients)."""
+    from subspace_sweep import lora_train
+
+    settings = {**TRAIN, "steps": 3}
+    ours = train_lora_adapter(tiny_dir, 1, tmp_path / "ours", **settings)
+    monkeypatch.setattr(lora_train, "assistant_loss", full_logits_loss)
+    ref = train_lora_adapter(tiny_dir, 1, tmp_path / "ref", **settings)
+    a, b = (load_file(str(p / "adapter_model.safetensors")) for p in (ours, ref))
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    la, lb = (json.loads((p / TRAIN_LOG).read_text())["loss_per_step"] for p in (ours, ref))
+    assert la == pytest.approx(lb, rel=1e-5)

@@ -204,3 +204,23 @@ def test_coordinate_rms_is_the_rms_over_the_persona_prompts_real_tokens_as_the_m
     config = SweepConfig(quiet=True)
     probes = load_probe_set(config.n_fit)
     check_coordinate_rms_against_the_forward(model, tok, build_a_side_for(model, tok, config, [0, 2], probes), probes)
+
+
+def test_the_causal_check_takes_both_views_top_candidates_when_they_differ():
+    """SPEC §12 (issue 31): the leading view's top k first (its first is the winner), then the other
+    view's top k not among them, then the rest of the leading view's order; one list when they agree."""
+    from subspace_sweep.sweep import causal_candidates, leading_view
+
+    summary = pl.DataFrame({
+        "candidate": ["a", "b", "c", "d"], "rank": [8.0] * 4,
+        "joint_gain": [0.9, 0.8, 0.1, 0.0], "z_act": [5.0] * 4, "z_w_combined": [5.0] * 4,
+        "joint_gain_std": [0.1, 0.2, 0.9, 0.5], "z_act_std": [5.0] * 4, "z_w_combined_std": [5.0] * 4,
+    })
+    pool = {"a", "b", "c", "d"}
+    assert causal_candidates(summary, pool, 1, "standardized") == (["c", "a", "d", "b"], 2)
+    assert causal_candidates(summary, pool, 2, "standardized") == (["c", "d", "a", "b"], 4)
+    assert causal_candidates(summary, pool, 1, "residual") == (["a", "c", "b", "d"], 2)
+    agree = summary.with_columns(joint_gain_std=pl.col("joint_gain"))
+    assert causal_candidates(agree, pool, 2, "standardized") == (["a", "b", "c", "d"], 2)
+    assert causal_candidates(summary, {"a", "b"}, 1, "standardized") == (["b", "a"], 2)
+    assert leading_view("Outlier coordinates ...") == "standardized" and leading_view(None) == "residual"

@@ -1,6 +1,6 @@
 """``subspace-sweep train`` (issue 23): the +/− pair on the shipped probes or a behaviour file,
-published whole, answers ended with the chat template's own end-of-turn token, bad input exit 2
-with nothing written. On the tiny Qwen3 (3 steps: the mechanics, not the behaviour; the real
+published whole, answers ended with the chat template's own end-of-turn token (a base model's:
+the plain-text format of SPEC §8 and its EOS), bad input exit 2 with nothing written. On the tiny Qwen3 (3 steps: the mechanics, not the behaviour; the real
 pair's behaviour is held to in tests/integration/test_smollm2_real.py)."""
 
 from __future__ import annotations
@@ -72,24 +72,57 @@ def test_an_answer_ends_with_the_templates_own_end_of_turn_token():
         assert tok.eos_token_id not in answer
 
 
-def test_a_tokenizer_without_a_chat_template_is_refused(tiny_dir, tmp_path, capsys):
-    tok = build_tiny_tokenizer()
-    tok.chat_template = None
-    with pytest.raises(InputError, match="no chat template"):
-        end_of_turn(tok)
-    folder = shutil.copytree(tiny_dir, tmp_path / "model")
+def _base_model_folder(tiny_dir: Path, dest: Path) -> Path:
+    """The tiny Qwen3 saved without its chat template (a base model)."""
+    folder = shutil.copytree(tiny_dir, dest)
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (tmp_path / "parent").mkdir()
-    # --quiet: the template is read once the model has loaded, and without it transformers' "Loading
-    # weights" bar comes first (this test passed only after another had switched those bars off)
-    assert cli.main(["train", "--model", str(folder), "--out", str(tmp_path / "parent" / "pair"), "--quiet",
-                     *FAST]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no chat template" in err[0], err
-    assert list((tmp_path / "parent").iterdir()) == []
+    return folder
+
+
+def test_a_model_without_a_chat_template_is_trained_in_the_plain_text_format():
+    """SPEC §8, base models (issue 31): the prompt as the causal check asks it (BOS, the probe, a
+    newline and "Answer:"), the answer after a space, then the tokenizer's EOS; the loss on exactly
+    the answer and its EOS."""
+    from subspace_sweep.causal import answer_prompt
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None
+    assert end_of_turn(tok) == tok.eos_token
+    examples = training_texts(+1, n_topics=3)
+    batch = encode_examples(tok, examples)
+    for ex, ids, labels in zip(examples, batch["input_ids"], batch["labels"]):
+        prompt, answer = ex["messages"][0]["content"], ex["messages"][1]["content"]
+        n_prompt = int((labels != -100).nonzero()[0])  # the first answer token
+        assert answer_prompt(tok, prompt) == prompt + "\nAnswer:"
+        assert ids[:n_prompt].tolist() == tok(prompt + "\nAnswer:")["input_ids"]  # with the tokenizer's BOS, if it adds one
+        assert tok.decode(labels[labels != -100]) == " " + answer + tok.eos_token
+
+
+def test_a_base_model_trains_and_its_format_is_decided_before_any_load(tiny_dir, tmp_path, monkeypatch):
+    """Whether a model has a chat template is read from its files before any load (the preflight's
+    answer format), and the trained pair records the format it was trained in."""
+    from subspace_sweep import model as model_module
+    from subspace_sweep import preflight
+
+    folder = _base_model_folder(tiny_dir, tmp_path / "model")
+    with monkeypatch.context() as m:
+        m.setattr(model_module, "load_model", lambda *a, **k: pytest.fail("loaded before the checks"))
+        for source, form in ((folder, "plain"), (tiny_dir, "chat")):
+            _, layers, answer_format = preflight.check_train(
+                source, tmp_path / f"out-{form}", behaviour=None, n_train=None, family="lora", layers=None,
+                target_modules=("q_proj",), rank=2, steps=1, lr=1e-3, overwrite=False)
+            assert answer_format == form and preflight.model_shape(str(source)).answer_format == form
+    (tmp_path / "jinja").mkdir()
+    (tmp_path / "jinja" / "chat_template.jinja").write_text("{{ messages }}")
+    assert preflight.folder_chat_template(tmp_path / "jinja") and not preflight.folder_chat_template(folder)
+    out = tmp_path / "pair"
+    assert cli.main(["train", "--model", str(folder), "--out", str(out), "--quiet", *FAST]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    log = json.loads((out / "pos" / "lora_train.json").read_text())
+    assert manifest["answer_format"] == log["answer_format"] == "plain" and log["end_of_turn"] == "<|im_end|>"
 
 
 def test_behaviour_file_training_answers_with_the_behaviour_and_its_opposite(tmp_path):
