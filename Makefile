@@ -39,7 +39,7 @@ real-pair: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py
 
-# Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, outliers.py, linalg.py, causal.py and the
+# Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, outliers.py, linalg.py, causal.py, gradients.py and the
 # circuit/basis builders of candidates.py, against the fast tiers ([tool.mutmut] in pyproject.toml).
 # Prints each file's share of non-equivalent mutants killed (equivalents: tests/MUTATION_EQUIVALENTS.md)
 # and fails below 90% for scoring.py or linalg.py. MUTATE_SCOPE='subspace_sweep.scoring.*' runs a part.
@@ -62,7 +62,13 @@ MUTATE_LINALG_EIGEN := __init__ _reduction _pairs values top
 # the null's draws and the verdict's arithmetic (run_causal's loop is held by the end-to-end tests).
 MUTATE_CAUSAL := restrict frobenius scaled choose_alpha causal_plan _ratio _mean_sd _z null_bases \
 	behaviour_and_mass first_steered_layer _reply_ids answer_tokens answer_masses
+# gradients.py (issue 34): the gradients, the bases and the adapter families' first steps (adapter_layers'
+# peft rebuild and the candidates' assembly are held by the end-to-end tests).
+MUTATE_GRADIENTS := behaviour_data prompt_batch _n_predicted _rows writer_keys writer_gradients combine \
+	gradient_target gradient_basis family_of ia3_matrix oft_matrix family_matrix build_gradient_bases
 MUTATE_SCOPE ?= subspace_sweep.scoring.* subspace_sweep.outliers.* \
+	$(foreach f,$(MUTATE_GRADIENTS),subspace_sweep.gradients.x_$(f)__mutmut_*) \
+	subspace_sweep.gradients.xǁGradientBasesǁfamily__mutmut_* \
 	$(foreach f,$(MUTATE_CAUSAL),subspace_sweep.causal.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_LINALG),subspace_sweep.linalg.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_LINALG_EIGEN),subspace_sweep.linalg.xǁSymmetricEigenǁ$(f)__mutmut_*) \

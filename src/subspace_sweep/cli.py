@@ -89,8 +89,11 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "ranking, the rank-matched oracle and random subspaces (2 EVAL forward passes per restricted "
                         "delta; default 0 = off)")
     p.add_argument("--behaviour", default=None, metavar="FILE",
-                   help="the causal check's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1} "
-                        "(default: the shipped EVAL probes with Yes/No)")
+                   help="the behaviour's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1}: the "
+                        "causal check's prompts and the gradient bases' training examples (default: the shipped probes)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N",
+                   help="the pair trained on the first N claims (default: the shipped 20) or --behaviour lines (default: "
+                        "all): the gradient bases' examples; grad_heldout reads the rest")
     p.add_argument("--causal-alpha", type=_alphas_arg, default=None, metavar="A,B,...",
                    help="the causal check's strength grid (default 0.25,0.5,1): it reads the largest α whose answer "
                         "mass under ±α stays at least half the unsteered one (or of 0.1)")
@@ -186,7 +189,7 @@ def _config(args: argparse.Namespace, **overrides):
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
-        causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour,
+        causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour, n_train=args.n_train,
         causal_centre=args.causal_centre, **({"causal_alpha": args.causal_alpha} if args.causal_alpha else {}),
     )
     fields.update(overrides)
@@ -230,12 +233,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_delta(args: argparse.Namespace) -> int:
     from . import preflight
-    from .delta import pair_from_peft, save_delta
+    from .delta import adapter_metadata, adapter_record, pair_from_peft, save_delta
 
     out = preflight.check_delta_command(args.model, args.adapter_pos, args.adapter_neg, args.out, args.overwrite)
     delta, centre = pair_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    save_delta(delta, out, overwrite=args.overwrite, centre=centre)  # the midpoint: --causal-centre midpoint
-    print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset)")
+    record = adapter_record(args.adapter_pos, args.adapter_neg)  # the family, for the gradient bases (SPEC §13)
+    save_delta(delta, out, overwrite=args.overwrite, centre=centre,  # the midpoint: --causal-centre midpoint
+               metadata=adapter_metadata(record))
+    print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset; adapter family "
+          f"{record['peft_type']}, seed {record['seed'] if record['seed'] is not None else 'not recorded'})")
     return 0
 
 
@@ -269,14 +275,15 @@ def bluf_table(result, top: int = 12) -> str:
     """The joint A-side ranking's head as a fixed-width table."""
     rows = result.ranking("joint").head(top)
     ci = "R_act_lo" in rows.columns
-    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
+    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'sees':<19} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
             f"{'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "") + f"{'R_w_comb':>9} {'%orc_w':>7} {'z_w':>7}")
     lines = ["A-side write+mixed ranking (joint oracle gain, mean over scored layers; "
-             "gain: 0 = random subspace, 1 = oracle of the same rank)", head]
+             "gain: 0 = random subspace, 1 = oracle of the same rank; sees: what a basis is built from, "
+             "'behaviour data' = the behaviour's training examples)", head]
     for i, r in enumerate(rows.iter_rows(named=True), 1):
         interval = f"[{r['R_act_lo']:>6.2f},{r['R_act_hi']:>6.2f}] " if ci else ""
         lines.append(
-            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['rank']:>5.1f} {r['joint_gain']:>7.3f} "
+            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['sees']:<19} {r['rank']:>5.1f} {r['joint_gain']:>7.3f} "
             f"{r['gain_act']:>7.3f} {r['gain_w_combined']:>7.3f} {r['R_act']:>8.2f} {interval}{r['R_w_combined']:>9.2f} "
             f"{r['pct_oracle_combined']:>7.1f} {r['z_w_combined']:>7.1f}"
         )
