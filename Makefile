@@ -60,8 +60,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py
 
 # Mutation testing (issue 18; not part of .ci/run): mutmut over scoring.py, outliers.py, linalg.py, causal.py,
-# strength.py, pair.py and the circuit/basis builders of candidates.py, against the fast tiers ([tool.mutmut] in
-# pyproject.toml).
+# strength.py, pair.py, gradients.py and the circuit/basis builders of candidates.py, against the fast tiers
+# ([tool.mutmut] in pyproject.toml).
 # Prints each file's share of non-equivalent mutants killed (equivalents: tests/MUTATION_EQUIVALENTS.md)
 # and fails below 90% for scoring.py or linalg.py. MUTATE_SCOPE='subspace_sweep.scoring.*' runs a part.
 MUTMUT_VERSION := 3.8.1
@@ -89,7 +89,13 @@ MUTATE_CAUSAL := restrict frobenius scaled choose_alpha causal_plan _ratio _mean
 # computation, not mutated (a mutated KV-cache plumbing mostly crashes rather than miscounts).
 MUTATE_STRENGTH := _excess find_strength weight_ratio start_and_bound _stop_tokens parse_strength
 MUTATE_PAIR := module_type check_shapes tensor_sums _ratio figures pair_geometry geometry_line
+# gradients.py (issue 34): the gradients, the bases and the adapter families' first steps (adapter_layers'
+# peft rebuild and the candidates' assembly are held by the end-to-end tests).
+MUTATE_GRADIENTS := behaviour_data prompt_batch _n_predicted _rows writer_keys writer_gradients combine \
+	gradient_target gradient_basis family_of ia3_matrix oft_matrix family_matrix build_gradient_bases
 MUTATE_SCOPE ?= subspace_sweep.scoring.* subspace_sweep.outliers.* \
+	$(foreach f,$(MUTATE_GRADIENTS),subspace_sweep.gradients.x_$(f)__mutmut_*) \
+	subspace_sweep.gradients.xǁGradientBasesǁfamily__mutmut_* \
 	$(foreach f,$(MUTATE_CAUSAL),subspace_sweep.causal.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_STRENGTH),subspace_sweep.strength.x_$(f)__mutmut_*) \
 	$(foreach f,$(MUTATE_PAIR),subspace_sweep.pair.x_$(f)__mutmut_*) \

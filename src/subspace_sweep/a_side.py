@@ -17,6 +17,9 @@ matrix, every definition this package's); one that fails, or that is not a folde
 replaced, with one warning. Entries are published like run folders (``publish.write_folder``:
 staged, renamed into place; a killed store's staging is deleted by the next use of the cache);
 delete the folder to clear the cache.
+
+The gradient bases (SPEC §13, ``gradients.py``) are not part of it: their family variant depends on
+the delta's adapter record, and the others are rebuilt by every sweep (5 forward and backward passes).
 """
 
 from __future__ import annotations

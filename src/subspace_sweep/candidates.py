@@ -72,12 +72,49 @@ FAMILY_AXIS: dict[str, str] = {
     "act:rotation": "mixed",
     "compound": "mixed",
     "baseline": "null",
+    # Gradient bases (SPEC §13): the base model's own loss gradient at its residual writers. They
+    # never see the trained pair (A-side) but most of them see the behaviour's training examples:
+    # the `sees` column says so in every table.
+    "grad:behaviour": "write",
+    "grad:shared": "write",
+    "grad:heldout": "write",
+    "grad:neutral": "write",
+    "grad:family": "write",
     # B-side: built from the LoRA (its steered labels or its weight delta). Never ranked.
     "B:label": "reference",
     "B:oracle": "reference",
 }
 
 AXIS_KINDS = ("read", "write", "mixed", "null", "reference")
+
+#: What a candidate is built from (the ``sees`` column of every table, SPEC §4 and §13): the base
+#: model's weights, its activations on the shipped prompts, both, the behaviour's training examples
+#: (prompts with the adapters' answers: the gradient bases), nothing (the random baseline) or the
+#: trained pair itself (B-side). A-side rows that see ``BEHAVIOUR_DATA`` are not the seed's question
+#: ("from the base model alone"): the conclusion names the best of the others separately.
+BEHAVIOUR_DATA = "behaviour data"
+SEES = ("weights", "activations", "weights+activations", BEHAVIOUR_DATA, "nothing", "trained pair")
+FAMILY_SEES: dict[str, str] = {
+    **{f: "weights" for f in FAMILY_AXIS if f.startswith("W:")},
+    **{f: "activations" for f in FAMILY_AXIS if f.startswith("act:")},
+    "compound": "weights+activations",
+    "baseline": "nothing",
+    "grad:behaviour": BEHAVIOUR_DATA,
+    "grad:shared": BEHAVIOUR_DATA,
+    "grad:heldout": BEHAVIOUR_DATA,
+    "grad:family": BEHAVIOUR_DATA,
+    # the base model's own next-token loss on the probe prompts: no answer of the behaviour
+    "grad:neutral": "weights+activations",
+    "B:label": "trained pair",
+    "B:oracle": "trained pair",
+}
+#: Weight-family candidates that also read a base-model capture (SPEC §4).
+SEES_OVERRIDE: dict[str, str] = {"gate_kernel": "weights+activations", "attention_sink": "weights+activations"}
+
+
+def sees_of(name: str, family: str) -> str:
+    """What the candidate ``name`` of ``family`` is built from (``FAMILY_SEES``, ``SEES_OVERRIDE``)."""
+    return SEES_OVERRIDE.get(name, FAMILY_SEES[family])
 
 #: Which axis kinds each A-side ranking panel admits (SPEC §5: "A-side write + mixed rows
 #: jointly; read rows in their own table"; the null baseline is shown with the joint panel).
@@ -127,6 +164,10 @@ class CandidateSpec:
     @property
     def axis_kind(self) -> str:
         return FAMILY_AXIS[self.family]
+
+    @property
+    def sees(self) -> str:
+        return sees_of(self.name, self.family)
 
 
 _S = CandidateSpec
@@ -190,8 +231,37 @@ DEFINITIONS: tuple[CandidateSpec, ...] = (
     _S("oracle_combined", "B:oracle", "Ky Fan oracle of the Frobenius-balanced target Σ_T M_T M_Tᵀ/‖M_T‖²_F over the layer's o_proj and down_proj deltas", side="B"),
 )
 
-_SPECS: dict[str, CandidateSpec] = {s.name: s for s in DEFINITIONS}
+_GRAD = ("at each scored layer, the top-r eigenvectors of Σ_T G_T G_Tᵀ/‖G_T‖²_F over the residual writers T ∈ "
+         "{o_proj, down_proj} (diag(γ_post)·G_T behind a post-projection norm): the combined weight target's "
+         "construction (SPEC §5) with the gradient G_T in place of the delta, where G_T = ∇_W L of the writer's "
+         "weight at the base model (one backward pass per loss, nothing trained)")
+#: The gradient bases (SPEC §13, issue 34): A-side (never the trained pair), built beside the seed's
+#: 43 by ``gradients.py`` (outside the A-side cache: the family variant reads the delta's adapter record).
+GRAD_DEFINITIONS: tuple[CandidateSpec, ...] = (
+    _S("grad_behaviour", "grad:behaviour", f"{_GRAD}; L = L⁻ − L⁺, the − and + adapters' training losses (mean "
+       "next-token cross-entropy on the assistant answers, `subspace-sweep train`'s examples and loss) on the "
+       "pair's training examples: the first SGD step's delta w = η·(∇L⁻ − ∇L⁺) of a full-weight fine-tune"),
+    _S("grad_shared", "grad:shared", f"{_GRAD}; L = L⁻ + L⁺ on the same examples: what both adapters learn "
+       "(the answer format), not the behaviour"),
+    _S("grad_heldout", "grad:heldout", f"{_GRAD}; L = L⁻ − L⁺ on the held-out examples only (the shipped claims "
+       "after the first n_lora_train_topics, or the --behaviour lines after --n-train): never a prompt the pair "
+       "trained on; empty where there are none"),
+    _S("grad_neutral", "grad:neutral", f"{_GRAD}; L = the next-token loss of every token of the training examples' "
+       "prompts (as the chat template renders them, no answer): a control, what any fine-tune on these prompts "
+       "shares"),
+    _S("grad_behaviour_family", "grad:family", "grad_behaviour in the adapter family's own parametrization, from "
+       "the adapter config the delta records (`subspace-sweep delta`): the first step's delta of the parameters "
+       "that were trained, per writer before the same balanced combination: LoRA (B = 0 at init) G·AᵀA with A "
+       "the init rebuilt from the recorded peft config and seed; IA3 W·diag(Σ_i (G⊙W)_i·) on a feed-forward "
+       "module (it scales the input), diag(Σ_j (G⊙W)_·j)·W on the others (it scales the output); OFT W·P(WᵀG − "
+       "GᵀW), P the block-diagonal part of the rotation's blocks (first order in its skew generator); G = ∇L⁻ − "
+       "∇L⁺. Empty where the delta records no family this tool models (DoRA, PiSSA, BOFT, ..., or no record)"),
+)
+
+_SPECS: dict[str, CandidateSpec] = {s.name: s for s in (*DEFINITIONS, *GRAD_DEFINITIONS)}
+#: The seed's A-side (SPEC §4 table order): what ``build_a_side`` builds and the A-side cache holds.
 A_SIDE_NAMES: tuple[str, ...] = tuple(s.name for s in DEFINITIONS if s.side == "A")
+GRAD_NAMES: tuple[str, ...] = tuple(s.name for s in GRAD_DEFINITIONS)
 B_SIDE_NAMES: tuple[str, ...] = tuple(s.name for s in DEFINITIONS if s.side == "B")
 CANDIDATE_NAMES: tuple[str, ...] = tuple(_SPECS)
 #: B-side oracle name per target kind (the targets' inner keys).
@@ -241,6 +311,10 @@ class Candidate:
     @property
     def axis_kind(self) -> str:
         return FAMILY_AXIS[self.family]
+
+    @property
+    def sees(self) -> str:
+        return sees_of(self.name, self.family)
 
     @property
     def layers(self) -> list[int]:
@@ -1119,15 +1193,18 @@ def merge_layers(parts: Sequence[Sequence[Candidate]]) -> list[Candidate]:
 
 
 def definitions_table() -> list[dict[str, str]]:
-    """Rows (name, family, axis_kind, side, definition) of every candidate, in order."""
+    """Rows (name, family, axis_kind, sees, side, definition) of every candidate, in order: the seed's
+    table, then the gradient bases."""
     return [
-        {"name": s.name, "family": s.family, "axis_kind": s.axis_kind, "side": s.side, "definition": s.definition}
-        for s in DEFINITIONS
+        {"name": s.name, "family": s.family, "axis_kind": s.axis_kind, "sees": s.sees, "side": s.side,
+         "definition": s.definition}
+        for s in (*DEFINITIONS, *GRAD_DEFINITIONS)
     ]
 
 
 __all__ = [
-    "A_SIDE_NAMES", "AXIS_KINDS", "B_SIDE_NAMES", "CANDIDATE_NAMES", "DEFINITIONS", "FAMILY_AXIS", "ORACLE_NAMES",
+    "A_SIDE_NAMES", "AXIS_KINDS", "BEHAVIOUR_DATA", "B_SIDE_NAMES", "CANDIDATE_NAMES", "DEFINITIONS", "FAMILY_AXIS",
+    "FAMILY_SEES", "GRAD_DEFINITIONS", "GRAD_NAMES", "ORACLE_NAMES", "SEES", "sees_of",
     "PANEL_AXES", "Candidate", "CandidateSpec", "attention_sink_vectors", "build_a_side", "build_b_side",
     "definitions_table", "expand_kv_heads", "get_spec", "kmeans_centroids", "ov_circuit", "ov_circuit_matrix", "qk_circuit",
     "qk_circuit_matrix",

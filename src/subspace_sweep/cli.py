@@ -100,8 +100,11 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "ranking, the rank-matched oracle and random subspaces (2 EVAL forward passes per restricted "
                         "delta; default 0 = off)")
     p.add_argument("--behaviour", default=None, metavar="FILE",
-                   help="the causal check's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1} "
-                        "(default: the shipped EVAL probes with Yes/No)")
+                   help="the behaviour's prompts: JSONL lines {\"prompt\", \"answers\": [a, b], \"sign\": 1|-1}: the "
+                        "causal check's prompts and the gradient bases' training examples (default: the shipped probes)")
+    p.add_argument("--n-train", type=int, default=None, metavar="N",
+                   help="the pair trained on the first N claims (default: the shipped 20) or --behaviour lines (default: "
+                        "all): the gradient bases' examples; grad_heldout reads the rest")
     p.add_argument("--causal-strength", default=None, metavar="kl:T|grid",
                    help="the causal check's strength: kl:T (default kl:0.5) steers each arm at the α where the 95th "
                         "percentile of the per-token KL(steered ‖ unsteered) over 32-token greedy continuations of the "
@@ -206,7 +209,7 @@ def _config(args: argparse.Namespace, **overrides):
         r=args.r, k_broad=args.k_broad, layers=args.layers, n_fit=args.n_fit, null=args.null,
         n_null=args.n_null, seed=args.seed, overwrite=args.overwrite, quiet=args.quiet,
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
-        causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour,
+        causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour, n_train=args.n_train,
         causal_centre=args.causal_centre, **({"causal_alpha": args.causal_alpha} if args.causal_alpha else {}),
         **({"causal_strength": _strength(args)} if args.causal_strength or args.causal_alpha else {}),
     )
@@ -251,12 +254,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_delta(args: argparse.Namespace) -> int:
     from . import preflight
-    from .delta import pair_from_peft, save_delta
+    from .delta import adapter_metadata, adapter_record, pair_from_peft, save_delta
 
     out = preflight.check_delta_command(args.model, args.adapter_pos, args.adapter_neg, args.out, args.overwrite)
     delta, centre = pair_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    save_delta(delta, out, overwrite=args.overwrite, centre=centre)  # the midpoint: --causal-centre midpoint
-    print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset)")
+    record = adapter_record(args.adapter_pos, args.adapter_neg)  # the family, for the gradient bases (SPEC §13)
+    save_delta(delta, out, overwrite=args.overwrite, centre=centre,  # the midpoint: --causal-centre midpoint
+               metadata=adapter_metadata(record))
+    print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset; adapter family "
+          f"{record['peft_type']}, seed {record['seed'] if record['seed'] is not None else 'not recorded'})")
     return 0
 
 
@@ -304,18 +310,19 @@ def bluf_table(result, top: int = 12) -> str:
     c = (lambda name: f"{name}_std") if view == "standardized" else (lambda name: name)  # noqa: E731
     rows = result.ranking("joint", view).head(top)
     ci = "R_act_lo" in rows.columns and view == "residual"
-    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
+    head = (f"{'#':>3} {'candidate':<34} {'axis':<6} {'sees':<19} {'rank':>5} {'j_gain':>7} {'gain_a':>7} {'gain_w':>7} "
             f"{'R_act':>8} " + (f"{'R_act CI':>15} " if ci else "") + f"{'R_w_comb':>9} {'%orc_w':>7} {'z_w':>7}")
     where = (" in standardized coordinates: the outlier warning fired, see the conclusion"
              if view == "standardized" else "")
     lines = [f"A-side write+mixed ranking (joint oracle gain, mean over scored layers{where}; "
-             "gain: 0 = random subspace, 1 = oracle of the same rank)", head]
+             "gain: 0 = random subspace, 1 = oracle of the same rank; sees: what a basis is built from, "
+             "'behaviour data' = the behaviour's training examples)", head]
     for i, r in enumerate(rows.iter_rows(named=True), 1):
         interval = f"[{r['R_act_lo']:>6.2f},{r['R_act_hi']:>6.2f}] " if ci else ""
         lines.append(
-            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['rank']:>5.1f} {r[c('joint_gain')]:>7.3f} "
-            f"{r[c('gain_act')]:>7.3f} {r[c('gain_w_combined')]:>7.3f} {r[c('R_act')]:>8.2f} {interval}"
-            f"{r[c('R_w_combined')]:>9.2f} {r[c('pct_oracle_combined')]:>7.1f} {r[c('z_w_combined')]:>7.1f}"
+            f"{i:>3} {r['candidate']:<34} {r['axis_kind']:<6} {r['sees']:<19} {r['rank']:>5.1f} "
+            f"{r[c('joint_gain')]:>7.3f} {r[c('gain_act')]:>7.3f} {r[c('gain_w_combined')]:>7.3f} {r[c('R_act')]:>8.2f} "
+            f"{interval}{r[c('R_w_combined')]:>9.2f} {r[c('pct_oracle_combined')]:>7.1f} {r[c('z_w_combined')]:>7.1f}"
         )
     return "\n".join(lines)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .candidates import DEFINITIONS, PANEL_AXES
+from .candidates import DEFINITIONS, GRAD_DEFINITIONS, PANEL_AXES
 from .capture import LABEL_KINDS
 from .causal import CENTRES, DEFAULT_ALPHAS, MIN_NULL_DRAWS, read_behaviour_file
 from .errors import InputError
 from .strength import DEFAULT_STRENGTH, parse_strength
 
 #: How many A-side candidates the joint ranking holds (known before anything is built).
-JOINT_PANEL_SIZE = sum(1 for s in DEFINITIONS if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
+JOINT_PANEL_SIZE = sum(1 for s in (*DEFINITIONS, *GRAD_DEFINITIONS) if s.side == "A" and s.axis_kind in PANEL_AXES["joint"])
 #: Fewest bootstrap resamples (issue 26): each tail of the (1 − level) percentile interval rests on
 #: at least ``BOOT_TAIL`` resamples (200 for a 95% interval); fewer print an "interval" that need not
 #: hold its own estimate.
@@ -54,7 +54,8 @@ class SweepConfig:
     causal_strength: str = DEFAULT_STRENGTH  # "kl:T": each arm at a KL budget of T nats (issue 30); "grid": causal_alpha
     causal_centre: str = "auto"  # "auto": the midpoint where the delta holds it, else base; "base": θ ± α·w;
     # "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre; SPEC §8)
-    behaviour: str | None = None  # JSONL behaviour set for the causal check; None: the shipped EVAL probes
+    behaviour: str | None = None  # JSONL behaviour set: the causal check's prompts and the gradient bases' examples
+    n_train: int | None = None  # the examples the pair trained on: the first N claims / --behaviour lines (SPEC §13)
     overwrite: bool = False
     quiet: bool = False
 
@@ -99,9 +100,12 @@ class SweepConfig:
         if self.causal_centre not in CENTRES:
             raise InputError(f"--causal-centre must be one of {', '.join(CENTRES)}, got {self.causal_centre!r}")
         if self.behaviour is not None:
-            if not self.causal:
-                raise InputError("--behaviour is the causal check's prompt set: it needs --causal K")
-            read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
+            rows = read_behaviour_file(self.behaviour)  # a malformed file: refused before any work
+            if self.n_train is not None and not 1 <= self.n_train <= len(rows):
+                raise InputError(f"--n-train {self.n_train}: the pair trained on the first N lines of --behaviour "
+                                 f"{self.behaviour}, which has {len(rows)}; N must be in 1..{len(rows)}")
+        elif self.n_train is not None and self.n_train < 1:
+            raise InputError(f"--n-train must be >= 1 (the first N shipped claims trained the pair), got {self.n_train}")
 
     def min_boot(self) -> int:
         """The fewest resamples ``n_boot`` may be, other than 0 (see ``BOOT_TAIL``)."""

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from .errors import DeltaError
 from .model import WRITER_PROJS, module_name as module_name_of, weight_key
+from .scoring import Target
+from .weights import residual_rows
 
 PEFT_PREFIX = "base_model.model."
 #: Keys under this prefix hold the pair's midpoint offset (Δ⁺ + Δ⁻)/2, which ``subspace-sweep delta``
@@ -302,6 +304,24 @@ def residual_writer_tensors(delta: Mapping[str, Tensor], layer: int) -> dict[str
     return out
 
 
+def weight_targets(delta: Mapping[str, Tensor], layer: int,
+                   gains: Mapping[str, Tensor] | None = None) -> dict[str, Target]:
+    """The layer's weight targets (SPEC §5): each present residual writer's, and their balanced
+    combination; none when the delta writes nothing to the residual stream there. A writer behind
+    a post-projection norm (``gains[writer]``, SPEC §4.1) writes ``diag(γ)·ΔW`` to first order."""
+    weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in writer_rows(delta, layer, gains).items()}
+    if weights:
+        weights["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
+    return weights
+
+
+def writer_rows(delta: Mapping[str, Tensor], layer: int, gains: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Each present residual writer's delta in residual coordinates (``diag(γ)·ΔW`` behind a
+    post-projection norm), as stored (its dtype kept: the targets' noise floors follow it)."""
+    gains = gains or {}
+    return {name: residual_rows(M, gains.get(name)) for name, M in residual_writer_tensors(delta, layer).items()}
+
+
 def scored_layers(delta: Mapping[str, Tensor]) -> list[int]:
     """Layers with a nonzero o_proj or down_proj delta, ascending (SPEC §2 'scored layers')."""
     layers = set()
@@ -449,6 +469,95 @@ def _pair(base, adapter_pos, adapter_neg, *, with_centre: bool) -> tuple[dict[st
             if bool(offset.any()):
                 centre[k] = offset.contiguous()
     return out, centre
+
+
+# ---------------------------------------------------------------- the adapter record (SPEC §13)
+
+#: The delta file's safetensors metadata key holding the pair's adapter record (JSON).
+ADAPTER_METADATA_KEY = "subspace_sweep.adapter"
+#: What ``adapter_record`` keeps of each adapter's training log (``lora_train.TRAIN_LOG``).
+_TRAINING_KEYS = ("family", "steps", "lr", "seed", "n_examples", "n_answer_tokens", "data")
+#: adapter_config.json fields that say where an adapter came from, not what it is.
+_PROVENANCE_KEYS = ("base_model_name_or_path", "revision", "peft_version", "auto_mapping", "inference_mode")
+
+
+def _read_json_file(path: Path) -> dict | None:
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _training_of(adapter: Path) -> tuple[dict | None, str | None]:
+    """The adapter's training log (``subspace-sweep train`` writes ``lora_train.json`` beside it), else
+    the pair folder's manifest settings (``manifest.json`` of kind ``train`` one level up)."""
+    log = _read_json_file(adapter / "lora_train.json")
+    if log is not None:
+        return {k: log.get(k) for k in _TRAINING_KEYS}, str(adapter / "lora_train.json")
+    manifest = _read_json_file(adapter.parent / "manifest.json")
+    if manifest is not None and manifest.get("kind") == "train" and isinstance(manifest.get("settings"), dict):
+        settings = manifest["settings"]
+        return ({"family": settings.get("family"), "steps": settings.get("steps"), "lr": settings.get("lr"),
+                 "seed": settings.get("seed"), "data": settings.get("behaviour") or "the shipped sycophancy probes"},
+                str(adapter.parent / "manifest.json"))
+    return None, None
+
+
+def adapter_record(adapter_pos: str | Path, adapter_neg: str | Path) -> dict:
+    """What the pair's adapters say about the family that made the delta (SPEC §13): the + adapter's
+    peft config (``adapter_config.json``), whether the − adapter's is the same (provenance fields
+    aside), and the training seed and settings where the folders record them (the adapters' training
+    logs, or the pair folder's manifest). The gradient bases' family variant is built from it
+    (``gradients.family_variant``); it holds no tensor of the delta."""
+    pos, neg = Path(adapter_pos), Path(adapter_neg)
+    configs = [_read_json_file(p / "adapter_config.json") or {} for p in (pos, neg)]
+    strip = [{k: v for k, v in c.items() if k not in _PROVENANCE_KEYS} for c in configs]
+    trainings = [_training_of(p) for p in (pos, neg)]
+    seeds = {t[0].get("seed") if t[0] else None for t in trainings}
+    seed = seeds.pop() if len(seeds) == 1 else None
+    return {
+        "format": 1,
+        "peft_type": configs[0].get("peft_type"),
+        "config": configs[0],
+        "configs_agree": strip[0] == strip[1],
+        "seed": seed if isinstance(seed, int) else None,
+        "seed_source": trainings[0][1] if isinstance(seed, int) else
+                       ("the two adapters record different seeds" if len(seeds) else "not recorded"),
+        "training": {"pos": trainings[0][0], "neg": trainings[1][0]},
+    }
+
+
+def adapter_metadata(record: Mapping[str, object]) -> dict[str, str]:
+    """The safetensors metadata that stores ``record`` in a delta file."""
+    import json
+
+    return {ADAPTER_METADATA_KEY: json.dumps(record, sort_keys=True)}
+
+
+def load_adapter_record(path: str | Path) -> dict | None:
+    """The adapter record a delta file stores (``subspace-sweep delta`` writes it), or None: a .pt
+    delta, a delta saved without one, or a record that does not parse (DeltaFormatError for a file
+    that is not readable at all is ``load_delta``'s)."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    try:
+        record = json.loads(meta[ADAPTER_METADATA_KEY])
+    except (KeyError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def unscored_keys(delta: Mapping[str, Tensor]) -> list[str]:

@@ -66,13 +66,18 @@ def _check_sign(sign: int) -> int:
     return int(sign)
 
 
-def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | None = None) -> list[dict]:
+def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | None = None, *,
+                   held_out: bool = False) -> list[dict]:
     """Chat examples for the ``sign`` adapter, one per training claim, in claim order.
 
     Each item: ``{"claim", "sign", "persona", "messages"}`` where ``messages`` is
     ``[{"role": "user", ...}, {"role": "assistant", ...}]`` (no system message: the persona is
     provenance only, stripped at train time). Templates and personas rotate with the claim index
     (deterministic: no hashing, no random draw).
+    ``held_out``: the same examples of the claims the adapter did NOT train on instead (claims
+    ``n_topics..`` to the last, ``n_topics`` defaulting to ``n_lora_train_topics``), in the format
+    a training example of that claim would have: what the gradient bases' held-out variant reads
+    (``gradients.py``), never a training claim.
     """
     sign = _check_sign(sign)
     probes = load_probe_set() if probes is None else probes
@@ -86,7 +91,7 @@ def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | No
     pos_personas, neg_personas = persona_texts()
     personas = pos_personas if sign > 0 else neg_personas
     out = []
-    for i in range(n):
+    for i in range(n, len(probes.claims)) if held_out else range(n):
         claim = probes.claims[i]
         out.append(
             {
@@ -102,11 +107,13 @@ def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | No
     return out
 
 
-def behaviour_training_texts(sign: int, path: str | Path, n_train: int | None = None) -> list[dict]:
+def behaviour_training_texts(sign: int, path: str | Path, n_train: int | None = None, *,
+                             held_out: bool = False) -> list[dict]:
     """Chat examples for the ``sign`` adapter from a behaviour file (``--behaviour FILE``, the
     causal check's JSONL format: prompt, two answers, the sign of the first): the ``+1`` adapter
     answers each prompt with its behaviour answer (the first when the line's sign is +1, else the
-    second), the ``−1`` adapter with the other. The first ``n_train`` lines (default: all), in order."""
+    second), the ``−1`` adapter with the other. The first ``n_train`` lines (default: all), in order;
+    ``held_out``: the lines after them instead (none when every line trains)."""
     from .causal import read_behaviour_file
 
     sign = _check_sign(sign)
@@ -115,7 +122,7 @@ def behaviour_training_texts(sign: int, path: str | Path, n_train: int | None = 
     if not 1 <= n <= len(rows):
         raise InputError(f"--behaviour {path}: n_train must be in 1..{len(rows)} (its lines), got {n_train!r}")
     out = []
-    for prompt, answers, line_sign in rows[:n]:
+    for prompt, answers, line_sign in rows[n:] if held_out else rows[:n]:
         behaviour_answer = answers[0] if line_sign > 0 else answers[1]
         other = answers[1] if line_sign > 0 else answers[0]
         out.append({"prompt": prompt, "sign": sign, "source": str(path),

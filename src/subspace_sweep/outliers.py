@@ -127,7 +127,7 @@ class StandardizedView:
         """The layer's standardized targets: ``act`` of the rows D·u_i (each normalised in the new
         coordinates) and, where the delta writes to the residual, ``combined``: the
         Frobenius-balanced combination of each writer's D·M (``writer_rows``: d x n_in, as
-        ``sweep.writer_rows`` reads them), each with the noise floor of the dtype M was stored in."""
+        ``delta.writer_rows`` reads them), each with the noise floor of the dtype M was stored in."""
         out = {"act": Target.from_rows(f"act_std@{layer}", self.vectors(label_rows, columns=False))}
         writers = [Target.from_matrix(f"{name}_std@{layer}", self.vectors(M), stored=M.dtype)
                    for name, M in writer_rows.items()]

@@ -257,6 +257,7 @@ class RunInputs:
     names: list[str]  # the run folders' names (the deltas' file stems)
     deltas: list[dict]
     centres: list[dict | None]  # the pairs' midpoint offsets (where the files store them): the pair's geometry, and --causal-centre midpoint (required) or auto
+    adapters: list[dict | None]  # the pairs' adapter records (``delta.load_adapter_record``), for the gradient bases
 
 
 def check_run(config, deltas, snapshot=None) -> RunInputs:
@@ -271,7 +272,7 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     import warnings
 
     from .a_side import check_cache_dir
-    from .delta import check_delta_values, check_finite, load_centre, load_delta
+    from .delta import check_delta_values, check_finite, load_adapter_record, load_centre, load_delta
     from .pair import check_shapes
     from .model import resolve_dtype
     from .prompts import holdout_rows, load_probe_set
@@ -283,6 +284,9 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     probes = load_probe_set(config.n_fit)
     if config.topic_holdout is not None:
         holdout_rows(probes, config.topic_holdout)
+    if config.behaviour is None and config.n_train is not None and config.n_train > probes.n_lora_train_topics:
+        raise InputError(f"--n-train {config.n_train}: the shipped probes' LoRA training claims are the first "
+                         f"{probes.n_lora_train_topics} (the rest are held out); N must be in 1..{probes.n_lora_train_topics}")
     resolve_dtype(config.dtype, check_device(config.device))
     shape = model_shape(config.model)
     if shape is not None:
@@ -308,7 +312,7 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
         if centre is not None:
             check_finite(centre, "the pair's midpoint offset")
             check_shapes(delta, centre)
-    return RunInputs(probes, shape, snapshot, names, loaded, centres)
+    return RunInputs(probes, shape, snapshot, names, loaded, centres, [load_adapter_record(p) for p in deltas])
 
 
 def check_delta_command(model: str, adapter_pos: str, adapter_neg: str, out: str, overwrite: bool) -> Path:

@@ -30,7 +30,7 @@ from .provenance import package_versions  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
 
 PANELS = ("joint", "read", "reference")
-SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "rank", "joint_gain", "gain_act",
+SUMMARY_COLS = ["candidate", "family", "axis_kind", "sees", "side", "expected_rank", "rank", "joint_gain", "gain_act",
                 *[f"gain_w_{t}" for t in WEIGHT_TARGETS], "R_act", "z_act",
                 *[f"{k}_w_{t}" for t in WEIGHT_TARGETS for k in ("R", "z")], "z_slice_w_combined",
                 "joint", "act_w_gap_log2",
@@ -40,7 +40,7 @@ SUMMARY_COLS = ["candidate", "family", "axis_kind", "side", "expected_rank", "ra
 #: Columns that exist only with an option: bootstrap intervals (--n-boot > 0), topic holdout.
 OPTIONAL_COLS = ["R_act_lo", "R_act_hi", "joint_lo", "joint_hi", "R_act_holdout", "z_act_holdout",
                  "gain_act_holdout", "pct_oracle_act_holdout", "joint_holdout", "joint_gain_holdout"]
-PCT_COLS = ["candidate", "family", "axis_kind", "side", "rank", "joint_gain", "gain_act", "gain_w_combined",
+PCT_COLS = ["candidate", "family", "axis_kind", "sees", "side", "rank", "joint_gain", "gain_act", "gain_w_combined",
             "R_act", "R_w_combined", "joint",
             *[f"pct_oracle_{t}" for t in TARGETS], *[f"cos_oracle_{t}_{m}" for t in TARGETS for m in ("mean", "min")],
             "bisector_cos_mean", "bisector_cos_min"]
@@ -105,13 +105,41 @@ def _csv(frame: pl.DataFrame, path: Path) -> None:
 
 
 
-def definitions_markdown(candidates, causal=None, pair=None) -> str:
+def gradient_definitions(gradients: Mapping[str, object] | None) -> list[str]:
+    """definitions.md's section on the gradient bases of this run (SPEC §13)."""
+    if gradients is None:
+        return []
+    not_built = gradients.get("not_built") or {}
+    lines = [
+        "",
+        "## Gradient bases (`grad_*`, SPEC §13)",
+        "",
+        "They answer \"does the base model, asked about the behaviour, predict the delta?\", not \"do its weights "
+        "and activations alone\": each sees the behaviour's training examples (except `grad_neutral`, which sees "
+        "the prompts without answers) but never the trained pair. G_T = ∂L/∂W_T of each residual writer's weight "
+        "at the base model (one forward and one backward pass per loss, no training); the basis is the top-r "
+        "eigenvectors of the combined target Σ_T G_T G_Tᵀ/‖G_T‖²_F (post-norm gains folded in as for the delta). "
+        "One plain SGD step of a full-weight fine-tune from the base gives w = η(∇L⁻ − ∇L⁺) exactly; a LoRA's "
+        "first step gives η s²(∇L⁻ − ∇L⁺)·AᵀA, inside that gradient's column span.",
+        f"Examples: {gradients.get('source') or 'none'}. Family variant: {gradients.get('family_variant')}. "
+        f"Cost: {gradients.get('forward_backward_passes')} forward and backward passes.",
+    ]
+    if not_built:
+        lines.append("Empty here: " + "; ".join(f"`{k}`: {v}" for k, v in not_built.items()) + ".")
+    return lines
+
+
+def definitions_markdown(candidates, causal=None, pair=None, gradients=None) -> str:
     lines = [
         "# Candidate definitions",
         "",
-        "A-side candidates are built from the base model's weights and base activations only; the",
-        "LoRA delta is used only to score them. B-side rows are references built from the LoRA and are",
-        "never ranked as hypotheses. `axis_kind` is derived from `family` by one table.",
+        "A-side candidates never see the trained pair: the LoRA delta is used only to score them. The seed's",
+        "43 are built from the base model's weights and its activations on the shipped prompts; the gradient",
+        "bases (`grad_*`, SPEC §13) also see the behaviour's training examples. B-side rows are references",
+        "built from the LoRA and are never ranked as hypotheses. `axis_kind` is derived from `family` by one",
+        "table; `sees` says what a candidate is built from: `weights`, `activations`, `weights+activations` (of",
+        "the base model), `behaviour data` (the behaviour's training examples, prompts with the adapters'",
+        "answers), `nothing` (the random baseline), `trained pair` (B-side).",
         "",
         "**Coordinates.** Every basis lives in the residual stream itself. A block reads",
         "`n(x) = γ ⊙ x / rms(x)`; the per-token `1/rms(x)` drops out of every subspace, the gain `γ` does",
@@ -150,12 +178,14 @@ def definitions_markdown(candidates, causal=None, pair=None) -> str:
         "Summary z is Stouffer's Σ_l z_l/√L. Numerical ranks of weight targets count eigenvalues above",
         "the rounding floor u²·tr(M Mᵀ) of the format the delta was stored in.",
         "",
-        "| name | side | family | axis_kind | expected rank | definition |",
-        "|---|---|---|---|---|---|",
+        "| name | side | family | axis_kind | sees | expected rank | definition |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in candidates:
         note = f" ({c.rank_note})" if c.rank_note else ""
-        lines.append(f"| `{c.name}` | {c.side} | {c.family} | {c.axis_kind} | {c.expected_rank} | {c.definition}{note} |")
+        lines.append(f"| `{c.name}` | {c.side} | {c.family} | {c.axis_kind} | {c.sees} | {c.expected_rank} | "
+                     f"{c.definition}{note} |")
+    lines += gradient_definitions(gradients)
     lines += [
         "",
         "## Scope (`scope.tsv`) and spectra (`spectra.tsv`)",
@@ -342,22 +372,130 @@ def causal_views_line(causal, ranked: pl.DataFrame, best: str) -> str:
             f"{_fmt(r['z_kept'], '.1f')} against random subspaces of its rank), ablated {_fmt(r['ablated'])}.")
 
 
+#: The BLUF table's head (one row per view: ``bluf_row``).
+BLUF_HEAD = ["| view | joint_gain | gain_act | gain_w_combined | R_act | z_act (Stouffer) | R_w_combined | z_w_combined "
+             "(Stouffer) | % of act oracle | % of combined weight oracle |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _causal_row(causal, name: str) -> Mapping[str, object] | None:
+    if causal is None:
+        return None
+    rows = causal.table.filter((pl.col("kind") == "candidate") & (pl.col("name") == name))
+    return rows.row(0, named=True) if rows.height else None
+
+
+#: gradients.tsv's columns (SPEC §13): one row per gradient variant and one for the best joint basis
+#: that sees no behaviour data (``role``), in joint-ranking order.
+GRADIENT_COLS = ["role", "candidate", "family", "sees", "rank_in_panel", "rank", "gain_act", "gain_w_combined",
+                 "joint_gain", "gain_act_holdout", "gain_w_combined_std", "joint_gain_std", "R_w_combined",
+                 "z_w_combined", "kept", "z_kept", "ablated", "kept_oracle"]
+
+
+def gradient_table(result, ranked: pl.DataFrame) -> pl.DataFrame:
+    """Each gradient variant beside the best write/mixed basis that sees no behaviour data (the seed's
+    question), with the causal check's kept/ablated where it tested them and the rank-matched combined
+    oracle's kept (``gradients.tsv``: what a study aggregates per model, pair and adapter family)."""
+    from .candidates import BEHAVIOUR_DATA
+
+    joint = ranked.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"]))
+    grad = joint.filter(pl.col("family").str.starts_with("grad:"))
+    base = joint.filter(pl.col("sees") != BEHAVIOUR_DATA).head(1)
+    causal = getattr(result, "causal", None)
+    oracle = (causal.table.filter(pl.col("kind") == "oracle")["kept"].to_list() if causal is not None else [])
+    rows = []
+    for role, frame in (("gradient", grad), ("best_without_behaviour_data", base)):
+        for r in frame.iter_rows(named=True):
+            c = _causal_row(causal, r["candidate"])
+            rows.append({"role": role, **{k: r.get(k) for k in GRADIENT_COLS if k in r},
+                         "kept": c["kept"] if c else None, "z_kept": c["z_kept"] if c else None,
+                         "ablated": c["ablated"] if c else None, "kept_oracle": oracle[0] if oracle else None})
+    schema = {k: (pl.String if k in ("role", "candidate", "family", "sees") else pl.Int64 if k == "rank_in_panel"
+                  else pl.Float64) for k in GRADIENT_COLS}
+    return pl.DataFrame([{k: row.get(k) for k in GRADIENT_COLS} for row in rows], schema=schema)
+
+
+def gradient_section(result, joint: pl.DataFrame, base: Mapping[str, object] | None) -> list[str]:
+    """The conclusion's section on the gradient bases (SPEC §13): each variant beside the best basis that
+    sees no behaviour data, with the causal check's kept where it tested them, and why a variant is empty."""
+    info = getattr(result, "gradients", None)
+    grad = joint.filter(pl.col("family").str.starts_with("grad:"))
+    if info is None or not grad.height:
+        return []
+    causal = getattr(result, "causal", None)
+    rows = [*grad.iter_rows(named=True), *([base] if base is not None else [])]
+    table = ["| candidate | sees | place in the joint ranking | gain_act | gain_w_combined | joint_gain | causal kept "
+             "(z vs random) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = _causal_row(causal, r["candidate"])
+        kept = f"{_fmt(c['kept'])} (z = {_fmt(c['z_kept'], '.1f')})" if c is not None else "not tested"
+        table.append(f"| `{r['candidate']}` | {r['sees']} | {r['rank_in_panel']} | {_fmt(r['gain_act'], '.3f')} | "
+                     f"{_fmt(r['gain_w_combined'], '.3f')} | {_fmt(r['joint_gain'], '.3f')} | {kept} |")
+    not_built = info.get("not_built") or {}
+    mismatch = training_mismatch(getattr(result, "adapter", None), info)
+    lines = [
+        "## Gradient bases (SPEC §13)",
+        "",
+        "The base model's own loss gradient at its residual writers, before any training (A-side: they never see "
+        "the trained pair; all but `grad_neutral` see the behaviour's training examples). Examples: "
+        f"{info.get('source') or 'none'}. Family variant: {info.get('family_variant')}.",
+        "",
+        *table,
+        "",
+    ]
+    if not_built:
+        lines += ["Not built here: " + "; ".join(f"`{k}`: {v}" for k, v in not_built.items()) + ".", ""]
+    if mismatch:
+        lines += [mismatch, ""]
+    return lines
+
+
+def training_mismatch(adapter: Mapping[str, object] | None, info: Mapping[str, object]) -> str | None:
+    """A line when the delta's adapter record says the pair trained on other examples than the
+    gradient bases read (another data set, or another number of examples), else None."""
+    trained = ((adapter or {}).get("training") or {}).get("pos") or {}
+    n, data = trained.get("n_examples"), trained.get("data")
+    if n is None and data is None:
+        return None
+    ours, source = (info.get("n_examples") or {}).get("train"), str(info.get("source") or "")
+    shipped = data in (None, "the shipped sycophancy probes")
+    if shipped == source.startswith("the shipped") and (n is None or ours is None or n == ours):
+        return None
+    return (f"Caveat: the pair's record says it trained on {data} ({n} examples), but these bases read {source} "
+            f"({ours} training examples): pass the same --behaviour / --n-train as `train` did.")
+
+
 def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
+    from .candidates import BEHAVIOUR_DATA
+
     lead = getattr(result, "leading_view", "residual")
     coords = coordinates_text(getattr(result, "outlier_coordinates", None))
     joint = view_order(ranked.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"])), lead)
     read = view_order(ranked.filter(pl.col("panel") == "read"), lead)
     refs = ranked.filter(pl.col("panel") == "reference")
     best = joint.row(0, named=True)
+    # the seed's question: bases built from the base model alone (no behaviour data)
+    base_only = joint.filter(pl.col("sees") != BEHAVIOUR_DATA)
+    base = base_only.row(0, named=True) if base_only.height else None
     g_act, g_w, z_act, z_w = (view_col(c, lead) for c in ("gain_act", "gain_w_combined", "z_act", "z_w_combined"))
-    top_act = rank_fair_order(joint, g_act, z_act).head(5)["candidate"].to_list()
-    top_w = rank_fair_order(joint, g_w, z_w).head(5)["candidate"].to_list()
+    top_act = rank_fair_order(base_only, g_act, z_act).head(5)["candidate"].to_list()
+    top_w = rank_fair_order(base_only, g_w, z_w).head(5)["candidate"].to_list()
     overlap = [c for c in top_act if c in top_w]
     significant = (best[z_act] or 0) > 2 and (best[z_w] or 0) > 2
     std = lead == "standardized"
-    view_rows = ([bluf_row(best, "standardized", "standardized (leads)"),
-                  bluf_row(best, "residual", f"residual (decided by coordinates {coords})")] if std else
-                 [bluf_row(best, "residual", "residual")])
+
+    def view_rows(row: Mapping[str, object]) -> list[str]:
+        return ([bluf_row(row, "standardized", "standardized (leads)"),
+                 bluf_row(row, "residual", f"residual (decided by coordinates {coords})")] if std else
+                [bluf_row(row, "residual", "residual")])
+
+    data_aware = best["sees"] == BEHAVIOUR_DATA
+    seed_line = ([] if not data_aware or base is None else [
+        f"It sees the behaviour's training examples (a gradient basis, SPEC §13): it answers \"does the base model, "
+        "asked about the behaviour, predict the delta?\", not the seed's question. The best write/mixed basis built "
+        f"from the base model's weights and activations alone (the seed's question) is **`{base['candidate']}`** "
+        f"({base['family']}, sees {base['sees']}, rank {_fmt(base['rank'], '.0f')}, place "
+        f"{base[view_col('rank_in_panel', lead)]}):", "", *BLUF_HEAD, *view_rows(base), ""])
     lines = [
         "# Conclusion",
         "",
@@ -369,14 +507,14 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
            "it, marked.", ""] if std else []),
         f"Best A-side write/mixed candidate by joint oracle gain √(max(gain_act, 0)·max(gain_w_combined, 0))"
         f"{' in the standardized view' if std else ''}: "
-        f"**`{best['candidate']}`** ({best['family']}, {best['axis_kind']}, rank {_fmt(best['rank'], '.0f')}), "
+        f"**`{best['candidate']}`** ({best['family']}, {best['axis_kind']}, sees {best['sees']}, rank "
+        f"{_fmt(best['rank'], '.0f')}), "
         f"mean over {len(result.scored_layers)} scored layers {result.scored_layers[0]}..{result.scored_layers[-1]}:",
         "",
-        "| view | joint_gain | gain_act | gain_w_combined | R_act | z_act (Stouffer) | R_w_combined | z_w_combined "
-        "(Stouffer) | % of act oracle | % of combined weight oracle |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *view_rows,
+        *BLUF_HEAD,
+        *view_rows(best),
         "",
+        *seed_line,
         "gain = (e − r/d)/(e_max(r) − r/d) at each basis's own rank r: 0 for a random subspace of any rank, 1 "
         "for the best subspace of that rank (the Ky Fan oracle); ties (within "
         f"{GAIN_RESOLUTION:g}) go to the lower rank, then to the higher z. R = e/(r/d) is capped at d/r, so it is "
@@ -397,8 +535,9 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         residual_line(joint, best, coords) if std else standardized_line(joint, best),
         "",
         *([geometry_line(result.pair), ""] if getattr(result, "pair", None) is not None else []),
-        f"Top-5 by {g_act} (A-side write/mixed): {', '.join(f'`{c}`' for c in top_act)}.  ",
-        f"Top-5 by {g_w} (A-side write/mixed): {', '.join(f'`{c}`' for c in top_w)}.  ",
+        f"Top-5 by {g_act} (A-side write/mixed, weights and activations only): {', '.join(f'`{c}`' for c in top_act)}.  ",
+        f"Top-5 by {g_w} (A-side write/mixed, weights and activations only): "
+        f"{', '.join(f'`{c}`' for c in top_w)}.  ",
         f"Overlap of the two top-5 lists: {', '.join(f'`{c}`' for c in overlap) if overlap else 'none'}.",
         "",
     ]
@@ -457,6 +596,13 @@ def conclusion_markdown(result, ranked: pl.DataFrame, config) -> str:
         extra += ["## Causal check", "", verdict(causal), ""]
         if std:
             extra += [causal_views_line(causal, ranked, best["candidate"]), ""]
+        seed_best = _causal_row(causal, base["candidate"]) if base is not None and data_aware else None
+        if seed_best is not None:
+            extra += [f"The best basis that sees no behaviour data, `{base['candidate']}`, tested beside it: keeps "
+                      f"{_fmt(seed_best['kept'])} of E(w_writes) (random subspaces of its ranks: "
+                      f"{_fmt(seed_best['null_kept_mean'])} ± {_fmt(seed_best['null_kept_sd'])}, z = "
+                      f"{_fmt(seed_best['z_kept'], '.1f')}); ablating it removes {_fmt(seed_best['ablated'])}.", ""]
+    extra += gradient_section(result, joint, base)
     lines[lines.index("## Caveats"):lines.index("## Caveats")] = extra
     return "\n".join(lines) + "\n"
 
@@ -738,7 +884,8 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
     _tsv(sort_best_first(result.specific_summary, "specific_R_act"), tmp / "specific_summary.tsv")
     save_oracles(result.oracle_bases, tmp / "weight_oracles.safetensors")
     causal = getattr(result, "causal", None)
-    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal, getattr(result, "pair", None)))
+    (tmp / "definitions.md").write_text(definitions_markdown(result.candidates, causal, getattr(result, "pair", None),
+                                                             getattr(result, "gradients", None)))
     if getattr(result, "scope", None) is not None:
         _tsv(result.scope, tmp / "scope.tsv")
     if getattr(result, "spectra", None) is not None:
@@ -749,6 +896,8 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
         readout_figure(result.readout, tmp / "readout.png", tmp / "readout.pdf")
     if getattr(result, "pair", None) is not None:
         _tsv(result.pair, tmp / "pair.tsv")
+    if getattr(result, "gradients", None) is not None:
+        _tsv(gradient_table(result, ranked), tmp / "gradients.tsv")
     if causal is not None:
         _tsv(causal.table, tmp / "causal.tsv")
         causal_figure(causal.table, tmp / "causal_kept.png", tmp / "causal_kept.pdf")

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from . import compute, linalg, outliers, preflight, publish, report, scoring
 from .a_side import ASide, build_a_side_for
 from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `from subspace_sweep.sweep import SweepConfig`
-from .candidates import Candidate, build_b_side, merge_layers, ranking_pool
+from .candidates import BEHAVIOUR_DATA, Candidate, build_b_side, merge_layers, ranking_pool
 from .causal import BehaviourSet, CausalResult, probe_answer_tokens, run_causal
 from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
+from .gradients import GradientBases, grad_summary, gradient_bases_for
 from .capture import capture_labels, count_forward_passes
-from .delta import check_keys_and_shapes, residual_writer_tensors, unscored_keys, validate_delta
+from .delta import check_keys_and_shapes, unscored_keys, validate_delta, weight_targets, writer_rows  # noqa: F401 - re-exported
 from .provenance import sha256_file
 from .errors import InputError
 from .model import load_model, n_layers_of, state_dict_sha256, write_gains
@@ -70,6 +71,10 @@ class SweepResult:
         one where the concentration warning fires (a few coordinates decide the residual view's
         shares), else the residual one (the seed's)."""
         return leading_view(self.outlier_warning)
+    #: the gradient bases (SPEC §13): their examples, what the family variant is built from, why a variant
+    #: is empty (``gradients.grad_summary``), and the delta's adapter record it was built for
+    gradients: dict | None = None
+    adapter: dict | None = None
 
     def ranking(self, panel: str, view: str = "residual") -> pl.DataFrame:
         """A-side ranking of one panel ("joint" = write+mixed+null, "read"), best first, in the
@@ -91,15 +96,22 @@ def leading_view(outlier_warning: str | None) -> str:
     return "standardized" if outlier_warning else "residual"
 
 
-def causal_candidates(summary: pl.DataFrame, pool: set[str], k: int, lead: str) -> tuple[list[str], int]:
+def causal_candidates(summary: pl.DataFrame, pool: set[str], k: int, lead: str,
+                      base_only: set[str] | None = None) -> tuple[list[str], int]:
     """(the joint panel's candidates in the order the causal check takes them, how many it tests):
     the top ``k`` of the leading view, then those of the top ``k`` of the other view not among them
-    (SPEC §12: where the views disagree, both views' winners are tested), then the rest of the
-    leading view's order. The first is the check's winner."""
+    (SPEC §12: where the views disagree, both views' winners are tested), then, where a basis that
+    sees the behaviour's data is among them (SPEC §13: not in ``base_only``, the write/mixed bases
+    built from the base model alone), the leading view's best of ``base_only`` (the seed's
+    question), then the rest of the leading view's order. The first is the check's winner."""
     rows = summary.filter(pl.col("candidate").is_in(pool))
     first = rank_rows(rows, lead)["candidate"].to_list()
     other = rank_rows(rows, "residual" if lead == "standardized" else "standardized")["candidate"].to_list()
     tested = first[:k] + [n for n in other[:k] if n not in first[:k]]
+    if base_only is not None and any(n not in base_only for n in tested):
+        best = next((n for n in first if n in base_only), None)
+        if best is not None and best not in tested:
+            tested.append(best)
     return tested + [n for n in first if n not in tested], len(tested)
 
 
@@ -127,24 +139,6 @@ def build_targets(
         per.update(weight_targets(delta, layer, (gains or {}).get(layer)))
         out[layer] = per
     return out
-
-
-def weight_targets(delta: Mapping[str, Tensor], layer: int,
-                   gains: Mapping[str, Tensor] | None = None) -> dict[str, Target]:
-    """The layer's weight targets (SPEC §5): each present residual writer's, and their balanced
-    combination; none when the delta writes nothing to the residual stream there. A writer behind
-    a post-projection norm (``gains[writer]``, SPEC §4.1) writes ``diag(γ)·ΔW`` to first order."""
-    weights = {name: Target.from_matrix(f"{name}@{layer}", M) for name, M in writer_rows(delta, layer, gains).items()}
-    if weights:
-        weights["combined"] = Target.combine(f"combined@{layer}", list(weights.values()))
-    return weights
-
-
-def writer_rows(delta: Mapping[str, Tensor], layer: int, gains: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Each present residual writer's delta in residual coordinates (``diag(γ)·ΔW`` behind a
-    post-projection norm), as stored (its dtype kept: the targets' noise floors follow it)."""
-    gains = gains or {}
-    return {name: residual_rows(M, gains.get(name)) for name, M in residual_writer_tensors(delta, layer).items()}
 
 
 # ------------------------------------------------------------------------------- scoring
@@ -194,6 +188,7 @@ def score_layer(
             "candidate": candidate.name,
             "family": candidate.family,
             "axis_kind": candidate.axis_kind,
+            "sees": candidate.sees,
             "side": candidate.side,
             "rank": r,
             "expected_rank": candidate.declared_rank(layer),
@@ -301,7 +296,7 @@ class Specificity:
         out = []
         for i, (c, B) in enumerate(zip(candidates, projected)):
             r = int(B.shape[1])
-            row = {"layer": layer, "candidate": c.name, "family": c.family, "axis_kind": c.axis_kind,
+            row = {"layer": layer, "candidate": c.name, "family": c.family, "axis_kind": c.axis_kind, "sees": c.sees,
                    "side": c.side, "specific_rank": r,
                    "specific_e_act": math.nan, "specific_R_act": math.nan, "specific_z_act": math.nan}
             if energies is not None and r > 0:
@@ -342,7 +337,8 @@ def summarise(per_layer: pl.DataFrame) -> pl.DataFrame:
     optional = [c for c in (*HOLDOUT_COLS, *STD_MEAN_COLS) if c in per_layer.columns]
     stouffer = [c for c in (*STOUFFER_COLS, "z_act_holdout", *STD_STOUFFER_COLS) if c in per_layer.columns]
     out = per_layer.group_by("candidate", maintain_order=True).agg(
-        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(), pl.col("expected_rank").max(),
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("sees").first(), pl.col("side").first(),
+        pl.col("expected_rank").max(),
         *[pl.col(c).cast(pl.Float64).mean().alias(c) for c in (*MEAN_COLS, *optional)],
         *[(pl.col(c).cast(pl.Float64).sum() / pl.len().sqrt()).alias(c) for c in stouffer],
     ).with_columns(
@@ -377,7 +373,7 @@ def with_bootstrap(summary: pl.DataFrame, prompt_R: Mapping[str, Tensor], config
 
 def summarise_specific(specific: pl.DataFrame) -> pl.DataFrame:
     return specific.group_by("candidate", maintain_order=True).agg(
-        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("side").first(),
+        pl.col("family").first(), pl.col("axis_kind").first(), pl.col("sees").first(), pl.col("side").first(),
         *[pl.col(c).cast(pl.Float64).mean() for c in ("specific_rank", "specific_e_act", "specific_R_act", "specific_z_act")],
     )
 
@@ -404,11 +400,16 @@ def sweep(
     probes: ProbeSet | None = None,
     a_side: ASide | None = None,
     centre: Mapping[str, Tensor] | None = None,
+    gradients: GradientBases | None = None,
+    adapter: Mapping | None = None,
 ) -> SweepResult:
     """Run captures, candidates and scores on a loaded model and a validated delta.
 
     ``a_side`` (from ``build_a_side_for`` on the same model, prompts and config) skips the
-    A-side captures and candidate building. ``centre``: the pair's midpoint offset, which
+    A-side captures and candidate building; ``gradients`` (``gradients.gradient_bases_for``, the
+    same) the gradient bases' passes. ``adapter``: the delta's adapter record
+    (``delta.load_adapter_record``), from which the family variant of the gradient bases is built
+    (SPEC §13; None: that variant is empty). ``centre``: the pair's midpoint offset, which
     the causal check steers around unless ``config.causal_centre == "base"`` (``delta.load_centre``;
     None: around the base model); whenever given, the pair's geometry is computed from it
     (``pair.pair_geometry``).
@@ -436,6 +437,15 @@ def sweep(
     # A-side work reused from an earlier sweep counts 0 here.
     fresh = a_side.forward_passes if built_a_side else 0
     timings["captures"] = time.perf_counter() - t0 + (a_side.capture_seconds if built_a_side else 0.0)
+    # The gradient bases (SPEC §13): A-side, outside the A-side cache; a forward and a backward pass per
+    # loss, shared by the deltas of one run_sweeps; the family variant from this delta's adapter record.
+    built_gradients = gradients is None or not set(layers) <= set(gradients.layers)
+    if built_gradients:
+        gradients = gradient_bases_for(model, tokenizer, config, layers, probes)
+    t0 = time.perf_counter()
+    grad_candidates, family_note = gradients.candidates(model, adapter)
+    timings["gradients"] = time.perf_counter() - t0 + (gradients.seconds if built_gradients else 0.0)
+    fresh += gradients.forward_passes if built_gradients else 0
     bar.update(1)
 
     # B-side and scoring, one layer at a time: a layer's d x d targets (4 float64 Grams, 134 MB
@@ -444,7 +454,8 @@ def sweep(
     gains = {layer: write_gains(model, layer) for layer in layers}
     # every spectrum the B-side and the scores need: top-k for k = the widest basis (pct_oracle
     # is rank-matched)
-    widest = max([config.r, *(int(B.shape[1]) for c in a_side.candidates for B in c.bases.values())])
+    a_candidates = [*a_side.candidates, *grad_candidates]
+    widest = max([config.r, *(int(B.shape[1]) for c in a_candidates for B in c.bases.values())])
     clean_pcs = next(c for c in a_side.candidates if c.name == "layer_clean_resid_pca")
     b_parts: list[list[Candidate]] = []
     rows: list[dict] = []
@@ -477,7 +488,7 @@ def sweep(
                 b_parts.append(build_b_side(labels, {layer: {n: t for n, t in targets[layer].items() if n in TARGETS}},
                                             r=config.r))
                 t1 = time.perf_counter()
-                at_layer = [*a_side.candidates, *b_parts[-1]]
+                at_layer = [*a_candidates, *b_parts[-1]]
                 layer_rows, oracles = score_layers(at_layer, targets, slice_dims, config)
                 for row, std in zip(layer_rows, score_standardized(at_layer, layer, std_targets, view, config)):
                     row.update(std)
@@ -495,7 +506,7 @@ def sweep(
             combined[layer] = targets[layer]["combined"]
         b_side_s += t1 - t0
         scoring_s += time.perf_counter() - t1
-    candidates = [*a_side.candidates, *merge_layers(b_parts)]
+    candidates = [*a_candidates, *merge_layers(b_parts)]
     # candidates = the A-side build (0 when reused) + the targets, their spectra and the B-side
     timings["candidates_b_side"] = b_side_s
     timings["candidates"] = b_side_s + (a_side.build_seconds if built_a_side else 0.0)
@@ -525,8 +536,10 @@ def sweep(
     if config.causal:
         t0 = time.perf_counter()
         by_name = {c.name: c for c in candidates}
-        pool = {c.name for c in ranking_pool(candidates, "joint")}
-        names, n_tested = causal_candidates(summary, pool, config.causal, leading_view(warning))
+        joint_pool = ranking_pool(candidates, "joint")
+        base_only = {c.name for c in joint_pool if c.sees != BEHAVIOUR_DATA and c.axis_kind in ("write", "mixed")}
+        names, n_tested = causal_candidates(summary, {c.name for c in joint_pool}, config.causal,
+                                            leading_view(warning), base_only)
         act_oracles = [(f"oracle_act_{kind}", {layer: Target.from_rows(f"{kind}@{layer}", rows[layer]).oracle_basis(config.r)
                                                 for layer in layers})
                        for kind, rows in (("cumulative", labels.eval_cumulative), ("local", labels.eval_local))]
@@ -560,6 +573,8 @@ def sweep(
         outlier_warning=warning,
         outlier_coordinates=outliers.met_most(flags),
         pair=pair_geometry(delta, centre) if centre is not None else None,
+        gradients=grad_summary(gradients, family_note),
+        adapter=dict(adapter) if adapter is not None else None,
     )
 
 
@@ -623,6 +638,7 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     checked = preflight.check_run(config, deltas, snapshot)
     probes, snapshot, names, loaded, centres = (checked.probes, checked.snapshot, checked.names, checked.deltas,
                                                 checked.centres)
+    adapters = checked.adapters
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
@@ -644,14 +660,19 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     n_layers = n_layers_of(model)
     union = sorted({layer for delta in loaded for layer in config.scored_layers(delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
+    gradients = gradient_bases_for(model, tokenizer, config, union, probes)
     results = []
     for i, delta in enumerate(loaded):
-        result = sweep(model, tokenizer, delta, config, probes, a_side=a_side, centre=centres[i])
+        result = sweep(model, tokenizer, delta, config, probes, a_side=a_side, centre=centres[i], gradients=gradients,
+                       adapter=adapters[i])
         # The shared A-side is charged to the first run; the others reuse it.
         result.timings["model_load"] = load_s if i == 0 else 0.0
         result.timings["captures"] += a_side.capture_seconds if i == 0 else 0.0
         result.timings["candidates"] += a_side.build_seconds if i == 0 else 0.0
         result.forward_passes += a_side.forward_passes if i == 0 else 0
+        # the gradient bases likewise (their family variant is each delta's own)
+        result.timings["gradients"] += gradients.seconds if i == 0 else 0.0
+        result.forward_passes += gradients.forward_passes if i == 0 else 0
         results.append(result)
     if config.out is not None:
         t0 = time.perf_counter()
@@ -660,7 +681,7 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
         runs = [(r, replace(config, delta=str(p)),
                  {**base, "delta": str(Path(p).resolve()), "delta_sha256": sha256_file(p), "out": str(o),
                   "delta_weight_norm_ratio": ratio, "a_side_shared_by": names, "a_side_cache": r.a_side_cache,
-                  "delta_unscored_keys": unscored_keys(delta)})
+                  "delta_unscored_keys": unscored_keys(delta), "adapter": r.adapter, "gradient_bases": r.gradients})
                 for r, p, o, ratio, delta in zip(results, deltas, outs, ratios, loaded)]
         if len(runs) == 1:
             report.write_run(*runs[0][:2], config.out, runs[0][2], snapshot)

@@ -32,7 +32,7 @@ import torch
 import subspace_sweep
 from subspace_sweep import gguf_models
 from subspace_sweep.arch import architecture_of
-from subspace_sweep.candidates import A_SIDE_NAMES
+from subspace_sweep.candidates import A_SIDE_NAMES, GRAD_NAMES
 from subspace_sweep.capture import record_activations
 from subspace_sweep.causal import answer_masses
 from subspace_sweep.demo import plant_in, plant_rank
@@ -134,15 +134,16 @@ def test_weight_bases_span_the_real_modules(smol, smol_run):
 
 
 def test_every_a_side_candidate_planted_in_the_real_weights_ranks_first(smol, smol_run):
-    """A delta planted in each candidate's span at three scored layers is ranked first among the 43
-    A-side candidates by gain_w_combined and reaches ≥ 95% of the combined oracle."""
+    """A delta planted in each candidate's span at three scored layers is ranked first among the 48
+    A-side candidates (the seed's 43 and the gradient bases) by gain_w_combined and reaches ≥ 95% of
+    the combined oracle."""
     model, _ = smol
     result, _ = smol_run
     candidates = [c for c in result.candidates if c.side == "A"]
-    assert [c.name for c in candidates] == list(A_SIDE_NAMES)
+    assert [c.name for c in candidates] == [*A_SIDE_NAMES, *GRAD_NAMES]
     layers = [8, 14, 21]
     missed = {}
-    with timed("planted recovery, 43 candidates"):
+    with timed("planted recovery, 48 candidates"):
         for i, c in enumerate(candidates):
             delta = plant_in(model, c, layers, seed=1000 + i)
             rank, pct = plant_rank(weight_summary(candidates, delta, layers), c.name)
@@ -377,3 +378,63 @@ def test_the_pairs_geometry_on_the_real_pair(smol_run):
     assert sum(modules["w_sq"]) == pytest.approx(whole["w_sq"], rel=1e-9)
     assert [int(x) for x in t.filter(pl.col("scope") == "layer")["name"]] == list(range(8, 22))
     assert "neither mostly apart nor mostly together" in (out / "conclusion.md").read_text()
+# ----------------------------------------------------------------------------- gradient bases (SPEC §13)
+
+
+def test_the_gradient_bases_against_autograd_on_the_real_modules(smol):
+    """At layer 14, each writer's gradient (``writer_gradients``: autograd on the weight) equals
+    Σ_t δ_t z_tᵀ from the real module's own input z_t (a forward hook) and the loss's gradient δ_t at
+    its output (a zero leaf added to the output: autograd on the activations only), and the basis
+    of the one is the Ky Fan oracle of the other's combined target."""
+    from subspace_sweep.gradients import gradient_basis, writer_gradients
+    from subspace_sweep.lora_train import assistant_loss, encode_examples, training_texts
+    from subspace_sweep.model import module_name, weight_key
+    from subspace_sweep.scoring import score, weight_targets
+
+    model, tok = smol
+    layer, d = 14, model.config.hidden_size
+    batch = encode_examples(tok, training_texts(-1, PROBES, 4))
+    ours = writer_gradients(model, batch, [layer])
+    inputs, probes, handles = {}, {}, []
+
+    def hook(name):
+        def add_probe(module, args, out):
+            inputs[name] = args[0].detach()
+            probes[name] = torch.zeros_like(out, requires_grad=True)
+            return out + probes[name]
+        return add_probe
+
+    for proj in ("self_attn.o_proj", "mlp.down_proj"):
+        handles.append(model.get_submodule(module_name(layer, proj)).register_forward_hook(hook(proj)))
+    try:
+        with torch.enable_grad():
+            assistant_loss(model, batch).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    reference = {}
+    for proj in ("self_attn.o_proj", "mlp.down_proj"):
+        delta, z = probes[proj].grad, inputs[proj]
+        reference[weight_key(layer, proj)] = (delta.reshape(-1, d).T.double() @ z.reshape(-1, z.shape[-1]).double()).float()
+    for key, G in reference.items():
+        assert float((ours[key] - G).norm() / G.norm()) < 1e-4, key
+    target = weight_targets(reference, layer)["combined"]
+    assert score(target, gradient_basis(ours, layer, None, 8, d)).gain == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_real_pair_gets_every_gradient_variant_and_its_lora_family(smol_run):
+    """The delta made by `subspace-sweep delta` records the pair's LoRA config and seed 0, so the
+    family variant is built (G·AᵀA, A rebuilt); every variant has rank 8 at every scored layer; the
+    manifest records the adapter and the examples."""
+    import json
+
+    result, out = smol_run
+    info = result.gradients
+    assert info["family_variant"].startswith("LoRA rank 8") and "seed 0" in info["family_variant"]
+    assert info["not_built"] == {} and info["n_examples"] == {"train": 20, "held_out": 12}
+    for c in result.candidates:
+        if c.name in GRAD_NAMES:
+            assert c.ranks == dict.fromkeys(result.scored_layers, 8), c.name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["adapter"]["seed"] == 0 and manifest["adapter"]["peft_type"] == "LORA"
+    assert manifest["gradient_bases"]["forward_backward_passes"] == 5

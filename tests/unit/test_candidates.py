@@ -114,6 +114,9 @@ def test_family_axis_table_is_spec_section_4():
         "W:OV": "write", "W:MLP": "write", "W:QK": "mixed", "act:clean": "mixed", "act:baseline": "mixed",
         "act:persona": "mixed", "act:attn-selected": "mixed", "act:up_proj": "mixed", "act:MLP": "mixed",
         "act:cluster": "mixed", "act:rotation": "mixed", "compound": "mixed", "baseline": "null",
+        # the gradient bases (SPEC §13): write bases (left singular vectors of the writers' gradients)
+        "grad:behaviour": "write", "grad:shared": "write", "grad:heldout": "write", "grad:neutral": "write",
+        "grad:family": "write",
         "B:label": "reference", "B:oracle": "reference",
     }
 

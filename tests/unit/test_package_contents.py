@@ -69,6 +69,19 @@ def test_the_run_configuration_sits_below_the_a_side_and_the_sweep():
     assert sweep.SweepConfig is config.SweepConfig  # the old import path keeps working
 
 
+def test_the_gradient_bases_sit_below_the_sweep_and_beside_the_a_side():
+    """Issue 34: sweep.py builds the gradient bases (gradients.py), which build their targets with the
+    delta's own target functions (delta.weight_targets) and never import the sweep; the A-side and its
+    cache import neither (the gradient bases are built outside the cache: SPEC §13)."""
+    from subspace_sweep import delta, gradients, sweep
+
+    assert "gradients" in _package_imports("sweep")
+    assert {"sweep", "a_side", "report"}.isdisjoint(_package_imports("gradients"))
+    assert {"gradients", "delta"}.isdisjoint(_package_imports("a_side") | _package_imports("candidates")
+                                             | _package_imports("scoring"))
+    assert gradients.weight_targets is delta.weight_targets is sweep.weight_targets
+
+
 def test_provenance_helpers_sit_below_everything_that_records_provenance():
     """Issue 26: the A-side (the hypotheses) reads neither the run's report nor the delta's module,
     not even for a digest or the package versions; those live in provenance.py, which imports no

@@ -23,6 +23,7 @@ EXPECTED_FILES = {
     "joint_act_weight_scatter.pdf", "per_layer_heatmap.png", "per_layer_heatmap.pdf", "weight_oracles.safetensors",
     "scope.tsv", "spectra.tsv", "spectra.png", "spectra.pdf", "readout.tsv", "readout.png", "readout.pdf",  # SPEC §10
     "report.html",  # issue 33
+    "gradients.tsv",  # SPEC §13
 }
 
 
@@ -65,7 +66,9 @@ def test_manifest_records_provenance(demo_run):
     assert m["timings_s"]["report"] > 0  # measured inside the report, before the manifest is written last
     assert m["out"] == str(out.resolve()) and Path(m["delta"]).is_absolute() and Path(m["model"]).is_absolute()
     assert m["delta_weight_norm_ratio"] == pytest.approx(demo.PLANT_SCALE, rel=1e-5)  # each writer planted at 0.2‖W‖
-    assert m["forward_passes"] == 6  # clean, persona+, persona-, the sink token, alpha=+1, alpha=-1
+    # clean, persona+, persona-, the sink token, alpha=+1, alpha=-1, and the gradient bases' 5 (SPEC §13:
+    # L⁺ and L⁻ on the training and on the held-out examples, the neutral loss; each with its backward pass)
+    assert m["forward_passes"] == 11
 
 
 def test_per_layer_columns_and_rows(demo_run):
