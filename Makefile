@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
 
-.PHONY: demo test test-properties test-integration real-pair bench mutate clean
+.PHONY: demo test test-properties test-integration real-pair study-real bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,16 @@ test-integration: $(STAMP)
 # settings, print how far the new delta is from the shipped one, and replace the shipped pair.
 real-pair: $(STAMP)
 	PYTHONPATH=. $(PY) tests/integration/real_pair.py
+
+# The real study (issue 32, ~2-3 h on 2 cores): SmolLM2-135M-Instruct × every adapter family × 3
+# seeds and Gemma-3-270m × LoRA × 3 seeds (examples/study-smollm2.toml), resumable (rerun to go on),
+# then its aggregate replaces the shipped golden (tests/golden/study_real/), which CI rebuilds from
+# its inputs.json and compares byte for byte (tests/golden/test_golden_study.py).
+STUDY_DIR ?= runs/study-real
+study-real: $(STAMP)
+	mkdir -p $(dir $(STUDY_DIR))
+	$(VENV)/bin/subspace-sweep study examples/study-smollm2.toml --out $(STUDY_DIR)
+	rm -rf tests/golden/study_real && cp -r $(STUDY_DIR)/study tests/golden/study_real
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py

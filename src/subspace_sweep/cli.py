@@ -17,6 +17,7 @@ from .lora_train import DEFAULT_TARGET_MODULES
 
 EXIT_BAD_INPUT = 2
 EXIT_DEMO_NOT_RECOVERED = 1
+EXIT_JOBS_FAILED = 1  # study: some jobs failed (each named on stderr); the others finished
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-train", type=int, default=None, metavar="N",
                        help="train on the first N prompts (default: the shipped probes' 20 LoRA training claims, "
                             "or every line of --behaviour)")
-    train.add_argument("--family", default="lora", help="adapter family: lora (default), dora, pissa, oft, ia3")
+    train.add_argument("--family", default="lora", help="adapter family: lora (default), dora, pissa, oft, ia3, delora, boft")
     train.add_argument("--rank", type=int, default=8, help="adapter rank (default 8)")
     train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
     train.add_argument("--layers", type=_layers_arg, default=None,
@@ -168,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: half of them, rounded up)")
     compare.add_argument("--z-min", type=float, default=2.0, help="stable: z_w_combined above this in every run")
     compare.add_argument("--overwrite", action="store_true")
+
+    study = sub.add_parser("study", parents=[common],
+                           help="the question over models × adapter families × seeds: train, delta and run per job, "
+                                "then the aggregate")
+    study.add_argument("spec", help="the study spec (TOML): models, families, seeds, train, run, slurm")
+    study.add_argument("--out", required=True, help="the study folder (created; rerun the same command to resume)")
+    study.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"),
+                       help="local: one job at a time in this process (default); slurm: a submitit job array; "
+                            "submitit-local: the same submitit path as local subprocesses")
+    study.add_argument("--dry-run", action="store_true", help="list the jobs and their state; run nothing")
+    study.add_argument("--overwrite", action="store_true",
+                       help="accept a changed spec: redo the jobs it changes, delete the ones it drops")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
 
     explain = sub.add_parser("explain", help="print a candidate's definition")
     explain.add_argument("name")
@@ -256,6 +270,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    outcome = run_study(args.spec, args.out, executor=args.executor, dry_run=args.dry_run, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    if args.dry_run:
+        width = max((len(j) for j in outcome.states), default=0)
+        for job, state in outcome.states.items():
+            print(f"{job:<{width}}  {state}")
+        todo = sum(state != "done" for state in outcome.states.values())
+        print(f"{len(outcome.states)} jobs, {todo} to run")
+        return 0
+    for job, state in outcome.failed.items():
+        print(f"subspace-sweep study: job {job} {state}", file=sys.stderr)
+    done = sum(state == "done" for state in outcome.states.values())
+    print(f"{done} of {len(outcome.states)} jobs done ({len(outcome.ran)} run by this command); "
+          f"wrote {outcome.aggregate}")
+    return EXIT_JOBS_FAILED if outcome.failed else 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .candidates import get_spec
 
@@ -283,7 +317,8 @@ def bluf_table(result, top: int = 12) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare, "explain": cmd_explain}
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare,
+            "study": cmd_study, "explain": cmd_explain}
 
 
 def _one_line(text: object) -> str:
