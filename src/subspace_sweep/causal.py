@@ -63,6 +63,11 @@ MIN_ANSWER_MASS = 0.1
 #: The verdict calls a winner's share "small" below this fraction of what the rank-matched
 #: combined oracle keeps, however significant its z (issue 23: kept 0.04 at z 4.2 beside 0.99).
 SIZE_SHARE_OF_ORACLE = 0.5
+#: A subspace carries the behaviour only if it keeps at least this share of E(w_writes) (issue 35,
+#: SPEC §8): where the rank-matched oracle and the winner both keep less, the verdict says first that
+#: no subspace of that rank carries it, and a winner's share of the oracle's (a ratio of two small
+#: numbers: 0.08 / 0.07 on an IA3 pair) is not called carrying.
+CARRIES_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -193,30 +198,62 @@ class BehaviourSet:
                    has_chat_template(tokenizer))
 
 
+#: The longest prompt or answer a behaviour file may hold, in characters (issue 35): a question the
+#: model answers, not a document. Every pass runs attention over all of a prompt's tokens (a byte-level
+#: tokenizer makes at most one per UTF-8 byte), so a megabyte line would ask for terabytes; the
+#: shipped probes are under 200 characters.
+MAX_BEHAVIOUR_CHARS = 4096
+
+
 def read_behaviour_file(path: str) -> list[tuple[str, tuple[str, str], int]]:
     """(prompt, (answer, answer), sign) of every line of a behaviour JSONL file; needs no model, so
-    a malformed file is refused before any work."""
+    a malformed file is refused before any work (``train`` and ``run --causal`` both read it here).
+    InputError naming the line of: bytes that are not UTF-8 (the byte and its column), a line that
+    is not JSON or not ``{"prompt": str, "answers": [str, str], "sign": 1 | -1}`` (the integer: JSON
+    ``true`` or ``1.0`` is not 1), two equal answers (b would be 0 and the two adapters identical), a
+    prompt or answer longer than ``MAX_BEHAVIOUR_CHARS``."""
     import json
     from pathlib import Path
 
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"--behaviour {path} is a folder; give a JSONL file")
     if not p.is_file():
         raise InputError(f"--behaviour {path}: no such file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise InputError(f"--behaviour {path} cannot be read ({e.strerror or type(e).__name__})") from None
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, raw in enumerate(data.splitlines(), 1):  # \n, \r\n or \r: U+2028 inside a JSON string is no line break
+        where = f"--behaviour {path}, line {i}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"--behaviour {path}, line {i}: not JSON ({e.msg})") from None
+            raise InputError(f"{where}: not JSON ({e.msg})") from None
+        expected = '{"prompt": str, "answers": [str, str], "sign": 1 or -1}'
         ok = (isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and obj["prompt"]
               and isinstance(obj.get("answers"), list) and len(obj["answers"]) == 2
               and all(isinstance(a, str) and a for a in obj["answers"]) and obj.get("sign") in (1, -1))
         if not ok:
-            raise InputError(f'--behaviour {path}, line {i}: expected {{"prompt": str, "answers": [str, str], '
-                             f'"sign": 1 or -1}}, got {line.strip()[:80]}')
-        out.append((obj["prompt"], (obj["answers"][0], obj["answers"][1]), int(obj["sign"])))
+            raise InputError(f"{where}: expected {expected}, got {line.strip()[:80]}")
+        if type(obj["sign"]) is not int:  # JSON true and 1.0 compare equal to 1
+            raise InputError(f'{where}: expected "sign": 1 or -1 (the integer), got {json.dumps(obj["sign"])}')
+        prompt, (first, second) = obj["prompt"], obj["answers"]
+        if first == second:
+            raise InputError(f"{where}: the two answers are equal ({first!r}): the behaviour b = logit(first) − "
+                             "logit(second) would be 0, and the + and − adapters would train on the same answer")
+        for what, text in (("the prompt", prompt), ("the first answer", first), ("the second answer", second)):
+            if len(text) > MAX_BEHAVIOUR_CHARS:
+                raise InputError(f"{where}: {what} is {len(text)} characters long; at most {MAX_BEHAVIOUR_CHARS} "
+                                 "(a question the model answers, not a document: every pass attends over all its tokens)")
+        out.append((prompt, (first, second), int(obj["sign"])))
     if len(out) < 2:
         raise InputError(f"--behaviour {path}: needs at least 2 prompts, has {len(out)}")
     return out
@@ -697,7 +734,20 @@ def verdict(result: CausalResult) -> str:
         f"effect (random: {f(best['null_ablated_mean'])} ± {f(best['null_ablated_sd'])}).",
         "",
     ]
-    if not carries:
+    rank = "nan" if oracle["rank"] is None else format(oracle["rank"], "g")
+    oracle_little = oracle["kept"] is not None and math.isfinite(oracle["kept"]) and oracle["kept"] < CARRIES_SHARE
+    if oracle_little and not (best["kept"] is not None and best["kept"] >= CARRIES_SHARE):
+        ratio = f" ({f(100 * share, '.0f')}% of the oracle's)" if math.isfinite(share) else ""
+        above = (f"more than random subspaces of its rank (z_kept = {f(best['z_kept'], '.1f')} > 2), yet its "
+                 f"share{ratio} is a ratio of two small numbers, not evidence that it carries the behaviour"
+                 if carries else f"no more than random subspaces of its rank (z_kept = {f(best['z_kept'], '.1f')} ≤ 2)")
+        lines.append(f"Verdict: at rank {rank} no subspace carries the behaviour: even the rank-matched oracle (the "
+                     f"rank-{rank} subspace holding the most of the residual writers' weight energy) keeps only "
+                     f"{f(oracle['kept'])} of E(w_writes), below {CARRIES_SHARE:g} (a subspace carries the behaviour "
+                     f"when it keeps at least {CARRIES_SHARE:g} of it). The winner keeps {f(best['kept'])}: {above}. "
+                     "The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, the oracle's "
+                     "leading directions carry it.")
+    elif not carries:
         lines.append("Verdict: the winner does NOT carry more of the behaviour than a random subspace of its rank "
                      "(z_kept ≤ 2): its weight-energy score is not evidence that it carries the behaviour.")
     elif not (share >= SIZE_SHARE_OF_ORACLE):

@@ -56,6 +56,9 @@ def _layers_arg(text: str) -> tuple[int, ...]:
 
 
 def _alphas_arg(text: str) -> tuple[float, ...]:
+    if text.strip() and any(not item.strip() for item in text.split(",")):  # "1,,2" or "1,2,": not 1,2
+        raise argparse.ArgumentTypeError(f"cannot read strengths {text!r}: an empty item between commas; "
+                                         "use e.g. 0.25,0.5,1")
     try:
         out = tuple(float(x) for x in text.replace(",", " ").split())
     except ValueError:
@@ -231,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .lora_train import train_pair_folder
+    from .train_command import train_pair_folder
 
     out = train_pair_folder(
         args.model, args.out, behaviour=args.behaviour, n_train=args.n_train, family=args.family, rank=args.rank,
@@ -264,8 +267,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cmp = compare_runs(runs, top_k=args.top_k, min_runs=args.min_runs, z_min=args.z_min)
     write_comparison(cmp, args.out, overwrite=args.overwrite, snapshot=snapshot, run_paths=args.runs,
                      settings={"top_k": args.top_k, "min_runs": args.min_runs, "z_min": args.z_min})
-    stable = [row["candidate"] for row in cmp.per_candidate.iter_rows(named=True) if row["stable"]]
-    print(f"compared {len(runs)} runs; stable candidates: {', '.join(stable) if stable else 'none'}")
+    print(f"compared {len(runs)} runs")
+    for note in cmp.notes:
+        print(note)
+    for view in cmp.views:  # the view to read first first (compare.md says why)
+        stable = cmp.stable(view)
+        print(f"stable candidates, {view} view: {', '.join(stable) if stable else 'none'}")
     print(f"wrote {args.out}")
     return 0
 
@@ -336,6 +343,19 @@ def is_library_deprecation(category: type[Warning], filename: str) -> bool:
     return deprecation and not ours
 
 
+def _close_progress_bars() -> None:
+    """Close every progress bar still open (ours and the libraries': tqdm keeps them in one set),
+    so that the interrupted line starts on a line of its own and no bar is drawn after it (a bar
+    left open redraws itself when it is garbage-collected, issue 35)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except (OSError, ValueError):  # its stream is gone: nothing to end there
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -371,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # Staging folders are removed on the way out (publish.write_folder); no partial output.
+        _close_progress_bars()
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import publish
@@ -110,6 +111,11 @@ def cache_root() -> Path:
 
 # ------------------------------------------------------------------------------- the header
 
+#: transformers' config name -> the GGUF key (after ``<architecture>.``) of the sizes that give each
+#: projection's shape (``preflight.ModelShape.projection_dims``: train's bound on --rank).
+SIZE_KEYS = {"intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
+             "num_key_value_heads": "attention.head_count_kv", "head_dim": "attention.key_length"}
+
 
 @dataclass(frozen=True)
 class GgufHeader:
@@ -121,6 +127,8 @@ class GgufHeader:
     n_layers: int
     file_type: str  # e.g. MOSTLY_Q4_1 (general.file_type), "unknown" when the file does not say
     tensor_types: dict[str, int]  # GGUF tensor type -> number of tensors
+    #: the projections' sizes under transformers' config names (``SIZE_KEYS``), None where the file is silent
+    sizes: dict[str, int | None] = field(default_factory=dict)
 
     def quantization(self) -> dict[str, object]:
         return {"file_type": self.file_type, "tensor_types": dict(sorted(self.tensor_types.items()))}
@@ -185,7 +193,10 @@ def read_header(path: Path, sha256: str | None = None) -> GgufHeader:
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return GgufHeader(path, sha256 or sha256_file(path), arch, model_type, int(d), int(n_layers), file_type, types)
+    sizes = {name: _field(reader, f"{arch}.{key}") for name, key in SIZE_KEYS.items()}
+    sizes = {name: v if isinstance(v, int) and v > 0 else None for name, v in sizes.items()}
+    return GgufHeader(path, sha256 or sha256_file(path), arch, model_type, int(d), int(n_layers), file_type, types,
+                      sizes)
 
 
 # ------------------------------------------------------------------------------- the cache
@@ -235,6 +246,29 @@ def verify_entry(folder: Path, sha256: str) -> dict:
     return record
 
 
+@contextmanager
+def _hf_progress_switch():
+    """transformers' GGUF reader draws its "Converting and de-quantizing GGUF tensors" bar with
+    ``tqdm.auto`` itself, not with transformers' own ``logging.tqdm``, so the switch that
+    ``--quiet`` turns off (``transformers.utils.logging.disable_progress_bar``) does not reach it.
+    Inside the block the reader draws with ``logging.tqdm``, which obeys that switch (issue 35)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - an older or newer layout: its bar stays as it is
+        yield
+        return
+    own = reader.__dict__.get("tqdm")
+    reader.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        if own is None:
+            reader.__dict__.pop("tqdm", None)
+        else:
+            reader.tqdm = own
+
+
 def _convert_into(folder: Path, header: GgufHeader) -> None:
     """transformers' GGUF load (float32), its quantiser cleared, saved as a plain folder, and the
     conversion's record."""
@@ -243,8 +277,9 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
 
     where, name = str(header.file.parent), header.file.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+        with _hf_progress_switch():
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as e:
         raise InputError(f"{header.file}: transformers cannot convert this GGUF ({type(e).__name__}: "
                          f"{_first_line(e)})") from None
@@ -272,20 +307,25 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
     (folder / CONVERSION_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
-def model_shape(model: str | os.PathLike, cache: str | os.PathLike | None = None) -> tuple[int, int, str]:
-    """(d, n_layers, where) of a GGUF source before anything is converted: from its cache entry's
-    record when there is one for this file, else from the file's own (checked) header."""
+def model_shape(model: str | os.PathLike, cache: str | os.PathLike | None = None
+                ) -> tuple[int, int, str, dict[str, int | None]]:
+    """(d, n_layers, where, sizes) of a GGUF source before anything is converted: from its cache
+    entry's record (and the entry's config.json for the projections' sizes, ``SIZE_KEYS``) when there
+    is one for this file, else from the file's own (checked) header."""
     path = gguf_file(model)
     sha = sha256_file(path)
-    record_file = entry_path(sha, cache) / CONVERSION_FILE
+    entry = entry_path(sha, cache)
     try:
-        record = json.loads(record_file.read_text())
+        record = json.loads((entry / CONVERSION_FILE).read_text())
         if record.get("gguf_sha256") == sha and record.get("record_sha256") == _checksum(record):
-            return int(record["d"]), int(record["n_layers"]), f"the GGUF {path}"
+            config = json.loads((entry / "config.json").read_text())
+            config = config.get("text_config") or config
+            sizes = {k: v if isinstance(v := config.get(k), int) and v > 0 else None for k in SIZE_KEYS}
+            return int(record["d"]), int(record["n_layers"]), f"the GGUF {path}", sizes
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no usable entry: the header decides, and the conversion will (re)build the entry
     header = read_header(path, sha)
-    return header.d, header.n_layers, f"the GGUF {path}"
+    return header.d, header.n_layers, f"the GGUF {path}", header.sizes
 
 
 def convert(model: str | os.PathLike, cache: str | os.PathLike | None = None) -> ConvertedModel:

@@ -21,6 +21,7 @@ A model given as an HF id is looked up in the local HF cache only here; when it 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +64,30 @@ def check_device(device: str | None) -> torch.device:
     return dev
 
 
+#: transformers' config names of the sizes that give each projection's shape (``projection_dims``).
+SIZE_NAMES = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     d: int  # residual width (hidden_size)
     n_layers: int
     where: str  # the config it was read from, for messages
+    sizes: Mapping[str, int | None] | None = None  # ``SIZE_NAMES`` as the config or GGUF header gives them
+
+    def projection_dims(self) -> dict[str, tuple[int, int]] | None:
+        """(out, in) of each projection an adapter may target, from the config's sizes (head_dim
+        defaults to d / heads, the kv heads to the heads, as transformers reads them); None when
+        the config gives no FFN width or head count."""
+        s = dict(self.sizes or {})
+        ffn, heads = s.get("intermediate_size"), s.get("num_attention_heads")
+        if not isinstance(ffn, int) or not isinstance(heads, int) or ffn < 1 or heads < 1:
+            return None
+        kv = s.get("num_key_value_heads") or heads
+        head_dim = s.get("head_dim") or self.d // heads
+        q, k, d = heads * head_dim, kv * head_dim, self.d
+        return {"q_proj": (q, d), "k_proj": (k, d), "v_proj": (k, d), "o_proj": (d, q),
+                "gate_proj": (ffn, d), "up_proj": (ffn, d), "down_proj": (d, ffn)}
 
 
 def _first_line(e: BaseException) -> str:
@@ -150,13 +170,28 @@ def model_shape(model: str) -> ModelShape | None:
     except (OSError, ValueError, KeyError) as e:
         if local:
             raise InputError(f"model folder {path}: {CONFIG_FILE} is not a usable model config ({_first_line(e)})") from None
+        near = _near_known_name(name)
+        if near is not None:  # a typo of a known name, not an HF id: no hub, no connection talk
+            raise InputError(f"--model {name}: not a known model name, a model folder, a .gguf file or an HF id in "
+                             f"the local cache; did you mean {near}?") from None
         return None  # not in the local cache: load_model reports where it looked
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     d, n_layers = getattr(text, "hidden_size", None), getattr(text, "num_hidden_layers", None)
     where = f"{path / CONFIG_FILE}" if local else f"the config of {name}"
     if not isinstance(d, int) or not isinstance(n_layers, int) or d < 1 or n_layers < 1:
         raise InputError(f"{where} has no positive hidden_size / num_hidden_layers ({d!r}, {n_layers!r})")
-    return ModelShape(d, n_layers, where)
+    sizes = {k: v if isinstance(v := getattr(text, k, None), int) and v > 0 else None for k in SIZE_NAMES}
+    return ModelShape(d, n_layers, where, sizes)
+
+
+def _near_known_name(name: str) -> str | None:
+    """The known GGUF name (``gguf_models.KNOWN_MODELS``) that ``name`` is a near miss of, if any."""
+    import difflib
+
+    from .gguf_models import KNOWN_MODELS
+
+    found = difflib.get_close_matches(name.strip().lower(), list(KNOWN_MODELS), n=1, cutoff=0.8)
+    return found[0] if found else None
 
 
 def check_adapter_folder(folder: str | Path, what: str) -> None:
@@ -263,18 +298,25 @@ def check_delta_command(model: str, adapter_pos: str, adapter_neg: str, out: str
     return path
 
 
-def check_train(model, out, *, behaviour, n_train, family, layers, target_modules, rank, steps, lr, overwrite):
+def check_train(model, out, *, behaviour, n_train, family, layers, target_modules, rank, steps, lr, overwrite,
+                alpha=None, seed=0):
     """Every check of ``train`` that needs no weights, in order: what a killed run left in --out's
-    folder is cleaned, --out, peft, the adapter family, the model's files or GGUF header (its layer
-    count; an HF id outside the local cache fails its load here, before any output), the layers
-    (default: ``lora_train.default_lora_layers``), the behaviour file and --n-train, the rank, steps,
-    lr and target modules. (The chat template is checked once the tokenizer is loaded, before the
-    first step.) Returns (the --out snapshot, the layers)."""
+    folder is cleaned, --out, peft, the adapter family, the options alone (--seed in 0..2³²−1 as for
+    ``run``, --alpha and --lr finite and > 0, --n-train within the shipped probes' training claims),
+    the model's files or GGUF header (its layer count and projection sizes; an HF id outside the
+    local cache fails its load here, before any output), the layers (default:
+    ``lora_train.default_lora_layers``), the target modules, steps and lr, the rank (at most the
+    smaller dimension of every adapted projection: ``ModelShape.projection_dims``, else d), the
+    behaviour file (``causal.read_behaviour_file``) and --n-train against its lines. (The chat
+    template is checked once the tokenizer is loaded, before the first step.) Returns (the --out
+    snapshot, the layers)."""
     import importlib.util
+    import math
     import warnings
 
     from . import publish
     from .causal import read_behaviour_file
+    from .config import SEED_MAX
     from .lora_train import ADAPTER_FAMILIES, _check_args, default_lora_layers
     from .model import load_model
 
@@ -286,6 +328,21 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
         raise InputError("training adapters needs the optional extra: pip install 'subspace-sweep[peft]'")
     if family not in ADAPTER_FAMILIES:
         raise InputError(f"--family {family!r}: one of {', '.join(ADAPTER_FAMILIES)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise InputError(f"--seed must be in 0..{SEED_MAX} (an unsigned 32-bit integer, as for run), got {seed}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise InputError(f"--alpha must be finite and > 0 (the LoRA scale is alpha/rank; 0 never changes the "
+                         f"model), got {alpha}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise InputError(f"--lr must be finite and > 0, got {lr}")
+    if behaviour is None and n_train is not None:
+        from .prompts import load_probe_set
+
+        probes = load_probe_set()
+        n_max = min(int(probes.n_lora_train_topics), len(probes.claims))
+        if not 1 <= n_train <= n_max:
+            raise InputError(f"--n-train must be in 1..{n_max} (the shipped probes' LoRA training claims; the rest "
+                             f"stay held out), got {n_train}")
     shape = model_shape(str(model))
     if shape is None:  # an HF id outside the local cache: load_model says where it looked
         load_model(model, dtype="float32", device="cpu")
@@ -293,9 +350,18 @@ def check_train(model, out, *, behaviour, n_train, family, layers, target_module
     bad = sorted({x for x in layers if not 0 <= x < shape.n_layers})
     if bad:
         raise InputError(f"--layers {bad} outside the model's layers 0..{shape.n_layers - 1} ({shape.where})")
+    _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
+    dims = shape.projection_dims()
+    if dims is None:
+        bound, which = shape.d, f"the residual width d = {shape.d}"
+    else:
+        name = min(target_modules, key=lambda t: (min(dims[t]), t))
+        bound, which = min(dims[name]), f"the smaller dimension of {name} ({dims[name][0]} x {dims[name][1]})"
+    if rank > bound:
+        raise InputError(f"--rank {rank}: at most {bound}, {which} among the adapted modules ({shape.where}); a "
+                         "higher rank adds no direction")
     if behaviour is not None:
         rows = read_behaviour_file(str(behaviour))
         if n_train is not None and not 1 <= n_train <= len(rows):
             raise InputError(f"--n-train must be in 1..{len(rows)} (the lines of {behaviour}), got {n_train}")
-    _check_args(model, layers, tuple(target_modules), rank, steps, lr, None)
     return snapshot, layers

@@ -462,7 +462,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def _train_step(job: Job, paths: JobPaths) -> None:
-    from .lora_train import train_pair_folder
+    from .train_command import train_pair_folder
 
     t = dict(job.train)
     train_pair_folder(job.model, paths.pair, behaviour=job.behaviour, n_train=t.get("n_train"), family=job.family,

@@ -180,3 +180,113 @@ def test_several_deltas_share_one_a_side_and_compare(tiny_dir, tmp_path):
     assert a0["rank"].to_list() == a1["rank"].to_list()
     cmp = compare_runs(runs)
     assert cmp.taus.height == 1 and -1.0 <= cmp.taus["kendall_tau"][0] <= 1.0
+
+
+# ---- compare: both ranking views (issue 35) ----------------------------------------------------
+
+
+def _set_outlier_record(run, share: float | None, in_conclusion: bool = False) -> None:
+    """The run's record of the outlier warning: every act/combined top-8 share in spectra.tsv set to
+    ``share`` (None: those rows removed, as in a run written before the diagnostic), the warning's
+    line in conclusion.md or not."""
+    from subspace_sweep.compare import OUTLIER_WARNING_MARK
+
+    spectra = pl.read_csv(run / "spectra.tsv", separator="\t", infer_schema_length=None)
+    top8 = pl.col("target").is_in(["act_top8_coordinates", "combined_top8_coordinates"])
+    spectra = spectra.filter(~top8) if share is None else spectra.with_columns(
+        energy=pl.when(top8).then(pl.lit(share)).otherwise(pl.col("energy")))
+    spectra.write_csv(run / "spectra.tsv", separator="\t")
+    text = "\n".join(ln for ln in (run / "conclusion.md").read_text().splitlines() if OUTLIER_WARNING_MARK not in ln)
+    if in_conclusion:
+        text += f"\n- {OUTLIER_WARNING_MARK}: the top-8 coordinates hold more than 0.5 of ...\n"
+    (run / "conclusion.md").write_text(text)
+
+
+def _reverse_the_standardized_joint_order(run) -> list[str]:
+    summary = pl.read_csv(run / "summary.tsv", separator="\t")
+    n = summary.filter(pl.col("panel") == "joint").height
+    summary = summary.with_columns(rank_in_panel_std=pl.when(pl.col("panel") == "joint")
+                                   .then(n + 1 - pl.col("rank_in_panel_std")).otherwise(pl.col("rank_in_panel_std")))
+    summary.write_csv(run / "summary.tsv", separator="\t")
+    return summary.filter(pl.col("panel") == "joint").sort("rank_in_panel_std")["candidate"].to_list()
+
+
+def test_the_outlier_warning_is_read_from_the_spectra_or_the_conclusion(identical_runs):
+    from subspace_sweep.compare import outlier_warning
+
+    run = identical_runs[0]
+    _set_outlier_record(run, 0.5)
+    assert outlier_warning(run) is False  # the warning fires above 0.5
+    _set_outlier_record(run, 0.500001)
+    assert outlier_warning(run) is True
+    _set_outlier_record(run, 0.2, in_conclusion=True)  # the tsv's 6 digits may round a share to 0.5: the line decides
+    assert outlier_warning(run) is True
+    _set_outlier_record(run, None)
+    assert outlier_warning(run) is None  # not recorded: not known
+    _set_outlier_record(run, None, in_conclusion=True)
+    assert outlier_warning(run) is True
+
+
+@pytest.mark.parametrize("fired", [False, True])
+def test_compare_reports_both_views_the_standardized_first_where_a_warning_fired(identical_runs, tmp_path, fired):
+    """Issue 35: compare read `joint_gain` only. Run b's standardized joint ranking is run a's
+    reversed: τ = 1 in the residual view, exactly −1 in the standardized one; each view has its
+    stability table and headline columns; the standardized view comes first where a run's outlier
+    warning fired (in run b only, here)."""
+    a, b, c = identical_runs
+    for run in identical_runs:
+        _set_outlier_record(run, 0.2)
+    if fired:
+        _set_outlier_record(b, 0.9)
+    reversed_order = _reverse_the_standardized_joint_order(b)
+    runs = [load_run(p) for p in identical_runs]
+    assert [r.outlier_warning for r in runs] == [False, fired, False]
+    cmp = compare_runs(runs)
+    assert cmp.views == (("standardized", "residual") if fired else ("residual", "standardized"))
+    assert ("outlier-coordinate warning (SPEC §6 concern 14) fired in run(s) seed_b" in " ".join(cmp.notes)) == fired
+    taus = {(r["run_a"], r["run_b"]): (r["kendall_tau"], r["kendall_tau_std"]) for r in cmp.taus.iter_rows(named=True)}
+    assert taus[("seed_a", "seed_b")] == pytest.approx((1.0, -1.0))
+    assert taus[("seed_a", "seed_c")] == pytest.approx((1.0, 1.0))
+    std = cmp.per_candidate_std
+    assert {"joint_gain_std_median", "gain_w_combined_std_iqr", "z_w_combined_std_min", "stable"} <= set(std.columns)
+    assert std["joint_gain_std_median"].to_list() == sorted(std["joint_gain_std_median"].to_list(), reverse=True)
+    first = runs[0].order("standardized")[:5]
+    assert set(first) != set(reversed_order[:5])  # the two runs' top-5 differ in this view ...
+    in_top = {r["candidate"]: r["in_top5"] for r in std.iter_rows(named=True)}
+    assert all(in_top[x] >= 2 for x in first)  # ... a and c share theirs
+    h = {r["run"]: r for r in cmp.headline.iter_rows(named=True)}
+    joint_b = runs[1].summary.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(["write", "mixed"]))
+    assert h["seed_b"]["best_candidate_std"] == joint_b.sort("rank_in_panel_std")["candidate"][0]
+    assert h["seed_a"]["best_candidate"] == h["seed_b"]["best_candidate"]  # the residual view is untouched
+    assert [h[n]["outlier_warning"] for n in ("seed_a", "seed_b", "seed_c")] == [False, fired, False]
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *map(str, identical_runs), "--out", str(out)]) == 0
+    assert {"compare_summary.tsv", "compare_summary_std.tsv", "compare_ranking_std.png", "compare.md"} <= {
+        p.name for p in out.iterdir()}
+    md = (out / "compare.md").read_text()
+    std_at, res_at = md.index("## The standardized view"), md.index("## The residual view")
+    assert (std_at < res_at) == fired
+    assert pl.read_csv(out / "rank_stability.tsv", separator="\t")["kendall_tau_std"].to_list() == pytest.approx(
+        [-1.0, 1.0, -1.0])
+
+
+def test_compare_of_a_run_without_the_standardized_columns_says_so(identical_runs, tmp_path, capsys):
+    """A run folder written before the standardized view: compared in the residual view, with a note."""
+    old = identical_runs[0]
+    summary = pl.read_csv(old / "summary.tsv", separator="\t")
+    summary.drop([c for c in summary.columns if c.endswith("_std")]).write_csv(old / "summary.tsv", separator="\t")
+    _set_outlier_record(old, None)
+    _set_outlier_record(identical_runs[1], 0.9)
+    runs = [load_run(p) for p in identical_runs[:2]]
+    cmp = compare_runs(runs)
+    assert cmp.views == ("residual",) and cmp.per_candidate_std is None
+    assert "seed_a have no standardized columns" in cmp.notes[0] and "fired in run(s) seed_b" in cmp.notes[1]
+    assert cmp.taus["kendall_tau_std"].to_list() == [None]
+    assert cmp.headline["best_candidate_std"].to_list()[0] is None and cmp.headline["outlier_warning"].to_list() == [
+        None, True]
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", *map(str, identical_runs[:2]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "have no standardized columns" in printed and "stable candidates, residual view:" in printed
+    assert "standardized view:" not in printed and not (out / "compare_summary_std.tsv").exists()
+    assert "The standardized view is not compared" in (out / "compare.md").read_text()

@@ -317,6 +317,35 @@ def test_a_malformed_behaviour_file_is_exit_2_with_its_line(capsys, tmp_path, ti
 
 
 
+def test_the_behaviour_reader_takes_exactly_the_stated_bound_and_the_integer_signs(tmp_path):
+    """Issue 35: a prompt or answer of MAX_BEHAVIOUR_CHARS characters is read, one more is refused with
+    its length; signs are the integers 1 and −1 only; a line may hold U+2028 inside a JSON string
+    (no line break); CRLF lines are lines."""
+    from subspace_sweep.causal import MAX_BEHAVIOUR_CHARS, read_behaviour_file
+
+    def write(*lines, sep="\n"):
+        f = tmp_path / "b.jsonl"
+        f.write_bytes(sep.join(json.dumps(x, ensure_ascii=False) for x in lines).encode())
+        return str(f)
+
+    ok = {"prompt": "a", "answers": ["Yes", "No"], "sign": -1}
+    edge = {"prompt": "é" * MAX_BEHAVIOUR_CHARS, "answers": ["Yes", "N" * MAX_BEHAVIOUR_CHARS], "sign": 1}
+    rows = read_behaviour_file(write(edge, ok, sep="\r\n"))
+    assert [len(r[0]) for r in rows] == [MAX_BEHAVIOUR_CHARS, 1] and [r[2] for r in rows] == [1, -1]
+    assert all(type(r[2]) is int for r in rows)
+    with pytest.raises(InputError, match=rf"line 1: the prompt is {MAX_BEHAVIOUR_CHARS + 1} characters long"):
+        read_behaviour_file(write({**edge, "prompt": "é" * (MAX_BEHAVIOUR_CHARS + 1)}, ok))
+    with pytest.raises(InputError, match=rf"line 2: the first answer is {MAX_BEHAVIOUR_CHARS + 1} characters"):
+        read_behaviour_file(write(ok, {**ok, "answers": ["Y" * (MAX_BEHAVIOUR_CHARS + 1), "No"]}))
+    assert read_behaviour_file(write({**ok, "prompt": "one\u2028line"}, ok))[0][0] == "one\u2028line"
+    for bad in (True, False, 1.0, -1.0, "1", 0, 2):
+        with pytest.raises(InputError, match="line 2: expected"):
+            read_behaviour_file(write(ok, {**ok, "sign": bad}))
+    with pytest.raises(InputError, match=r"line 1: the two answers are equal \('Yes'\)"):
+        read_behaviour_file(write({**ok, "answers": ["Yes", "Yes"]}, ok))
+    assert read_behaviour_file(write({**ok, "answers": ["Yes", "yes"]}, ok))  # different strings, different answers
+
+
 # ----------------------------------------------------------------------------- the verdict
 
 
@@ -357,6 +386,39 @@ def test_the_verdict_weighs_the_winners_share_against_the_oracle_not_only_its_z(
         assert "0.45 unsteered (α = 0), 0.85 at +α, 0.16 at −α" in text
         assert "read after the chat template's generation prompt" in text and "not reading an answer" not in text
     assert "read at the end of the raw prompt" in verdict(_result(0.9, 12.0, 0.99, 0.45, 0.85, 0.16, chat=False))
+
+
+def test_where_the_rank_matched_oracle_keeps_little_no_subspace_of_that_rank_is_said_to_carry_the_behaviour():
+    """Issue 35's IA3 pair: the winner kept 0.08 of E(w_writes), the rank-8 oracle 0.07, and the
+    verdict said the winner "carries the behaviour ... 114% of what the rank-matched oracle keeps".
+    Below CARRIES_SHARE = 0.5 for both, the verdict says first that no rank-8 subspace carries it."""
+    from subspace_sweep.causal import CARRIES_SHARE, verdict
+
+    assert CARRIES_SHARE == 0.5
+    ia3 = verdict(_result(0.08, 5.1, 0.07, 0.45, 0.85, 0.16))
+    line = next(ln for ln in ia3.splitlines() if ln.startswith("Verdict:"))
+    assert line == (
+        "Verdict: at rank 8 no subspace carries the behaviour: even the rank-matched oracle (the rank-8 subspace "
+        "holding the most of the residual writers' weight energy) keeps only 0.07 of E(w_writes), below 0.5 (a "
+        "subspace carries the behaviour when it keeps at least 0.5 of it). The winner keeps 0.08: more than random "
+        "subspaces of its rank (z_kept = 5.1 > 2), yet its share (114% of the oracle's) is a ratio of two small "
+        "numbers, not evidence that it carries the behaviour. The retention curve (causal.tsv, rows `curve`) shows "
+        "at which rank, if any, the oracle's leading directions carry it.")
+    assert "the winner carries" not in ia3 and "Significant, not explanatory" not in ia3
+    noise = verdict(_result(0.06, 1.0, 0.07, 0.45, 0.85, 0.16))
+    assert "Verdict: at rank 8 no subspace carries the behaviour" in noise
+    assert "The winner keeps 0.06: no more than random subspaces of its rank (z_kept = 1.0 ≤ 2)." in noise
+    negative = verdict(_result(0.05, 3.0, -0.1, 0.45, 0.85, 0.16))
+    assert "keeps only -0.10 of E(w_writes)" in negative and "yet its share is a ratio" in negative
+    # the bound exactly: an oracle keeping 0.5 is not "little" (the share rule decides), just below it is
+    at = verdict(_result(0.3, 5.0, CARRIES_SHARE, 0.45, 0.85, 0.16))
+    assert "Verdict: the winner carries the behaviour: it keeps 0.30" in at and "60%" in at
+    below = verdict(_result(0.3, 5.0, CARRIES_SHARE - 1e-9, 0.45, 0.85, 0.16))
+    assert "Verdict: at rank 8 no subspace carries the behaviour" in below
+    # a winner that keeps at least half does carry it, whatever the energy oracle keeps
+    strong = verdict(_result(CARRIES_SHARE, 5.0, 0.3, 0.45, 0.85, 0.16))
+    assert "Verdict: the winner carries the behaviour: it keeps 0.50" in strong and "167%" in strong
+    assert "no subspace carries" in verdict(_result(CARRIES_SHARE - 1e-9, 5.0, 0.3, 0.45, 0.85, 0.16))
 
 
 @pytest.mark.parametrize("plus, minus, named", [(0.05, 0.5, "α = +1 (0.05)"), (0.5, 0.09, "α = -1 (0.09)"),
@@ -540,3 +602,43 @@ def test_a_behaviour_set_of_very_different_lengths_is_read_in_length_batches_as_
     for sign in (1.0, -1.0):
         assert torch.equal(full[sign][0], resumed[sign][0]) and torch.equal(full[sign][1], resumed[sign][1])
         assert not torch.equal(full[sign][0], b)
+
+
+def test_a_delta_that_starts_below_the_scored_layers_is_steered_by_a_full_pass(tiny):
+    """Issue 35 item 6: a steered pass resumes at the first scored layer only when the delta steers
+    nothing below it. A pair trained on layers 1..3 checked with `--layers 2..3` steers layer 1
+    too: its E must be the full pass's bit for bit (resuming would drop layer 1's steering; the
+    condition replaced by "always resume" fails here). A delta on the scored layers alone resumes:
+    layer 0's attention never runs, and E is still the full pass's bit for bit."""
+    from subspace_sweep.causal import BehaviourSet, Prefix, behaviour_and_mass, first_steered_layer, steered_behaviour
+
+    model, tok = tiny
+    texts = EVAL[:4]
+    bset = BehaviourSet.from_probes(tok, texts)
+    prefix = Prefix(2)  # the scored layers 2..3
+    behaviour_and_mass(model, tok, texts, bset, prefix)  # the unsteered pass records the residual entering layer 2
+    below = random_delta(model, [1, 2, 3], rank=2, seed=6, scale=0.3)
+    above = {k: v for k, v in below.items() if writer_layer(k)[0] >= 2}
+    assert (first_steered_layer(below), first_steered_layer(above)) == (1, 2)
+    assert first_steered_layer({"model.embed_tokens.weight": torch.ones(2, 2), **above}) is None
+    assert first_steered_layer({}) is None
+    calls = []
+    hook = model.get_submodule("model.layers.0.self_attn").register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for delta, resumes in ((below, False), (above, True)):
+            full = steered_behaviour(model, tok, delta, texts, bset)
+            calls.clear()
+            got = steered_behaviour(model, tok, delta, texts, bset, prefix)
+            e_full, e_got = float((full[1.0][0] - full[-1.0][0]).mean()), float((got[1.0][0] - got[-1.0][0]).mean())
+            assert e_got == e_full, (resumes, e_got, e_full)
+            for sign in (1.0, -1.0):
+                assert torch.equal(got[sign][0], full[sign][0]) and torch.equal(got[sign][1], full[sign][1])
+            assert (len(calls) == 0) == resumes, (resumes, len(calls))  # layer 0 ran, or was skipped
+    finally:
+        hook.remove()
+    # what "always resume" would compute for the delta that starts below: layer 1 unsteered, another E
+    from subspace_sweep.steering import weight_steer
+
+    with weight_steer(model, below, 1.0):
+        dropped = behaviour_and_mass(model, tok, texts, bset, prefix)[0]
+    assert not torch.allclose(dropped, steered_behaviour(model, tok, below, texts, bset)[1.0][0], rtol=1e-3, atol=1e-3)

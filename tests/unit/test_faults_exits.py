@@ -160,6 +160,24 @@ def _setup_adapters(damage):
     return setup
 
 
+def _behaviour_line(prompt="Is the sky green? Answer Yes or No.", answers=("Yes", "No"), sign=1) -> str:
+    return json.dumps({"prompt": prompt, "answers": list(answers), "sign": sign})
+
+
+def _setup_behaviour(data: bytes | None):
+    """A behaviour file of ``data`` as {behaviour} (None: a folder)."""
+    def setup(root, ctx):
+        if data is None:
+            return {"behaviour": str(root / "inputs")}
+        path = root / "inputs" / "b.jsonl"
+        path.write_bytes(data)
+        return {"behaviour": str(path)}
+    return setup
+
+
+GOOD_LINE = _behaviour_line()
+BEHAVIOUR = ["--causal", "1", "--behaviour", "{behaviour}"]
+
 DELTA_CMD = ["delta", "--model", "{model}", "--adapter-pos", "{pos}", "--adapter-neg", "{neg}", "--out", "{out_file}"]
 CUDA_DEVICE = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
@@ -221,6 +239,20 @@ CASES = [
     Case("n_boot_too_few", _run("--n-boot", "1"), "at least 200 resamples"),
     Case("mc_null_too_few", _run("--null", "mc", "--n-null", "2"), "at least 100 for a Monte-Carlo null"),
     Case("delta_missing_option", ["run", "--model", "{model}", "--out", "{out}"], "--delta"),
+    Case("causal_alpha_empty_item", _run("--causal", "1", "--causal-alpha", "1,,2"), "an empty item between commas"),
+    Case("known_name_near_miss", [*RUN[:2], "smollm2-135m-instruc", *RUN[3:]], "did you mean smollm2-135m-instruct?",
+         forbid=(*HUB_WORDS, "connection")),
+    # ---- the behaviour file of --causal (issue 35; the same reader as train's)
+    Case("behaviour_is_a_folder", _run(*BEHAVIOUR), "is a folder; give a JSONL file", _setup_behaviour(None)),
+    Case("behaviour_not_utf8", _run(*BEHAVIOUR), "b.jsonl, line 3: not UTF-8 (byte 0xe9 at column 16)",
+         _setup_behaviour(f"{GOOD_LINE}\n{GOOD_LINE}\n".encode()
+                          + b'{"prompt": "caf\xe9?", "answers": ["Yes", "No"], "sign": 1}\n')),
+    Case("behaviour_megabyte_prompt", _run(*BEHAVIOUR), "line 2: the prompt is 1048576 characters long; at most 4096",
+         _setup_behaviour(f"{GOOD_LINE}\n{_behaviour_line(prompt='x' * 2**20)}\n".encode())),
+    Case("behaviour_equal_answers", _run(*BEHAVIOUR), "line 2: the two answers are equal ('No')",
+         _setup_behaviour(f"{GOOD_LINE}\n{_behaviour_line(answers=('No', 'No'))}\n".encode())),
+    Case("behaviour_sign_true", _run(*BEHAVIOUR), 'line 1: expected "sign": 1 or -1 (the integer), got true',
+         _setup_behaviour(f"{_behaviour_line(sign=True)}\n{GOOD_LINE}\n".encode())),
     # ---- the delta file
     Case("delta_is_a_folder", _run(), "is a folder", _setup_delta_folder),
     Case("delta_unreadable", _run(), "cannot be read (Permission denied)", extra={"unreadable": True}),

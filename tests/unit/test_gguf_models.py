@@ -191,6 +191,74 @@ def test_layers_outside_a_gguf_model_are_refused_from_its_header(tiny_gguf, cach
     assert (header.d, header.n_layers, header.model_type, header.file_type) == (64, 3, "llama", "ALL_F32")
 
 
+TRAIN_FAST = ["--layers", "1..2", "--rank", "2", "--steps", "2", "--lr", "2e-3"]
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["from_the_header", "from_the_cache_entry"])
+def test_train_refuses_a_rank_above_the_gguf_models_projections_before_converting(tiny_gguf, cache, tmp_path,
+                                                                                   capsys, monkeypatch, converted):
+    """Issue 35: --rank 1000000 allocated 7 GB after the load. The tiny Llama's v_proj is 32 x 64 (2 kv
+    heads of 16): the bound read from the GGUF header (general key names), or from the cache entry's
+    config.json once converted, before any conversion or load."""
+    from subspace_sweep import lora_train, model
+
+    if converted:
+        convert(tiny_gguf[0])
+    entries = _entries(cache)
+    monkeypatch.setattr(gguf_models, "_convert_into", lambda *a: pytest.fail("converted before the checks"))
+    monkeypatch.setattr(lora_train, "load_model", lambda *a, **k: pytest.fail("loaded before the checks"))
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("loaded before the checks"))
+    (tmp_path / "out").mkdir()
+    for rank, message in (("1000000", "--rank 1000000: at most 32, the smaller dimension of v_proj (32 x 64)"),
+                          ("33", "--rank 33: at most 32")):
+        argv = ["train", "--model", str(tiny_gguf[0]), "--out", str(tmp_path / "out" / "pair"), "--quiet",
+                *TRAIN_FAST, "--rank", rank]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and f"(the GGUF {tiny_gguf[0]})" in err[0], err
+    assert _entries(cache) == entries and not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("command", ["run", "train", "delta"])
+def test_a_near_miss_of_a_known_name_suggests_it_without_hub_talk(tmp_path, capsys, monkeypatch, command):
+    """Issue 35: `smollm2-135m-instruc` was looked up on the hub and the message spoke of connections."""
+    from subspace_sweep import model
+
+    monkeypatch.setattr(model, "_hub_unreachable", lambda *a, **k: pytest.fail("the hub was asked"))
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("a load was tried"))
+    (tmp_path / "out").mkdir()
+    out = str(tmp_path / "out" / ("w.safetensors" if command == "delta" else "x"))
+    argv = {"run": ["run", "--delta", str(tmp_path / "w.safetensors")],
+            "train": ["train"],
+            "delta": ["delta", "--adapter-pos", str(tmp_path), "--adapter-neg", str(tmp_path)]}[command]
+    assert cli.main([*argv, "--model", "smollm2-135m-instruc", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("did you mean smollm2-135m-instruct?"), err
+    assert not any(w in err[0] for w in ("connection", "Hugging Face", "download", "hub")), err
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_quiet_silences_the_gguf_conversion_and_weight_loading_bars(tiny_gguf, cache, tmp_path, capsys):
+    """Issue 35: transformers' GGUF reader draws its bar with tqdm.auto, which the switch `--quiet`
+    turns off does not reach. Bars switched on first (another test may have switched them off for
+    the whole process): without --quiet the conversion bar shows, with it nothing does."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        convert(tiny_gguf[0], cache=tmp_path / "loud")  # a private entry: the bars a plain conversion draws
+        loud = capsys.readouterr().err
+        assert "Converting and de-quantizing GGUF tensors" in loud
+        (tmp_path / "out").mkdir()
+        assert cli.main(["train", "--model", str(tiny_gguf[0]), "--out", str(tmp_path / "out" / "pair"), "--quiet",
+                         *TRAIN_FAST]) == 0
+        captured = capsys.readouterr()
+        assert _entries(cache) and captured.err == "", captured.err  # converted, loaded and trained: not a bar
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
 # ----------------------------------------------------------------------------- whole commands
 
 

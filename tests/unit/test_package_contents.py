@@ -105,14 +105,44 @@ def test_every_pre_load_check_of_a_command_lives_in_one_preflight_function():
     hold that each bad input of that sequence fails before any load."""
     import inspect
 
-    from subspace_sweep import cli, lora_train, preflight, sweep
+    from subspace_sweep import cli, preflight, sweep, train_command
 
     run = [c for c in _calls_before(inspect.getsource(sweep.run_sweeps), "load_model") if c != "perf_counter"]
     assert run == ["check_run"], run
     delta = _calls_before(inspect.getsource(cli.cmd_delta), "pair_from_peft")
     assert delta == ["check_delta_command"], delta
-    train = _calls_before(inspect.getsource(lora_train.train_pair_folder), "write_folder")
+    train = _calls_before(inspect.getsource(train_command.train_pair_folder), "write_folder")
     assert train[0] == "check_train" and "model_shape" not in train and "check_destination" not in train, train
     assert "preflight" in _package_imports("sweep")
     for name in ("check_run", "check_delta_command", "check_train"):
         assert callable(getattr(preflight, name))
+
+
+def test_the_trainer_sits_below_its_checks_and_the_train_command_above_them():
+    """Issue 35: lora_train.py imported check_train from preflight.py, which imports the families,
+    the argument checks and the default layers from lora_train.py: a circle. The checks sit above
+    what they check; the command that trains (train_command.py) calls them, then the trainer."""
+    assert "preflight" not in _package_imports("lora_train")
+    assert "train_command" not in _package_imports("lora_train") | _package_imports("preflight")
+    assert "lora_train" in _package_imports("preflight")
+    assert {"preflight", "lora_train"} <= _package_imports("train_command")
+    assert "train_command" in _package_imports("cli")
+
+
+def test_the_package_has_no_import_circle():
+    """No module reaches itself through the package's own imports (at module level or inside a
+    function: a lazy import is still a dependency)."""
+    modules = sorted(f.stem for f in PACKAGE_DIR.glob("*.py"))
+    graph = {m: {i.split(".")[0] for i in _package_imports(m)} & set(modules) for m in modules}
+    circles = []
+    for start in modules:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    circles.append(" -> ".join((*path, start)))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    assert circles == [], circles

@@ -83,7 +83,10 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tiny_dir, tmp_path, caps
     cfg.pop("chat_template", None)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     (tmp_path / "parent").mkdir()
-    assert cli.main(["train", "--model", str(folder), "--out", str(tmp_path / "parent" / "pair"), *FAST]) == 2
+    # --quiet: the template is read once the model has loaded, and without it transformers' "Loading
+    # weights" bar comes first (this test passed only after another had switched those bars off)
+    assert cli.main(["train", "--model", str(folder), "--out", str(tmp_path / "parent" / "pair"), "--quiet",
+                     *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no chat template" in err[0], err
     assert list((tmp_path / "parent").iterdir()) == []
@@ -111,24 +114,165 @@ def test_train_on_the_shipped_behaviour_example(tiny_dir, tmp_path):
     assert log["data"] == EXAMPLE and log["n_examples"] == sum(1 for ln in open(EXAMPLE) if ln.strip())
 
 
-@pytest.mark.parametrize("argv, message", [
+def _line(prompt="Is the sky green? Answer Yes or No.", answers=("Yes", "No"), sign=1) -> str:
+    return json.dumps({"prompt": prompt, "answers": list(answers), "sign": sign})
+
+
+GOOD_LINE = _line()
+#: Behaviour files of the table (issue 35): name -> bytes, written to the case's inputs/ folder.
+BAD_FILES = {
+    "equal_answers.jsonl": f"{GOOD_LINE}\n{_line(answers=('Yes', 'Yes'))}\n".encode(),
+    "sign_true.jsonl": f"{GOOD_LINE}\n{_line(sign=True)}\n".encode(),
+    "sign_float.jsonl": f"{_line(sign=-1.0)}\n{GOOD_LINE}\n".encode(),
+    "not_utf8.jsonl": f"{GOOD_LINE}\n{GOOD_LINE}\n".encode() + b'{"prompt": "caf\xe9?", "answers": ["Yes", "No"], "sign": 1}\n',
+    "megabyte_prompt.jsonl": f"{GOOD_LINE}\n{_line(prompt='x' * 2**20)}\n".encode(),
+    "long_answer.jsonl": f"{_line(answers=('Yes', 'N' * 5000))}\n{GOOD_LINE}\n".encode(),
+}
+
+TRAIN_BAD = [
     (["--layers", "9"], "--layers [9] outside the model's layers 0..3"),
     (["--family", "prefix"], "--family 'prefix'"),
     (["--steps", "0"], "steps must be >= 1"),
     (["--behaviour", "missing.jsonl"], "no such file"),
     (["--behaviour", EXAMPLE, "--n-train", "999"], "--n-train must be in 1.."),
     (["--target-modules", "q_proj,lm_head"], "target_modules"),
-])
-def test_bad_train_input_is_exit_2_before_any_training(tiny_dir, tmp_path, capsys, monkeypatch, argv, message):
-    from subspace_sweep import lora_train
+    # issue 35: what cannot train
+    (["--alpha", "nan"], "--alpha must be finite and > 0"),
+    (["--alpha", "inf"], "--alpha must be finite and > 0"),
+    (["--alpha", "0"], "--alpha must be finite and > 0"),
+    (["--alpha", "-2"], "--alpha must be finite and > 0"),
+    (["--lr", "inf"], "--lr must be finite and > 0, got inf"),
+    (["--lr", "nan"], "--lr must be finite and > 0, got nan"),
+    (["--lr", "0"], "--lr must be finite and > 0, got 0"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295 (an unsigned 32-bit integer, as for run), got -1"),
+    (["--seed", str(2**64)], f"--seed must be in 0..4294967295 (an unsigned 32-bit integer, as for run), got {2**64}"),
+    (["--seed", str(2**32)], "--seed must be in 0..4294967295"),
+    # the tiny Qwen3: v_proj is 32 x 64 (2 kv heads of 16), the smallest of q, v, o, down
+    (["--rank", "1000000"], "--rank 1000000: at most 32, the smaller dimension of v_proj (32 x 64) among the adapted"),
+    (["--rank", "33"], "--rank 33: at most 32"),
+    (["--rank", "65", "--target-modules", "o_proj,down_proj"],
+     "--rank 65: at most 64, the smaller dimension of down_proj (64 x 192)"),
+    (["--n-train", "0"], "--n-train must be in 1..20 (the shipped probes' LoRA training claims"),
+    (["--n-train", "21"], "--n-train must be in 1..20"),
+    (["--behaviour", "{inputs}"], "is a folder; give a JSONL file"),
+    (["--behaviour", "{inputs}/equal_answers.jsonl"], "equal_answers.jsonl, line 2: the two answers are equal ('Yes')"),
+    (["--behaviour", "{inputs}/sign_true.jsonl"], 'sign_true.jsonl, line 2: expected "sign": 1 or -1 (the integer), got true'),
+    (["--behaviour", "{inputs}/sign_float.jsonl"], 'sign_float.jsonl, line 1: expected "sign": 1 or -1 (the integer), got -1.0'),
+    (["--behaviour", "{inputs}/not_utf8.jsonl"], "not_utf8.jsonl, line 3: not UTF-8 (byte 0xe9 at column 16)"),
+    (["--behaviour", "{inputs}/megabyte_prompt.jsonl"],
+     "megabyte_prompt.jsonl, line 2: the prompt is 1048576 characters long; at most 4096"),
+    (["--behaviour", "{inputs}/long_answer.jsonl"], "long_answer.jsonl, line 1: the second answer is 5000 characters long"),
+]
 
-    monkeypatch.setattr(lora_train, "train_lora_pair", lambda *a, **k: pytest.fail("trained despite bad input"))
+
+def _fail(what):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{what} ran: the check must come before it")
+    return fail
+
+
+@pytest.mark.parametrize("argv, message", TRAIN_BAD, ids=[" ".join(a)[:60] for a, _ in TRAIN_BAD])
+def test_bad_train_input_is_exit_2_before_the_weights_load(tiny_dir, tmp_path, capsys, monkeypatch, argv, message):
+    """Exit 2, one line naming the option or the file's line, nothing written, and no weight loaded
+    (the loaders and the trainer are replaced by ones that fail the test)."""
+    from subspace_sweep import gguf_models, lora_train, model
+
+    monkeypatch.setattr(lora_train, "train_lora_pair", _fail("training"))
+    monkeypatch.setattr(lora_train, "load_model", _fail("loading the model's weights"))
+    monkeypatch.setattr(model, "load_model", _fail("loading the model's weights"))
+    monkeypatch.setattr(gguf_models, "_convert_into", _fail("converting a GGUF"))
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, data in BAD_FILES.items():
+        (inputs / name).write_bytes(data)
+    before = {p: p.read_bytes() for p in inputs.iterdir()}
     (tmp_path / "parent").mkdir()
+    argv = [a.format(inputs=inputs) for a in argv]
     assert cli.main(["train", "--model", str(tiny_dir), "--out", str(tmp_path / "parent" / "pair"), "--quiet",
                      *FAST, *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("subspace-sweep train: error: ") and message in err[0], err
+    assert captured.out == ""
     assert list((tmp_path / "parent").iterdir()) == []
+    assert {p: p.read_bytes() for p in inputs.iterdir()} == before
+
+
+def test_the_rank_bound_is_the_adapted_modules_smaller_dimension_exactly(tiny_dir, tmp_path):
+    """Rank 32 (v_proj's 32 x 64) passes the checks; 33 does not; without v_proj the bound is 64
+    (o_proj 64 x 64, down_proj 64 x 192)."""
+    from subspace_sweep import preflight
+
+    def check(rank, targets=("q_proj", "v_proj", "o_proj", "down_proj")):
+        return preflight.check_train(str(tiny_dir), str(tmp_path / "pair"), behaviour=None, n_train=None, family="lora",
+                                     layers=[1, 2], target_modules=targets, rank=rank, steps=1, lr=1e-3,
+                                     overwrite=False, alpha=None, seed=0)
+
+    assert check(32)[1] == [1, 2]
+    with pytest.raises(InputError, match="at most 32"):
+        check(33)
+    assert check(64, ("o_proj", "down_proj"))[1] == [1, 2]
+    with pytest.raises(InputError, match="at most 64"):
+        check(65, ("o_proj", "down_proj"))
+    shape = preflight.model_shape(str(tiny_dir))
+    assert shape.projection_dims() == {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),
+                                       "gate_proj": (192, 64), "up_proj": (192, 64), "down_proj": (64, 192)}
+
+
+def test_projection_dims_follow_the_config_where_head_dim_is_not_d_over_heads():
+    """Qwen3-0.6B's config (NOTES.md): d 1024, 16 heads of 128 (q is 2048 wide, not d), 8 kv heads,
+    FFN 3072; a config without head_dim or kv heads reads d/heads and the heads, as transformers does;
+    one without an FFN width or head count gives None (the bound is then d)."""
+    from subspace_sweep.preflight import ModelShape
+
+    qwen = ModelShape(1024, 28, "x", {"intermediate_size": 3072, "num_attention_heads": 16,
+                                      "num_key_value_heads": 8, "head_dim": 128})
+    assert qwen.projection_dims() == {"q_proj": (2048, 1024), "k_proj": (1024, 1024), "v_proj": (1024, 1024),
+                                      "o_proj": (1024, 2048), "gate_proj": (3072, 1024), "up_proj": (3072, 1024),
+                                      "down_proj": (1024, 3072)}
+    plain = ModelShape(64, 2, "x", {"intermediate_size": 96, "num_attention_heads": 4})
+    assert plain.projection_dims()["k_proj"] == (64, 64) and plain.projection_dims()["q_proj"] == (64, 64)
+    assert ModelShape(64, 2, "x", {"num_attention_heads": 4}).projection_dims() is None
+    assert ModelShape(64, 2, "x").projection_dims() is None
+
+
+def test_ctrl_c_during_training_ends_the_bar_then_says_interrupted_on_its_own_line(tiny_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Issue 35: the interrupted line was glued to the loss bar, and the bar was redrawn after it
+    (when it was garbage-collected). Now the bar is closed first: the last line of the terminal is
+    the interrupted line, and nothing is drawn after it."""
+    import gc
+
+    from subspace_sweep import lora_train
+
+    real = lora_train.assistant_loss
+    calls = []
+
+    def interrupt_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_train, "assistant_loss", interrupt_at_the_third_step)
+    (tmp_path / "parent").mkdir()
+    code = cli.main(["train", "--model", str(tiny_dir), "--out", str(tmp_path / "parent" / "pair"), *FAST])
+    gc.collect()  # a bar left open would redraw itself here
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INTERRUPTED
+    assert "train + adapter" in err and "2/3" in err  # the bar was drawn, and stopped at the second step
+    assert err.endswith("\nsubspace-sweep train: interrupted\n"), repr(err[-200:])
+    assert list((tmp_path / "parent").iterdir()) == []
+
+
+def test_train_n_train_on_the_shipped_probes_names_the_option(tiny_dir, tmp_path):
+    """--n-train 21 (the shipped probes hold 20 training claims) said `n_topics must be in 1..20`
+    after the model loaded; now preflight names the option."""
+    from subspace_sweep import preflight
+
+    with pytest.raises(InputError, match=r"^--n-train must be in 1\.\.20 .*got 21$"):
+        preflight.check_train(str(tiny_dir), str(tmp_path / "pair"), behaviour=None, n_train=21, family="lora",
+                              layers=None, target_modules=("q_proj",), rank=2, steps=1, lr=1e-3, overwrite=False)
 
 
 def test_default_lora_layers_are_the_seeds_middle_half():
