@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from .config import parse_layers
 from .errors import InputError
 from .lora_train import DEFAULT_TARGET_MODULES
 
@@ -28,27 +29,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    """``8..21``, ``8-21``, ``3,5,7`` or ``3 5 7`` pieces; a range must run upwards."""
-    out: list[int] = []
-    for piece in text.replace(",", " ").split():
-        for sep in ("..", "-"):
-            if sep in piece:
-                a, b = (int(x) for x in piece.split(sep, 1))
-                if b < a:
-                    raise ValueError(f"the range {piece} runs backwards; write {b}{sep}{a}")
-                out.extend(range(a, b + 1))
-                break
-        else:
-            out.append(int(piece))
-    if not out:
-        raise ValueError("it names no layer")
-    return tuple(out)
-
-
 def _layers_arg(text: str) -> tuple[int, ...]:
     try:
-        return _layers(text)
+        return parse_layers(text)
     except ValueError as e:
         if str(e).startswith(("the range", "it names")):
             raise argparse.ArgumentTypeError(f"cannot read layers {text!r}: {e}") from None

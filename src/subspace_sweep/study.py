@@ -148,7 +148,7 @@ def _layers(value: object, where: str) -> list[int] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        from .cli import _layers as parse
+        from .config import parse_layers as parse
 
         try:
             return list(parse(value))
