@@ -218,7 +218,7 @@ def _causal_numbers(causal: pl.DataFrame | None, out: dict) -> None:
 
 
 #: pair.tsv's columns for the pair's geometry (the row of scope ``all``).
-PAIR_COLUMNS = {"cos_pos_neg": "cos_pos_negneg", "norm_ratio": "norm_ratio", "drift_over_w": "drift_over_w",
+PAIR_COLUMNS = {"cos_pos_neg": "cos_plus_neg_minus", "norm_ratio": "norm_ratio", "drift_over_w": "drift_over_axis",
                 "abs_cos_w_drift": "abs_cos_w_drift"}
 
 
