@@ -1,4 +1,4 @@
-"""The ``subspace-sweep`` command line: run, demo, train, delta, compare, explain.
+"""The ``subspace-sweep`` command line: run, demo, train, delta, compare, report, explain.
 
 Bad input ends with exit code 2 and one line naming the fault; nothing is written then.
 Ctrl-C ends with exit code 130 and one line. Warnings are one line each, without source lines.
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept a changed spec: redo the jobs it changes, delete the ones it drops")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    report = sub.add_parser("report", parents=[common], help="(re)write report.html of a run or compare folder")
+    report.add_argument("folder", help="a run or compare folder written by subspace-sweep (old ones included)")
+
     explain = sub.add_parser("explain", help="print a candidate's definition")
     explain.add_argument("name")
     return parser
@@ -280,6 +283,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     return EXIT_JOBS_FAILED if outcome.failed else 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .html_report import rebuild
+
+    print(f"wrote {rebuild(args.folder)}")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from .candidates import get_spec
 
@@ -308,7 +318,7 @@ def bluf_table(result, top: int = 12) -> str:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare,
-            "study": cmd_study, "explain": cmd_explain}
+            "study": cmd_study, "report": cmd_report, "explain": cmd_explain}
 
 
 def _one_line(text: object) -> str:

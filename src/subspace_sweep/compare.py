@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import scipy.stats  # noqa: E402
 
-from . import linalg, publish, report  # noqa: E402
+from . import html_report, linalg, publish, report  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .provenance import package_versions  # noqa: E402
 
@@ -369,11 +369,11 @@ def comparison_markdown(cmp: Comparison) -> str:
 
 def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, settings: dict,
                      snapshot: publish.Snapshot | None = None, run_paths: list[str] | None = None) -> Path:
-    """Write the compare folder and publish it as ``out`` (``publish.write_folder``); its
-    manifest.json (written last) makes it a folder ``--overwrite`` may replace. Per view: its
-    stability table (``compare_summary.tsv``, ``compare_summary_std.tsv``) and figure; both views'
-    Kendall τ in rank_stability.tsv and best candidates in headline.tsv; compare.md in the order to
-    read them."""
+    """Write the compare folder (report.html included) and publish it as ``out``
+    (``publish.write_folder``); its manifest.json (written last) makes it a folder ``--overwrite``
+    may replace. Per view: its stability table (``compare_summary.tsv``, ``compare_summary_std.tsv``)
+    and figure; both views' Kendall τ in rank_stability.tsv and best candidates in headline.tsv;
+    compare.md in the order to read them."""
     if snapshot is None:
         snapshot = publish.check_destination(out, overwrite=overwrite)
 
@@ -393,6 +393,7 @@ def write_comparison(cmp: Comparison, out: str | Path, *, overwrite: bool, setti
         (tmp / "compare.md").write_text(comparison_markdown(cmp), encoding="utf-8")
         manifest = {"package_versions": package_versions(), "kind": "compare", "out": str(snapshot.path),
                     "runs": [str(Path(p).expanduser().resolve()) for p in (run_paths or cmp.runs)]}
+        html_report.write_into(tmp, kind="compare", manifest=manifest)  # links the runs' reports
         (tmp / publish.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     return publish.write_folder(out, fill, overwrite=overwrite, snapshot=snapshot)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from . import publish  # noqa: E402
+from . import html_report, publish  # noqa: E402
 from .causal import COHERENT_SHARE, MIN_ANSWER_MASS  # noqa: E402
 from .provenance import package_versions  # noqa: E402
 from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
@@ -604,8 +604,9 @@ def write_run(result, config, out: str | Path, manifest: Mapping[str, object],
 
 
 def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
-    """Write every SPEC §7 output of ``result`` into the (new, empty) folder ``tmp``; the manifest
-    last, with the time the report took (``timings_s.report``)."""
+    """Write every SPEC §7 output of ``result`` into the (new, empty) folder ``tmp``, then
+    report.html of them (issue 33); the manifest last, with the time the tables and figures took
+    (``timings_s.report``) and report.html's (``timings_s.report_html``)."""
     t0 = time.perf_counter()
     ranked = ranked_summary(result)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -649,5 +650,8 @@ def fill_run(tmp: Path, result, config, manifest: Mapping[str, object]) -> None:
         "null": config.null,
         **manifest,
     }
+    t_html = time.perf_counter()  # report.html reads the folder as written so far, the manifest from memory
+    html_report.write_into(tmp, kind="run", manifest=full_manifest)
+    full_manifest["timings_s"] = {**full_manifest["timings_s"], "report_html": round(time.perf_counter() - t_html, 3)}
     (tmp / publish.MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -22,6 +22,7 @@ EXPECTED_FILES = {
     "specific_summary.tsv", "definitions.md", "conclusion.md", "joint_act_weight_scatter.png",
     "joint_act_weight_scatter.pdf", "per_layer_heatmap.png", "per_layer_heatmap.pdf", "weight_oracles.safetensors",
     "scope.tsv", "spectra.tsv", "spectra.png", "spectra.pdf", "readout.tsv", "readout.png", "readout.pdf",  # SPEC §10
+    "report.html",  # issue 33
 }
 
 
