@@ -766,7 +766,7 @@ def write_study_aggregate(folder: Path, spec: StudySpec) -> Path:
     """``DIR/study/`` from the finished jobs, published whole (replacing the previous aggregate)."""
     import polars as pl
 
-    from . import publish
+    from . import html_report, publish
     from .provenance import package_versions
     from .study_aggregate import aggregate, job_numbers, write_aggregate
 
@@ -788,10 +788,13 @@ def write_study_aggregate(folder: Path, spec: StudySpec) -> Path:
         gains += [{"model": job.slug, "family": job.family, "candidate": r["candidate"],
                    "gain_w_combined": r["gain_w_combined"]} for r in panel.iter_rows(named=True)]
     agg = aggregate(rows, gains, failed)
-    manifest = {"kind": "study_aggregate", "format": STUDY_FORMAT, "spec": spec.spec,
+    manifest = {"kind": "study", "format": STUDY_FORMAT, "spec": spec.spec,
                 "package_versions": package_versions(), "jobs": [j.id for j in spec.jobs],
                 "finished": [r["job"] for r in rows], "interval": "95% Student-t over seeds (mean ± t·sd/√n)"}
     dest = folder / AGGREGATE
     inputs = {"rows": rows, "gains": gains, "failed": failed}
-    return publish.write_folder(dest, lambda tmp: write_aggregate(agg, tmp, manifest, len(spec.jobs), inputs),
-                                overwrite=True, snapshot=None)
+    def fill(tmp: Path) -> None:
+        write_aggregate(agg, tmp, manifest, len(spec.jobs), inputs)
+        html_report.write_into(tmp, kind="study", manifest=manifest)  # links each job's run report
+
+    return publish.write_folder(dest, fill, overwrite=True, snapshot=None)

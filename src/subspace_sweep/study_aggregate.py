@@ -430,10 +430,11 @@ def forest_figure(agg: Aggregate, stem: Path) -> None:
     ax.axvline(0.5, color="0.3", ls="--", lw=0.8, label="half (the claim's threshold)")
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(list(reversed(labels)), fontsize=8)
-    ax.set_xlim(left=0)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlim(0, 1)  # a share of the oracle: 0 (nothing) to 1 (all of it)
     ax.set_xlabel("best base-model basis's share of the rank-matched combined weight oracle")
     ax.set_title("What the base model predicts of the delta, per adapter family", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     _save(fig, stem)
 
 

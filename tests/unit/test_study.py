@@ -208,3 +208,31 @@ def test_the_spec_reads_defaults_overrides_and_relative_paths(world):
     assert lora.model == str((world["root"] / "tiny-qwen3").resolve())
     assert lora.train["lr"] == 2e-3 and ia3.train["lr"] == 2e-2 and lora.train["layers"] == [1, 2]
     assert lora.hash != spec.jobs[1].hash and lora.hash == load_spec(world["spec"]).jobs[0].hash
+
+
+def test_the_study_report_opens_offline_with_its_figures_and_job_links(local_study):
+    """report.html of the aggregate (issue 33's study page): forest plot and heatmap decode, the
+    claims table is claims.tsv, each job's run report is linked by a relative path that opens, and
+    nothing is loaded from outside the file."""
+    from tests.helpers_report import Browser, browser_unavailable, check_self_contained, image_widths, tsv_rows
+
+    if browser_unavailable():
+        pytest.skip(f"browser tests: {browser_unavailable()}")
+    from selenium.webdriver.common.by import By
+
+    agg = local_study / "study"
+    browser = Browser()
+    try:
+        browser.open(agg / "report.html")
+        widths = image_widths(browser)
+        assert len(widths) == 2 and min(widths) > 0
+        header, rows = browser.table("claims")
+        assert rows == tsv_rows(agg / "claims.tsv", header)
+        links = [a.get_attribute("href") for a in browser.driver.find_elements(By.CSS_SELECTOR, "ul.runs a")]
+        jobs = ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1"]
+        assert links == [(local_study / "jobs" / j / "run" / "report.html").resolve().as_uri() for j in jobs]
+        check_self_contained(browser, agg, allowed_links={f"../jobs/{j}/run/report.html" for j in jobs})
+        browser.driver.find_element(By.CSS_SELECTOR, "ul.runs a").click()
+        assert browser.driver.current_url == links[0]
+    finally:
+        browser.close()
