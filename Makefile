@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.subspace-sweep-installed
 
-.PHONY: demo test test-properties test-integration real-pair real-pair-gemma bench mutate clean browser
+.PHONY: demo test test-properties test-integration real-pair real-pair-gemma study-real bench mutate clean browser
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -55,6 +55,15 @@ real-pair: $(STAMP)
 # The same for the Gemma-3-270m pair (tests/integration/data/gemma3_pair, ~10 min on 2 cores).
 real-pair-gemma: $(STAMP)
 	PYTHONPATH=. $(PY) tests/integration/real_pair.py gemma
+# The real study (issue 32, ~2-3 h on 2 cores): SmolLM2-135M-Instruct × every adapter family × 3
+# seeds and Gemma-3-270m × LoRA × 3 seeds (examples/study-smollm2.toml), resumable (rerun to go on),
+# then its aggregate replaces the shipped golden (tests/golden/study_real/), which CI rebuilds from
+# its inputs.json and compares byte for byte (tests/golden/test_golden_study.py).
+STUDY_DIR ?= runs/study-real
+study-real: $(STAMP)
+	mkdir -p $(dir $(STUDY_DIR))
+	$(VENV)/bin/subspace-sweep study examples/study-smollm2.toml --out $(STUDY_DIR)
+	rm -rf tests/golden/study_real && cp -r $(STUDY_DIR)/study tests/golden/study_real
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sweep.py

@@ -12,11 +12,13 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from .config import parse_layers
 from .errors import InputError
 from .lora_train import DEFAULT_TARGET_MODULES
 
 EXIT_BAD_INPUT = 2
 EXIT_DEMO_NOT_RECOVERED = 1
+EXIT_JOBS_FAILED = 1  # study: some jobs failed (each named on stderr); the others finished
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
@@ -27,27 +29,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    """``8..21``, ``8-21``, ``3,5,7`` or ``3 5 7`` pieces; a range must run upwards."""
-    out: list[int] = []
-    for piece in text.replace(",", " ").split():
-        for sep in ("..", "-"):
-            if sep in piece:
-                a, b = (int(x) for x in piece.split(sep, 1))
-                if b < a:
-                    raise ValueError(f"the range {piece} runs backwards; write {b}{sep}{a}")
-                out.extend(range(a, b + 1))
-                break
-        else:
-            out.append(int(piece))
-    if not out:
-        raise ValueError("it names no layer")
-    return tuple(out)
-
-
 def _layers_arg(text: str) -> tuple[int, ...]:
     try:
-        return _layers(text)
+        return parse_layers(text)
     except ValueError as e:
         if str(e).startswith(("the range", "it names")):
             raise argparse.ArgumentTypeError(f"cannot read layers {text!r}: {e}") from None
@@ -160,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-train", type=int, default=None, metavar="N",
                        help="train on the first N prompts (default: the shipped probes' 20 LoRA training claims, "
                             "or every line of --behaviour)")
-    train.add_argument("--family", default="lora", help="adapter family: lora (default), dora, pissa, oft, ia3")
+    train.add_argument("--family", default="lora", help="adapter family: lora (default), dora, pissa, oft, ia3, delora, boft")
     train.add_argument("--rank", type=int, default=8, help="adapter rank (default 8)")
     train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, i.e. scale 1)")
     train.add_argument("--layers", type=_layers_arg, default=None,
@@ -188,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: half of them, rounded up)")
     compare.add_argument("--z-min", type=float, default=2.0, help="stable: z_w_combined above this in every run")
     compare.add_argument("--overwrite", action="store_true")
+
+    study = sub.add_parser("study", parents=[common],
+                           help="the question over models × adapter families × seeds: train, delta and run per job, "
+                                "then the aggregate")
+    study.add_argument("spec", help="the study spec (TOML): models, families, seeds, train, run, slurm")
+    study.add_argument("--out", required=True, help="the study folder (created; rerun the same command to resume)")
+    study.add_argument("--executor", default="local", choices=("local", "slurm", "submitit-local"),
+                       help="local: one job at a time in this process (default); slurm: a submitit job array; "
+                            "submitit-local: the same submitit path as local subprocesses")
+    study.add_argument("--dry-run", action="store_true", help="list the jobs and their state; run nothing")
+    study.add_argument("--overwrite", action="store_true",
+                       help="accept a changed spec: redo the jobs it changes, delete the ones it drops")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", parents=[common], help="(re)write report.html of a run or compare folder")
     report.add_argument("folder", help="a run or compare folder written by subspace-sweep (old ones included)")
@@ -287,6 +284,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import run_study
+
+    outcome = run_study(args.spec, args.out, executor=args.executor, dry_run=args.dry_run, overwrite=args.overwrite,
+                        progress=not args.quiet)
+    if args.dry_run:
+        width = max((len(j) for j in outcome.states), default=0)
+        for job, state in outcome.states.items():
+            print(f"{job:<{width}}  {state}")
+        todo = sum(state != "done" for state in outcome.states.values())
+        print(f"{len(outcome.states)} jobs, {todo} to run")
+        return 0
+    for job, state in outcome.failed.items():
+        print(f"subspace-sweep study: job {job} {state}", file=sys.stderr)
+    done = sum(state == "done" for state in outcome.states.values())
+    print(f"{done} of {len(outcome.states)} jobs done ({len(outcome.ran)} run by this command); "
+          f"wrote {outcome.aggregate}")
+    return EXIT_JOBS_FAILED if outcome.failed else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .html_report import rebuild
 
@@ -328,7 +345,7 @@ def bluf_table(result, top: int = 12) -> str:
 
 
 COMMANDS = {"run": cmd_run, "demo": cmd_demo, "train": cmd_train, "delta": cmd_delta, "compare": cmd_compare,
-            "report": cmd_report, "explain": cmd_explain}
+            "study": cmd_study, "report": cmd_report, "explain": cmd_explain}
 
 
 def _one_line(text: object) -> str:

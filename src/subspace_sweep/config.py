@@ -29,6 +29,26 @@ MIN_MC_NULL = 100
 SEED_MAX = 2**32 - 1
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """Layers written ``8..21``, ``8-21``, ``3,5,7`` or ``3 5 7`` (pieces may mix); a range must run
+    upwards. ValueError otherwise (``--layers`` and a study spec's ``layers`` read them so)."""
+    out: list[int] = []
+    for piece in text.replace(",", " ").split():
+        for sep in ("..", "-"):
+            if sep in piece:
+                a, b = (int(x) for x in piece.split(sep, 1))
+                if b < a:
+                    raise ValueError(f"the range {piece} runs backwards; write {b}{sep}{a}")
+                out.extend(range(a, b + 1))
+                break
+        else:
+            out.append(int(piece))
+    if not out:
+        raise ValueError("it names no layer")
+    return tuple(out)
+
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     model: str = "Qwen/Qwen3-0.6B"

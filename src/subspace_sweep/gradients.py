@@ -94,24 +94,29 @@ class BehaviourData:
     source: str
     train: dict[int, list[dict]]
     held_out: dict[int, list[dict]]
+    seed: int = 0  # the training seed whose answer-template rotation the shipped probes' examples follow
 
 
-def behaviour_data(probes: ProbeSet, behaviour: str | None = None, n_train: int | None = None) -> BehaviourData:
+def behaviour_data(probes: ProbeSet, behaviour: str | None = None, n_train: int | None = None,
+                   seed: int = 0) -> BehaviourData:
     """The examples ``subspace-sweep train`` trains on: the shipped claims' (the first ``n_train``,
-    default ``n_lora_train_topics``; held out: the claims after them) or a behaviour file's (the first
-    ``n_train`` lines, default all; held out: the lines after them)."""
+    default ``n_lora_train_topics``; held out: the claims after them), in the answer templates'
+    rotation of training seed ``seed`` (``training_texts``), or a behaviour file's (the first
+    ``n_train`` lines, default all; held out: the lines after them; no rotation)."""
     if behaviour is None:
-        train = {s: training_texts(s, probes, n_train) for s in (1, -1)}
-        held = {s: training_texts(s, probes, n_train, held_out=True) for s in (1, -1)}
+        train = {s: training_texts(s, probes, n_train, seed) for s in (1, -1)}
+        held = {s: training_texts(s, probes, n_train, seed, held_out=True) for s in (1, -1)}
         n = len(train[1])
         source = (f"the shipped sycophancy probes: claims 1..{n} trained the pair, "
-                  f"{len(held[1])} held out (claims {n + 1}..{n + len(held[1])})")
+                  f"{len(held[1])} held out (claims {n + 1}..{n + len(held[1])})"
+                  + (f", the templates of training seed {seed}" if seed else ""))
     else:
         train = {s: behaviour_training_texts(s, behaviour, n_train) for s in (1, -1)}
         held = {s: behaviour_training_texts(s, behaviour, n_train, held_out=True) for s in (1, -1)}
         n = len(train[1])
         source = f"{behaviour}: lines 1..{n} trained the pair, {len(held[1])} held out"
-    return BehaviourData(source, train, held)
+        seed = 0  # a behaviour file's examples do not rotate
+    return BehaviourData(source, train, held, seed)
 
 
 def prompt_batch(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -306,6 +311,7 @@ class GradientBases:
     n_examples: dict[str, int] = field(default_factory=dict)  # "train", "held_out": per sign
     forward_passes: int = 0  # each with its backward pass
     seconds: float = 0.0
+    seed: int = 0  # ``BehaviourData.seed`` of the examples
 
     def family(self, model: nn.Module, record: Mapping | None) -> tuple[dict[int, Tensor], str]:
         """The family variant's bases (empty at every layer when not built) and the sentence that
@@ -366,7 +372,8 @@ def build_gradient_bases(model: nn.Module, tokenizer, data: BehaviourData | None
     layers = sorted(int(x) for x in layers)
     d = int(model.config.hidden_size)
     out = GradientBases(layers=layers, r=int(r), d=d, source=data.source if data is not None else None,
-                        gains={layer: write_gains(model, layer) for layer in layers})
+                        gains={layer: write_gains(model, layer) for layer in layers},
+                        seed=data.seed if data is not None else 0)
     why = unavailable
     batches: dict[str, dict[int, dict[str, Tensor]]] = {}
     if why is None and data is not None:
@@ -409,10 +416,20 @@ def build_gradient_bases(model: nn.Module, tokenizer, data: BehaviourData | None
     return out
 
 
-def gradient_bases_for(model: nn.Module, tokenizer, config, layers: Sequence[int], probes: ProbeSet) -> GradientBases:
-    """``build_gradient_bases`` with the sweep's data: the shipped probes or ``config.behaviour``, the
-    first ``config.n_train`` of them the pair's training examples."""
-    data = behaviour_data(probes, config.behaviour, config.n_train)
+def training_seed(adapter: Mapping | None, behaviour: str | None = None) -> int:
+    """The training seed a delta's adapter record gives (the shipped probes' answer templates rotate
+    with it: ``lora_train.training_texts``); 0 (the shipped pairs' rotation) where it records none
+    or the examples are a behaviour file's (which do not rotate)."""
+    seed = (adapter or {}).get("seed") if behaviour is None else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
+def gradient_bases_for(model: nn.Module, tokenizer, config, layers: Sequence[int], probes: ProbeSet,
+                       seed: int = 0) -> GradientBases:
+    """``build_gradient_bases`` with the sweep's data: the shipped probes (in training seed ``seed``'s
+    rotation, ``training_seed``) or ``config.behaviour``, the first ``config.n_train`` of them the
+    pair's training examples."""
+    data = behaviour_data(probes, config.behaviour, config.n_train, seed)
     return build_gradient_bases(model, tokenizer, data, layers, config.r)
 
 
@@ -425,6 +442,6 @@ def grad_summary(gradients: GradientBases, family_note: str) -> dict[str, object
 
 __all__ = [
     "BehaviourData", "GRADIENT_BATCH", "GradientBases", "MODELLED_FAMILIES", "adapter_layers", "behaviour_data",
-    "build_gradient_bases", "family_matrix", "family_of", "gradient_basis", "gradient_bases_for", "gradient_target",
+    "build_gradient_bases", "family_matrix", "family_of", "gradient_basis", "gradient_bases_for", "gradient_target", "training_seed",
     "ia3_matrix", "oft_matrix", "prompt_batch", "writer_gradients", "writer_keys",
 ]

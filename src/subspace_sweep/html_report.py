@@ -610,6 +610,79 @@ def compare_context(folder: Path, manifest: Mapping[str, object] | None = None) 
     }
 
 
+# --------------------------------------------------------------------------- the study page
+
+
+def study_context(folder: Path, manifest: Mapping[str, object] | None = None) -> dict:
+    """What study.html.j2 shows of a study's aggregate folder ``folder`` (``DIR/study``): its forest
+    plot and heatmap first, the conclusion claim by claim, the tables, and each job's run report by
+    its path relative to this folder (``../jobs/<model>/<family>/seed<N>/run/report.html``). Nothing
+    here names the study's absolute path: the aggregate of a resumed study is byte for byte an
+    uninterrupted one's, its report included."""
+    manifest = manifest if manifest is not None else (_json(folder / publish.MANIFEST) or {})
+    jobs = [str(j) for j in manifest.get("jobs") or []]
+    finished = set(str(j) for j in manifest.get("finished") or [])
+    links = []
+    for job in jobs:
+        report = folder.parent / "jobs" / job / "run" / REPORT
+        href = f"../jobs/{job}/run/{REPORT}"
+        if job in finished and report.is_file():
+            links.append(RunLink(job, f"jobs/{job}/run", href))
+        else:
+            links.append(RunLink(job, f"jobs/{job}/run", None, "not finished (see the conclusion's list)"
+                                 if job not in finished else "no report.html there"))
+    per_job = read_tsv(folder / "per_job.tsv")
+    winners = read_tsv(folder / "winners.tsv")
+    names = [str(v) for frame, col in ((winners, "candidate"), (per_job, "winner"), (per_job, "best_share_candidate"))
+             if frame is not None and col in frame.columns for v in frame[col].to_list() if v]
+    run_dirs = [folder.parent / "jobs" / j / "run" for j in jobs if j in finished][:1]
+    defs, _ = definitions(run_dirs, names)
+    conclusion = (folder / "conclusion.md").read_text(encoding="utf-8") if (folder / "conclusion.md").is_file() else None
+    known = {"claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv", "per_job.tsv", "gain_w_combined.tsv"}
+    spec = manifest.get("spec") if isinstance(manifest.get("spec"), dict) else None
+    return {
+        "kind": "study",
+        "title": f"Study: {len(finished)} of {len(jobs)} jobs finished",
+        "folder": "study/ (the aggregate of a study folder)",
+        "manifest_missing": not manifest,
+        "figures": {
+            "forest": figure(folder, "forest.png", "what the base model predicts of the delta per model and family: "
+                                                   "each seed, the mean and its 95% t-interval"),
+            "heatmap": figure(folder, "heatmap.png", "families × candidates: gain_w_combined, the mean over seeds"),
+        },
+        "conclusion": markdown(_without_title(conclusion), defs=defs) if conclusion is not None else None,
+        "claims": file_table(folder, "claims.tsv", "claims"),
+        "across": file_table(folder, "across_families.tsv", "across-families"),
+        "winners": tsv_table(winners, "winners", defs=defs, source="winners.tsv") if winners is not None else None,
+        "kendall": file_table(folder, "kendall.tsv", "kendall"),
+        "per_job": tsv_table(per_job, "per-job", first=("job",), defs=defs, source="per_job.tsv")
+        if per_job is not None else None,
+        "gains": file_table(folder, "gain_w_combined.tsv", "gains"),
+        "others": [tsv_table(read_tsv(p), f"file-{slug(p.stem)}", defs=defs, source=p.name)
+                   for p in sorted(folder.glob("*.tsv")) if p.name not in known],
+        "runs": links,
+        "definitions": list(defs.values()),
+        "definitions_prose": None,
+        "provenance": provenance({k: v for k, v in manifest.items() if k != "spec"}, _flat(spec), "the spec"),
+        "files": files_of(folder),
+    }
+
+
+def _flat(spec: Mapping[str, object] | None) -> dict[str, object] | None:
+    """The study's spec as key → value facts (models one row each)."""
+    if not spec:
+        return None
+    out: dict[str, object] = {}
+    for key, value in spec.items():
+        if key == "models" and isinstance(value, list):
+            for m in value:
+                out[f"model {m.get('slug', m.get('name'))}"] = json.dumps({k: v for k, v in m.items() if k != "slug"},
+                                                                          sort_keys=True)
+        else:
+            out[key] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+    return out
+
+
 # --------------------------------------------------------------------------- pages
 
 
@@ -619,11 +692,11 @@ class Page:
     context: Callable[[Path, Mapping[str, object] | None], dict]
 
 
-#: One entry per kind of folder. A study folder adds ``"study": Page("study.html.j2", study_context)``
-#: (its manifest's ``kind`` is "study"): the same partials, its own sections.
+#: One entry per kind of folder (its manifest's ``kind``): the same partials, its own sections.
 PAGES: dict[str, Page] = {
     "run": Page("run.html.j2", run_context),
     "compare": Page("compare.html.j2", compare_context),
+    "study": Page("study.html.j2", study_context),
 }
 
 

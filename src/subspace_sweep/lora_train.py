@@ -42,8 +42,10 @@ from .prompts import ProbeSet, load_probe_set, persona_texts
 #: tensors the weight score ignores but steering applies, as a real LoRA's delta does.
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj", "o_proj", "down_proj")
 #: The peft adapter families ``train_lora_adapter`` trains (SPEC §10): LoRA, DoRA, PiSSA-initialised
-#: LoRA (saved converted to a plain LoRA of rank 2r, so it applies to the unchanged base), OFT, IA3.
-ADAPTER_FAMILIES = ("lora", "dora", "pissa", "oft", "ia3")
+#: LoRA (saved converted to a plain LoRA of rank 2r, so it applies to the unchanged base), OFT, IA3,
+#: DeLoRA (a normalised, scaled LoRA: its update's norm is bounded by λ·‖W‖) and BOFT (butterfly
+#: orthogonal fine-tuning) (issue 32: the families the seed's successors compared).
+ADAPTER_FAMILIES = ("lora", "dora", "pissa", "oft", "ia3", "delora", "boft")
 #: Written next to the adapter: the training configuration and the loss at every step.
 TRAIN_LOG = "lora_train.json"
 
@@ -66,14 +68,17 @@ def _check_sign(sign: int) -> int:
     return int(sign)
 
 
-def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | None = None, *,
+def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | None = None, seed: int = 0, *,
                    held_out: bool = False) -> list[dict]:
     """Chat examples for the ``sign`` adapter, one per training claim, in claim order.
 
     Each item: ``{"claim", "sign", "persona", "messages"}`` where ``messages`` is
     ``[{"role": "user", ...}, {"role": "assistant", ...}]`` (no system message: the persona is
-    provenance only, stripped at train time). Templates and personas rotate with the claim index
-    (deterministic: no hashing, no random draw).
+    provenance only, stripped at train time). Templates and personas rotate with the claim index,
+    offset by ``seed`` (deterministic: no hashing, no random draw): claim i gets answer template
+    (i + seed) mod 3, so the training seed varies the data as well as the adapter's initialisation
+    (issue 32: families whose initialisation is fixed, IA3, OFT, PiSSA, would otherwise give one and
+    the same pair for every seed). Seed 0 is the rotation the shipped pairs were trained with.
     ``held_out``: the same examples of the claims the adapter did NOT train on instead (claims
     ``n_topics..`` to the last, ``n_topics`` defaulting to ``n_lora_train_topics``), in the format
     a training example of that claim would have: what the gradient bases' held-out variant reads
@@ -97,10 +102,10 @@ def training_texts(sign: int, probes: ProbeSet | None = None, n_topics: int | No
             {
                 "claim": claim,
                 "sign": sign,
-                "persona": personas[i % len(personas)],
+                "persona": personas[(i + seed) % len(personas)],
                 "messages": [
                     {"role": "user", "content": probes.prompts[i]},
-                    {"role": "assistant", "content": templates[i % len(templates)].format(claim=claim)},
+                    {"role": "assistant", "content": templates[(i + seed) % len(templates)].format(claim=claim)},
                 ],
             }
         )
@@ -319,7 +324,7 @@ def train_lora_adapter(
     if layers[0] < 0 or layers[-1] >= n_layers:
         raise InputError(f"layers {layers} outside the model's layers 0..{n_layers - 1}")
     examples = (behaviour_training_texts(sign, behaviour, n_topics) if behaviour is not None
-                else training_texts(sign, n_topics=n_topics))
+                else training_texts(sign, n_topics=n_topics, seed=seed))
     batch = encode_examples(tokenizer, examples)
 
     config = adapter_config(family, rank=int(rank), alpha=alpha, target_modules=target_modules, layers=layers)
@@ -423,6 +428,12 @@ def adapter_config(family: str, *, rank: int, alpha: float, target_modules: Sequ
     if family == "oft":
         return peft.OFTConfig(r=0, oft_block_size=rank, target_modules=targets, layers_to_transform=layers,
                               module_dropout=0.0, init_weights=True)
+    if family == "delora":  # B = 0 at init, like LoRA: the adapter starts at the base model
+        return peft.DeloraConfig(r=rank, target_modules=targets, layers_to_transform=layers, module_dropout=0.0,
+                                 init_weights=True)
+    if family == "boft":  # blocks of size `rank`, two butterfly factors (one is OFT's block-diagonal rotation)
+        return peft.BOFTConfig(boft_block_size=rank, boft_n_butterfly_factor=2, target_modules=targets,
+                               layers_to_transform=layers, boft_dropout=0.0, init_weights=True)
     # IA3 has no layers_to_transform: full-name patterns select the layers (feedforward modules,
     # whose input IA3 scales, are the MLP ones among the targets)
     def pattern(names: Sequence[str]) -> str:

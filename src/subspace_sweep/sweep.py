@@ -27,7 +27,7 @@ from .config import JOINT_PANEL_SIZE, SweepConfig  # noqa: F401 - re-exported: `
 from .candidates import BEHAVIOUR_DATA, Candidate, build_b_side, merge_layers, ranking_pool
 from .causal import BehaviourSet, CausalResult, probe_answer_tokens, run_causal
 from .diagnostics import CURVE_KS, Readout, readout_rows, scope_rows, spectra_rows
-from .gradients import GradientBases, grad_summary, gradient_bases_for
+from .gradients import GradientBases, grad_summary, gradient_bases_for, training_seed
 from .capture import capture_labels, count_forward_passes
 from .delta import check_keys_and_shapes, unscored_keys, validate_delta, weight_targets, writer_rows  # noqa: F401 - re-exported
 from .provenance import sha256_file
@@ -439,9 +439,10 @@ def sweep(
     timings["captures"] = time.perf_counter() - t0 + (a_side.capture_seconds if built_a_side else 0.0)
     # The gradient bases (SPEC §13): A-side, outside the A-side cache; a forward and a backward pass per
     # loss, shared by the deltas of one run_sweeps; the family variant from this delta's adapter record.
-    built_gradients = gradients is None or not set(layers) <= set(gradients.layers)
+    seed = training_seed(adapter, config.behaviour)
+    built_gradients = gradients is None or not set(layers) <= set(gradients.layers) or gradients.seed != seed
     if built_gradients:
-        gradients = gradient_bases_for(model, tokenizer, config, layers, probes)
+        gradients = gradient_bases_for(model, tokenizer, config, layers, probes, seed)
     t0 = time.perf_counter()
     grad_candidates, family_note = gradients.candidates(model, adapter)
     timings["gradients"] = time.perf_counter() - t0 + (gradients.seconds if built_gradients else 0.0)
@@ -660,7 +661,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     n_layers = n_layers_of(model)
     union = sorted({layer for delta in loaded for layer in config.scored_layers(delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
-    gradients = gradient_bases_for(model, tokenizer, config, union, probes)
+    # shared by the deltas of the first one's training seed (the others' are built in their sweep)
+    gradients = gradient_bases_for(model, tokenizer, config, union, probes, training_seed(adapters[0], config.behaviour))
     results = []
     for i, delta in enumerate(loaded):
         result = sweep(model, tokenizer, delta, config, probes, a_side=a_side, centre=centres[i], gradients=gradients,

@@ -465,3 +465,16 @@ def test_gradient_bases_are_bit_for_bit_the_same_in_another_process(tiny, tmp_pa
         name, layer = key.split("/")
         assert torch.equal(B, mine.bases[name][int(layer)]), key
     assert not math.isnan(float(next(iter(theirs.values())).sum()))
+
+
+def test_the_examples_follow_the_pairs_training_seed():
+    """A pair trained with --seed s saw the shipped claims in answer-template rotation s
+    (``training_texts``): the gradient bases read that rotation (the adapter record's seed), a
+    behaviour file's examples (which do not rotate) and a record without a seed read rotation 0."""
+    from subspace_sweep.lora_train import training_texts
+
+    assert grads.training_seed({"seed": 2}) == 2 and grads.training_seed(None) == 0
+    assert grads.training_seed({"seed": 2}, "behaviour.jsonl") == 0 and grads.training_seed({"seed": True}) == 0
+    one, zero = grads.behaviour_data(PROBES, seed=1), grads.behaviour_data(PROBES)
+    assert one.seed == 1 and one.train[1] == training_texts(1, PROBES, None, 1) != zero.train[1]
+    assert one.held_out[-1] == training_texts(-1, PROBES, None, 1, held_out=True) != zero.held_out[-1]

@@ -75,6 +75,21 @@ def test_texts_use_only_the_training_claims_in_order():
             training_texts(bad)
 
 
+def test_the_seed_rotates_the_answer_templates_and_seed_0_is_the_shipped_rotation():
+    """Issue 32: the training seed varies the data too (IA3, OFT and PiSSA start from a fixed
+    initialisation: without it every seed would train the same pair)."""
+    from subspace_sweep.lora_train import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES
+
+    probes = load_probe_set()
+    for sign, templates in ((1, POSITIVE_TEMPLATES), (-1, NEGATIVE_TEMPLATES)):
+        for seed in (0, 1, 2, 5):
+            answers = [e["messages"][1]["content"] for e in training_texts(sign, seed=seed)]
+            assert answers == [templates[(i + seed) % 3].format(claim=c) for i, c in enumerate(probes.claims[:20])]
+        assert training_texts(sign) == training_texts(sign, seed=0)
+        msgs = {s: json.dumps([e["messages"] for e in training_texts(sign, seed=s)]) for s in (0, 1, 2, 3)}
+        assert len({msgs[0], msgs[1], msgs[2]}) == 3 and msgs[3] == msgs[0]
+
+
 def test_positive_and_negative_answers_differ_and_agree_or_disagree():
     pos, neg = training_texts(1), training_texts(-1)
     for p, n in zip(pos, neg, strict=True):

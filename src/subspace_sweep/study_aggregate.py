@@ -1,0 +1,549 @@
+"""A study's aggregate (issue 32, SPEC §12): the seed's claims as numbers per model × adapter
+family, over training seeds, with every seed's value and a 95% interval.
+
+Pure functions of the jobs' run folders: ``job_numbers`` reads one finished job's run folder
+(summary.tsv, summary_pct.tsv, causal.tsv, pair.tsv) into one row of numbers; ``aggregate``
+turns the rows of all jobs into the tables, figures and conclusion of ``DIR/study/``. Nothing
+here depends on how or where the jobs ran, on timings or on paths, so a study that was killed and
+resumed writes the same aggregate, byte for byte, as one that ran straight through.
+
+Statistics (stated in every table): per model × family the seeds' values, their mean, sample SD
+and the 95% Student-t interval ``mean ± t(0.975, n−1)·sd/√n`` (n = the seeds that gave a finite
+value; n = 1 has no interval). With n = 3 the interval is wide (t = 4.30): the points are shown
+beside it. A claim *holds* for a family when its interval lies entirely on the claimed side of
+its threshold, *fails* (the opposite holds) when it lies entirely on the other side, and is
+*undecided* otherwise (SPEC §12). Rankings' agreement across seeds is Kendall's W (with the
+tie correction) over the candidates every seed ranked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+#: The families whose bases write the residual stream from the weights alone (the seed's "write
+#: family": natural weight-side bases).
+WRITE_FAMILIES = ("W:write", "W:write-not-read")
+#: The joint panel's axis kinds that are hypotheses (the null baseline is not).
+HYPOTHESIS_AXES = ("write", "mixed")
+TOP_K = 5
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One of the seed's claims as a statistic of a job and a threshold: it holds when the
+    interval of the statistic lies above (``above=True``) or below the threshold."""
+
+    key: str
+    column: str  # the per-job statistic
+    threshold: float
+    above: bool
+    statement: str  # the claim, as the seed or its successors put it
+    opposite: str  # what a failing family shows instead
+    source: str
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("act_weight_overlap", "top5_overlap", 0.5, True,
+          f"the top-{TOP_K} by gain_act and the top-{TOP_K} by gain_w_combined share at least one candidate",
+          "no candidate is in both top-5s", "seed v7: chars_clusters and attn_min_taskdiff are top-5 by both"),
+    Claim("write_family_at_null", "write_best_gain_w", 0.1, False,
+          "the write family fails the weight-axis test: its best gain_w_combined is below 0.1 (less than a tenth "
+          "of the way from a random subspace to the rank-matched oracle)",
+          "a write-family basis holds a real share of the delta", "seed v7: write-family R_w_combined ~ 1.0"),
+    Claim("base_predicts_little", "best_share", 0.5, False,
+          "the best basis built from the base model alone (weights and activations) holds less than half of what "
+          "the rank-matched combined weight oracle holds",
+          "the base model predicts most of the delta", "the seed's successors: ~11% on Qwen3-0.6B"),
+    Claim("behaviour_outside_act_oracle", "act_complement_minus_inside", 0.0, True,
+          "the behaviour lives mostly outside the activation-oracle basis: the delta's complement of it keeps more "
+          "of the causal effect than its restriction to it",
+          "the behaviour lives mostly inside the activation-oracle basis",
+          "the seed's successors: DeLoRA kept 7% inside, 89% in the complement"),
+    Claim("winner_carries_behaviour", "winner_share_of_oracle", 0.5, True,
+          "the joint winner carries the behaviour: restricted to it, the delta keeps at least half of what the "
+          "rank-matched combined oracle keeps",
+          "the winner keeps less than half of the oracle's share (significant or not)", "SPEC §8"),
+    Claim("adapters_opposite", "cos_pos_neg", 0.0, True,
+          "the two adapters move mostly in opposite directions: cos(τ⁺, −τ⁻) > 0",
+          "they share a larger common drift than their opposite parts (cos(τ⁺, −τ⁻) < 0)",
+          "the seed's successors: cos(τ⁺, −τ⁻) = −0.644 on a Qwen3-0.6B honesty pair"),
+)
+
+#: Per-job numbers, in the order of per_job.tsv (the first four identify the job).
+JOB_KEYS = ("model", "family", "seed", "job")
+NUMBER_COLUMNS = (
+    "top5_overlap", "write_mean_R_w", "write_mean_z_w", "write_best_gain_w", "best_share", "best_gain_w",
+    "winner_gain_w", "winner_gain_act", "winner_joint_gain", "alpha_plus", "alpha_minus", "kl_plus", "kl_minus",
+    "effect_w", "effect_writes", "winner_kept", "winner_z_kept", "oracle_kept", "random_kept_mean", "random_kept_sd",
+    "winner_share_of_oracle", "act_oracle_kept", "act_complement_kept", "act_complement_minus_inside",
+    "cos_pos_neg", "norm_ratio", "drift_over_w", "abs_cos_w_drift",
+)
+NAME_COLUMNS = ("winner", "winner_std", "best_share_candidate", "top5_overlap_candidates")
+
+
+# ------------------------------------------------------------------------------- one job
+
+
+def _float(x) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def _read_tsv(path: Path) -> pl.DataFrame | None:
+    return pl.read_csv(path, separator="\t", infer_schema_length=None) if path.is_file() else None
+
+
+def _top_names(frame: pl.DataFrame, column: str, k: int) -> list[str]:
+    """The k best by ``column`` (descending, NaN last, ties by name: a total order)."""
+    key = pl.when(pl.col(column).is_nan()).then(None).otherwise(pl.col(column))
+    ordered = frame.with_columns(_k=key).sort(["_k", "candidate"], descending=[True, False], nulls_last=True)
+    return ordered["candidate"].head(k).to_list()
+
+
+def hypotheses(summary: pl.DataFrame) -> pl.DataFrame:
+    """The joint panel's A-side hypotheses built from the base model's weights and activations (the
+    seed's bases): write and mixed axis kinds; not the null baseline, not a data-aware kind."""
+    rows = summary.filter((pl.col("panel") == "joint") & pl.col("axis_kind").is_in(HYPOTHESIS_AXES))
+    if "sees" in rows.columns:  # a column naming what a basis sees (weights / activations / behaviour data)
+        rows = rows.filter(~pl.col("sees").str.contains("behaviour"))
+    return rows.filter(~pl.col("family").str.starts_with("grad"))
+
+
+def joint_order(summary: pl.DataFrame) -> list[str]:
+    """The joint panel's ranking (rank_in_panel), best first."""
+    joint = summary.filter(pl.col("panel") == "joint").sort("rank_in_panel", nulls_last=True)
+    return joint["candidate"].to_list()
+
+
+def _row(frame: pl.DataFrame | None, **match) -> dict | None:
+    if frame is None:
+        return None
+    sel = frame
+    for col, value in match.items():
+        if col not in sel.columns:
+            return None
+        sel = sel.filter(pl.col(col) == value)
+    return sel.row(0, named=True) if sel.height else None
+
+
+def job_numbers(run: str | Path) -> dict[str, object]:
+    """One finished job's numbers (``NUMBER_COLUMNS``, ``NAME_COLUMNS``; NaN or "" where the run
+    has no such output, e.g. no causal check) and its joint ranking (key ``ranking``)."""
+    run = Path(run)
+    summary = _read_tsv(run / "summary.tsv")
+    if summary is None:
+        raise FileNotFoundError(f"{run}: no summary.tsv")
+    pct = _read_tsv(run / "summary_pct.tsv")
+    out: dict[str, object] = {c: math.nan for c in NUMBER_COLUMNS}
+    out.update({c: "" for c in NAME_COLUMNS})
+    hyp = hypotheses(summary)
+    act, wgt = _top_names(hyp, "gain_act", TOP_K), _top_names(hyp, "gain_w_combined", TOP_K)
+    both = sorted(set(act) & set(wgt))
+    out["top5_overlap"] = float(len(both))
+    out["top5_overlap_candidates"] = ";".join(both)
+    write = hyp.filter(pl.col("family").is_in(WRITE_FAMILIES))
+    if write.height:
+        out["write_mean_R_w"] = float(write["R_w_combined"].mean())
+        out["write_mean_z_w"] = float(write["z_w_combined"].mean())
+        out["write_best_gain_w"] = float(write["gain_w_combined"].fill_nan(None).max())
+    if pct is not None and "pct_oracle_combined" in pct.columns:
+        shares = pct.filter(pl.col("candidate").is_in(hyp["candidate"].to_list()))
+        best = _top_names(shares, "pct_oracle_combined", 1)
+        if best:
+            out["best_share"] = _float(_row(shares, candidate=best[0])["pct_oracle_combined"]) / 100.0
+            out["best_share_candidate"] = best[0]
+    out["best_gain_w"] = float(hyp["gain_w_combined"].fill_nan(None).max()) if hyp.height else math.nan
+    order = joint_order(summary)
+    out["ranking"] = order
+    if order:
+        win = _row(summary, panel="joint", candidate=order[0])
+        out["winner"] = order[0]
+        out["winner_gain_w"], out["winner_gain_act"] = _float(win["gain_w_combined"]), _float(win["gain_act"])
+        out["winner_joint_gain"] = _float(win["joint_gain"])
+    if "rank_in_panel_std" in summary.columns:
+        std = summary.filter(pl.col("panel") == "joint").sort("rank_in_panel_std", nulls_last=True)
+        out["winner_std"] = std["candidate"][0] if std.height else ""
+    _causal_numbers(_read_tsv(run / "causal.tsv"), out)
+    _pair_numbers(_read_tsv(run / "pair.tsv"), out)
+    return out
+
+
+def _causal_numbers(causal: pl.DataFrame | None, out: dict) -> None:
+    if causal is None:
+        return
+    ref = _row(causal, kind="reference", name="w")
+    writes = _row(causal, kind="reference", name="w_writes")
+    out["effect_w"] = _float(ref["effect"]) if ref else math.nan
+    out["effect_writes"] = _float(writes["effect"]) if writes else math.nan
+    alphas = {}
+    if ref:
+        for key in ("alpha_plus", "alpha_minus"):
+            alphas[key] = _float(ref.get(key, ref.get("alpha")))
+    for arm, sign in (("plus", "+"), ("minus", "-")):
+        cal = _row(causal, kind="calibration", name=sign) or _row(causal, kind="calibration", name=arm)
+        if cal is not None:
+            alphas[f"alpha_{arm}"] = _float(cal.get("alpha"))
+            out[f"kl_{arm}"] = _float(cal.get("kl", cal.get("effect")))
+    out.update({k: v for k, v in alphas.items() if k in out})
+    candidates = causal.filter(pl.col("kind") == "candidate")
+    if candidates.height:
+        win = candidates.row(0, named=True)  # the first tested candidate: the joint winner
+        out["winner_kept"], out["winner_z_kept"] = _float(win["kept"]), _float(win["z_kept"])
+        out["random_kept_mean"], out["random_kept_sd"] = _float(win["null_kept_mean"]), _float(win["null_kept_sd"])
+    oracle = causal.filter(pl.col("kind") == "oracle")
+    if oracle.height:
+        out["oracle_kept"] = _float(oracle.row(0, named=True)["kept"])
+    if math.isfinite(out["winner_kept"]) and math.isfinite(out["oracle_kept"]) and out["oracle_kept"] > 0:
+        out["winner_share_of_oracle"] = out["winner_kept"] / out["oracle_kept"]
+    act = _row(causal, kind="act_oracle", name="oracle_act_cumulative")
+    if act is not None:
+        out["act_oracle_kept"] = _float(act["kept"])
+        out["act_complement_kept"] = 1.0 - _float(act["ablated"])  # E(w_ablate)/E(w_writes)
+        out["act_complement_minus_inside"] = out["act_complement_kept"] - out["act_oracle_kept"]
+
+
+#: pair.tsv's columns for the pair's geometry (the row of scope ``all``).
+PAIR_COLUMNS = {"cos_pos_neg": "cos_plus_neg_minus", "norm_ratio": "norm_ratio", "drift_over_w": "drift_over_axis",
+                "abs_cos_w_drift": "abs_cos_w_drift"}
+
+
+def _pair_numbers(pair: pl.DataFrame | None, out: dict) -> None:
+    if pair is None or not pair.height:
+        return
+    row = _row(pair, scope="all") or pair.row(0, named=True)
+    for key, col in PAIR_COLUMNS.items():
+        if col in row:
+            out[key] = _float(row[col])
+
+
+# ------------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Interval:
+    values: tuple[float, ...]  # the finite values, in seed order
+    mean: float
+    sd: float
+    lo: float
+    hi: float
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
+    """The finite ``values``' mean, sample SD and Student-t interval ``mean ± t((1+level)/2, n−1)·sd/√n``
+    (NaN bounds for n < 2; an interval of zero width when every value is equal)."""
+    import scipy.stats
+
+    xs = tuple(float(v) for v in values if v is not None and math.isfinite(float(v)))
+    n = len(xs)
+    if n == 0:
+        return Interval(xs, math.nan, math.nan, math.nan, math.nan)
+    mean = math.fsum(xs) / n
+    if n == 1:
+        return Interval(xs, mean, math.nan, math.nan, math.nan)
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = float(scipy.stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+    return Interval(xs, mean, sd, mean - half, mean + half)
+
+
+def verdict(claim: Claim, interval: Interval) -> str:
+    """"holds", "fails" or "undecided" (also for fewer than 2 finite values)."""
+    if not (math.isfinite(interval.lo) and math.isfinite(interval.hi)):
+        return "undecided"
+    t = claim.threshold
+    if (interval.lo > t) if claim.above else (interval.hi < t):
+        return "holds"
+    if (interval.hi < t) if claim.above else (interval.lo > t):
+        return "fails"
+    return "undecided"
+
+
+def average_ranks(order: Sequence[str], items: Sequence[str]) -> list[float]:
+    """Ranks 1..n of ``items`` in ``order`` restricted to ``items`` (no ties: a ranking is an order)."""
+    pos = {name: i for i, name in enumerate(n for n in order if n in set(items))}
+    return [float(pos[name] + 1) for name in items]
+
+
+def kendalls_w(rank_matrix: Sequence[Sequence[float]]) -> float:
+    """Kendall's coefficient of concordance W of m rankings (rows) of the same n items (columns),
+    with the tie correction: ``W = 12·S / (m²(n³ − n) − m·Σ_j T_j)``, S = Σ_i (R_i − R̄)² of the
+    items' rank sums, T_j = Σ (t³ − t) over rater j's groups of tied ranks. 1: identical rankings;
+    0: no agreement; NaN for m < 2 or n < 2."""
+    R = np.asarray(rank_matrix, dtype=np.float64)
+    if R.ndim != 2 or R.shape[0] < 2 or R.shape[1] < 2:
+        return math.nan
+    m, n = R.shape
+    sums = R.sum(axis=0)
+    S = float(((sums - sums.mean()) ** 2).sum())
+    ties = 0.0
+    for row in R:
+        _, counts = np.unique(row, return_counts=True)
+        ties += float((counts.astype(np.float64) ** 3 - counts).sum())
+    denom = m * m * (n ** 3 - n) - m * ties
+    return 12.0 * S / denom if denom > 0 else math.nan
+
+
+# ------------------------------------------------------------------------------- the aggregate
+
+
+@dataclass
+class Aggregate:
+    per_job: pl.DataFrame  # one row per finished job
+    claims: pl.DataFrame  # model, family, claim, values, n, mean, sd, lo, hi, verdict
+    across: pl.DataFrame  # model, claim, holds_for, fails_for, undecided_for, summary
+    winners: pl.DataFrame  # model, family, candidate, wins, of
+    kendall: pl.DataFrame  # model, family, n_seeds, n_candidates, W, distinct_pairs (distinct deltas over seeds)
+    gain_w: pl.DataFrame  # model, family, candidate, mean gain_w_combined over seeds
+    failed: list[dict]  # the jobs that did not finish: job, step, error
+
+
+def _groups(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    for r in rows:
+        key = (str(r["model"]), str(r["family"]))
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def _fmt_values(values: Sequence[float]) -> str:
+    return ",".join(f"{v:.6g}" for v in values)
+
+
+def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str, object]] = (),
+              failed: Sequence[Mapping[str, str]] = ()) -> Aggregate:
+    """The study's tables from the jobs' numbers (``job_numbers`` plus model, family, seed, job),
+    in the order given (the study's job order). ``gains``: rows (model, family, seed, candidate,
+    gain_w_combined) for the heatmap."""
+    rows = list(rows)
+    per_job = pl.DataFrame([{**{k: r[k] for k in JOB_KEYS}, **{c: r.get(c, math.nan) for c in NUMBER_COLUMNS},
+                             **{c: r.get(c, "") for c in NAME_COLUMNS}} for r in rows],
+                           schema={"model": pl.String, "family": pl.String, "seed": pl.Int64, "job": pl.String,
+                                   **{c: pl.Float64 for c in NUMBER_COLUMNS}, **{c: pl.String for c in NAME_COLUMNS}})
+    claim_rows, winner_rows, kendall_rows = [], [], []
+    for model, family in _groups(rows):
+        members = [r for r in rows if (r["model"], r["family"]) == (model, family)]
+        for claim in CLAIMS:
+            iv = t_interval([_float(r.get(claim.column)) for r in members])
+            claim_rows.append({"model": model, "family": family, "claim": claim.key, "statistic": claim.column,
+                               "threshold": claim.threshold, "direction": "above" if claim.above else "below",
+                               "n": iv.n, "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd,
+                               "lo": iv.lo, "hi": iv.hi, "verdict": verdict(claim, iv)})
+        wins: dict[str, int] = {}
+        for r in members:
+            if r.get("winner"):
+                wins[str(r["winner"])] = wins.get(str(r["winner"]), 0) + 1
+        for name, count in sorted(wins.items(), key=lambda kv: (-kv[1], kv[0])):
+            winner_rows.append({"model": model, "family": family, "candidate": name, "wins": count,
+                                "of": len(members)})
+        rankings = [list(r.get("ranking") or []) for r in members]
+        common = sorted(set.intersection(*(set(x) for x in rankings))) if rankings and all(rankings) else []
+        W = kendalls_w([average_ranks(x, common) for x in rankings]) if common else math.nan
+        shas = [r.get("delta_sha256") for r in members if r.get("delta_sha256")]
+        kendall_rows.append({"model": model, "family": family, "n_seeds": len(members), "n_candidates": len(common),
+                             "W": W, "distinct_pairs": len(set(shas)) if shas else None})
+    claims = pl.DataFrame(claim_rows, schema={"model": pl.String, "family": pl.String, "claim": pl.String,
+                                              "statistic": pl.String, "threshold": pl.Float64,
+                                              "direction": pl.String, "n": pl.Int64, "values": pl.String,
+                                              "mean": pl.Float64, "sd": pl.Float64, "lo": pl.Float64,
+                                              "hi": pl.Float64, "verdict": pl.String})
+    across_rows = []
+    for model in dict.fromkeys(str(r["model"]) for r in rows):
+        for claim in CLAIMS:
+            sel = claims.filter((pl.col("model") == model) & (pl.col("claim") == claim.key))
+            by = {v: sel.filter(pl.col("verdict") == v)["family"].to_list() for v in ("holds", "fails", "undecided")}
+            if by["holds"] and not by["fails"] and not by["undecided"]:
+                summary = "holds for every family"
+            elif by["fails"] and not by["holds"] and not by["undecided"]:
+                summary = "fails for every family"
+            elif by["holds"] and by["fails"]:
+                summary = f"flips: holds for {', '.join(by['holds'])}; fails for {', '.join(by['fails'])}"
+            else:
+                summary = "undecided for " + ", ".join(by["undecided"]) + (
+                    f"; holds for {', '.join(by['holds'])}" if by["holds"] else "") + (
+                    f"; fails for {', '.join(by['fails'])}" if by["fails"] else "")
+            across_rows.append({"model": model, "claim": claim.key, "holds_for": ";".join(by["holds"]),
+                                "fails_for": ";".join(by["fails"]), "undecided_for": ";".join(by["undecided"]),
+                                "summary": summary})
+    across = pl.DataFrame(across_rows, schema={"model": pl.String, "claim": pl.String, "holds_for": pl.String,
+                                               "fails_for": pl.String, "undecided_for": pl.String,
+                                               "summary": pl.String})
+    winners = pl.DataFrame(winner_rows, schema={"model": pl.String, "family": pl.String, "candidate": pl.String,
+                                                "wins": pl.Int64, "of": pl.Int64})
+    kendall = pl.DataFrame(kendall_rows, schema={"model": pl.String, "family": pl.String, "n_seeds": pl.Int64,
+                                                 "n_candidates": pl.Int64, "W": pl.Float64,
+                                                 "distinct_pairs": pl.Int64})
+    gain_rows = []
+    for model, family in _groups(rows):
+        sel = [g for g in gains if (g["model"], g["family"]) == (model, family)]
+        for name in dict.fromkeys(str(g["candidate"]) for g in sel):
+            iv = t_interval([_float(g["gain_w_combined"]) for g in sel if g["candidate"] == name])
+            gain_rows.append({"model": model, "family": family, "candidate": name, "n": iv.n, "mean": iv.mean})
+    gain_w = pl.DataFrame(gain_rows, schema={"model": pl.String, "family": pl.String, "candidate": pl.String,
+                                             "n": pl.Int64, "mean": pl.Float64})
+    return Aggregate(per_job, claims, across, winners, kendall, gain_w, [dict(f) for f in failed])
+
+
+# ------------------------------------------------------------------------------- figures
+
+
+def _save(fig, stem: Path) -> None:
+    fig.savefig(stem.with_suffix(".png"), dpi=140, bbox_inches="tight")
+    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
+    plt.close(fig)
+
+
+def forest_figure(agg: Aggregate, stem: Path) -> None:
+    """The best A-side basis's share of the rank-matched combined oracle per model × family: every
+    seed's point, the mean and its 95% t-interval."""
+    sel = agg.claims.filter(pl.col("claim") == "base_predicts_little")
+    labels = [f"{r['model']} · {r['family']}" for r in sel.iter_rows(named=True)]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(labels), 2) + 1.4))
+    for i, r in enumerate(sel.iter_rows(named=True)):
+        y = len(labels) - 1 - i
+        vals = [float(v) for v in r["values"].split(",") if v] if r["values"] else []
+        ax.scatter(vals, [y] * len(vals), s=14, color="0.55", zorder=2, label="seeds" if i == 0 else None)
+        if math.isfinite(r["lo"]) and math.isfinite(r["hi"]):
+            ax.plot([max(r["lo"], -0.05), r["hi"]], [y, y], color="C0", lw=2, zorder=1,
+                    label="95% t-interval" if i == 0 else None)
+        if math.isfinite(r["mean"]):
+            ax.scatter([r["mean"]], [y], marker="D", s=36, color="C0", zorder=3, label="mean" if i == 0 else None)
+    ax.axvline(0.11, color="C3", ls=":", lw=1, label="the successors' ~11%")
+    ax.axvline(0.5, color="0.3", ls="--", lw=0.8, label="half (the claim's threshold)")
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(list(reversed(labels)), fontsize=8)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlim(0, 1)  # a share of the oracle: 0 (nothing) to 1 (all of it)
+    ax.set_xlabel("best base-model basis's share of the rank-matched combined weight oracle")
+    ax.set_title("What the base model predicts of the delta, per adapter family", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    _save(fig, stem)
+
+
+def heatmap_figure(agg: Aggregate, stem: Path) -> None:
+    """Rows model · family, columns candidates (ordered by their mean over rows), colour = the mean
+    gain_w_combined over seeds."""
+    g = agg.gain_w
+    rows = list(dict.fromkeys(f"{m} · {f}" for m, f in zip(g["model"], g["family"])))
+    if not rows:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.text(0.5, 0.5, "no finished job", ha="center", va="center")
+        ax.set_axis_off()
+        _save(fig, stem)
+        return
+    overall = g.group_by("candidate").agg(pl.col("mean").fill_nan(None).mean().alias("m")).sort(
+        ["m", "candidate"], descending=[True, False], nulls_last=True)
+    cols = overall["candidate"].to_list()
+    M = np.full((len(rows), len(cols)), np.nan)
+    index = {c: j for j, c in enumerate(cols)}
+    for r in g.iter_rows(named=True):
+        M[rows.index(f"{r['model']} · {r['family']}"), index[r["candidate"]]] = r["mean"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(cols) + 2.5), 0.4 * len(rows) + 2.2))
+    im = ax.imshow(M, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    fig.colorbar(im, ax=ax, label="gain_w_combined (mean over seeds)")
+    ax.set_title("Families × candidates: the weight oracle gain", fontsize=10)
+    _save(fig, stem)
+
+
+# ------------------------------------------------------------------------------- conclusion
+
+
+def _f(x: float, spec: str = ".3f") -> str:
+    return "nan" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
+    done = agg.per_job.height
+    lines = [
+        "# Study: the seed's claims across adapter families and seeds", "",
+        f"{done} of {n_jobs} jobs finished" + (f"; {len(agg.failed)} failed (listed at the end)." if agg.failed else "."),
+        f"Each value below is per model × family over training seeds: every seed's value, the mean and the "
+        f"{LEVEL:.0%} Student-t interval (mean ± t·sd/√n; n = 3 seeds give t = 4.30, so the points matter as much "
+        "as the interval). A claim holds for a family when its interval lies entirely on the claimed side of the "
+        "threshold, fails when it lies entirely on the other side, and is undecided otherwise.", "",
+    ]
+    for claim in CLAIMS:
+        sel = agg.claims.filter(pl.col("claim") == claim.key)
+        lines += [f"## {claim.statement}", "",
+                  f"Statistic `{claim.column}`, threshold {claim.threshold:g} ({'above' if claim.above else 'below'}); "
+                  f"source: {claim.source}.", "",
+                  "| model | family | seeds' values | mean | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+        for r in sel.iter_rows(named=True):
+            vals = ", ".join(_f(float(v)) for v in r["values"].split(",")) if r["values"] else "—"
+            lines.append(f"| {r['model']} | {r['family']} | {vals} | {_f(r['mean'])} | "
+                         f"[{_f(r['lo'])}, {_f(r['hi'])}] | {r['verdict']} |")
+        for r in agg.across.filter(pl.col("claim") == claim.key).iter_rows(named=True):
+            lines += ["", f"Across families ({r['model']}): **{r['summary']}**."]
+        lines.append("")
+    lines += ["## Which candidate wins, and how much the seeds agree", "",
+              "| model | family | winners (wins of seeds) | Kendall's W of the joint rankings |", "|---|---|---|---|"]
+    for r in agg.kendall.iter_rows(named=True):
+        w = agg.winners.filter((pl.col("model") == r["model"]) & (pl.col("family") == r["family"]))
+        names = "; ".join(f"{x['candidate']} ({x['wins']}/{x['of']})" for x in w.iter_rows(named=True)) or "—"
+        lines.append(f"| {r['model']} | {r['family']} | {names} | {_f(r['W'])} (over {r['n_candidates']} candidates) |")
+    same = [r for r in agg.kendall.iter_rows(named=True) if r["distinct_pairs"] == 1 and r["n_seeds"] > 1]
+    if same:
+        lines += ["", "Caveat: " + "; ".join(f"every seed of {r['model']} · {r['family']} trained the same pair "
+                                             "(identical deltas)" for r in same)
+                  + ": a spread of zero there is one experiment repeated, not agreement between seeds."]
+    if agg.failed:
+        lines += ["", "## Jobs that did not finish", ""]
+        lines += [f"- `{f['job']}` ({f.get('step', '?')}): {f.get('error', '')}" for f in agg.failed]
+    return "\n".join(lines) + "\n"
+
+
+#: The aggregate's own input (the jobs' numbers, rankings and gains): every table, figure and the
+#: conclusion can be rebuilt from it alone (``rebuild``), which is how the shipped real study's
+#: aggregate is checked without rerunning the study.
+INPUTS = "inputs.json"
+
+
+def write_aggregate(agg: Aggregate, folder: Path, manifest: Mapping[str, object], n_jobs: int,
+                    inputs: Mapping[str, object] | None = None) -> None:
+    """The aggregate's files into ``folder`` (a staging folder: the caller publishes it);
+    ``inputs`` (rows, gains, failed: what ``aggregate`` was given) is stored as inputs.json."""
+    def tsv(frame: pl.DataFrame, name: str) -> None:
+        frame.write_csv(folder / name, separator="\t", float_precision=6)
+
+    if inputs is not None:
+        (folder / INPUTS).write_text(json.dumps({"n_jobs": n_jobs, **dict(inputs)}, indent=1, sort_keys=True) + "\n",
+                                     encoding="utf-8")
+    tsv(agg.per_job, "per_job.tsv")
+    tsv(agg.claims, "claims.tsv")
+    tsv(agg.across, "across_families.tsv")
+    tsv(agg.winners, "winners.tsv")
+    tsv(agg.kendall, "kendall.tsv")
+    tsv(agg.gain_w, "gain_w_combined.tsv")
+    forest_figure(agg, folder / "forest")
+    heatmap_figure(agg, folder / "heatmap")
+    (folder / "conclusion.md").write_text(conclusion_markdown(agg, n_jobs), encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def rebuild(inputs: Path, folder: Path, manifest: Mapping[str, object]) -> None:
+    """The aggregate's tables, figures and conclusion from a stored inputs.json, into ``folder``."""
+    data = json.loads(inputs.read_text(encoding="utf-8"))
+    agg = aggregate(data["rows"], data.get("gains", ()), data.get("failed", ()))
+    write_aggregate(agg, folder, manifest, int(data["n_jobs"]), inputs={k: v for k, v in data.items() if k != "n_jobs"})

@@ -1,0 +1,47 @@
+"""The real study's aggregate (issue 32), shipped in tests/golden/study_real/ by `make study-real`
+(SmolLM2-135M-Instruct × every adapter family × 3 seeds, Gemma-3-270m × LoRA × 3 seeds; hours on 2
+cores, so CI does not rerun it). The aggregate stores its own input (inputs.json: each job's numbers,
+its joint ranking, its candidates' gains): rebuilt from it, every table and the conclusion must be
+byte for byte the shipped ones, and the figures the same images. A change of the aggregate's
+methodology regenerates it with `make study-real` (or, for the aggregation alone, by rebuilding from
+the shipped inputs: `python -c "from subspace_sweep.study_aggregate import rebuild; ..."`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from subspace_sweep.study_aggregate import INPUTS, rebuild
+
+GOLDEN = Path(__file__).parent / "study_real"
+FIGURES = ("forest.png", "heatmap.png", "forest.pdf", "heatmap.pdf")
+
+
+def test_the_shipped_real_study_rebuilds_from_its_inputs(tmp_path):
+    assert (GOLDEN / INPUTS).is_file(), "tests/golden/study_real/ is missing: run `make study-real`"
+    manifest = json.loads((GOLDEN / "manifest.json").read_text())
+    rebuild(GOLDEN / INPUTS, tmp_path, manifest)
+    # report.html is the study command's page over these files (tests/unit/test_study.py opens it)
+    shipped = sorted(p.name for p in GOLDEN.iterdir() if p.is_file() and p.name != "report.html")
+    assert sorted(p.name for p in tmp_path.iterdir()) == shipped
+    for name in shipped:
+        if name in FIGURES:
+            continue
+        assert (tmp_path / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+    for name in ("forest.png", "heatmap.png"):
+        assert matplotlib.image.imread(tmp_path / name).shape == matplotlib.image.imread(GOLDEN / name).shape
+
+
+def test_the_shipped_real_study_spans_both_real_models_and_every_family():
+    data = json.loads((GOLDEN / INPUTS).read_text())
+    jobs = {(r["model"], r["family"], r["seed"]) for r in data["rows"]}
+    from subspace_sweep.lora_train import ADAPTER_FAMILIES
+
+    smol = {(f, s) for m, f, s in jobs if m == "smollm2-135m-instruct"}
+    gemma = {(f, s) for m, f, s in jobs if m == "gemma-3-270m"}
+    missing = {(f, s) for f in ADAPTER_FAMILIES for s in (0, 1, 2)} - smol
+    assert not missing or data["failed"], f"jobs neither finished nor recorded as failed: {sorted(missing)}"
+    assert {("lora", s) for s in (0, 1, 2)} <= gemma

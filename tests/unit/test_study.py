@@ -1,0 +1,238 @@
+"""Studies end to end on the tiny model (issue 32): examples/study-tiny.toml (2 families × 2 seeds)
+run with the local executor, through submitit's local cluster, and killed (SIGKILL) in the middle of
+a job then resumed: the three aggregates are byte for byte the same. A changed spec is refused, a
+job that cannot train is recorded while the others finish, bad specs exit 2 before any job.
+
+The three studies share one tiny model folder and one spec; the killed one runs in a subprocess
+beside the others."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import subspace_sweep
+from subspace_sweep import cli, publish
+from subspace_sweep.study import RECORD, load_spec, run_study
+
+ROOT = Path(__file__).resolve().parents[2]
+SRC = Path(subspace_sweep.__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "study-tiny.toml"
+WAIT_S = 900
+
+pytest.importorskip("peft")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny model and the example spec beside it, and the killed study started in the
+    background (it pauses while the first job's run stores the A-side cache entry)."""
+    from subspace_sweep.toy import save_tiny_model
+
+    root = tmp_path_factory.mktemp("study")
+    save_tiny_model(root / "tiny-qwen3", seed=0)
+    spec = root / "study.toml"
+    shutil.copy(EXAMPLE, spec)
+    sig = root / "paused"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           publish.PAUSE_ENV: f"cache_staged={sig}"}
+    killed = root / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "study", str(spec), "--out", str(killed),
+                             "--quiet"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield {"root": root, "spec": spec, "proc": proc, "signal": sig, "killed": killed}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def local_study(world):
+    out = world["root"] / "local"
+    assert cli.main(["study", str(world["spec"]), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_the_tiny_study_runs_every_job_and_aggregates(local_study):
+    jobs = sorted(p.parent.relative_to(local_study / "jobs").as_posix() for p in (local_study / "jobs").rglob(RECORD))
+    assert jobs == ["tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1", "tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1"]
+    for job in jobs:
+        record = json.loads((local_study / "jobs" / job / RECORD).read_text())
+        assert record["status"] == "done" and set(record["steps"]) == {"train", "delta", "run"}
+        assert (local_study / "jobs" / job / "run" / "manifest.json").is_file()
+    agg = local_study / "study"
+    for name in ("per_job.tsv", "claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv", "conclusion.md",
+                 "forest.png", "forest.pdf", "heatmap.png", "heatmap.pdf", "manifest.json"):
+        assert (agg / name).is_file(), name
+    per_job = pl.read_csv(agg / "per_job.tsv", separator="\t")
+    assert per_job["job"].to_list() == ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0",
+                                        "tiny-qwen3/ia3/seed1"]
+    assert per_job["best_share"].is_nan().sum() == 0 and per_job["winner_kept"].is_nan().sum() == 0
+    claims = pl.read_csv(agg / "claims.tsv", separator="\t")
+    assert claims.height == 2 * 6 and set(claims["verdict"]) <= {"holds", "fails", "undecided"}
+    # the A-side was built once (the first job) and loaded by the others
+    hits = [json.loads((local_study / "jobs" / j / "run" / "manifest.json").read_text())["a_side_cache"]["status"]
+            for j in ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1"]]
+    assert hits == ["miss", "hit", "hit", "hit"]
+
+
+def test_a_rerun_does_nothing_and_dry_run_lists_every_job_done(local_study, world, capsys):
+    before = _tree(local_study / "study")
+    outcome = run_study(world["spec"], local_study, progress=False)
+    assert outcome.ran == [] and set(outcome.states.values()) == {"done"}
+    assert _tree(local_study / "study") == before
+    capsys.readouterr()
+    assert cli.main(["study", str(world["spec"]), "--out", str(local_study), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "4 jobs, 0 to run" and all(line.endswith("done") for line in out[:-1])
+
+
+def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(local_study, copy)
+    job = copy / "jobs" / "tiny-qwen3" / "ia3" / "seed1"
+    (job / "run" / "summary.tsv").write_text("damaged\n")
+    outcome = run_study(world["spec"], copy, progress=False)
+    assert outcome.ran == ["tiny-qwen3/ia3/seed1"]
+    record = json.loads((job / RECORD).read_text())
+    assert record["status"] == "done"
+    assert _tree(copy / "study") == _tree(local_study / "study")
+
+
+def test_a_killed_study_resumes_and_its_aggregate_equals_the_uninterrupted_one(world, local_study):
+    proc, sig, killed = world["proc"], world["signal"], world["killed"]
+    deadline = time.monotonic() + WAIT_S
+    while not sig.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the study did not reach the cache store"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    first = killed / "jobs" / "tiny-qwen3" / "lora" / "seed0"
+    record = json.loads((first / RECORD).read_text())
+    assert set(record["steps"]) == {"train", "delta"} and not (first / "run").exists()
+    assert any(p.name.startswith(".a-side.") or ".stage-" in p.name for p in (killed / "cache").rglob("*"))
+    outcome = run_study(world["spec"], killed, progress=False)
+    assert outcome.ran[0] == "tiny-qwen3/lora/seed0"
+    assert not [p for p in killed.rglob("*") if ".stage-" in p.name]
+    assert _tree(killed / "study") == _tree(local_study / "study")
+
+
+def test_the_submitit_local_cluster_runs_the_same_jobs(world, local_study):
+    pytest.importorskip("submitit")
+    out = world["root"] / "submitit"
+    assert cli.main(["study", str(world["spec"]), "--out", str(out), "--executor", "submitit-local", "--quiet"]) == 0
+    assert list((out / "logs").iterdir()), "submitit keeps its logs in the study folder"
+    assert _tree(out / "study") == _tree(local_study / "study")
+
+
+def test_a_changed_spec_is_refused_naming_what_changed(world, local_study, tmp_path, capsys):
+    spec = tmp_path / "changed.toml"
+    spec.write_text(world["spec"].read_text().replace("steps = 4", "steps = 5").replace('"tiny-qwen3"',
+                                                                                         f'"{world["root"] / "tiny-qwen3"}"'))
+    before = _tree(local_study)
+    capsys.readouterr()
+    assert cli.main(["study", str(spec), "--out", str(local_study)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.steps: 4 -> 5" in err[0] and "--overwrite" in err[0]
+    assert _tree(local_study) == before
+
+
+def test_a_job_that_cannot_train_is_recorded_and_the_others_finish(world, tmp_path, capsys):
+    spec = tmp_path / "fails.toml"
+    spec.write_text(f'models = ["{world["root"] / "tiny-qwen3"}"]\nfamilies = ["lora", "oft"]\nseeds = [0]\n'
+                    '[train]\nrank = 4\nlayers = "1..2"\nsteps = 2\nlr = 2e-3\n'
+                    '[train.oft]\nrank = 5\n'  # OFT blocks of 5 do not divide the width 64: peft refuses
+                    '[run]\nn_boot = 0\n')
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["study", str(spec), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "job tiny-qwen3/oft/seed0 failed at train:" in err
+    record = json.loads((out / "jobs" / "tiny-qwen3" / "oft" / "seed0" / RECORD).read_text())
+    assert record["status"] == "failed" and record["failed_step"] == "train" and "\n" not in record["error"]
+    per_job = pl.read_csv(out / "study" / "per_job.tsv", separator="\t")
+    assert per_job["job"].to_list() == ["tiny-qwen3/lora/seed0"]
+    assert "tiny-qwen3/oft/seed0" in (out / "study" / "conclusion.md").read_text()
+
+
+BAD_SPECS = {
+    "unknown key": ('models = ["M"]\nfamilys = ["lora"]\n', "unknown key 'familys' (did you mean 'families'?)"),
+    "unknown family": ('models = ["M"]\nfamilies = ["lora", "qlora"]\n', "unknown adapter family 'qlora'"),
+    "empty seeds": ('models = ["M"]\nseeds = []\n', "seeds must be a non-empty list"),
+    "negative seed": ('models = ["M"]\nseeds = [-1]\n', "every seed must be an integer in 0..4294967295"),
+    "no models": ('families = ["lora"]\n', "models must be a non-empty list"),
+    "bad run option": ('models = ["M"]\n[run]\ncausal_null = 2\n', "--causal-null must be at least 5"),
+    "unknown run key": ('models = ["M"]\n[run]\nrank = 8\n', "unknown key 'rank'"),
+    "bad lr": ('models = ["M"]\n[train]\nlr = -1.0\n', "train.lr must be a finite number above 0"),
+    "not toml": ('models = [\n', "is not valid TOML"),
+    "model missing": ('models = ["no-such-folder/model"]\n', "does not exist"),
+    "model without weights": ('models = ["EMPTY"]\n', "has no weights"),
+    "layers outside": ('models = ["M"]\n[train]\nlayers = "1..9"\n', "train.layers [4, 5, 6, 7, 8, 9] outside"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPECS))
+def test_bad_specs_exit_2_with_one_line_before_any_job(world, tmp_path, capsys, case):
+    text, message = BAD_SPECS[case]
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 4}))
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text.replace('"M"', f'"{world["root"] / "tiny-qwen3"}"').replace('"EMPTY"', f'"{empty}"'))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli.main(["study", str(spec), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("subspace-sweep study: error:") and message in err[0], err
+    assert not out.exists()
+
+
+def test_the_spec_reads_defaults_overrides_and_relative_paths(world):
+    spec = load_spec(world["spec"])
+    assert [j.id for j in spec.jobs] == ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0",
+                                         "tiny-qwen3/ia3/seed1"]
+    lora, ia3 = spec.jobs[0], spec.jobs[2]
+    assert lora.model == str((world["root"] / "tiny-qwen3").resolve())
+    assert lora.train["lr"] == 2e-3 and ia3.train["lr"] == 2e-2 and lora.train["layers"] == [1, 2]
+    assert lora.hash != spec.jobs[1].hash and lora.hash == load_spec(world["spec"]).jobs[0].hash
+
+
+def test_the_study_report_opens_offline_with_its_figures_and_job_links(local_study):
+    """report.html of the aggregate (issue 33's study page): forest plot and heatmap decode, the
+    claims table is claims.tsv, each job's run report is linked by a relative path that opens, and
+    nothing is loaded from outside the file."""
+    from tests.helpers_report import Browser, browser_unavailable, check_self_contained, image_widths, tsv_rows
+
+    if browser_unavailable():
+        pytest.skip(f"browser tests: {browser_unavailable()}")
+    from selenium.webdriver.common.by import By
+
+    agg = local_study / "study"
+    browser = Browser()
+    try:
+        browser.open(agg / "report.html")
+        widths = image_widths(browser)
+        assert len(widths) == 2 and min(widths) > 0
+        header, rows = browser.table("claims")
+        assert rows == tsv_rows(agg / "claims.tsv", header)
+        links = [a.get_attribute("href") for a in browser.driver.find_elements(By.CSS_SELECTOR, "ul.runs a")]
+        jobs = ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1"]
+        assert links == [(local_study / "jobs" / j / "run" / "report.html").resolve().as_uri() for j in jobs]
+        check_self_contained(browser, agg, allowed_links={f"../jobs/{j}/run/report.html" for j in jobs})
+        browser.driver.find_element(By.CSS_SELECTOR, "ul.runs a").click()
+        assert browser.driver.current_url == links[0]
+    finally:
+        browser.close()

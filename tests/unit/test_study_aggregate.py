@@ -1,0 +1,159 @@
+"""The study's aggregate statistics, exact on constructed job results (issue 32): known means,
+Student-t intervals, verdicts against each claim's threshold, Kendall's W, winners, and the files
+written (deterministic, no paths or timings)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.stats
+
+from subspace_sweep.study_aggregate import (CLAIMS, NUMBER_COLUMNS, Claim, aggregate, average_ranks, kendalls_w,
+                                            t_interval, verdict, write_aggregate)
+
+
+def test_t_interval_is_mean_plus_minus_t_sd_over_root_n():
+    iv = t_interval([0.1, 0.2, 0.6])
+    assert iv.mean == pytest.approx(0.3, abs=1e-15)
+    sd = math.sqrt(((0.1 - 0.3) ** 2 + (0.2 - 0.3) ** 2 + (0.6 - 0.3) ** 2) / 2)
+    assert iv.sd == pytest.approx(sd, rel=1e-14)
+    half = 4.302652729749464 * sd / math.sqrt(3)  # t(0.975, 2)
+    assert (iv.lo, iv.hi) == (pytest.approx(0.3 - half, rel=1e-12), pytest.approx(0.3 + half, rel=1e-12))
+    assert scipy.stats.t.ppf(0.975, 2) == pytest.approx(4.302652729749464, rel=1e-12)
+
+
+def test_t_interval_edges():
+    equal = t_interval([0.25, 0.25, 0.25])
+    assert (equal.mean, equal.sd, equal.lo, equal.hi) == (0.25, 0.0, 0.25, 0.25)
+    one = t_interval([0.4, math.nan, None])
+    assert one.n == 1 and one.mean == 0.4 and math.isnan(one.lo) and math.isnan(one.hi)
+    none = t_interval([])
+    assert none.n == 0 and math.isnan(none.mean)
+    # n = 2: t(0.975, 1) = 12.706...
+    two = t_interval([1.0, 3.0])
+    assert two.hi - two.mean == pytest.approx(12.706204736174707 * math.sqrt(2) / math.sqrt(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_verdict_needs_the_whole_interval_on_one_side(above):
+    c = Claim("k", "x", 0.5, above, "s", "o", "src")
+    above_iv, below_iv, across = t_interval([0.8, 0.9, 0.85]), t_interval([0.1, 0.2, 0.15]), t_interval([0.1, 0.9, 0.5])
+    assert verdict(c, above_iv) == ("holds" if above else "fails")
+    assert verdict(c, below_iv) == ("fails" if above else "holds")
+    assert verdict(c, across) == "undecided"
+    assert verdict(c, t_interval([0.9])) == "undecided"  # one seed: no interval
+    # exactly on the threshold is not "above" it
+    assert verdict(c, t_interval([0.5, 0.5])) == "undecided"
+
+
+def test_kendalls_w_identical_reversed_and_known_value():
+    a = [1, 2, 3, 4]
+    assert kendalls_w([a, a, a]) == pytest.approx(1.0)
+    assert kendalls_w([a, a[::-1]]) == pytest.approx(0.0)
+    # m = 3, n = 3: rank sums 4, 6, 8 -> S = 8; W = 12·8 / (9·24) = 0.4444...
+    assert kendalls_w([[1, 2, 3], [2, 1, 3], [1, 3, 2]]) == pytest.approx(12 * 8 / (9 * 24), rel=1e-14)
+    # ties: W = 12 S / (m²(n³−n) − m Σ T); rater 2 ties items 1 and 2 (T = 2³ − 2 = 6)
+    R = [[1, 2, 3], [1.5, 1.5, 3]]
+    sums = np.sum(R, axis=0)
+    S = float(((sums - sums.mean()) ** 2).sum())
+    assert kendalls_w(R) == pytest.approx(12 * S / (4 * 24 - 2 * 6), rel=1e-14)
+    assert math.isnan(kendalls_w([a]))
+
+
+def test_average_ranks_follow_the_order_restricted_to_the_items():
+    assert average_ranks(["c", "x", "a", "b"], ["a", "b", "c"]) == [2.0, 3.0, 1.0]
+
+
+def _row(model, family, seed, **values):
+    base = {c: math.nan for c in NUMBER_COLUMNS}
+    base.update(values)
+    return {"model": model, "family": family, "seed": seed, "job": f"{model}/{family}/seed{seed}",
+            "winner": values.pop("winner", "a"), "winner_std": "a", "best_share_candidate": "a",
+            "top5_overlap_candidates": "", "ranking": values.pop("ranking", ["a", "b", "c"]), **base}
+
+
+def test_aggregate_claims_per_family_and_across_families():
+    rows = [
+        _row("m", "lora", 0, best_share=0.10, cos_pos_neg=-0.6, winner="a", ranking=["a", "b", "c"]),
+        _row("m", "lora", 1, best_share=0.12, cos_pos_neg=-0.7, winner="a", ranking=["a", "b", "c"]),
+        _row("m", "lora", 2, best_share=0.11, cos_pos_neg=-0.65, winner="b", ranking=["b", "a", "c"]),
+        _row("m", "ia3", 0, best_share=0.9, cos_pos_neg=0.3, winner="c", ranking=["c", "b", "a"]),
+        _row("m", "ia3", 1, best_share=0.8, cos_pos_neg=0.2, winner="c", ranking=["c", "b", "a"]),
+    ]
+    agg = aggregate(rows)
+    claims = {(r["family"], r["claim"]): r for r in agg.claims.iter_rows(named=True)}
+    share = claims[("lora", "base_predicts_little")]
+    assert share["n"] == 3 and share["mean"] == pytest.approx(0.11, abs=1e-15) and share["verdict"] == "holds"
+    assert share["values"] == "0.1,0.12,0.11"
+    ia3 = claims[("ia3", "base_predicts_little")]  # two seeds, t(0.975, 1) = 12.7: the interval reaches 0.22
+    assert ia3["lo"] == pytest.approx(0.85 - 12.706204736174707 * math.sqrt(0.005) / math.sqrt(2), rel=1e-12)
+    assert ia3["verdict"] == "undecided"
+    assert claims[("lora", "adapters_opposite")]["verdict"] == "fails"
+    # a claim whose statistic is missing in every job: no values, undecided
+    assert claims[("lora", "winner_carries_behaviour")]["n"] == 0
+    assert claims[("lora", "winner_carries_behaviour")]["verdict"] == "undecided"
+    across = {r["claim"]: r for r in agg.across.iter_rows(named=True)}
+    assert across["adapters_opposite"]["summary"] == "undecided for ia3; fails for lora"
+    winners = agg.winners.filter(pl.col("family") == "lora")
+    assert winners.rows() == [("m", "lora", "a", 2, 3), ("m", "lora", "b", 1, 3)]
+    W = dict(zip(agg.kendall["family"], agg.kendall["W"]))
+    assert W["ia3"] == pytest.approx(1.0)
+    assert W["lora"] == pytest.approx(kendalls_w([[1, 2, 3], [1, 2, 3], [2, 1, 3]]))
+
+
+def test_the_across_families_summary_names_the_flip():
+    rows = [_row("m", f, s, best_share=v) for f, vals in (("lora", (0.1, 0.1, 0.12)), ("oft", (0.9, 0.95, 0.92)))
+            for s, v in enumerate(vals)]
+    agg = aggregate(rows)
+    r = agg.across.filter(pl.col("claim") == "base_predicts_little").row(0, named=True)
+    assert r["holds_for"] == "lora" and r["fails_for"] == "oft"
+    assert r["summary"] == "flips: holds for lora; fails for oft"
+
+
+def test_every_claim_reads_a_per_job_column():
+    assert {c.column for c in CLAIMS} <= set(NUMBER_COLUMNS)
+
+
+def test_the_written_aggregate_is_deterministic_and_holds_no_path_or_time(tmp_path):
+    rows = [_row("m", "lora", s, best_share=0.1 + s / 100, top5_overlap=1.0) for s in range(3)]
+    gains = [{"model": "m", "family": "lora", "candidate": c, "gain_w_combined": g} for c, g in (("a", 0.1), ("b", 0.2))]
+    outs = []
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        folder.mkdir()
+        write_aggregate(aggregate(rows, gains), folder, {"kind": "study_aggregate"}, 3)
+        outs.append(folder)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    for n in names:
+        assert (outs[0] / n).read_bytes() == (outs[1] / n).read_bytes(), n
+    text = (outs[0] / "conclusion.md").read_text()
+    assert str(tmp_path) not in text and "holds" in text
+
+
+def test_the_aggregate_rebuilds_byte_for_byte_from_its_own_inputs(tmp_path):
+    """inputs.json holds everything the tables, figures and conclusion are made of: the shipped real
+    study is checked this way (tests/golden/test_golden_study.py) without rerunning it."""
+    from subspace_sweep.study_aggregate import INPUTS, rebuild
+
+    rows = [_row("m", f, s, best_share=0.1 + s / 50, top5_overlap=float(s % 2), winner_kept=0.2, oracle_kept=0.9)
+            for f in ("lora", "oft") for s in range(3)]
+    gains = [{"model": "m", "family": f, "candidate": c, "gain_w_combined": g}
+             for f in ("lora", "oft") for c, g in (("a", 0.1), ("b", math.nan))]
+    failed = [{"job": "m/dora/seed0", "step": "train", "error": "boom"}]
+    first = tmp_path / "first"
+    first.mkdir()
+    write_aggregate(aggregate(rows, gains, failed), first, {"kind": "study_aggregate"}, 7,
+                    inputs={"rows": rows, "gains": gains, "failed": failed})
+    again = tmp_path / "again"
+    again.mkdir()
+    rebuild(first / INPUTS, again, {"kind": "study_aggregate"})
+    assert _tree(first) == _tree(again)
+    assert "m/dora/seed0" in (again / "conclusion.md").read_text()
+
+
+def _tree(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
