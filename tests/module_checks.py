@@ -309,6 +309,10 @@ def check_bases_span_the_modules(model, tok, candidates, layers, r: int, *, mlp_
         p = probed_readers(model, layer)
         qk, ov = probed_circuits(model, layer)
         down_mod = model.get_submodule(f"{block_name(layer)}.{architecture_of(model.config).projection('down')[0]}")
+        # behind a post-projection norm the residual receives diag(γ_post)·(the writer's output)/rms:
+        # the write-side references in those coordinates (SPEC §4.1)
+        g_o, g_down = probed_post_gain(model, layer, "o_proj"), probed_post_gain(model, layer, "down_proj")
+        ov, sink = g_o[:, None] * ov, lambda: g_o[None, :] * probed_sink_vectors(model, tok, layer)
         refs = {
             "attn_qkv_read": lambda: top_right(torch.cat([p["q"], p["k"], p["v"]]), r),
             "kv_super": lambda: top_right(torch.cat([p["k"], p["v"]]), r),
@@ -317,13 +321,13 @@ def check_bases_span_the_modules(model, tok, candidates, layers, r: int, *, mlp_
             "input_super": lambda: top_right(torch.cat([p["q"], p["k"], p["v"], p["up"], p["gate"]]), r),
             "lm_head_read": lambda: top_right(lm, r),
             "attn_ov_write": lambda: top_left(ov, r),
-            "mlp_roundtrip_write": lambda: top_left(_module_matrix(down_mod) @ p["up"], r),
-            "attention_sink": lambda: principal_axes(probed_sink_vectors(model, tok, layer), by["attention_sink"].bases[layer].shape[1]),
+            "mlp_roundtrip_write": lambda: top_left(g_down[:, None] * (_module_matrix(down_mod) @ p["up"]), r),
+            "attention_sink": lambda: principal_axes(sink(), by["attention_sink"].bases[layer].shape[1]),
         }
         if architecture_of(model.config).q_norm is None:  # with q/k norms, check_qk_circuit holds it
             refs["qk_circuit"] = lambda: top_left(qk, r)
         if mlp_inputs is not None:
-            refs["gate_kernel"] = lambda: top_left(probed_gate_kernel(model, layer, mlp_inputs[layer]), r)
+            refs["gate_kernel"] = lambda: top_left(g_down[:, None] * probed_gate_kernel(model, layer, mlp_inputs[layer]), r)
         for family, ref in refs.items():
             B = by[family].bases[layer]
             cos = min_cosine(B, ref())
@@ -331,6 +335,22 @@ def check_bases_span_the_modules(model, tok, candidates, layers, r: int, *, mlp_
     bad = {f: c for f, c in worst.items() if c < 1.0 - tol}
     assert not bad, f"bases that do not span their modules' top singular space (min principal cosine): {bad}"
     return worst
+
+
+def probed_post_gain(model, layer: int, writer: str) -> torch.Tensor:
+    """The gain of the norm between ``writer`` (o_proj, down_proj) and the residual add, from the norm
+    module's own forward pass on a constant input (x/rms(x) = 1 up to its eps: read off the output's
+    ratio to the input's normalised value); ones (float64) without such a norm."""
+    arch = architecture_of(model.config)
+    path = arch.attn_out_norm if writer == "o_proj" else arch.mlp_out_norm
+    d = int(model.config.hidden_size)
+    if path is None:
+        return torch.ones(d, dtype=DT)
+    norm = model.get_submodule(f"{block_name(layer)}.{path}")
+    x = torch.full((1, d), 4096.0, dtype=next(model.parameters()).dtype)
+    with torch.no_grad():
+        y = norm(x)[0].double()
+    return y * math.sqrt(4096.0 ** 2 + eps_of(norm)) / 4096.0
 
 
 def _module_matrix(linear) -> torch.Tensor:

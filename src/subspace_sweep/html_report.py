@@ -349,18 +349,19 @@ def _json(path: Path) -> dict | None:
 # --------------------------------------------------------------------------- the run page
 
 #: The ranking's columns a reader asks for first; every other column of summary.tsv follows.
-RANKING_FIRST = ("panel", "rank_in_panel", "rank_in_panel_std", "candidate", "family", "axis_kind", "side", "rank",
+RANKING_FIRST = ("panel", "rank_in_panel", "rank_in_panel_std", "candidate", "family", "axis_kind", "sees", "side", "rank",
                  "joint_gain", "joint_gain_std", "gain_act", "gain_w_combined", "gain_act_std", "gain_w_combined_std",
                  "R_act", "R_act_lo", "R_act_hi", "z_act", "z_act_std", "R_w_combined", "z_w_combined",
                  "z_w_combined_std", "joint", "joint_lo", "joint_hi")
 VIEW_COLUMNS = {
-    "residual": ("rank_in_panel", "candidate", "rank", "joint_gain", "gain_act", "gain_w_combined", "z_act",
+    "residual": ("rank_in_panel", "candidate", "sees", "rank", "joint_gain", "gain_act", "gain_w_combined", "z_act",
                  "z_w_combined"),
-    "standardized": ("rank_in_panel_std", "candidate", "rank", "joint_gain_std", "gain_act_std", "gain_w_combined_std",
+    "standardized": ("rank_in_panel_std", "candidate", "sees", "rank", "joint_gain_std", "gain_act_std", "gain_w_combined_std",
                      "z_act_std", "z_w_combined_std"),
 }
-CAUSAL_KINDS = ("strength", "reference", "candidate", "oracle", "act_oracle", "random", "curve")
-CAUSAL_FIRST = ("kind", "name", "rank", "alpha", "kept", "z_kept", "null_kept_mean", "null_kept_sd", "ablated")
+CAUSAL_KINDS = ("strength", "calibration", "reference", "candidate", "oracle", "act_oracle", "random", "norm_only",
+                "curve", "kl_trace")
+CAUSAL_FIRST = ("kind", "name", "rank", "alpha", "alpha_minus", "kept", "z_kept", "null_kept_mean", "null_kept_sd", "ablated")
 #: The files a run section shows; any other TSV of the folder gets a generic section.
 RUN_TSVS = ("summary.tsv", "summary_pct.tsv", "specific_summary.tsv", "scope.tsv", "spectra.tsv", "readout.tsv",
             "causal.tsv")

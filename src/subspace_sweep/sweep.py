@@ -96,6 +96,13 @@ def leading_view(outlier_warning: str | None) -> str:
     return "standardized" if outlier_warning else "residual"
 
 
+def steering_centre(config: SweepConfig, centre: Mapping[str, Tensor] | None) -> Mapping[str, Tensor] | None:
+    """What the causal check steers around (SPEC §8): the delta file's stored midpoint unless
+    ``--causal-centre base`` (auto: wherever the file stores it; midpoint: the preflight required
+    it); None: the base model. The stored midpoint is read whatever the centre: the pair's geometry."""
+    return None if config.causal_centre == "base" else centre
+
+
 def causal_candidates(summary: pl.DataFrame, pool: set[str], k: int, lead: str,
                       base_only: set[str] | None = None) -> tuple[list[str], int]:
     """(the joint panel's candidates in the order the causal check takes them, how many it tests):
@@ -475,8 +482,9 @@ def sweep(
         std_targets = view.targets(layer, labels.eval[layer], writer_rows(delta, layer, gains[layer]))
         for flag in outliers.concentrated(layer, targets[layer]):
             flags.append(flag)
-            for j in flag.coordinates:
-                sources.setdefault(j, outliers.source_of(j, a_side.coordinate_rms[layer], gains[layer]))
+            for j in flag.coordinates:  # its source at the first flagged layer that shows one
+                if sources.get(j) is None:
+                    sources[j] = outliers.source_of(j, a_side.coordinate_rms[layer], gains[layer])
         # each weight target is reduced to tridiagonal form once for all its spectra (3 reductions
         # per layer instead of 7, same bits; the standardized combined target's one more), the
         # reductions freed with the layer
@@ -548,7 +556,7 @@ def sweep(
                             combined, k=n_tested,
                             n_null=config.causal_null, seed=config.seed, answers=bset, write_gains=gains,
                             alphas=config.causal_alpha, progress=not config.quiet,
-                            centre=None if config.causal_centre == "base" else centre,
+                            centre=steering_centre(config, centre),
                             act_oracles=act_oracles, kl_target=parse_strength(config.causal_strength),
                             n_norm_only=config.causal_null)
         timings["causal"] = time.perf_counter() - t0

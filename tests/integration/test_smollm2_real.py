@@ -389,7 +389,8 @@ def test_the_gradient_bases_against_autograd_on_the_real_modules(smol):
     from subspace_sweep.gradients import gradient_basis, writer_gradients
     from subspace_sweep.lora_train import assistant_loss, encode_examples, training_texts
     from subspace_sweep.model import module_name, weight_key
-    from subspace_sweep.scoring import score, weight_targets
+    from subspace_sweep.delta import weight_targets
+    from subspace_sweep.scoring import score
 
     model, tok = smol
     layer, d = 14, model.config.hidden_size

@@ -278,9 +278,11 @@ def test_config_json_records_the_grid_and_centre(tmp_path):
 def test_the_default_centre_is_the_midpoint_where_the_delta_holds_it(lora_pair, tmp_path):
     """SPEC §8 (issue 31): --causal-centre auto (the default) steers around the pair's midpoint
     when the delta file holds it (what `delta` writes), around the base model when it does not;
-    base ignores a stored midpoint; midpoint requires one."""
+    base ignores a stored midpoint; midpoint requires one. (The preflight reads the stored midpoint
+    whatever the centre: the pair's geometry reads it.)"""
     from subspace_sweep import preflight
     from subspace_sweep.config import SweepConfig
+    from subspace_sweep.sweep import steering_centre
 
     model_dir, pos, neg = lora_pair
     full = tmp_path / "w.safetensors"
@@ -291,7 +293,9 @@ def test_the_default_centre_is_the_midpoint_where_the_delta_holds_it(lora_pair, 
     for centre, path, want in (("auto", full, True), ("auto", plain, False), ("base", full, False),
                                ("midpoint", full, True)):
         config = SweepConfig(model=str(model_dir), causal=1, causal_centre=centre, quiet=True)
-        got = preflight.check_run(config, [str(path)]).centres[0]
+        stored = preflight.check_run(config, [str(path)]).centres[0]
+        assert (stored is not None) == (path == full), (centre, path.name)
+        got = steering_centre(config, stored)
         assert (got is not None) == want, (centre, path.name)
         if want:
             assert got.keys() == load_centre(full).keys()
