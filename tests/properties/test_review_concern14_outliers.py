@@ -50,7 +50,9 @@ def _standing(run, by_name, layers, plant: str, view: str) -> tuple[int, float, 
     contains it left out (a union with it may take up a little more of the generic part), its lead
     over the best of the rest, the rest within the tie resolution of it)."""
     gain, z = VIEWS[view]
-    rows = rank_fair_order(run.summary.filter(pl.col("side") == "A"), gain, z)
+    # the seed's A-side bases (``by_name``; the gradient bases see behaviour data, not this planted delta)
+    rows = rank_fair_order(run.summary.filter((pl.col("side") == "A") & pl.col("candidate").is_in(list(by_name))),
+                           gain, z)
     mine = float(rows.filter(pl.col("candidate") == plant)[gain][0])
 
     def contains(name: str) -> bool:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from subspace_sweep import cli, linalg
+from subspace_sweep.config import JOINT_PANEL_SIZE
 from subspace_sweep.causal import (
     CURVE_RANKS,
     answer_prompt,
@@ -237,8 +238,8 @@ def test_on_the_trained_lora_pair(lora):
 # ----------------------------------------------------------------------------- the run folder and the CLI
 
 
-@pytest.mark.parametrize("argv, match", [(["--causal", "-1"], "--causal must be in 0..34"),
-                                         (["--causal", "35"], "--causal must be in 0..34"),
+@pytest.mark.parametrize("argv, match", [(["--causal", "-1"], f"--causal must be in 0..{JOINT_PANEL_SIZE}"),
+                                         (["--causal", str(JOINT_PANEL_SIZE + 1)], f"--causal must be in 0..{JOINT_PANEL_SIZE}"),
                                          (["--causal", "2", "--causal-null", "4"], "--causal-null must be at least 5")])
 def test_bad_causal_options_exit_2_before_any_work(capsys, tmp_path, tiny_dir, argv, match):
     out = tmp_path / "out"

@@ -411,16 +411,28 @@ def test_families_the_tool_does_not_model_say_why(change, why):
 # ------------------------------------------------------------------------------- runs
 
 
-def test_a_tokenizer_that_cannot_encode_the_examples_gets_empty_bases_and_a_reason(tiny):
+def test_a_tokenizer_that_cannot_encode_the_examples_gets_empty_bases_and_a_reason(tiny, monkeypatch):
+    """A model without a chat template is asked in SPEC §8's plain-text format (issue 31): its
+    gradient bases are built from the examples in that format; examples the tokenizer cannot encode
+    (``encode_examples`` refuses them) leave every variant empty with the reason, no pass made."""
+    from subspace_sweep.errors import InputError
+
     model, tok = tiny
     plain = copy.deepcopy(tok)
     plain.chat_template = None
     built = grads.build_gradient_bases(model, plain, grads.behaviour_data(PROBES), [1, 2], 8)
+    assert built.forward_passes == 5 and all(B.shape[1] == 8 for B in built.bases["grad_behaviour"].values())
+
+    def refuse(tokenizer, examples):
+        raise InputError("the tokenizer has no end-of-turn token")
+
+    monkeypatch.setattr(grads, "encode_examples", refuse)
+    built = grads.build_gradient_bases(model, tok, grads.behaviour_data(PROBES), [1, 2], 8)
     cands, note = built.candidates(model, None)
     assert [c.name for c in cands] == list(GRAD_NAMES) and built.forward_passes == 0
     for c in cands:
         assert c.expected_rank == 0 and all(B.shape[1] == 0 for B in c.bases.values())
-        assert "cannot be encoded" in c.rank_note and "chat template" in c.rank_note
+        assert "cannot be encoded" in c.rank_note and "end-of-turn token" in c.rank_note
 
 
 def test_the_sweep_scores_the_gradient_bases_and_tells_what_they_see(demo_run):

@@ -112,15 +112,19 @@ def test_a_side_build_holds_one_layers_grams_at_a_time(mid):
 
 
 def test_b_side_and_scoring_hold_one_layers_targets_at_a_time(mid, monkeypatch):
-    """Everything of a sweep after its label captures (given here, not traced): one layer's
-    targets, spectra, B-side bases and scores at a time (<= 16 DD), plus what stays: the rows,
-    the B-side bases and, with --causal, the combined targets (not asked for here)."""
+    """Everything of a sweep after its label captures and gradient passes (given here, not traced,
+    as the A-side is): one layer's targets, spectra, B-side bases and scores at a time (<= 16 DD),
+    plus what stays: the rows, the B-side bases and, with --causal, the combined targets (not asked
+    for here)."""
+    from subspace_sweep.gradients import gradient_bases_for
+
     config = SweepConfig(quiet=True, n_boot=0, r=8, k_broad=32)
     a_side = build_a_side_for(mid.model, mid.tok, config, LAYERS, mid.probes)
+    gradients = gradient_bases_for(mid.model, mid.tok, config, LAYERS, mid.probes)
     labels = capture_labels(mid.model, mid.tok, mid.delta, mid.probes)
     monkeypatch.setattr(sweep_module, "capture_labels", lambda *a, **k: labels)
     with TensorMemory() as mem:
-        result = sweep(mid.model, mid.tok, mid.delta, config, mid.probes, a_side=a_side)
+        result = sweep(mid.model, mid.tok, mid.delta, config, mid.probes, a_side=a_side, gradients=gradients)
     bound = 16 * mid.DD  # measured 13.5 MiB (12 DD) of 18
     every_layers_targets = sum(t.gram.numel() * 8 for per in build_targets(labels.eval, mid.delta, LAYERS).values()
                                for t in per.values())

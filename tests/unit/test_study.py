@@ -152,20 +152,20 @@ def test_a_changed_spec_is_refused_naming_what_changed(world, local_study, tmp_p
 
 def test_a_job_that_cannot_train_is_recorded_and_the_others_finish(world, tmp_path, capsys):
     spec = tmp_path / "fails.toml"
-    spec.write_text(f'models = ["{world["root"] / "tiny-qwen3"}"]\nfamilies = ["lora", "oft"]\nseeds = [0]\n'
+    spec.write_text(f'models = ["{world["root"] / "tiny-qwen3"}"]\nfamilies = ["lora", "boft"]\nseeds = [0]\n'
                     '[train]\nrank = 4\nlayers = "1..2"\nsteps = 2\nlr = 2e-3\n'
-                    '[train.oft]\nrank = 5\n'  # OFT blocks of 5 do not divide the width 64: peft refuses
+                    '[train.boft]\nrank = 5\n'  # BOFT blocks of 5 do not divide the width 64: peft refuses
                     '[run]\nn_boot = 0\n')
     out = tmp_path / "out"
     capsys.readouterr()
     assert cli.main(["study", str(spec), "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "job tiny-qwen3/oft/seed0 failed at train:" in err
-    record = json.loads((out / "jobs" / "tiny-qwen3" / "oft" / "seed0" / RECORD).read_text())
+    assert "job tiny-qwen3/boft/seed0 failed at train:" in err
+    record = json.loads((out / "jobs" / "tiny-qwen3" / "boft" / "seed0" / RECORD).read_text())
     assert record["status"] == "failed" and record["failed_step"] == "train" and "\n" not in record["error"]
     per_job = pl.read_csv(out / "study" / "per_job.tsv", separator="\t")
     assert per_job["job"].to_list() == ["tiny-qwen3/lora/seed0"]
-    assert "tiny-qwen3/oft/seed0" in (out / "study" / "conclusion.md").read_text()
+    assert "tiny-qwen3/boft/seed0" in (out / "study" / "conclusion.md").read_text()
 
 
 BAD_SPECS = {
@@ -174,11 +174,11 @@ BAD_SPECS = {
     "empty seeds": ('models = ["M"]\nseeds = []\n', "seeds must be a non-empty list"),
     "negative seed": ('models = ["M"]\nseeds = [-1]\n', "every seed must be an integer in 0..4294967295"),
     "no models": ('families = ["lora"]\n', "models must be a non-empty list"),
-    "bad run option": ('models = ["M"]\n[run]\ncausal_null = 2\n', "--causal-null must be at least 5"),
+    "bad run option": ('models = ["M"]\n[run]\ncausal = 1\ncausal_null = 2\n', "--causal-null must be at least 5"),
     "unknown run key": ('models = ["M"]\n[run]\nrank = 8\n', "unknown key 'rank'"),
     "bad lr": ('models = ["M"]\n[train]\nlr = -1.0\n', "train.lr must be a finite number above 0"),
     "not toml": ('models = [\n', "is not valid TOML"),
-    "model missing": ('models = ["no-such-folder/model"]\n', "does not exist"),
+    "model missing": ('models = ["no-such-folder/model"]\n', "is not a model folder, GGUF file, known name or HF id"),
     "model without weights": ('models = ["EMPTY"]\n', "has no weights"),
     "layers outside": ('models = ["M"]\n[train]\nlayers = "1..9"\n', "train.layers [4, 5, 6, 7, 8, 9] outside"),
 }
