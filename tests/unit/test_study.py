@@ -131,10 +131,21 @@ def test_a_killed_study_resumes_and_its_aggregate_equals_the_uninterrupted_one(w
 
 
 def test_the_submitit_local_cluster_runs_the_same_jobs(world, local_study):
+    """The cluster path (submitit's local executor: subprocesses, as SLURM array tasks run) on a copy
+    of the local study with one job removed: it runs that job alone (the others verify as done, so
+    one job's cost, not four), and the job's outputs and the aggregate are the local study's byte for
+    byte."""
     pytest.importorskip("submitit")
     out = world["root"] / "submitit"
+    shutil.copytree(local_study, out)
+    job = Path("jobs") / "tiny-qwen3" / "ia3" / "seed1"
+    shutil.rmtree(out / job)
+    shutil.rmtree(out / "study")
     assert cli.main(["study", str(world["spec"]), "--out", str(out), "--executor", "submitit-local", "--quiet"]) == 0
     assert list((out / "logs").iterdir()), "submitit keeps its logs in the study folder"
+    assert json.loads((out / job / RECORD).read_text())["status"] == "done"
+    tables = {k: v for k, v in _tree(out / job / "run").items() if k.endswith((".tsv", ".csv"))}
+    assert tables and tables == {k: v for k, v in _tree(local_study / job / "run").items() if k in tables}
     assert _tree(out / "study") == _tree(local_study / "study")
 
 
