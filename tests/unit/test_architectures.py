@@ -255,3 +255,33 @@ def test_an_unsupported_model_type_is_refused_before_its_weights_load(capsys, tm
     assert code == cli.EXIT_BAD_INPUT and len(err.splitlines()) == 1, err
     assert model_type in err and "supported: llama" in err, err
     assert not out.exists()
+
+
+def test_weight_bases_span_the_probed_modules_behind_any_norm(tiny_arch, request):
+    """The real tiers' module check (``check_bases_span_the_modules``: readers, the unembedding, the
+    OV and MLP round-trip circuits, the gate kernel, the attention sink, each against its probed
+    module) on every tiny architecture, post-norm ones (Gemma 2/3, OLMo 2) included: behind a
+    post-projection norm the residual receives diag(γ_post)·(the writer's output), and the check's
+    write-side references carry that gain (without it Gemma-3-270m's write bases failed it)."""
+    from subspace_sweep.a_side import build_a_side_for
+    from subspace_sweep.config import SweepConfig
+    from tests.module_checks import check_bases_span_the_modules
+
+    case, model, tok, _, _ = tiny_arch
+    if case == "llama+bias":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "gate_kernel against the probed MLP with a gate bias: min cosine 0.02 (found 2026-12-06, not yet traced "
+            "to the candidate or the probe; tests/QUARANTINES.md)")))
+    layers = (1, 2)
+    a_side = build_a_side_for(model, tok, SweepConfig(quiet=True, n_boot=0, r=8), list(layers), PROBES)
+    mlp = architecture_of(model.config).mlp
+    names = [f"{block_name(layer)}.{mlp}" for layer in layers]
+    enc = tok(list(PROBES.fit), return_tensors="pt", padding=True)
+    last = enc["attention_mask"].long().cumsum(1).argmax(1)
+    with torch.no_grad(), record_activations(model, names, inputs=True, outputs=False) as rec:
+        model(**enc)
+    inputs = {layer: rec.input(n)[torch.arange(len(last)), last] for layer, n in zip(layers, names)}
+    fused = architecture_of(model.config).projection("gate")[1] is not None  # the probe reads mlp.act_fn: not phi3's
+    worst = check_bases_span_the_modules(model, tok, a_side.candidates, layers, r=8,
+                                         mlp_inputs=None if fused else inputs)
+    assert {"attn_ov_write", "mlp_roundtrip_write", "attention_sink"} | (set() if fused else {"gate_kernel"}) <= set(worst)
