@@ -25,7 +25,7 @@ from subspace_sweep import linalg
 from subspace_sweep.arch import architecture_of, fused_rows
 from subspace_sweep.candidates import ov_circuit, qk_circuit
 from subspace_sweep.capture import record_activations
-from subspace_sweep.model import attention_sink_token_id, block_name
+from subspace_sweep.model import attention_sink_token_id, block_name, extract_base_weights
 
 DT = torch.float64
 
@@ -365,6 +365,13 @@ def _module_matrix(linear) -> torch.Tensor:
     with torch.no_grad():
         eye = torch.eye(linear.in_features, dtype=linear.weight.dtype)
         return (linear(eye) - (linear.bias if linear.bias is not None else 0.0)).double().T
+
+
+def weights_for(model, method: str):
+    """The model's weights as a method reads them: "residual" (this project's, with every gain) or
+    the legacy gain-free ones (``gain_free``)."""
+    W = extract_base_weights(model)
+    return W if method == "residual" else gain_free(W)
 
 
 def gain_free(W):

@@ -36,13 +36,13 @@ from subspace_sweep.arch import architecture_of
 from subspace_sweep.candidates import A_SIDE_NAMES
 from subspace_sweep.capture import a_side_conditions, encode, record_activations
 from subspace_sweep.demo import plant_in
-from subspace_sweep.model import block_name, extract_base_weights, write_gains
+from subspace_sweep.model import block_name, write_gains
 from subspace_sweep.outliers import SOURCE_RATIO
 from subspace_sweep.prompts import load_probe_set
 from tests.helpers_outliers import check_coordinate_rms_against_the_forward, check_transforms_against_the_modules
 from tests.helpers_sweep import standardized_weight_summary
 from tests.integration.conftest import GEMMA, GEMMA_PAIR, GEMMA_SHA256, GEMMA_TIMES, timed
-from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, gain_free
+from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, weights_for
 
 pytestmark = pytest.mark.integration
 PROBES = load_probe_set()
@@ -55,11 +55,6 @@ LEGACY_GAINS = pytest.param("legacy_gain_free", marks=pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="legacy (seed v7): circuits and read bases ignore the RMSNorm gains (SPEC §6 concern 10); Gemma's "
            "`1 + weight` gains are nothing like ones"))
-
-
-def _weights(model, method: str):
-    W = extract_base_weights(model)
-    return W if method == "residual" else gain_free(W)
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -82,7 +77,7 @@ def test_the_packages_assemble_the_pinned_gguf(gemma_converted):
 def test_readers_and_unembedding_are_what_the_real_modules_multiply_by(gemma, method):
     model, _ = gemma
     with timed("module checks", GEMMA_TIMES):
-        check_readers(model, _weights(model, method), layers=CHECK_LAYERS)
+        check_readers(model, weights_for(model, method), layers=CHECK_LAYERS)
 
 
 @pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
@@ -90,7 +85,7 @@ def test_qk_circuit_is_each_real_heads_score_form(gemma, method):
     """Gemma 3 has q_norm/k_norm: the QK circuit carries γ_in and γ_q ⊙ γ_k (SPEC §4.1)."""
     model, _ = gemma
     with timed("module checks", GEMMA_TIMES):
-        check_qk_circuit(model, _weights(model, method), layers=CHECK_LAYERS)
+        check_qk_circuit(model, weights_for(model, method), layers=CHECK_LAYERS)
 
 
 @pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
@@ -98,7 +93,7 @@ def test_qk_circuit_is_each_real_heads_score_form(gemma, method):
 def test_ov_circuit_reproduces_the_real_attention_output(gemma, method, layer):
     model, tok = gemma
     with timed("module checks", GEMMA_TIMES):
-        check_ov_circuit(model, tok, _weights(model, method), layer, PROBES.fit[0])
+        check_ov_circuit(model, tok, weights_for(model, method), layer, PROBES.fit[0])
 
 
 def test_weight_bases_span_the_real_modules(gemma, gemma_run):

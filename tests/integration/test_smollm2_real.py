@@ -36,12 +36,12 @@ from subspace_sweep.candidates import A_SIDE_NAMES, GRAD_NAMES
 from subspace_sweep.capture import record_activations
 from subspace_sweep.causal import answer_masses
 from subspace_sweep.demo import plant_in, plant_rank
-from subspace_sweep.model import block_name, extract_base_weights
+from subspace_sweep.model import block_name
 from subspace_sweep.prompts import load_probe_set
 from tests.helpers_outliers import check_coordinate_rms_against_the_forward, check_transforms_against_the_modules
 from tests.helpers_sweep import weight_summary
 from tests.integration.conftest import SMOL, SMOL_PAIR, SMOL_RUN_ARGS, SMOL_SHA256, timed
-from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, gain_free
+from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, weights_for
 
 pytestmark = pytest.mark.integration
 PROBES = load_probe_set()
@@ -53,11 +53,6 @@ LEGACY_GAINS = pytest.param("legacy_gain_free", marks=pytest.mark.xfail(
     strict=True, raises=AssertionError,
     reason="legacy (seed v7): circuits and read bases ignore the RMSNorm gains (SPEC §6 concern 10); on the real "
            "model's gains (~0.02-3) they do not match its modules"))
-
-
-def _weights(model, method: str):
-    W = extract_base_weights(model)
-    return W if method == "residual" else gain_free(W)
 
 
 # ----------------------------------------------------------------------------- the model itself
@@ -93,20 +88,20 @@ def test_the_converted_folder_equals_the_gguf_load(smol_converted, smol):
 @pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
 def test_readers_and_unembedding_are_what_the_real_modules_multiply_by(smol, method):
     model, _ = smol
-    check_readers(model, _weights(model, method))
+    check_readers(model, weights_for(model, method))
 
 
 @pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
 def test_qk_circuit_is_each_real_heads_score_form(smol, method):
     model, _ = smol
-    check_qk_circuit(model, _weights(model, method))
+    check_qk_circuit(model, weights_for(model, method))
 
 
 @pytest.mark.parametrize("method", ["residual", LEGACY_GAINS])
 @pytest.mark.parametrize("layer", [8, 21])
 def test_ov_circuit_reproduces_the_real_attention_output(smol, method, layer):
     model, tok = smol
-    check_ov_circuit(model, tok, _weights(model, method), layer, PROBES.fit[0])
+    check_ov_circuit(model, tok, weights_for(model, method), layer, PROBES.fit[0])
 
 
 def test_weight_bases_span_the_real_modules(smol, smol_run):
