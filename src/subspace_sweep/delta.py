@@ -98,26 +98,29 @@ def load_delta(path: str | Path) -> dict[str, Tensor]:
     Tensors come back on the CPU in their stored dtype. The pair's midpoint offset, when the file
     holds one (``CENTRE_PREFIX`` keys), is not part of the delta: see ``load_centre``.
     """
-    return {k: v for k, v in _load_tensors(path).items() if not k.startswith(CENTRE_PREFIX)}
+    return load_delta_and_centre(path)[0]
+
+
+def load_delta_and_centre(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """(the delta, the midpoint offset it stores or None) from one read of the file."""
+    tensors = _load_tensors(path)
+    delta = {k: v for k, v in tensors.items() if not k.startswith(CENTRE_PREFIX)}
+    centre = {k[len(CENTRE_PREFIX):]: v for k, v in tensors.items() if k.startswith(CENTRE_PREFIX)}
+    return delta, centre or None
 
 
 def load_centre(path: str | Path, *, required: bool = True) -> dict[str, Tensor] | None:
     """The midpoint offset (Δ⁺ + Δ⁻)/2 stored beside w in a delta file (keyed by parameter name);
     when the file holds none: DeltaFormatError, or None where it is not ``required``."""
-    centre = stored_centre(path)
-    if not centre and not required:
-        return None
-    if not centre:
-        raise DeltaFormatError(f"{path} holds w only, not the pair's midpoint (Δ⁺ + Δ⁻)/2 that --causal-centre midpoint "
-                               "steers around: make the delta again with `subspace-sweep delta` (it stores both)")
+    centre = load_delta_and_centre(path)[1]
+    if centre is None and required:
+        raise_no_centre(path)
     return centre
 
 
-def stored_centre(path: str | Path) -> dict[str, Tensor] | None:
-    """The midpoint offset a delta file stores beside w (keyed by parameter name), None when it
-    holds w only (``load_centre`` refuses that)."""
-    centre = {k[len(CENTRE_PREFIX):]: v for k, v in _load_tensors(path).items() if k.startswith(CENTRE_PREFIX)}
-    return centre or None
+def raise_no_centre(path: str | Path) -> None:
+    raise DeltaFormatError(f"{path} holds w only, not the pair's midpoint (Δ⁺ + Δ⁻)/2 that --causal-centre midpoint "
+                           "steers around: make the delta again with `subspace-sweep delta` (it stores both)")
 
 
 def _load_tensors(path: str | Path) -> dict[str, Tensor]:

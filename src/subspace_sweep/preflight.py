@@ -272,7 +272,7 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     import warnings
 
     from .a_side import check_cache_dir
-    from .delta import check_delta_values, check_finite, load_adapter_record, load_centre, load_delta
+    from .delta import check_delta_values, check_finite, load_adapter_record, load_delta_and_centre, raise_no_centre
     from .pair import check_shapes
     from .model import resolve_dtype
     from .prompts import holdout_rows, load_probe_set
@@ -299,7 +299,8 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     names = [Path(p).stem for p in deltas]
     if len(set(names)) != len(names):
         raise InputError(f"the deltas' file names must differ (they name the run folders): {names}")
-    loaded = [load_delta(p) for p in deltas]
+    pairs = [load_delta_and_centre(p) for p in deltas]  # one read of each file
+    loaded, centres = [d for d, _ in pairs], [c for _, c in pairs]
     for delta in loaded:
         check_delta_values(delta)
         if shape is not None:
@@ -307,7 +308,9 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     # the midpoint: required by --causal-centre midpoint, used where the delta holds it by auto (SPEC §8),
     # and the pair's geometry whenever it is stored
     required = bool(config.causal) and config.causal_centre == "midpoint"
-    centres = [load_centre(p, required=required) for p in deltas]
+    for path, centre in zip(deltas, centres):
+        if centre is None and required:
+            raise_no_centre(path)
     for delta, centre in zip(loaded, centres):
         if centre is not None:
             check_finite(centre, "the pair's midpoint offset")

@@ -283,7 +283,7 @@ def gemma_run(gemma, gemma_delta_file, tmp_path_factory):
     from subspace_sweep import report
     from subspace_sweep.a_side import build_a_side_for
     from subspace_sweep.cli import _config, build_parser
-    from subspace_sweep.delta import load_adapter_record, load_centre, load_delta
+    from subspace_sweep.delta import load_adapter_record, load_delta_and_centre
     from subspace_sweep.model import n_layers_of
     from subspace_sweep.prompts import load_probe_set
     from subspace_sweep.sweep import model_manifest, sweep
@@ -293,14 +293,13 @@ def gemma_run(gemma, gemma_delta_file, tmp_path_factory):
     args = build_parser().parse_args(["run", "--model", GEMMA, "--delta", str(gemma_delta_file), "--out", str(out),
                                       "--quiet", *GEMMA_RUN_ARGS])
     config = _config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=args.dtype, device=args.device)
-    delta = load_delta(gemma_delta_file)
+    delta, centre = load_delta_and_centre(gemma_delta_file)  # the midpoint as preflight.check_run reads it
     probes = load_probe_set(config.n_fit)
     layers = config.scored_layers(delta, n_layers_of(model))
     with timed("A-side", GEMMA_TIMES):
         a_side = build_a_side_for(model, tok, config, layers, probes)
     with timed("sweep", GEMMA_TIMES):
-        # the midpoint and the adapter record, as preflight.check_run reads them for `run`
-        centre = load_centre(gemma_delta_file, required=config.causal_centre == "midpoint")
+        # the adapter record, as preflight.check_run reads it for `run`
         result = sweep(model, tok, delta, config, probes, a_side=a_side, centre=centre,
                        adapter=load_adapter_record(gemma_delta_file))
     with timed("report", GEMMA_TIMES):
