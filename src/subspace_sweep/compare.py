@@ -23,17 +23,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
+import scipy.stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import scipy.stats  # noqa: E402
-
-from . import html_report, linalg, publish, report  # noqa: E402
-from .errors import InputError  # noqa: E402
-from .provenance import package_versions  # noqa: E402
+from . import html_report, linalg, publish, report
+from .errors import InputError
+from .figures import save_png_pdf
+from .provenance import package_versions
 
 STATS = ("joint_gain", "gain_act", "gain_w_combined", "R_act", "R_w_combined", "z_w_combined", "joint")
 RUN_FILES = ("summary.tsv", "config.json", "manifest.json", "weight_oracles.safetensors")
@@ -226,9 +224,7 @@ def headline_figure(headline: pl.DataFrame, path_png: Path, path_pdf: Path) -> N
     ax.legend(fontsize=8)
     ax.grid(alpha=0.25, axis="y")
     fig.tight_layout()
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=140)
 
 
 def compare_runs(runs: list[Run], *, top_k: int = 5, min_runs: int | None = None, z_min: float = 2.0) -> Comparison:
@@ -340,9 +336,7 @@ def ranking_figure(per: pl.DataFrame, path_png: Path, path_pdf: Path, top: int =
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.25, axis="x", which="both")
     fig.tight_layout()
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=140)
 
 
 def comparison_markdown(cmp: Comparison) -> str:

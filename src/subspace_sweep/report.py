@@ -14,20 +14,18 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from . import html_report, publish  # noqa: E402
-from .causal import COHERENT_SHARE, MIN_ANSWER_MASS, NORM_ONLY_KEEPS  # noqa: E402
-from .pair import geometry_line  # noqa: E402
-from .strength import KL_QUANTILE, MAX_EVALUATIONS, START_RATIO  # noqa: E402
-from .provenance import package_versions  # noqa: E402
-from .scoring import TARGETS, WEIGHT_TARGETS  # noqa: E402
+from . import html_report, publish
+from .causal import COHERENT_SHARE, MIN_ANSWER_MASS, NORM_ONLY_KEEPS
+from .figures import save_png_pdf
+from .pair import geometry_line
+from .strength import KL_QUANTILE, MAX_EVALUATIONS, START_RATIO
+from .provenance import package_versions
+from .scoring import TARGETS, WEIGHT_TARGETS
 
 PANELS = ("joint", "read", "reference")
 SUMMARY_COLS = ["candidate", "family", "axis_kind", "sees", "side", "expected_rank", "rank", "joint_gain", "gain_act",
@@ -686,9 +684,7 @@ def scatter_figure(ranked: pl.DataFrame, path_png: Path, path_pdf: Path, view: s
              if view == "standardized" else "")
     fig.suptitle(f"Which base-model subspace explains the LoRA? (mean over scored layers){where}")
     fig.tight_layout()
-    fig.savefig(path_png, dpi=150, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=150)
 
 
 def spectra_figure(spectra: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
@@ -711,9 +707,7 @@ def spectra_figure(spectra: pl.DataFrame, path_png: Path, path_pdf: Path) -> Non
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.25)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=140)
 
 
 def readout_figure(readout: pl.DataFrame, path_png: Path, path_pdf: Path, top: int = 20) -> None:
@@ -743,9 +737,7 @@ def readout_figure(readout: pl.DataFrame, path_png: Path, path_pdf: Path, top: i
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.25)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=140)
 
 
 def annotate_apart(ax, points, fontsize: float = 7) -> list:
@@ -772,9 +764,7 @@ def annotate_apart(ax, points, fontsize: float = 7) -> list:
 def causal_figure(table: pl.DataFrame, path_png: Path, path_pdf: Path) -> None:
     """``draw_causal`` saved as PNG and PDF."""
     fig = draw_causal(table)
-    fig.savefig(path_png, dpi=140, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=140)
 
 
 def draw_causal(table: pl.DataFrame):
@@ -850,9 +840,7 @@ def heatmap_figure(per_layer: pl.DataFrame, order: list[str], path_png: Path, pa
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.6, label="log2 concentration (0 = random subspace)")
     fig.tight_layout()
-    fig.savefig(path_png, dpi=130, bbox_inches="tight")
-    fig.savefig(path_pdf, bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
+    save_png_pdf(fig, path_png, path_pdf, dpi=130)
 
 
 # ------------------------------------------------------------------------------- the run folder

@@ -24,12 +24,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import polars as pl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
+from .figures import save_png_pdf
 
 #: The families whose bases write the residual stream from the weights alone (the seed's "write
 #: family": natural weight-side bases).
@@ -405,12 +404,6 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
 # ------------------------------------------------------------------------------- figures
 
 
-def _save(fig, stem: Path) -> None:
-    fig.savefig(stem.with_suffix(".png"), dpi=140, bbox_inches="tight")
-    fig.savefig(stem.with_suffix(".pdf"), bbox_inches="tight", metadata={"CreationDate": None})
-    plt.close(fig)
-
-
 def forest_figure(agg: Aggregate, stem: Path) -> None:
     """The best A-side basis's share of the rank-matched combined oracle per model × family: every
     seed's point, the mean and its 95% t-interval."""
@@ -435,7 +428,7 @@ def forest_figure(agg: Aggregate, stem: Path) -> None:
     ax.set_xlabel("best base-model basis's share of the rank-matched combined weight oracle")
     ax.set_title("What the base model predicts of the delta, per adapter family", fontsize=10)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
-    _save(fig, stem)
+    save_png_pdf(fig, stem.with_suffix(".png"), stem.with_suffix(".pdf"), dpi=140)
 
 
 def heatmap_figure(agg: Aggregate, stem: Path) -> None:
@@ -447,7 +440,7 @@ def heatmap_figure(agg: Aggregate, stem: Path) -> None:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.text(0.5, 0.5, "no finished job", ha="center", va="center")
         ax.set_axis_off()
-        _save(fig, stem)
+        save_png_pdf(fig, stem.with_suffix(".png"), stem.with_suffix(".pdf"), dpi=140)
         return
     overall = g.group_by("candidate").agg(pl.col("mean").fill_nan(None).mean().alias("m")).sort(
         ["m", "candidate"], descending=[True, False], nulls_last=True)
@@ -464,7 +457,7 @@ def heatmap_figure(agg: Aggregate, stem: Path) -> None:
     ax.set_yticklabels(rows, fontsize=8)
     fig.colorbar(im, ax=ax, label="gain_w_combined (mean over seeds)")
     ax.set_title("Families × candidates: the weight oracle gain", fontsize=10)
-    _save(fig, stem)
+    save_png_pdf(fig, stem.with_suffix(".png"), stem.with_suffix(".pdf"), dpi=140)
 
 
 # ------------------------------------------------------------------------------- conclusion
