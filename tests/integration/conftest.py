@@ -94,7 +94,10 @@ SMOL_PAIR = Path(__file__).parent / "data" / "smollm2_pair"
 #: coherence grid (issue 25) around the base model, as the goldens were made; the KL-matched strength
 #: (the default) is tested apart, cheaply, and the default centre (auto: this delta's midpoint) by
 #: test_the_default_centre_is_the_pairs_midpoint.
-SMOL_RUN_ARGS = ("--causal", "1", "--causal-null", "5", "--causal-strength", "grid", "--causal-centre", "base")
+SMOL_CAUSAL_ARGS = ("--causal", "1", "--causal-null", "5", "--causal-strength", "grid", "--causal-centre", "base")
+#: The sweep's own settings (the CLI's defaults); the second-process test runs these alone.
+SMOL_SWEEP_ARGS: tuple[str, ...] = ()
+SMOL_RUN_ARGS = SMOL_SWEEP_ARGS + SMOL_CAUSAL_ARGS
 #: Seconds of each part of the real tier, printed at the end of the session (a part whose name
 #: starts with a space is inside another).
 REAL_TIMES: dict[str, float] = {}

@@ -3,8 +3,8 @@ run with the local executor, through submitit's local cluster, and killed (SIGKI
 a job then resumed: the three aggregates are byte for byte the same. A changed spec is refused, a
 job that cannot train is recorded while the others finish, bad specs exit 2 before any job.
 
-The three studies share one tiny model folder and one spec; the killed one runs in a subprocess
-beside the others."""
+The studies share one tiny model folder and one spec; the killed and the submitit ones start from
+copies of the local study with one job removed, so each does one job's work."""
 
 from __future__ import annotations
 
@@ -38,24 +38,14 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The tiny model and the example spec beside it, and the killed study started in the
-    background (it pauses while the first job's run stores the A-side cache entry)."""
+    """The tiny model and the example spec beside it."""
     from subspace_sweep.toy import save_tiny_model
 
     root = tmp_path_factory.mktemp("study")
     save_tiny_model(root / "tiny-qwen3", seed=0)
     spec = root / "study.toml"
     shutil.copy(EXAMPLE, spec)
-    sig = root / "paused"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           publish.PAUSE_ENV: f"cache_staged={sig}"}
-    killed = root / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "study", str(spec), "--out", str(killed),
-                             "--quiet"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    yield {"root": root, "spec": spec, "proc": proc, "signal": sig, "killed": killed}
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    return {"root": root, "spec": spec}
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +102,38 @@ def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
 
 
 def test_a_killed_study_resumes_and_its_aggregate_equals_the_uninterrupted_one(world, local_study):
-    proc, sig, killed = world["proc"], world["signal"], world["killed"]
-    deadline = time.monotonic() + WAIT_S
-    while not sig.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the study did not reach the cache store"
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    first = killed / "jobs" / "tiny-qwen3" / "lora" / "seed0"
-    record = json.loads((first / RECORD).read_text())
-    assert set(record["steps"]) == {"train", "delta"} and not (first / "run").exists()
+    """SIGKILL in the middle of a job, then the same command. The study is a copy of the local one
+    without its last job, its A-side cache and its aggregate: the job left builds the A-side and is
+    killed (in a subprocess) while it stores the cache entry, after its pair and delta were
+    published; the rerun verifies the three finished jobs, cleans the dead staging and redoes that
+    job alone (one job's cost, not four), and the aggregate is the uninterrupted study's byte for byte."""
+    root, spec = world["root"], world["spec"]
+    killed, sig = root / "killed", root / "paused"
+    shutil.copytree(local_study, killed)
+    job = killed / "jobs" / "tiny-qwen3" / "ia3" / "seed1"
+    for gone in (job, killed / "cache", killed / "study"):
+        shutil.rmtree(gone)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           publish.PAUSE_ENV: f"cache_staged={sig}"}
+    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "study", str(spec), "--out", str(killed),
+                             "--quiet"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not sig.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the study did not reach the cache store"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    record = json.loads((job / RECORD).read_text())
+    assert set(record["steps"]) == {"train", "delta"} and not (job / "run").exists()
     assert any(p.name.startswith(".a-side.") or ".stage-" in p.name for p in (killed / "cache").rglob("*"))
-    outcome = run_study(world["spec"], killed, progress=False)
-    assert outcome.ran[0] == "tiny-qwen3/lora/seed0"
+    outcome = run_study(spec, killed, progress=False)
+    assert outcome.ran == ["tiny-qwen3/ia3/seed1"]
     assert not [p for p in killed.rglob("*") if ".stage-" in p.name]
     assert _tree(killed / "study") == _tree(local_study / "study")
 
