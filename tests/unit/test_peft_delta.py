@@ -70,13 +70,29 @@ def test_delta_is_scaled_difference_of_lora_products(adapters):
     validate_delta(delta, base)
 
 
-def test_base_given_as_a_folder(adapters, tmp_path):
+def test_base_given_as_a_folder(adapters, tmp_path, monkeypatch):
+    """The folder is loaded once for the pair and its midpoint (each adapter merges into a copy:
+    on Gemma-3-270m three loads took 21 s and 5.4 GB, one takes 12 s and 2.8 GB)."""
+    from subspace_sweep import model as model_module
+    from subspace_sweep.delta import pair_from_peft
+
     pos_dir, neg_dir, pos, neg = adapters
     base_dir = save_tiny_model(tmp_path / "base", seed=0)
-    delta = delta_from_peft(base_dir, pos_dir, neg_dir)
+    loads = []
+    real_load = model_module.load_model
+    monkeypatch.setattr(model_module, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    delta, centre = pair_from_peft(base_dir, pos_dir, neg_dir)
+    assert len(loads) == 1
     expected = _expected(pos, neg)
+    assert set(delta) == set(expected)
     for k, v in delta.items():
         torch.testing.assert_close(v, expected[k], atol=1e-6, rtol=1e-5)
+    # the midpoint offset (Δ⁺ + Δ⁻)/2: a module only one adapter changes has half its update there
+    assert set(centre) == set(expected)
+    for k in centre:
+        zero = torch.zeros_like(expected[k])
+        half_sum = SCALE * (pos.get(k, zero) + neg.get(k, zero)) / 2
+        torch.testing.assert_close(centre[k], half_sum, atol=1e-6, rtol=1e-5)
 
 
 def test_same_adapter_twice_is_an_error_and_so_is_a_missing_one(adapters, tmp_path):
