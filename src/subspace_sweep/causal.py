@@ -614,12 +614,15 @@ def coherent_masses(mass0: float, mass_plus: float, mass_minus: float) -> bool:
 
 
 def causal_plan(n_alphas: int, n_tested: int, n_profiles: int, n_null: int, n_curve_points: int,
-                n_norm_only: int = 0) -> int:
+                n_norm_only: int = 0, n_curve_reused: int = 0) -> int:
     """The number of steered deltas the check runs (2 forward passes each): w at each α of the
     grid (one α: the KL-matched strengths), w_writes, each tested subspace and its ablation, per
     rank profile the oracle and the random draws (kept and ablated each), every curve point (trained
-    norm and norm-matched), and the norm-only control's draws."""
-    return n_alphas + 1 + 2 * n_tested + n_profiles * 2 * (1 + n_null) + 2 * n_curve_points + n_norm_only
+    norm and norm-matched) but the ``n_curve_reused`` that are a tested subspace's own row (its
+    curve at its full rank, trained norm: the same restricted delta), and the norm-only control's
+    draws."""
+    return (n_alphas + 1 + 2 * n_tested + n_profiles * 2 * (1 + n_null) + 2 * n_curve_points - n_curve_reused
+            + n_norm_only)
 
 
 @forward_pass_memory()  # the steered passes recycle their temporaries; freed memory goes back once, at the end
@@ -724,9 +727,17 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     curves += [(name, dict(bases)) for name, bases in act_oracles]
     curve_ks = {name: [x for x in CURVE_RANKS if x <= min(min(int(o[lay].shape[1]) for lay in layers), d)]
                 for name, o in curves}
+    # A curve of a tested subspace (the top candidate, an activation oracle) reaches, at its full rank
+    # and trained norm, the very delta its own row restricts to: that point reads the row's effect.
+    tested_names = {name for _, name, _ in tested_sets}
+    whole_k: dict[str, int] = {}
+    for name, o in curves:
+        ranks = {int(o[lay].shape[1]) for lay in layers}
+        if name in tested_names and len(ranks) == 1 and min(ranks) in curve_ks[name]:
+            whole_k[name] = min(ranks)
     total = causal_plan(len(alphas) if kl_target is None else 1, len(tested_sets),
                         len({profile_of(b) for _, _, b in tested_sets}), n_null,
-                        sum(len(v) for v in curve_ks.values()), n_norm_only)
+                        sum(len(v) for v in curve_ks.values()), n_norm_only, n_curve_reused=len(whole_k))
     bar = tqdm(total=total, desc="causal check", unit="delta", disable=not progress)
     rows: list[dict] = []
     passes = 1
@@ -791,9 +802,12 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     rows.append({"kind": "reference", "name": "w_writes", **at, "effect": e_writes,
                  "kept": 1.0 if e_writes else math.nan, "R_w_combined": 1.0, **ref_writes})
 
+    tested_effect: dict[str, float] = {}
+
     def tested(kind: str, name: str, bases: Mapping[int, Tensor]) -> dict:
         row: dict = {}
         e_b = E(restrict(delta, bases, layers=layers, write_gains=write_gains), alpha, row, minus)
+        tested_effect[name] = e_b
         e_abl = E(restrict(delta, bases, ablate=True, layers=layers, write_gains=write_gains), alpha, None, minus)
         row.update({"kind": kind, "name": name, **at,
                     "rank": sum(int(bases[lay].shape[1]) for lay in layers) / len(layers),
@@ -823,7 +837,7 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
             bases = {lay: ordered[lay][:, :kk] for lay in layers}
             w_b = restrict(delta, bases, layers=layers, write_gains=write_gains)
             for matched, w in ((False, w_b), (True, scaled(w_b, writes_norm))):
-                e_b = E(w, alpha, None, minus)
+                e_b = tested_effect[name] if not matched and whole_k.get(name) == kk else E(w, alpha, None, minus)
                 rows.append({"kind": "curve", "name": name, **at, "rank": float(kk), "k": kk,
                              "norm_matched": matched, "R_w_combined": R_w(bases), "effect": e_b,
                              "kept": _ratio(e_b, e_writes)})

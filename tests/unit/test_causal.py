@@ -177,9 +177,16 @@ def test_run_causal_table_forward_passes_and_seeded_null(tiny):
     kinds = t["kind"].to_list()
     assert kinds.count("candidate") == 3 and kinds.count("oracle") == 2 and kinds.count("random") == 10
     # the α = 0 pass, then 2 references + 3 candidates + 2 oracles + 10 draws (keep + ablate each)
-    # + curves, 2 passes apiece
+    # + curves, 2 passes apiece, but the top candidate's at its full rank (8) and trained norm: that
+    # is its own row's restricted delta, and reads its effect
     n_curve = kinds.count("curve")
-    assert res.forward_passes == 1 + 2 * (2 + 2 * (3 + 2 + 10) + n_curve)
+    assert res.forward_passes == 1 + 2 * (2 + 2 * (3 + 2 + 10) + n_curve - 1)
+    whole = t.filter((pl.col("kind") == "curve") & (pl.col("name") == "a") & (pl.col("k") == 8)).sort("norm_matched")
+    a_row = t.filter((pl.col("kind") == "candidate") & (pl.col("name") == "a")).row(0, named=True)
+    assert whole["effect"].to_list()[0] == a_row["effect"]
+    own = effect(model, tok, restrict(delta, ranked[0][1], layers=LAYERS), EVAL, res.answers)[0]
+    assert a_row["effect"] == pytest.approx(own, rel=1e-12)
+    assert whole["effect"].to_list()[1] != a_row["effect"]  # the norm-matched point is its own pass
     a0 = t.filter(pl.col("name") == "alpha_0").row(0, named=True)  # the unsteered model's own output
     assert a0["effect"] == pytest.approx(float(behaviour(model, tok, EVAL, res.answers).mean()), rel=1e-12)
     w = t.filter(pl.col("name") == "w").row(0, named=True)

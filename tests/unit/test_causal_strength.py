@@ -134,7 +134,8 @@ def test_the_alpha_chosen_is_the_one_the_rule_names_on_a_model_that_loses_cohere
 
 def test_the_progress_bar_counts_every_steered_delta(tiny, capsys):
     res = _coherence_case(tiny, (0.25, 0.5, 1.0))
-    n = causal_plan(3, 1, 1, 5, int((res.table["kind"] == "curve").sum()) // 2)
+    # the candidate's curve at its full rank (1) and trained norm is its own row: one delta fewer
+    n = causal_plan(3, 1, 1, 5, int((res.table["kind"] == "curve").sum()) // 2, n_curve_reused=1)
     assert res.forward_passes == 1 + 2 * n
     _, tok = tiny
     model = _CoherenceToy()
