@@ -3,8 +3,8 @@ written (matplotlib's Agg backend, no display needed).
 
 The tight bounding box is measured once and given to both saves: ``bbox_inches="tight"`` (or a
 layout engine left on the figure) makes every save draw the figure twice, four draws for the pair
-of files where two suffice (a run's five figures were most of its report's time on a small model). The PDF's
-creation date is left out so that the same figure gives the same bytes."""
+of files where two suffice (a run's five figures were most of its report's time on a small model).
+The PDF's creation date is left out so that the same figure gives the same bytes."""
 
 from __future__ import annotations
 
