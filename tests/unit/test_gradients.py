@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from subspace_sweep.model import weight_key
 from subspace_sweep.outliers import transform_of
 from subspace_sweep.prompts import load_probe_set
 from subspace_sweep.delta import weight_targets
+from subspace_sweep.errors import InputError
 from subspace_sweep.scoring import energy, score
 
 peft = pytest.importorskip("peft")
@@ -271,6 +273,261 @@ def test_ia3_matrix_scales_inputs_for_feed_forward_and_outputs_otherwise():
     dl_out = torch.einsum("ij,ij->i", G, W)
     assert torch.allclose(grads.ia3_matrix(G, W, True), W @ torch.diag(dl_in), atol=1e-6)
     assert torch.allclose(grads.ia3_matrix(G, W, False), torch.diag(dl_out) @ W, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- exact pieces
+
+
+def _projector(B: torch.Tensor) -> torch.Tensor:
+    return B.double() @ B.double().T
+
+
+def test_the_neutral_batch_and_the_predicted_tokens_of_a_hand_made_batch():
+    """Right-padded rows: prompt 1 2, answer 3 4, padding; prompt 5, answer 6, padding. The neutral
+    batch keeps the prompt tokens as inputs and labels (answers and padding masked, the mask's dtype
+    kept); the loss predicts labels[:, 1:], so a label at position 0 is never counted."""
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]),
+             "labels": torch.tensor([[-100, -100, 3, 4, -100], [-100, 6, -100, -100, -100]])}
+    neutral = grads.prompt_batch(batch)
+    assert set(neutral) == {"input_ids", "attention_mask", "labels"}
+    assert torch.equal(neutral["input_ids"], batch["input_ids"]) and neutral["attention_mask"].dtype == torch.int64
+    assert neutral["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]
+    assert neutral["labels"].tolist() == [[1, 2, -100, -100, -100], [5, -100, -100, -100, -100]]
+    assert grads._n_predicted(batch) == 3 and grads._n_predicted(neutral) == 1
+
+
+def test_combine_and_an_empty_gradient_basis():
+    a, b = {"k": torch.tensor([1.0, 2.0])}, {"k": torch.tensor([4.0, 8.0])}
+    assert grads.combine(a, b, -1.0)["k"].tolist() == [-3.0, -6.0]
+    assert grads.combine(a, b, 1.0)["k"].tolist() == [5.0, 10.0]
+    # no writer gradient at the layer: no target, an empty basis of the residual's width
+    assert grads.gradient_target({weight_key(1, O): torch.ones(6, 6)}, 0) is None
+    B = grads.gradient_basis({weight_key(1, O): torch.ones(6, 6)}, 0, None, 4, 6)
+    assert B.shape == (6, 0) and B.dtype == torch.float64
+
+
+def test_writer_gradients_refuse_a_batch_with_nothing_to_predict_and_skip_passes_without_tokens(tiny, monkeypatch):
+    """A batch whose every label is masked is refused, with what is wrong; one predicted token is
+    enough, and passes of one example each skip the two examples that predict nothing and give the
+    same gradient."""
+    model, tok = tiny
+    batch = encode_examples(tok, training_texts(1, PROBES, 3))
+    with pytest.raises(InputError, match=r"^the examples have no token to predict \(every label is masked\)$"):
+        grads.writer_gradients(model, {**batch, "labels": torch.full_like(batch["labels"], -100)}, [2])
+    labels = torch.full_like(batch["labels"], -100)
+    first = int((batch["labels"][2] != -100).nonzero()[0])
+    labels[2, first] = batch["labels"][2, first]
+    one = {**batch, "labels": labels}
+    full = grads.writer_gradients(model, one, [2])
+    monkeypatch.setattr(grads, "GRADIENT_BATCH", 1)
+    parts = grads.writer_gradients(model, one, [2])
+    assert set(parts) == set(full) == set(grads.writer_keys([2]))
+    for k in full:
+        assert torch.allclose(parts[k], full[k], rtol=1e-5, atol=1e-6 * float(full[k].abs().max())), k
+
+
+def test_the_examples_source_says_which_examples_trained_the_pair():
+    n = len(PROBES.claims)
+    assert grads.behaviour_data(PROBES, None, 3, seed=1).source == (
+        f"the shipped sycophancy probes: claims 1..3 trained the pair, {n - 3} held out (claims 4..{n}), "
+        "the templates of training seed 1")
+    assert grads.behaviour_data(PROBES, None, 3).source == (
+        f"the shipped sycophancy probes: claims 1..3 trained the pair, {n - 3} held out (claims 4..{n})")
+    path = str(Path(grads.__file__).parent / "data" / "behaviour_example.jsonl")
+    lines = [x for x in Path(path).read_text().splitlines() if x.strip()]
+    data = grads.behaviour_data(PROBES, path, 4, seed=3)
+    assert data.source == f"{path}: lines 1..4 trained the pair, {len(lines) - 4} held out" and data.seed == 0
+
+
+def test_without_behaviour_data_every_variant_is_empty_and_says_why(tiny):
+    model, _ = tiny
+    t0 = time.perf_counter()
+    built = grads.build_gradient_bases(model, None, None, [2, 1], 4)
+    elapsed = time.perf_counter() - t0
+    d = model.config.hidden_size
+    assert (built.layers, built.r, built.d, built.source) == ([1, 2], 4, d, None)
+    assert (built.seed, built.forward_passes) == (0, 0)
+    assert built.notes == {name: "not built: no behaviour data" for name in GRAD_NAMES}
+    assert built.bases == {} and built.behaviour == {} and built.n_examples == {}
+    assert 0.0 <= built.seconds <= elapsed  # the seconds it took, not a clock reading
+    # a reason given by the caller stands, whatever the examples (nothing is encoded: no tokenizer needed)
+    given = grads.build_gradient_bases(model, None, grads.behaviour_data(PROBES, seed=2), [1], 4, unavailable="why not")
+    assert given.notes == {name: "not built: why not" for name in GRAD_NAMES} and given.source is None
+    bases, note = given.family(model, None)
+    assert given.seed == 2 and note == "not built: why not" and bases[1].shape == (d, 0)
+
+
+def test_the_four_variants_are_the_gradient_bases_of_their_gradients(tiny):
+    """grad_behaviour = ∇L⁻ − ∇L⁺ and grad_shared = ∇L⁻ + ∇L⁺ on the training examples, grad_heldout
+    = ∇L⁻ − ∇L⁺ on the held-out ones, grad_neutral = the prompts' next-token gradient, each through
+    gradient_basis at each layer; the behaviour gradient is kept (for the family variant) bit for bit;
+    what the bases were built from is recorded."""
+    model, tok = tiny
+    data = grads.behaviour_data(PROBES, None, 3, seed=1)
+    t0 = time.perf_counter()
+    built = grads.build_gradient_bases(model, tok, data, [2, 1], 4)
+    elapsed = time.perf_counter() - t0
+    enc = {part: {s: encode_examples(tok, getattr(data, part)[s]) for s in (1, -1)} for part in ("train", "held_out")}
+    g = {part: {s: grads.writer_gradients(model, enc[part][s], [1, 2]) for s in (1, -1)} for part in enc}
+    want = {"grad_behaviour": {k: g["train"][-1][k] - g["train"][1][k] for k in g["train"][1]},
+            "grad_shared": {k: g["train"][-1][k] + g["train"][1][k] for k in g["train"][1]},
+            "grad_heldout": {k: g["held_out"][-1][k] - g["held_out"][1][k] for k in g["held_out"][1]},
+            "grad_neutral": grads.writer_gradients(model, grads.prompt_batch(enc["train"][1]), [1, 2])}
+    assert set(built.bases) == set(want) and built.notes == {}
+    d = model.config.hidden_size
+    for name, gradient in want.items():
+        for layer in (1, 2):
+            B, W = built.bases[name][layer], grads.gradient_basis(gradient, layer, None, 4, d)
+            assert B.shape == W.shape == (d, 4), (name, layer)
+            assert torch.allclose(_projector(B), _projector(W), atol=1e-9), (name, layer)
+    assert built.behaviour.keys() == want["grad_behaviour"].keys()
+    assert all(torch.equal(built.behaviour[k], v) for k, v in want["grad_behaviour"].items())
+    assert (built.layers, built.source, built.seed, built.forward_passes) == ([1, 2], data.source, 1, 5)
+    assert built.n_examples == {"train": 3, "held_out": len(data.held_out[1])}
+    assert 0.0 <= built.seconds <= elapsed
+
+
+@pytest.mark.parametrize("record, kind, note", [
+    (None, None, "the delta records no adapter family (a delta not made by `subspace-sweep delta`, or a .pt file): "
+                 "the full-weight variants only"),
+    ({"peft_type": "LORA", "config": {"r": 4}, "seed": 0}, None,
+     "the two adapters' peft configs differ: no one family to model"),
+    ({"peft_type": "LORA", "config": {"r": 4}, "configs_agree": False, "seed": 0}, None,
+     "the two adapters' peft configs differ: no one family to model"),
+    ({"peft_type": "LORA", "config": {"r": 4, "use_dora": True}, "configs_agree": True, "seed": 0}, None,
+     "a DoRA adapter (magnitude and column normalisation): not modelled"),
+    ({"peft_type": "LORA", "config": {"r": 4}, "configs_agree": True, "seed": 0,
+      "training": {"pos": {"family": "pissa"}}}, None,
+     "a LoRA initialised by 'pissa' (B ≠ 0 at init or A from the weights): not modelled"),
+    ({"peft_type": "LORA", "config": {"r": 4, "init_lora_weights": "olora"}, "configs_agree": True, "seed": 0}, None,
+     "a LoRA initialised by 'olora' (B ≠ 0 at init or A from the weights): not modelled"),
+    ({"peft_type": "LORA", "config": {"r": 4, "init_lora_weights": False}, "configs_agree": True, "seed": 0}, None,
+     "a LoRA initialised by False (B ≠ 0 at init or A from the weights): not modelled"),
+    ({"peft_type": "LORA", "config": {"r": 4}, "configs_agree": True, "seed_source": "none recorded"}, None,
+     "a LoRA without a recorded training seed (none recorded): its init A cannot be rebuilt"),
+    ({"peft_type": "LORA", "config": {"r": 4}, "configs_agree": True, "seed": 7, "seed_source": "train.json",
+      "training": {"pos": None, "neg": None}}, "LORA",
+     "LoRA rank 4: G·AᵀA per writer, A the init rebuilt from the recorded peft config and seed 7 (train.json)"),
+    ({"config": {"peft_type": "lora", "r": 2, "init_lora_weights": "gaussian"}, "configs_agree": True, "seed": 1,
+      "seed_source": "s"}, "LORA",
+     "LoRA rank 2: G·AᵀA per writer, A the init rebuilt from the recorded peft config and seed 1 (s)"),
+    ({"peft_type": "IA3", "configs_agree": True}, "IA3",
+     "IA3: W·diag(∂L/∂l) on feed-forward modules (input scaling), diag(∂L/∂l)·W on the others"),
+    ({"peft_type": "OFT", "config": {"peft_type": "OFT", "oft_block_size": 8}, "configs_agree": True}, "OFT",
+     "OFT block size 8: W·P(WᵀG − GᵀW), first order in the skew generator"),
+    ({"peft_type": "BOFT", "config": {"peft_type": "BOFT"}, "configs_agree": True}, None,
+     "a BOFT adapter: not modelled"),
+    ({"config": {}, "configs_agree": True}, None, "a family-less adapter: not modelled"),
+])
+def test_the_family_a_record_names_and_the_sentence_that_says_so(record, kind, note):
+    assert grads.family_of(record) == (kind, note)
+
+
+def test_the_family_variant_without_a_behaviour_gradient_or_an_adapter_init_says_why(monkeypatch):
+    bases, note = grads.GradientBases(layers=[1, 2], r=4, d=6, source=None).family(None, None)
+    assert note == "no behaviour gradient" and {k: tuple(B.shape) for k, B in bases.items()} == {1: (6, 0), 2: (6, 0)}
+    built = grads.GradientBases(layers=[1], r=4, d=6, source="test", behaviour={"w": torch.ones(6, 6)})
+    record = {"peft_type": "IA3", "config": {"peft_type": "IA3"}, "configs_agree": True, "seed": 5}
+    model, calls = object(), []
+    for exc, why in [(ValueError("\n  bad target_modules  \nmore"), "ValueError: bad target_modules"),
+                     (KeyError(), "KeyError: KeyError"), (RuntimeError("x" * 300), "RuntimeError: " + "x" * 200)]:
+        def fail(*args, exc=exc):
+            calls.append(args)
+            raise exc
+
+        monkeypatch.setattr(grads, "adapter_layers", fail)
+        bases, note = built.family(model, record)
+        assert note == f"the adapter's init could not be rebuilt ({why})" and bases[1].shape == (6, 0)
+    assert calls == [(model, record["config"], 5)] * 3
+
+
+def test_the_family_variant_reads_the_writers_post_norm_gains():
+    """A tiny Gemma-2 (post-norm writers) and a random behaviour gradient: the IA3 variant of an
+    adapter of layer 1's down_proj is, at layer 1, gradient_basis of that writer's IA3 first step with
+    the layer's gains (which change it), and empty at layer 0 (no adapted writer); o_proj's gradient,
+    not adapted, is left out."""
+    from subspace_sweep.model import write_gains
+    from subspace_sweep.toy import build_tiny_decoder
+
+    model, _ = build_tiny_decoder("gemma2", seed=5, n_layers=2)
+    layers, d = [0, 1], model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    G = {weight_key(layer, p): torch.randn(model.get_parameter(weight_key(layer, p)).shape, generator=gen)
+         for layer in layers for p in (O, DOWN)}
+    built = grads.GradientBases(layers=layers, r=3, d=d, source="test", behaviour=G,
+                                gains={layer: write_gains(model, layer) for layer in layers})
+    cfg = adapter_config("ia3", rank=4, alpha=8, target_modules=("down_proj",), layers=[1])
+    family, note = built.family(model, _record(cfg, None))
+    assert note.startswith("IA3") and family[0].shape == (d, 0)
+    k = weight_key(1, DOWN)
+    moved = {k: grads.ia3_matrix(G[k], model.get_parameter(k).detach(), True)}
+    want = grads.gradient_basis(moved, 1, built.gains[1], 3, d)
+    assert family[1].shape == want.shape == (d, 3)
+    assert torch.allclose(_projector(family[1]), _projector(want), atol=1e-9)
+    assert not torch.allclose(_projector(grads.gradient_basis(moved, 1, None, 3, d)), _projector(want), atol=1e-3)
+
+
+def test_oft_blocks_of_one_are_zero_and_other_families_are_refused_by_name():
+    """A 1 x 1 skew block is 0: OFT with block size 1 moves nothing; a block size that does not divide
+    the inputs, and a family family_matrix does not model, are InputErrors saying so."""
+    gen = torch.Generator().manual_seed(2)
+    W, G = torch.randn(6, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    assert torch.equal(grads.oft_matrix(G, W, 1), torch.zeros(6, 8))
+    with pytest.raises(InputError, match=r"^OFT block size 3 does not divide the module's 8 inputs$"):
+        grads.oft_matrix(G, W, 3)
+    with pytest.raises(InputError, match=r"^adapter family 'BOFT' is not modelled \(one of LORA, IA3, OFT\)$"):
+        grads.family_matrix("BOFT", None, G, W)
+
+
+def test_a_shared_oft_rotation_is_read_from_peft_s_layer(tiny):
+    """OFT with block_share: peft's layer says so, and the family matrix is oft_matrix's shared one."""
+    model, _ = tiny
+    cfg = adapter_config("oft", rank=8, alpha=8, target_modules=("o_proj",), layers=[1])
+    cfg.block_share = True
+    k = weight_key(1, O)
+    layer = grads.adapter_layers(model, _record(cfg, None)["config"], None)[k.removesuffix(".weight")]
+    rot = layer.oft_R["default"]
+    assert bool(rot.block_share) and int(rot.block_size) == 8
+    W = model.get_parameter(k).detach()
+    G = torch.randn(W.shape, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(grads.family_matrix("OFT", layer, G, W), grads.oft_matrix(G, W, 8, block_share=True))
+    assert not torch.equal(grads.oft_matrix(G, W, 8, block_share=True), grads.oft_matrix(G, W, 8))
+
+
+def test_a_bfloat16_model_gives_float32_gradients_and_its_weights_are_read_in_float32(tiny):
+    """writer_gradients returns float32 gradients whatever the model's dtype; the OFT family variant
+    of a bfloat16 model reads its weights in float32 (the weights rounded to bfloat16, computed in
+    float32)."""
+    model, tok = tiny
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    got = grads.writer_gradients(half, encode_examples(tok, training_texts(1, PROBES, 2)), [1])
+    assert {k: g.dtype for k, g in got.items()} == dict.fromkeys(grads.writer_keys([1]), torch.float32)
+    k, d = weight_key(1, O), model.config.hidden_size
+    G = {k: torch.randn(model.get_parameter(k).shape, generator=torch.Generator().manual_seed(4))}
+    built = grads.GradientBases(layers=[1], r=3, d=d, source="test", behaviour=G, gains={1: {}})
+    cfg = adapter_config("oft", rank=8, alpha=8, target_modules=("o_proj",), layers=[1])
+    family, note = built.family(half, _record(cfg, None))
+    want = grads.gradient_basis({k: grads.oft_matrix(G[k], half.get_parameter(k).detach().float(), 8)}, 1, {}, 3, d)
+    assert note.startswith("OFT") and family[1].shape == want.shape == (d, 3)
+    assert torch.allclose(_projector(family[1]), _projector(want), atol=1e-9)
+
+
+def test_a_layer_whose_writers_cannot_reach_the_loss_gets_empty_bases():
+    """A tiny Gemma-2 whose layer-0 post-norms have gain 0 (weight −1: Gemma's norms scale by 1 + w):
+    the writers there move nothing, their gradient is 0, and every variant is empty at layer 0 (with
+    the residual's width) and of rank r at layer 1."""
+    from subspace_sweep.toy import build_tiny_decoder
+
+    model, tok = build_tiny_decoder("gemma2", seed=5, n_layers=2)
+    with torch.no_grad():
+        for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+            model.get_submodule(f"model.layers.0.{norm}").weight.fill_(-1.0)
+    built = grads.build_gradient_bases(model, tok, grads.behaviour_data(PROBES, None, 2), [0, 1], 4)
+    d = model.config.hidden_size
+    assert set(built.bases) == {"grad_behaviour", "grad_shared", "grad_heldout", "grad_neutral"}
+    for name, per in built.bases.items():
+        assert per[0].shape == (d, 0) and per[1].shape == (d, 4), name
 
 
 # ------------------------------------------------------------------------------- the data

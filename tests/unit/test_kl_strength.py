@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,14 +31,17 @@ from subspace_sweep.causal import (
 from subspace_sweep.delta import random_delta
 from subspace_sweep.errors import InputError
 from subspace_sweep.model import WRITER_PROJS
-from subspace_sweep.pair import geometry_line, pair_geometry
+from subspace_sweep.pair import COLUMNS as PAIR_COLUMNS
+from subspace_sweep.pair import figures, geometry_line, module_type, pair_geometry, tensor_sums
 from subspace_sweep.prompts import load_probe_set
 from subspace_sweep.strength import (
     BOUND_RATIO,
     KL_TOLERANCE,
     MAX_EVALUATIONS,
     START_RATIO,
+    Calibration,
     ContinuationKL,
+    _stop_tokens,
     find_strength,
     parse_strength,
     start_and_bound,
@@ -169,6 +173,169 @@ def test_scaled_start_and_bound_make_the_root_scale_exactly(c):
     scaled = find_strength(lambda a: f(c * a), TARGET, start=0.05 / c, bound=64.0 / c)
     assert scaled.alpha * c == pytest.approx(base.alpha, rel=1e-12) and scaled.evaluations == base.evaluations
     assert [a * c for a, _ in scaled.trace[:3]] == [a for a, _ in base.trace[:3]]
+
+
+def _illinois_replay(f, got, target=TARGET) -> list[str]:
+    """Check every point after the bracketing against the Illinois rule, recomputed from the trace:
+    the secant's root in (log α, log KL/target) of the current bracket, where an end kept twice in a
+    row has its value halved. Returns the ends halved, in order ("a": the lower, "b": the upper)."""
+    g = lambda a: math.log(f(a) / target)  # noqa: E731  (what the finder computes from each reading)
+    pts = [a for a, _ in got.trace]
+    k = next(i for i in range(1, len(pts)) if (g(pts[i]) < 0) != (g(pts[i - 1]) < 0))
+    lo, hi = (pts[k], pts[k - 1]) if g(pts[k]) < 0 else (pts[k - 1], pts[k])
+    xa, ga, xb, gb = math.log(lo), g(lo), math.log(hi), g(hi)
+    side, halved = 0, []
+    for a in pts[k + 1:]:
+        nx = xa - ga * (xb - xa) / (gb - ga)
+        assert xa < nx < xb and a == math.exp(nx), (a, math.exp(nx))
+        if a == pts[-1]:
+            break  # the converged reading: the search stops there
+        if g(a) < 0:
+            xa, ga = nx, g(a)
+            if side < 0:
+                gb /= 2
+                halved.append("b")
+            side = -1
+        else:
+            xb, gb = nx, g(a)
+            if side > 0:
+                ga /= 2
+                halved.append("a")
+            side = 1
+    return halved
+
+
+def test_the_secant_steps_are_illinois_steps():
+    """Every point after the bracketing is the secant's root the Illinois rule gives, to the last
+    bit. A KL convex in log α (T·e^{4(α−2)}) keeps the lower end twice in a row, so the upper end's
+    value is halved once (not the first time it is kept); the tanh curve keeps the upper end twice
+    and halves the lower end's."""
+    convex = lambda a: TARGET * math.exp(4 * (a - 2))  # noqa: E731
+    got = find_strength(convex, TARGET, start=1.0, bound=64.0)
+    assert got.converged and got.evaluations == 6 and _illinois_replay(convex, got) == ["b"]
+    tanh = lambda a: TARGET * 1.05 * math.tanh((a / 2) ** 3) / math.tanh(1.0)  # noqa: E731
+    got = find_strength(tanh, TARGET, start=0.1, bound=64.0)
+    assert got.converged and got.evaluations == 7 and _illinois_replay(tanh, got) == ["a"]
+
+
+def test_a_kl_exactly_at_the_tolerance_converges_at_every_stage():
+    """|log(KL/target)| ≤ tol, the boundary included: with target 0.5 and tol = log 2 a KL of 1 (or
+    0.25) reads exactly tol, at the start, after a bracketing step and after a secant step."""
+    tol = math.log(2.0)
+    got = find_strength(lambda a: 1.0, 0.5, start=1.0, bound=64.0, tol=tol)
+    assert (got.alpha, got.evaluations, got.converged) == (1.0, 1, True)
+    got = find_strength(lambda a: 4.0 if a == 1.0 else 1.0, 0.5, start=1.0, bound=64.0, tol=tol)
+    assert (got.alpha, got.evaluations, got.converged) == (0.25, 2, True)
+    # [1, 4] reads 1/16 and 16 times the target: the secant's root is log 2, where the KL is 2·T
+    f = lambda a: 0.5 / 16 if a < 1.5 else (1.0 if a < 2.5 else 8.0)  # noqa: E731
+    got = find_strength(f, 0.5, start=1.0, bound=64.0, tol=tol)
+    assert got.converged and got.evaluations == 3 and got.alpha == pytest.approx(2.0, rel=1e-12)
+
+
+def test_a_kl_less_than_e_times_the_target_above_it_steps_down():
+    """A start whose KL is above the target by less than a factor e (log KL/T in (tol, 1)) steps
+    down: T·(α/0.8)² from α = 1 (1.5625·T) goes to 1/4, then one secant step finds 0.8; from a start
+    above the bound, T·(α/6)² at the bound 8 (1.78·T) steps down to 2 and finds 6."""
+    got = find_strength(lambda a: TARGET * (a / 0.8) ** 2, TARGET, start=1.0, bound=64.0)
+    assert [a for a, _ in got.trace] == [1.0, 0.25, pytest.approx(0.8, rel=1e-12)] and got.converged
+    got = find_strength(lambda a: TARGET * (a / 6) ** 2, TARGET, start=16.0, bound=8.0)
+    assert [a for a, _ in got.trace] == [8.0, 2.0, pytest.approx(6.0, rel=1e-12)]
+    assert got.converged and not got.at_bound
+
+
+def test_a_bracket_exactly_min_bracket_wide_is_not_searched():
+    """Bracketing by ×1.001 from α = 1 across a jump of the KL: the bracket [log 1, log 1.001] is
+    exactly MIN_BRACKET wide, so no secant step is taken; the result is not converged (False, as the
+    table records it) and reads the evaluation nearest the target."""
+    got = find_strength(lambda a: TARGET * (0.5 if a < 1.0005 else 4.0), TARGET, start=1.0, bound=2.0, factor=1.001)
+    assert got == Calibration(1.0, TARGET * 0.5, 2, False, False, ((1.0, TARGET * 0.5), (1.001, TARGET * 4.0)))
+    assert got.converged is False
+
+
+def test_one_evaluation_allowed_below_a_bound_under_one():
+    """max_evaluations = 1 reads the start alone; a bound under 1 is a bound like any other."""
+    got = find_strength(lambda a: TARGET / 2, TARGET, start=0.25, bound=0.5, max_evaluations=1)
+    assert got == Calibration(0.25, TARGET / 2, 1, False, False, ((0.25, TARGET / 2),))
+    assert got.converged is False and got.at_bound is False
+
+
+def test_a_secant_step_that_rounds_onto_an_end_of_the_bracket_is_replaced_by_the_bisection():
+    """With a tolerance of 1e-300 an end can read log(KL/T) = ∓1e-16 beside ±690 at the other: the
+    secant's root then rounds onto that end (re-reading it would gain nothing), and the bisection
+    in log α (α = 4 in [2, 8]) is taken instead, where the KL is the target."""
+    near_below = lambda a: (1 - 2 ** -53) if a < 3 else (1.0 if a < 6 else 1e300)  # noqa: E731
+    got = find_strength(near_below, 1.0, start=2.0, bound=64.0, tol=1e-300)
+    assert [a for a, _ in got.trace] == [2.0, 8.0, 4.0] and got.converged
+    near_above = lambda a: 1e-300 if a < 3 else (1.0 if a < 6 else 1 + 2 ** -52)  # noqa: E731
+    got = find_strength(near_above, 1.0, start=2.0, bound=64.0, tol=1e-300)
+    assert [a for a, _ in got.trace] == [2.0, 8.0, 4.0] and got.converged
+
+
+_START_BOUND = "the strength search needs a positive start and bound, got {}, {}"
+
+
+@pytest.mark.parametrize("kw, error, message", [
+    *[({"target": t}, InputError, f"the KL target must be a positive number of nats, got {t}")
+      for t in (0.0, -1.0, math.inf, math.nan)],
+    *[({"start": s, "bound": b}, InputError, _START_BOUND.format(s, b))
+      for s, b in ((0.0, 64.0), (-1.0, 64.0), (1.0, 0.0), (1.0, -1.0), (math.inf, 64.0), (1.0, math.inf),
+                   (math.nan, 64.0), (1.0, math.nan))],
+    *[(kw, ValueError, "factor > 1, max_evaluations ≥ 1 and tol > 0 needed, got {factor}, {max_evaluations}, {tol}"
+       .format(**{"factor": 4.0, "max_evaluations": 12, "tol": KL_TOLERANCE, **kw}))
+      for kw in ({"factor": 1.0}, {"factor": 0.5}, {"max_evaluations": 0}, {"tol": 0.0}, {"tol": -1.0})],
+])
+def test_the_finders_arguments_are_checked_before_any_evaluation(kw, error, message):
+    calls = []
+    args = {"target": TARGET, "start": 1.0, "bound": 64.0, **kw}
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        find_strength(lambda a: calls.append(a) or TARGET, args.pop("target"), **args)
+    assert calls == []
+
+
+def test_the_stop_tokens_are_the_tokenizers_and_the_generation_configs_eos_ids():
+    from types import SimpleNamespace as NS
+
+    assert _stop_tokens(NS(generation_config=NS(eos_token_id=[5, 7])), NS(eos_token_id=3)) == {3, 5, 7}
+    assert _stop_tokens(NS(generation_config=NS(eos_token_id=(9,))), NS(eos_token_id=None)) == {9}
+    assert _stop_tokens(NS(generation_config=NS(eos_token_id=4)), NS()) == {4}
+    assert _stop_tokens(NS(), NS(eos_token_id=2)) == {2}
+
+
+class _Tied(torch.nn.Module):
+    """Two modules sharing one weight (a tied embedding): named twice by named_parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.zero = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False), \
+            torch.nn.Linear(4, 1, bias=False)
+        with torch.no_grad():
+            self.a.weight.fill_(0.25)  # ‖θ‖² = 4/16 = 1/4
+            self.zero.weight.zero_()
+        self.b.weight = self.a.weight
+
+
+def test_the_weight_ratio_reads_every_name_of_a_tied_weight_and_refuses_zeros():
+    """‖w‖/‖θ_w‖ with ‖θ‖² = 1/4 and ‖w‖² = 1/64: exactly 1/4, whichever name of the tied weight the
+    delta uses; a zero delta or a delta on zero weights is an InputError, not a division by zero."""
+    model = _Tied()
+    w = torch.tensor([[0.125, 0.0, 0.0, 0.0]])
+    assert weight_ratio(model, {"a.weight": w}) == 0.25 and weight_ratio(model, {"b.weight": w}) == 0.25
+    assert start_and_bound(model, {"b.weight": w}) == (START_RATIO * 4, BOUND_RATIO * 4)
+    message = "^the KL-matched strength needs a nonzero delta on nonzero weights$"
+    with pytest.raises(InputError, match=message):
+        weight_ratio(model, {"a.weight": torch.zeros(1, 4)})
+    with pytest.raises(InputError, match=message):
+        weight_ratio(model, {"zero.weight": w})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kl:abc", "--causal-strength 'kl:abc': the KL target after 'kl:' must be a number of nats, e.g. kl:0.5"),
+    ("kl:0", "--causal-strength 'kl:0': the KL target must be a positive number of nats, e.g. kl:0.5"),
+    ("kl", "--causal-strength must be 'grid' or 'kl:TARGET' (a KL budget in nats, e.g. kl:0.5), got 'kl'"),
+])
+def test_the_strength_options_refusals_read_in_full(text, message):
+    with pytest.raises(InputError, match=f"^{re.escape(message)}$"):
+        parse_strength(text)
 
 
 @pytest.mark.parametrize("text, target", [("grid", None), ("kl:0.5", 0.5), ("kl:2", 2.0), ("kl:1e-3", 1e-3)])
@@ -532,6 +699,112 @@ def test_the_bluf_line_names_the_band_of_the_drift(drift, words):
     line = geometry_line(table)
     assert words in line and f"cos(τ⁺, −τ⁻) = {cos:.3f}" in line
     assert ("positive exactly when" in line) == (words.startswith("neither") and drift < 0.5)
+
+
+def test_the_module_type_is_the_parameters_module_name():
+    assert module_type("model.layers.3.self_attn.o_proj.weight") == "o_proj"
+    assert module_type("lm_head.weight") == "lm_head" and module_type("scale") == "scale"
+
+
+def test_a_tensor_only_one_side_holds_is_zero_in_the_other():
+    """Sums over the union of the keys: w alone, both, the midpoint alone (exact small numbers)."""
+    w = {"x.a.weight": torch.tensor([[3.0, 4.0]]), "x.b.weight": torch.tensor([[1.0, 2.0]])}
+    drift = {"x.b.weight": torch.tensor([[2.0, 1.0]]), "x.c.weight": torch.tensor([[0.5, 0.5]])}
+    assert tensor_sums(w, drift) == {"x.a.weight": (25.0, 0.0, 0.0), "x.b.weight": (5.0, 5.0, 4.0),
+                                     "x.c.weight": (0.0, 0.5, 0.0)}
+    table = pair_geometry(w, drift)
+    assert table.filter(pl.col("scope") == "all").select("tensors", "w_sq", "drift_sq", "w_dot_drift").row(0) \
+        == (3, 30.0, 5.5, 4.0)
+
+
+def _same(got: dict, want: dict) -> bool:
+    return got.keys() == want.keys() and all(got[k] == v or (math.isnan(got[k]) and math.isnan(v))
+                                             for k, v in want.items())
+
+
+@pytest.mark.parametrize("sums, want", [
+    # M ⟂ w, ‖M‖/‖w‖ = 1/4: cos = (1/4 − 1/16)/(1/4 + 1/16) = 3/5, ‖τ⁺‖ = ‖τ⁻‖
+    ((1.0, 0.0625, 0.0), (0.6, 1.0, 0.25, 0.0)),
+    # τ⁻ = 0 (M = w/2): no angle, no ratio; M along w
+    ((4.0, 1.0, 2.0), (math.nan, math.nan, 0.5, 1.0)),
+    # w = 0 (the two adapters agree): τ⁺ = τ⁻ = M, cos(τ⁺, −τ⁻) = −1; no axis to compare with
+    ((0.0, 1.0, 0.0), (-1.0, 1.0, math.nan, math.nan)),
+    # ‖τ⁺‖² = 3, ‖τ⁻‖² = 1, ⟨τ⁺, −τ⁻⟩ = ‖w‖²/4 − ‖M‖² = 0
+    ((4.0, 1.0, 1.0), (0.0, math.sqrt(3.0), 0.5, 0.5)),
+    # the BLUF's band edges exactly: cos = ±1/2
+    ((6.0, 0.5, 0.0), (0.5, 1.0, math.sqrt(0.5) / math.sqrt(6.0), 0.0)),
+    ((2.0, 1.5, 0.0), (-0.5, 1.0, math.sqrt(1.5) / math.sqrt(2.0), 0.0)),
+])
+def test_the_figures_of_a_groups_sums_are_exact(sums, want):
+    names = ("cos_plus_neg_minus", "norm_ratio", "drift_over_axis", "abs_cos_w_drift")
+    got = figures(*sums)
+    assert _same(got, dict(zip(names, want))), got
+
+
+def test_the_rows_are_the_whole_delta_then_modules_by_name_then_layers_by_number():
+    """Whatever the names: a module type that sorts before "all" comes after the whole-delta row,
+    layer 0 after every module, layer 10 after layer 2."""
+    one = torch.tensor([[1.0, 0.0]])
+    keys = ["model.layers.0.mlp.down_proj.weight", "model.layers.10.mlp.down_proj.weight",
+            "model.layers.2.mlp.down_proj.weight", "model.layers.2.self_attn.adapter.weight"]
+    table = pair_geometry({k: one for k in keys}, {k: one / 4 for k in keys})
+    assert table.select("scope", "name", "tensors").rows() == [
+        ("all", "all", 4), ("module", "adapter", 1), ("module", "down_proj", 3),
+        ("layer", "0", 1), ("layer", "2", 2), ("layer", "10", 1)]
+    assert dict(table.schema) == PAIR_COLUMNS
+
+
+_HEAD = "The pair's geometry (weight only, `pair.tsv`; τ± the adapters' changes, w = τ⁺ − τ⁻, M = (τ⁺ + τ⁻)/2): "
+_TAIL = ". A θ ± α·w experiment around the base leaves M out; `--causal-centre midpoint` steers around θ + M."
+_NEITHER = ("the two adapters move neither mostly apart nor mostly together (their shared drift M is about half the "
+            "behaviour axis w: cos(τ⁺, −τ⁻) is ")
+
+
+def _line(w: dict, drift: dict) -> str:
+    return geometry_line(pair_geometry({k: torch.tensor(v, dtype=torch.float64) for k, v in w.items()},
+                                       {k: torch.tensor(v, dtype=torch.float64) for k, v in drift.items()}))
+
+
+def test_the_bluf_line_in_full():
+    """The line word for word on constructed pairs: the opposite band with the module of the largest
+    drift (o_proj: ‖M‖/‖w‖ = 0.25/√2, above down_proj's 0, below layer 0's 0.25, which is not a
+    module); the shared band with the figures a zero axis leaves undefined ("nan"); the band edges
+    cos = ±1/2 exactly (neither band) and cos = 0 (not positive); one module: no largest-drift clause."""
+    o0, o1, d1 = (f"model.layers.{i}.{m}.weight" for i, m in ((0, "self_attn.o_proj"), (1, "self_attn.o_proj"),
+                                                             (1, "mlp.down_proj")))
+    line = _line({o0: [[1, 0]], o1: [[1, 0]], d1: [[1, 0]]}, {o0: [[0, 0.25]], o1: [[0, 0]], d1: [[0, 0]]})
+    assert line == (_HEAD + "the two adapters move mostly in opposite directions (their shared drift M is small beside "
+                    "the behaviour axis w): cos(τ⁺, −τ⁻) = 0.846, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = 0.144, "
+                    "|cos(w, M)| = 0.000; the largest drift relative to the axis is in `o_proj` (‖M‖/‖w‖ = 0.177)"
+                    + _TAIL)
+    line = _line({d1: [[0, 0]]}, {d1: [[1, 0]]})
+    assert line == (_HEAD + "the two adapters move mostly in a shared direction (their shared drift M is as large as "
+                    "the behaviour axis w or larger): cos(τ⁺, −τ⁻) = -1.000, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = nan, "
+                    "|cos(w, M)| = nan" + _TAIL)
+    line = _line({d1: [[2, 1, 1]]}, {d1: [[0, 0.5, -0.5]]})
+    assert line == (_HEAD + _NEITHER + "positive exactly when ‖M‖ < ‖w‖/2): cos(τ⁺, −τ⁻) = 0.500, ‖τ⁺‖/‖τ⁻‖ = "
+                    "1.000, ‖M‖/‖w‖ = 0.289, |cos(w, M)| = 0.000" + _TAIL)
+    line = _line({d1: [[1, 1, 0]]}, {d1: [[0.5, -0.5, 1.0]]})
+    assert line.startswith(_HEAD + _NEITHER + "negative exactly when ‖M‖ ")
+    assert line.endswith("/2): cos(τ⁺, −τ⁻) = -0.500, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = 0.866, |cos(w, M)| = 0.000" + _TAIL)
+    line = _line({d1: [[1, 0]]}, {d1: [[0, 0.5]]})
+    assert line.startswith(_HEAD + _NEITHER) and "is positive" not in line
+    assert line.endswith("/2): cos(τ⁺, −τ⁻) = 0.000, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = 0.500, |cos(w, M)| = 0.000" + _TAIL)
+
+
+def test_figures_that_overflow_or_have_no_tensors_read_nan():
+    """‖M‖² overflowing to inf (a float64 midpoint of 1e200) gives ‖M‖/‖w‖ = inf, and the line says
+    nan for every figure that is not finite; an empty pair has one row and no module to name."""
+    d1 = "model.layers.1.mlp.down_proj.weight"
+    table = pair_geometry({d1: torch.tensor([[1.0, 0.0]], dtype=torch.float64)},
+                          {d1: torch.tensor([[0.0, 1e200]], dtype=torch.float64)})
+    assert table.filter(pl.col("scope") == "all")["drift_over_axis"][0] == math.inf
+    assert geometry_line(table).endswith("cos(τ⁺, −τ⁻) = nan, ‖τ⁺‖/‖τ⁻‖ = nan, ‖M‖/‖w‖ = nan, |cos(w, M)| = 0.000"
+                                         + _TAIL)
+    empty = pair_geometry({}, {})
+    assert empty.height == 1
+    assert geometry_line(empty).endswith("cos(τ⁺, −τ⁻) = nan, ‖τ⁺‖/‖τ⁻‖ = nan, ‖M‖/‖w‖ = nan, |cos(w, M)| = nan"
+                                         + _TAIL)
 
 
 def test_a_midpoint_of_another_shape_is_an_input_error():
