@@ -127,9 +127,11 @@ def geometry_line(table: pl.DataFrame) -> str:
     elif cos is not None and cos < SHARED_COS:
         how = "the two adapters move mostly in a shared direction (their shared drift M is as large as the behaviour axis w or larger)"
     else:
+        # ⟨τ⁺, τ⁻⟩ = ‖M‖² − ‖w‖²/4: the sign of cos(τ⁺, −τ⁻) is the sign of ‖w‖/2 − ‖M‖
+        fact = ("negative exactly when ‖M‖ > ‖w‖/2" if cos is not None and cos < 0
+                else "zero exactly when ‖M‖ = ‖w‖/2" if cos == 0 else "positive exactly when ‖M‖ < ‖w‖/2")
         how = ("the two adapters move neither mostly apart nor mostly together (their shared drift M is about half the "
-               f"behaviour axis w: cos(τ⁺, −τ⁻) is {'positive' if cos is not None and cos > 0 else 'negative'} exactly when "
-               "‖M‖ < ‖w‖/2)")
+               f"behaviour axis w: cos(τ⁺, −τ⁻) is {fact})")
     modules = table.filter(pl.col("scope") == "module").sort("drift_over_axis", descending=True, nulls_last=True)
     top = modules.row(0, named=True) if modules.height else None
     most = (f"; the largest drift relative to the axis is in `{top['name']}` (‖M‖/‖w‖ = {f(top['drift_over_axis'])})"

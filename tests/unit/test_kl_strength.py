@@ -698,7 +698,8 @@ def test_the_bluf_line_names_the_band_of_the_drift(drift, words):
     assert cos == pytest.approx((0.25 - drift ** 2) / (0.25 + drift ** 2), rel=1e-12)
     line = geometry_line(table)
     assert words in line and f"cos(τ⁺, −τ⁻) = {cos:.3f}" in line
-    assert ("positive exactly when" in line) == (words.startswith("neither") and drift < 0.5)
+    assert ("positive exactly when ‖M‖ < ‖w‖/2" in line) == (words.startswith("neither") and drift < 0.5)
+    assert ("negative exactly when ‖M‖ > ‖w‖/2" in line) == (words.startswith("neither") and drift > 0.5)
 
 
 def test_the_module_type_is_the_parameters_module_name():
@@ -785,10 +786,10 @@ def test_the_bluf_line_in_full():
     assert line == (_HEAD + _NEITHER + "positive exactly when ‖M‖ < ‖w‖/2): cos(τ⁺, −τ⁻) = 0.500, ‖τ⁺‖/‖τ⁻‖ = "
                     "1.000, ‖M‖/‖w‖ = 0.289, |cos(w, M)| = 0.000" + _TAIL)
     line = _line({d1: [[1, 1, 0]]}, {d1: [[0.5, -0.5, 1.0]]})
-    assert line.startswith(_HEAD + _NEITHER + "negative exactly when ‖M‖ ")
+    assert line.startswith(_HEAD + _NEITHER + "negative exactly when ‖M‖ > ‖w‖/2)")
     assert line.endswith("/2): cos(τ⁺, −τ⁻) = -0.500, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = 0.866, |cos(w, M)| = 0.000" + _TAIL)
     line = _line({d1: [[1, 0]]}, {d1: [[0, 0.5]]})
-    assert line.startswith(_HEAD + _NEITHER) and "is positive" not in line
+    assert line.startswith(_HEAD + _NEITHER + "zero exactly when ‖M‖ = ‖w‖/2)")
     assert line.endswith("/2): cos(τ⁺, −τ⁻) = 0.000, ‖τ⁺‖/‖τ⁻‖ = 1.000, ‖M‖/‖w‖ = 0.500, |cos(w, M)| = 0.000" + _TAIL)
 
 
