@@ -11,64 +11,22 @@ then waits for its own process to reach its point.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-import subspace_sweep
 from subspace_sweep import cli, publish
 from subspace_sweep.a_side import build_a_side_for
 from subspace_sweep.config import SweepConfig
 from subspace_sweep.provenance import sha256_file
 from subspace_sweep.delta import random_delta, save_delta
 from subspace_sweep.model import load_model
+from tests.helpers_kill import WAIT_S, Paused
 from tests.helpers_model import small_probes
-
-ROOT = Path(__file__).resolve().parents[2]
-SRC = Path(subspace_sweep.__file__).resolve().parents[1]
-WAIT_S = 600  # a paused process reaches its point within this (shared 2-core machine, 7 processes)
-
-
-@dataclass
-class Paused:
-    """A CLI process started to pause at ``point``."""
-
-    name: str
-    point: str
-    proc: subprocess.Popen
-    signal: Path
-    stderr: Path
-    owner: str = ""
-
-    def wait_paused(self) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not self.signal.exists():
-            if self.proc.poll() is not None:
-                pytest.fail(f"{self.name} exited {self.proc.returncode} before {self.point}: {self.stderr.read_text()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"{self.name} did not reach {self.point} within {WAIT_S} s")
-            time.sleep(0.05)
-        self.owner = publish.owner_token(self.proc.pid)  # read while it is alive
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        self.wait_paused()
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=120)  # reaped: its owner token is dead now
-
-    def release(self) -> None:
-        Path(f"{self.signal}.go").write_text("")
-
-    def err_lines(self) -> list[str]:
-        return self.stderr.read_text().splitlines()
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -87,20 +45,11 @@ def world(tiny_dir, demo_run, lora_pair, tmp_path_factory):
     deltas = {name: save_delta(random_delta(model, [1, 2], rank=2, seed=seed), base / f"{name}.safetensors")
               for name, seed in (("a", 0), ("b", 1))}
     old_run = demo_run[1]  # a complete run folder (the shared demo run), copied where one is replaced
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # 7 processes on 2 cores: one thread each
     procs: dict[str, Paused] = {}
 
     def start(name: str, point: str, argv: list[str], **extra_env: str) -> None:
-        folder = base / name
-        folder.mkdir(exist_ok=True)
-        sig = folder / "signal"
-        err = folder / "stderr.txt"
-        cmd = [sys.executable, "-m", "subspace_sweep.cli", *argv]
-        with open(err, "w") as stderr:
-            proc = subprocess.Popen(cmd, cwd=folder, stdout=subprocess.DEVNULL, stderr=stderr,
-                                    env={**env, publish.PAUSE_ENV: f"{point}={sig}", **extra_env})
-        procs[name] = Paused(name, point, proc, sig, err)
+        # 7 processes on 2 cores: one thread each
+        procs[name] = Paused.start(name, point, argv, base / name, OMP_NUM_THREADS="1", **extra_env)
 
     def run_argv(delta: str, out: Path, *extra: str) -> list[str]:
         return ["run", "--model", str(tiny_dir), "--delta", str(deltas[delta]), "--out", str(out), "--quiet",
@@ -129,9 +78,7 @@ def world(tiny_dir, demo_run, lora_pair, tmp_path_factory):
                                         str(neg), "--out", str(base / "delta_file" / "parent" / "w1.safetensors")])
     yield {"base": base, "procs": procs, "deltas": deltas, "old_run": old_run, "tiny_dir": tiny_dir}
     for p in procs.values():
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        p.stop()
 
 
 def test_sigkill_with_the_new_run_staged_keeps_the_old_run_and_a_restart_publishes_the_new_one(world, capsys):

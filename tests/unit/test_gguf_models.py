@@ -6,11 +6,7 @@ SmolLM2 file is in tests/integration/test_smollm2_real.py."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,17 +14,15 @@ import torch
 
 pytest.importorskip("gguf")
 
-import subspace_sweep  # noqa: E402
-from subspace_sweep import cli, gguf_models, publish  # noqa: E402
+from subspace_sweep import cli, gguf_models  # noqa: E402
 from subspace_sweep.delta import random_delta, save_delta  # noqa: E402
 from subspace_sweep.errors import InputError  # noqa: E402
 from subspace_sweep.gguf_models import CONVERSION_FILE, convert, read_header  # noqa: E402
 from subspace_sweep.model import load_model  # noqa: E402
 from subspace_sweep.prompts import load_probe_set  # noqa: E402
 from tests.helpers_gguf import write_tiny_gguf  # noqa: E402
+from tests.helpers_kill import Paused  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-SRC = Path(subspace_sweep.__file__).resolve().parents[1]
 PROBES = load_probe_set()
 
 
@@ -280,20 +274,14 @@ def test_a_killed_conversion_leaves_no_usable_entry_and_the_next_use_cleans_it(t
     name does not exist (only the dead owner's staging), and the next conversion deletes the staging
     and publishes a verified entry."""
     cache = tmp_path / "cache"
-    sig = tmp_path / "signal"
     delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]), HF_HUB_OFFLINE="1",
-               **{gguf_models.CACHE_ENV: str(cache), publish.PAUSE_ENV: f"model_staged={sig}"})
-    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "run", "--model", str(tiny_gguf[0]),
-                             "--delta", str(delta), "--out", str(tmp_path / "run"), "--quiet"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not sig.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the conversion never reached its staged point"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    paused = Paused.start("conversion", "model_staged", ["run", "--model", str(tiny_gguf[0]), "--delta", str(delta),
+                                                         "--out", str(tmp_path / "run"), "--quiet"],
+                          tmp_path / "paused", **{gguf_models.CACHE_ENV: str(cache)})
+    try:
+        assert paused.kill() == -signal.SIGKILL
+    finally:
+        paused.stop()
     left = _entries(cache)
     assert len(left) == 1 and left[0].startswith(".gguf-") and ".stage-" in left[0], left  # no entry, only staging
     assert not (tmp_path / "run").exists()

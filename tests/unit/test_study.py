@@ -9,25 +9,19 @@ copies of the local study with one job removed, so each does one job's work."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-import subspace_sweep
-from subspace_sweep import cli, publish
+from subspace_sweep import cli
 from subspace_sweep.study import RECORD, load_spec, run_study
+from tests.helpers_kill import Paused
 
 ROOT = Path(__file__).resolve().parents[2]
-SRC = Path(subspace_sweep.__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "study-tiny.toml"
-WAIT_S = 900
 
 pytest.importorskip("peft")
 
@@ -108,27 +102,16 @@ def test_a_killed_study_resumes_and_its_aggregate_equals_the_uninterrupted_one(w
     published; the rerun verifies the three finished jobs, cleans the dead staging and redoes that
     job alone (one job's cost, not four), and the aggregate is the uninterrupted study's byte for byte."""
     root, spec = world["root"], world["spec"]
-    killed, sig = root / "killed", root / "paused"
+    killed = root / "killed"
     shutil.copytree(local_study, killed)
     job = killed / "jobs" / "tiny-qwen3" / "ia3" / "seed1"
     for gone in (job, killed / "cache", killed / "study"):
         shutil.rmtree(gone)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           publish.PAUSE_ENV: f"cache_staged={sig}"}
-    proc = subprocess.Popen([sys.executable, "-m", "subspace_sweep.cli", "study", str(spec), "--out", str(killed),
-                             "--quiet"], env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    paused = Paused.start("study", "cache_staged", ["study", str(spec), "--out", str(killed), "--quiet"], root / "paused")
     try:
-        deadline = time.monotonic() + WAIT_S
-        while not sig.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the study did not reach the cache store"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        assert paused.kill() == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        paused.stop()
     record = json.loads((job / RECORD).read_text())
     assert set(record["steps"]) == {"train", "delta"} and not (job / "run").exists()
     assert any(p.name.startswith(".a-side.") or ".stage-" in p.name for p in (killed / "cache").rglob("*"))
