@@ -809,7 +809,11 @@ def draw_causal(table: pl.DataFrame):
     ax2.set_xlabel("k (leading directions kept)")
     ax2.set_ylabel("kept")
     ax2.set_title("Retention over rank", fontsize=10)
-    ax2.legend(fontsize=7, loc="best")
+    if curves.height:
+        ax2.legend(fontsize=7, loc="best")
+    else:  # a check without curves (no candidate tested): say so, not an empty legend
+        ax2.text(0.5, 0.5, "no retention curve in this check", ha="center", va="center", transform=ax2.transAxes,
+                 fontsize=9, color="grey")
     ax2.grid(alpha=0.25, which="both")
     fig.tight_layout()
     return fig

@@ -571,6 +571,30 @@ def test_candidate_labels_of_coinciding_points_do_not_overprint():
         plt.close(fig)
 
 
+def test_a_check_without_curves_draws_without_an_empty_legend():
+    """A causal table with no curve rows (no candidate tested) draws its retention panel with a
+    sentence saying so, and matplotlib warns of no empty legend ("No artists with labels")."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    from subspace_sweep.causal import COLUMNS
+    from subspace_sweep.report import draw_causal
+
+    rows = [{"kind": "oracle", "name": "oracle_combined@8", "rank": 8.0, "R_w_combined": 65.0, "kept": 0.98,
+             "null_kept_mean": 0.02, "null_kept_sd": 0.003}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = draw_causal(pl.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], schema=COLUMNS))
+    try:
+        right = fig.axes[1]
+        assert right.get_legend() is None
+        assert [t.get_text() for t in right.texts] == ["no retention curve in this check"]
+        assert fig.axes[0].get_legend() is not None
+    finally:
+        plt.close(fig)
+
+
 def test_length_batches_split_only_where_it_saves_a_quarter_of_the_padded_positions():
     from subspace_sweep.causal import LENGTH_SPLIT_SAVING, length_batches
 
