@@ -29,7 +29,20 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+
+def full_logits_loss(model, batch):
+    """The loss as it was before issue 31: the model's logits at every position, the answer tokens read."""
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dev = next(model.parameters()).device
+    logits = causal_lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             batch["labels"][:, 1:].reshape(-1).to(dev), ignore_index=-100)
 
 
 def one(model_name: str, loss: str, steps: int) -> dict:
@@ -51,12 +64,7 @@ def one(model_name: str, loss: str, steps: int) -> dict:
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
 
-    def full(model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                 batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-
-    fn = lora_train.assistant_loss if loss == "gathered" else full
+    fn = lora_train.assistant_loss if loss == "gathered" else full_logits_loss
     times, losses = [], []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
@@ -73,26 +81,12 @@ def one(model_name: str, loss: str, steps: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def full_logits_loss(model, batch):
-    """The loss as it was before issue 31: the model's logits at every position, the answer tokens read."""
-    import torch
-
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dev = next(model.parameters()).device
-    logits = causal_lm(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                             batch["labels"][:, 1:].reshape(-1).to(dev), ignore_index=-100)
-
-
 #: model -> the shipped pair whose manifest gives ``--pair``'s settings
 PAIRS = {"smollm2-135m-instruct": "smollm2_pair", "gemma-3-270m": "gemma3_pair"}
 
 
 def one_pair(model_name: str, loss: str) -> dict:
     """The whole `train` of the shipped pair's settings with ``loss`` (in this process)."""
-    import tempfile
-    from pathlib import Path
-
     from subspace_sweep import cli, lora_train
 
     shipped = Path(__file__).resolve().parents[1] / "tests" / "integration" / "data" / PAIRS[model_name]
