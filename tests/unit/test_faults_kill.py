@@ -25,8 +25,10 @@ from subspace_sweep.config import SweepConfig
 from subspace_sweep.provenance import sha256_file
 from subspace_sweep.delta import random_delta, save_delta
 from subspace_sweep.model import load_model
-from tests.helpers_kill import WAIT_S, Paused
+from tests.helpers_kill import Paused
 from tests.helpers_model import small_probes
+
+WAIT_S = 600  # a paused process reaches its point within this (shared 2-core machine, 7 processes)
 
 
 def _tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -49,7 +51,7 @@ def world(tiny_dir, demo_run, lora_pair, tmp_path_factory):
 
     def start(name: str, point: str, argv: list[str], **extra_env: str) -> None:
         # 7 processes on 2 cores: one thread each
-        procs[name] = Paused.start(name, point, argv, base / name, OMP_NUM_THREADS="1", **extra_env)
+        procs[name] = Paused.start(name, point, argv, base / name, WAIT_S, OMP_NUM_THREADS="1", **extra_env)
 
     def run_argv(delta: str, out: Path, *extra: str) -> list[str]:
         return ["run", "--model", str(tiny_dir), "--delta", str(deltas[delta]), "--out", str(out), "--quiet",

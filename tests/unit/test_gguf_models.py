@@ -277,11 +277,8 @@ def test_a_killed_conversion_leaves_no_usable_entry_and_the_next_use_cleans_it(t
     delta = save_delta(random_delta(tiny_gguf[1], [1], rank=2, seed=0), tmp_path / "w.safetensors")
     paused = Paused.start("conversion", "model_staged", ["run", "--model", str(tiny_gguf[0]), "--delta", str(delta),
                                                          "--out", str(tmp_path / "run"), "--quiet"],
-                          tmp_path / "paused", **{gguf_models.CACHE_ENV: str(cache)})
-    try:
-        assert paused.kill() == -signal.SIGKILL
-    finally:
-        paused.stop()
+                          tmp_path / "paused", wait_s=300, **{gguf_models.CACHE_ENV: str(cache)})
+    assert paused.kill() == -signal.SIGKILL
     left = _entries(cache)
     assert len(left) == 1 and left[0].startswith(".gguf-") and ".stage-" in left[0], left  # no entry, only staging
     assert not (tmp_path / "run").exists()

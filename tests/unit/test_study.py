@@ -108,10 +108,7 @@ def test_a_killed_study_resumes_and_its_aggregate_equals_the_uninterrupted_one(w
     for gone in (job, killed / "cache", killed / "study"):
         shutil.rmtree(gone)
     paused = Paused.start("study", "cache_staged", ["study", str(spec), "--out", str(killed), "--quiet"], root / "paused")
-    try:
-        assert paused.kill() == -signal.SIGKILL
-    finally:
-        paused.stop()
+    assert paused.kill() == -signal.SIGKILL
     record = json.loads((job / RECORD).read_text())
     assert set(record["steps"]) == {"train", "delta"} and not (job / "run").exists()
     assert any(p.name.startswith(".a-side.") or ".stage-" in p.name for p in (killed / "cache").rglob("*"))
