@@ -509,6 +509,7 @@ class CausalResult:
     calibration: dict[float, Calibration] | None = None  # sign -> what the root finder found
     calibration_cost: dict[str, float] = field(default_factory=dict)  # prefill_passes, decode_steps, seconds, bound
     n_norm_only: int = 0  # draws of the norm-only control
+    curve_ranks: tuple[int, ...] = CURVE_RANKS  # the retention curves' ranks (empty: no curve)
 
     @property
     def minus(self) -> float:
@@ -646,6 +647,7 @@ def run_causal(
     kl_target: float | None = None,
     n_norm_only: int = 0,
     kl_tokens: int = KL_TOKENS,
+    curve_ranks: Sequence[int] = CURVE_RANKS,
 ) -> CausalResult:
     """The causal table for the first ``k`` of ``ranked`` ((name, per-layer bases), best first),
     with ``combined[layer]`` the combined weight target of each scored layer (for the oracles);
@@ -663,7 +665,10 @@ def run_causal(
     continuations of the prompts equals the target (``strength``: rows ``calibration`` and
     ``kl_trace``), and everything is read at (α₊, α₋); "unsteered" is the model the arms are
     steered from (θ + centre around the midpoint). ``n_norm_only``: that many draws of the
-    norm-only control (``norm_only`` of w_writes, rows ``norm_only``)."""
+    norm-only control (``norm_only`` of w_writes, rows ``norm_only``). ``curve_ranks``: the ranks k of
+    the retention curves (rows ``curve``; ``check_curve_ranks``), empty for none: they are most of
+    the check's passes (two steered deltas per k and curve)."""
+    curve_ranks = check_curve_ranks(curve_ranks)
     if n_null < MIN_NULL_DRAWS:
         raise InputError(f"--causal-null must be at least {MIN_NULL_DRAWS}, got {n_null}")
     alphas = sorted({float(a) for a in alphas})
@@ -679,7 +684,16 @@ def run_causal(
         return _run_causal(model, tokenizer, delta, answers, ranked, combined, k=k, n_null=n_null, seed=seed,
                            write_gains=write_gains, act_oracles=act_oracles, alphas=alphas,
                            centred=centre is not None, progress=progress, kl_target=kl_target,
-                           n_norm_only=n_norm_only, kl_tokens=kl_tokens)
+                           n_norm_only=n_norm_only, kl_tokens=kl_tokens, curve_ranks=curve_ranks)
+
+
+def check_curve_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
+    """The retention curves' ranks, increasing and each once; InputError for a rank that is not a
+    positive integer (a rank above a curve's basis is skipped for that curve, as the defaults are)."""
+    bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad:
+        raise InputError(f"--causal-curve needs positive integer ranks (e.g. 1,2,4,8) or 'none', got {list(ranks)}")
+    return tuple(sorted(set(ranks)))
 
 
 def kl_meter(model: nn.Module, tokenizer, answers: BehaviourSet, n_tokens: int = KL_TOKENS) -> ContinuationKL:
@@ -713,7 +727,8 @@ def _calibrate(model, tokenizer, delta, answers: BehaviourSet, step: float, targ
 
 def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined, *, k, n_null, seed, write_gains,
                 act_oracles, alphas: list[float], centred: bool, progress: bool, kl_target: float | None = None,
-                n_norm_only: int = 0, kl_tokens: int = KL_TOKENS) -> CausalResult:
+                n_norm_only: int = 0, kl_tokens: int = KL_TOKENS, curve_ranks: tuple[int, ...] = CURVE_RANKS,
+                ) -> CausalResult:
     texts = answers.texts
     layers = sorted(combined)
     d = next(iter(combined.values())).d
@@ -721,11 +736,13 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     top = list(ranked[:k])
     tested_sets = [*(("candidate", n, b) for n, b in top), *(("act_oracle", n, b) for n, b in act_oracles)]
     profile_of = lambda bases: tuple((lay, int(bases[lay].shape[1])) for lay in layers)  # noqa: E731
-    curves = [("oracle_combined", {lay: combined[lay].oracle_basis(max(CURVE_RANKS)) for lay in layers})]
-    if top:
-        curves.append((top[0][0], dict(top[0][1])))
-    curves += [(name, dict(bases)) for name, bases in act_oracles]
-    curve_ks = {name: [x for x in CURVE_RANKS if x <= min(min(int(o[lay].shape[1]) for lay in layers), d)]
+    curves = []
+    if curve_ranks:
+        curves.append(("oracle_combined", {lay: combined[lay].oracle_basis(max(curve_ranks)) for lay in layers}))
+        if top:
+            curves.append((top[0][0], dict(top[0][1])))
+        curves += [(name, dict(bases)) for name, bases in act_oracles]
+    curve_ks = {name: [x for x in curve_ranks if x <= min(min(int(o[lay].shape[1]) for lay in layers), d)]
                 for name, o in curves}
     # A curve of a tested subspace (the top candidate, an activation oracle) reaches, at its full rank
     # and trained norm, the very delta its own row restricts to: that point reads the row's effect.
@@ -851,7 +868,8 @@ def _run_causal(model, tokenizer, delta, answers: BehaviourSet, ranked, combined
     return CausalResult(table, answers, e_w, e_writes, [name for name, _ in top], n_null, passes, alpha=alpha,
                         coherent=coherent, centre="midpoint" if centred else "base", alphas=tuple(alphas),
                         alpha_minus=minus, kl_target=kl_target, kl_tokens=kl_tokens,
-                        calibration=calibration, calibration_cost=cost, n_norm_only=n_norm_only)
+                        calibration=calibration, calibration_cost=cost, n_norm_only=n_norm_only,
+                        curve_ranks=curve_ranks)
 
 
 def answer_masses(result: CausalResult) -> dict[float, float]:
@@ -959,8 +977,10 @@ def verdict(result: CausalResult) -> str:
                      f"rank-{rank} subspace holding the most of the residual writers' weight energy) keeps only "
                      f"{f(oracle['kept'])} of E(w_writes), below {CARRIES_SHARE:g} (a subspace carries the behaviour "
                      f"when it keeps at least {CARRIES_SHARE:g} of it). The winner keeps {f(best['kept'])}: {above}. "
-                     "The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, the oracle's "
-                     "leading directions carry it.")
+                     + ("The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, the oracle's "
+                        "leading directions carry it." if t.filter(pl.col("kind") == "curve").height else
+                        "This check drew no retention curve (`--causal-curve none`); one shows at which rank, if "
+                        "any, the oracle's leading directions carry it."))
     elif not carries:
         lines.append("Verdict: the winner does NOT carry more of the behaviour than a random subspace of its rank "
                      "(z_kept ≤ 2): its weight-energy score is not evidence that it carries the behaviour.")

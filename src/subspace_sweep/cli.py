@@ -51,6 +51,20 @@ def _alphas_arg(text: str) -> tuple[float, ...]:
     return out
 
 
+def _ranks_arg(text: str) -> tuple[int, ...]:
+    """--causal-curve: "none" or comma-separated positive integer ranks."""
+    if text.strip().lower() == "none":
+        return ()
+    items = text.split(",")
+    try:
+        out = tuple(int(x) for x in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read ranks {text!r}; use e.g. 1,2,4,8 or none") from None
+    if any(k < 1 for k in out):
+        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}; use e.g. 1,2,4,8 or none")
+    return out
+
+
 def _strength(args: argparse.Namespace) -> str:
     """--causal-strength as given; --causal-alpha alone selects the grid (it is the grid's option)."""
     if args.causal_alpha and args.causal_strength not in (None, "grid"):
@@ -101,6 +115,10 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                    help="steer around the pair's midpoint (θ + (Δ⁺+Δ⁻)/2 ± α·w/2: α = 1 is the two trained models; "
                         "needs a delta made by `subspace-sweep delta`, which stores it) or the base model (θ ± α·w); "
                         "default auto: the midpoint where the delta holds it, else the base")
+    p.add_argument("--causal-curve", type=_ranks_arg, default=None, metavar="K,K,...|none",
+                   help="the ranks k of the causal check's retention curves (the combined oracle's, the winner's and "
+                        "the activation oracles' leading k directions, at the trained norm and norm-matched; default "
+                        "1,2,4,8,16,32): two steered deltas per k and curve, most of the check's passes; none: no curve")
     p.add_argument("--causal-null", type=int, default=8, metavar="N",
                    help="random subspaces per tested rank in the causal null (default 8, at least 5)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -208,6 +226,7 @@ def _config(args: argparse.Namespace, **overrides):
         label=args.label, topic_holdout=holdout, n_boot=args.n_boot, a_side_cache=args.a_side_cache,
         causal=args.causal, causal_null=args.causal_null, behaviour=args.behaviour, n_train=args.n_train,
         causal_centre=args.causal_centre, **({"causal_alpha": args.causal_alpha} if args.causal_alpha else {}),
+        **({"causal_curve": args.causal_curve} if args.causal_curve is not None else {}),
         **({"causal_strength": _strength(args)} if args.causal_strength or args.causal_alpha else {}),
     )
     fields.update(overrides)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from .candidates import DEFINITIONS, GRAD_DEFINITIONS, PANEL_AXES
 from .capture import LABEL_KINDS
-from .causal import CENTRES, DEFAULT_ALPHAS, MIN_NULL_DRAWS, read_behaviour_file
+from .causal import CENTRES, CURVE_RANKS, DEFAULT_ALPHAS, MIN_NULL_DRAWS, check_curve_ranks, read_behaviour_file
 from .errors import InputError
 from .strength import DEFAULT_STRENGTH, parse_strength
 
@@ -74,6 +74,7 @@ class SweepConfig:
     causal_strength: str = DEFAULT_STRENGTH  # "kl:T": each arm at a KL budget of T nats (issue 30); "grid": causal_alpha
     causal_centre: str = "auto"  # "auto": the midpoint where the delta holds it, else base; "base": θ ± α·w;
     # "midpoint": θ + (Δ⁺ + Δ⁻)/2 ± α·w/2 (needs the delta's centre; SPEC §8)
+    causal_curve: tuple[int, ...] = CURVE_RANKS  # the retention curves' ranks k; (): none (most of the check's passes)
     behaviour: str | None = None  # JSONL behaviour set: the causal check's prompts and the gradient bases' examples
     n_train: int | None = None  # the examples the pair trained on: the first N claims / --behaviour lines (SPEC §13)
     overwrite: bool = False
@@ -117,6 +118,7 @@ class SweepConfig:
                                             for a in self.causal_alpha):
             raise InputError(f"--causal-alpha needs one or more positive strengths, got {list(self.causal_alpha)}")
         parse_strength(self.causal_strength)
+        check_curve_ranks(self.causal_curve)
         if self.causal_centre not in CENTRES:
             raise InputError(f"--causal-centre must be one of {', '.join(CENTRES)}, got {self.causal_centre!r}")
         if self.behaviour is not None:
@@ -174,4 +176,5 @@ class SweepConfig:
         d = asdict(self)
         d["layers"] = list(self.layers) if self.layers is not None else None
         d["causal_alpha"] = list(self.causal_alpha)
+        d["causal_curve"] = list(self.causal_curve)
         return d

@@ -558,7 +558,7 @@ def sweep(
                             alphas=config.causal_alpha, progress=not config.quiet,
                             centre=steering_centre(config, centre),
                             act_oracles=act_oracles, kl_target=parse_strength(config.causal_strength),
-                            n_norm_only=config.causal_null)
+                            n_norm_only=config.causal_null, curve_ranks=config.causal_curve)
         timings["causal"] = time.perf_counter() - t0
     return SweepResult(
         per_layer=per_layer,

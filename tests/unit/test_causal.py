@@ -211,6 +211,37 @@ def test_run_causal_table_forward_passes_and_seeded_null(tiny):
         run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=4, seed=0)
 
 
+def test_the_curve_ranks_choose_the_retention_curves_points_and_none_draws_none(tiny):
+    """``curve_ranks`` (--causal-curve): the curves hold exactly those ranks (sorted, each once; a
+    rank above a curve's basis skipped for it), the check makes exactly the passes ``causal_plan``
+    counts, every other row is the same, and () draws no curve; ranks that are not positive
+    integers are refused."""
+    from subspace_sweep.causal import causal_plan
+
+    model, tok = tiny
+    d = model.config.hidden_size
+    delta = random_delta(model, LAYERS, rank=4, seed=1, scale=0.3, projections=WRITER_PROJS)
+    targets = {layer: weight_targets(delta, layer)["combined"] for layer in LAYERS}
+    ranked = [("a", _random_bases(d, 8, 1))]
+    runs = {ranks: run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=5, seed=0, curve_ranks=ranks)
+            for ranks in ((16, 2, 16), ())}
+    t = runs[(16, 2, 16)].table
+    curve = t.filter(pl.col("kind") == "curve")
+    assert runs[(16, 2, 16)].curve_ranks == (2, 16)
+    # 16 is above both bases (a: rank 8; the oracle: the combined target of a rank-4 delta per writer)
+    assert sorted(zip(curve["name"], curve["k"], curve["norm_matched"])) == [
+        ("a", 2, False), ("a", 2, True), ("oracle_combined", 2, False), ("oracle_combined", 2, True)]
+    # the α = 0 pass, then per steered delta 2: w, w_writes, a, the oracle and 5 draws (kept and ablated
+    # each), 2 curve points (trained norm and norm-matched each); no norm-only draw
+    assert runs[(16, 2, 16)].forward_passes == 1 + 2 * causal_plan(1, 1, 1, 5, 2) == 1 + 2 * (2 + 2 * 7 + 4)
+    assert runs[()].forward_passes == 1 + 2 * causal_plan(1, 1, 1, 5, 0) == 1 + 2 * (2 + 2 * 7)
+    assert not runs[()].table.filter(pl.col("kind") == "curve").height and runs[()].curve_ranks == ()
+    assert runs[()].table.equals(t.filter(pl.col("kind") != "curve"))
+    for bad in ((0, 2), (2.0,), (True,)):
+        with pytest.raises(InputError, match="positive integer ranks"):
+            run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=5, seed=0, curve_ranks=bad)
+
+
 def test_the_random_null_is_identical_across_processes(tmp_path):
     script = (
         "import json, torch\n"
@@ -358,8 +389,9 @@ def test_the_behaviour_reader_takes_exactly_the_stated_bound_and_the_integer_sig
 
 
 def _result(best_kept: float, z: float, oracle_kept: float, mass0: float, mass_plus: float, mass_minus: float,
-            form: str = "chat"):
-    """A CausalResult whose table holds exactly the rows the verdict reads."""
+            form: str = "chat", curve: bool = True):
+    """A CausalResult whose table holds exactly the rows the verdict reads (``curve``: and a
+    retention curve's point)."""
     from subspace_sweep.causal import COLUMNS, BehaviourSet, CausalResult
 
     rows = [
@@ -369,6 +401,8 @@ def _result(best_kept: float, z: float, oracle_kept: float, mass0: float, mass_p
         {"kind": "candidate", "name": "best", "rank": 8.0, "kept": best_kept, "ablated": 0.02, "z_kept": z,
          "null_kept_mean": 0.02, "null_kept_sd": 0.005, "null_ablated_mean": 0.01, "null_ablated_sd": 0.01},
         {"kind": "oracle", "name": "oracle_combined@8", "rank": 8.0, "kept": oracle_kept},
+        *([{"kind": "curve", "name": "oracle_combined", "rank": 1.0, "k": 1, "norm_matched": False, "kept": 0.01}]
+          if curve else []),
     ]
     table = pl.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], schema=COLUMNS)
     answers = BehaviourSet(("p",), (1,), (2,), (1.0,), "the shipped EVAL probes", "", form)
@@ -413,6 +447,12 @@ def test_where_the_rank_matched_oracle_keeps_little_no_subspace_of_that_rank_is_
         "numbers, not evidence that it carries the behaviour. The retention curve (causal.tsv, rows `curve`) shows "
         "at which rank, if any, the oracle's leading directions carry it.")
     assert "the winner carries" not in ia3 and "Significant, not explanatory" not in ia3
+    # a check run without retention curves (--causal-curve none) does not point at rows it lacks
+    bare = verdict(_result(0.08, 5.1, 0.07, 0.45, 0.85, 0.16, curve=False))
+    assert "rows `curve`" not in bare and bare.replace(
+        "This check drew no retention curve (`--causal-curve none`); one shows at which rank, if any, the oracle's "
+        "leading directions carry it.", "The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, "
+        "the oracle's leading directions carry it.") == ia3
     noise = verdict(_result(0.06, 1.0, 0.07, 0.45, 0.85, 0.16))
     assert "Verdict: at rank 8 no subspace carries the behaviour" in noise
     assert "The winner keeps 0.06: no more than random subspaces of its rank (z_kept = 1.0 ≤ 2)." in noise
