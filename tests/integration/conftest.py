@@ -181,6 +181,12 @@ def smol_delta_file(smol_converted, tmp_path_factory):
     return out
 
 
+def smol_a_side_cache(tmp_path_factory) -> Path:
+    """The session's A-side cache of SmolLM2: the in-process sweep builds and stores its A-side
+    there, the second process reads it (the guide: share A-sides across tests)."""
+    return tmp_path_factory.getbasetemp() / "smol-a-side-cache"
+
+
 @pytest.fixture(scope="session")
 def smol_run(smol_converted, smol_delta_file, tmp_path_factory):
     """(SweepResult, run folder) of the shipped pair: `run_sweep` in this process."""
@@ -188,7 +194,8 @@ def smol_run(smol_converted, smol_delta_file, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smol-run") / "run"
     args = build_parser().parse_args(["run", "--model", SMOL, "--delta", str(smol_delta_file), "--out", str(out),
-                                      "--quiet", *SMOL_RUN_ARGS])
+                                      "--quiet", "--a-side-cache", str(smol_a_side_cache(tmp_path_factory)),
+                                      *SMOL_RUN_ARGS])
     config = _config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=args.dtype, device=args.device)
     from subspace_sweep.sweep import run_sweep
 

@@ -19,6 +19,7 @@ seconds of each part.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import subprocess
@@ -40,7 +41,7 @@ from subspace_sweep.model import block_name
 from subspace_sweep.prompts import load_probe_set
 from tests.helpers_outliers import check_coordinate_rms_against_the_forward, check_transforms_against_the_modules
 from tests.helpers_sweep import weight_summary
-from tests.integration.conftest import SMOL, SMOL_PAIR, SMOL_SHA256, SMOL_SWEEP_ARGS, timed
+from tests.integration.conftest import SMOL, SMOL_PAIR, SMOL_SHA256, SMOL_SWEEP_ARGS, smol_a_side_cache, timed
 from tests.module_checks import check_bases_span_the_modules, check_ov_circuit, check_qk_circuit, check_readers, weights_for
 
 pytestmark = pytest.mark.integration
@@ -263,22 +264,27 @@ def test_the_causal_check_on_the_real_pair(smol_run):
     assert "Probability mass on the two answers" in conclusion
 
 
-def test_a_second_process_gives_the_same_tables(smol_run, smol_delta_file, tmp_path):
-    """`subspace-sweep run` in a fresh process (its own model load, conversion cache read, A-side,
-    gradient bases and sweep) writes every table of the sweep and the oracles byte for byte like the
-    in-process run. Without the causal check (the tier's budget: it is most of a sweep's time here);
-    its tables' identity across processes is held on the tiny model, where every row kind is drawn
-    (test_causal.py::test_the_random_null_is_identical_across_processes,
-    test_kl_strength.py::test_the_norm_only_draws_are_identical_across_processes)."""
+def test_a_second_process_gives_the_same_tables(smol_run, smol_delta_file, tmp_path, tmp_path_factory):
+    """`subspace-sweep run` in a fresh process (its own model load, conversion cache read, gradient
+    bases and sweep; the A-side the in-process run stored in the session's A-side cache, verified
+    and loaded, as a study's later jobs load it) writes every table of the sweep and the oracles
+    byte for byte like the in-process run. Without the causal check (the tier's budget: it is most
+    of a sweep's time here); its tables' identity across processes is held on the tiny model, where
+    every row kind is drawn (test_causal.py::test_the_random_null_is_identical_across_processes,
+    test_kl_strength.py::test_the_norm_only_draws_are_identical_across_processes), and so is a
+    fresh A-side build's (test_golden_tiny.py::test_two_processes_write_byte_identical_summary)."""
     _, first = smol_run
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]), HF_HUB_OFFLINE="1")
-    with timed("sweep, second process (no causal check)"):
+    with timed("sweep, second process (no causal check; the A-side from the cache)"):
         proc = subprocess.run([sys.executable, "-m", "subspace_sweep.cli", "run", "--model", SMOL, "--delta",
-                               str(smol_delta_file), "--out", str(out), "--quiet", *SMOL_SWEEP_ARGS],
+                               str(smol_delta_file), "--out", str(out), "--quiet", "--a-side-cache",
+                               str(smol_a_side_cache(tmp_path_factory)), *SMOL_SWEEP_ARGS],
                               env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / "causal.tsv").exists()
+    statuses = [json.loads((folder / "manifest.json").read_text())["a_side_cache"]["status"] for folder in (first, out)]
+    assert statuses == ["miss", "hit"], statuses
     # conclusion.md and definitions.md also describe the causal check; every other table is the sweep's
     tables = sorted(p.name for p in out.iterdir() if p.suffix in (".tsv", ".csv", ".safetensors"))
     assert {"summary.tsv", "per_layer.csv", "spectra.tsv", "scope.tsv", "pair.tsv", "gradients.tsv", "readout.tsv",
@@ -300,8 +306,6 @@ def test_a_second_process_gives_the_same_tables(smol_run, smol_delta_file, tmp_p
 
 
 def test_the_manifest_records_the_gguf(smol_run):
-    import json
-
     _, out = smol_run
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"] == SMOL and m["model_source"]["gguf_sha256"] == SMOL_SHA256
