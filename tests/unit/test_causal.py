@@ -242,6 +242,24 @@ def test_the_curve_ranks_choose_the_retention_curves_points_and_none_draws_none(
             run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=5, seed=0, curve_ranks=bad)
 
 
+def test_causal_curve_from_the_command_line_to_the_config_json():
+    """--causal-curve: "1,8" and "none" as the config holds and writes them; the default the six ranks."""
+    import json
+
+    from subspace_sweep.config import SweepConfig
+
+    def config(*argv):
+        args = cli.build_parser().parse_args(["run", "--delta", "x", "--out", "y", *argv])
+        return cli._config(args, model=args.model, delta=args.delta[0], out=args.out, dtype=None, device=None)
+
+    assert config().causal_curve == CURVE_RANKS == (1, 2, 4, 8, 16, 32)
+    assert config("--causal-curve", "8,1").causal_curve == (8, 1)  # run_causal sorts them
+    assert config("--causal-curve", "none").causal_curve == ()
+    assert json.loads(json.dumps(config("--causal-curve", "1,8").to_json()))["causal_curve"] == [1, 8]
+    with pytest.raises(InputError, match="positive integer ranks"):
+        SweepConfig(causal=1, causal_curve=(0, 8)).validate()
+
+
 def test_the_random_null_is_identical_across_processes(tmp_path):
     script = (
         "import json, torch\n"
