@@ -690,7 +690,7 @@ def run_causal(
 def check_curve_ranks(ranks: Sequence[int]) -> tuple[int, ...]:
     """The retention curves' ranks, increasing and each once; InputError for a rank that is not a
     positive integer (a rank above a curve's basis is skipped for that curve, as the defaults are)."""
-    bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    bad = isinstance(ranks, str) or [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
     if bad:
         raise InputError(f"--causal-curve needs positive integer ranks (e.g. 1,2,4,8) or 'none', got {list(ranks)}")
     return tuple(sorted(set(ranks)))

@@ -52,17 +52,13 @@ def _alphas_arg(text: str) -> tuple[float, ...]:
 
 
 def _ranks_arg(text: str) -> tuple[int, ...]:
-    """--causal-curve: "none" or comma-separated positive integer ranks."""
+    """--causal-curve: "none" or comma-separated integers (``SweepConfig.validate`` wants them positive)."""
     if text.strip().lower() == "none":
         return ()
-    items = text.split(",")
     try:
-        out = tuple(int(x) for x in items)
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"cannot read ranks {text!r}; use e.g. 1,2,4,8 or none") from None
-    if any(k < 1 for k in out):
-        raise argparse.ArgumentTypeError(f"ranks must be positive integers, got {text!r}; use e.g. 1,2,4,8 or none")
-    return out
 
 
 def _strength(args: argparse.Namespace) -> str:

@@ -237,7 +237,7 @@ def test_the_curve_ranks_choose_the_retention_curves_points_and_none_draws_none(
     assert runs[()].forward_passes == 1 + 2 * causal_plan(1, 1, 1, 5, 0) == 1 + 2 * (2 + 2 * 7)
     assert not runs[()].table.filter(pl.col("kind") == "curve").height and runs[()].curve_ranks == ()
     assert runs[()].table.equals(t.filter(pl.col("kind") != "curve"))
-    for bad in ((0, 2), (2.0,), (True,)):
+    for bad in ((0, 2), (2.0,), (True,), "1,2"):
         with pytest.raises(InputError, match="positive integer ranks"):
             run_causal(model, tok, delta, EVAL, ranked, targets, k=1, n_null=5, seed=0, curve_ranks=bad)
 

@@ -240,7 +240,7 @@ CASES = [
     Case("mc_null_too_few", _run("--null", "mc", "--n-null", "2"), "at least 100 for a Monte-Carlo null"),
     Case("delta_missing_option", ["run", "--model", "{model}", "--out", "{out}"], "--delta"),
     Case("causal_alpha_empty_item", _run("--causal", "1", "--causal-alpha", "1,,2"), "an empty item between commas"),
-    Case("causal_curve_rank_zero", _run("--causal", "1", "--causal-curve", "0,8"), "ranks must be positive integers"),
+    Case("causal_curve_rank_zero", _run("--causal", "1", "--causal-curve", "0,8"), "--causal-curve needs positive integer ranks (e.g. 1,2,4,8) or 'none', got [0, 8]"),
     Case("causal_curve_garbage", _run("--causal", "1", "--causal-curve", "1,,8"), "cannot read ranks '1,,8'"),
     Case("known_name_near_miss", [*RUN[:2], "smollm2-135m-instruc", *RUN[3:]], "did you mean smollm2-135m-instruct?",
          forbid=(*HUB_WORDS, "connection")),
