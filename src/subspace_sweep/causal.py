@@ -970,6 +970,7 @@ def verdict(result: CausalResult) -> str:
     oracle_little = oracle["kept"] is not None and math.isfinite(oracle["kept"]) and oracle["kept"] < CARRIES_SHARE
     if oracle_little and not (best["kept"] is not None and best["kept"] >= CARRIES_SHARE):
         ratio = f" ({f(100 * share, '.0f')}% of the oracle's)" if math.isfinite(share) else ""
+        no_curve = ",".join(map(str, result.curve_ranks)) + ": no rank within the bases" if result.curve_ranks else "none"
         above = (f"more than random subspaces of its rank (z_kept = {f(best['z_kept'], '.1f')} > 2), yet its "
                  f"share{ratio} is a ratio of two small numbers, not evidence that it carries the behaviour"
                  if carries else f"no more than random subspaces of its rank (z_kept = {f(best['z_kept'], '.1f')} ≤ 2)")
@@ -979,8 +980,8 @@ def verdict(result: CausalResult) -> str:
                      f"when it keeps at least {CARRIES_SHARE:g} of it). The winner keeps {f(best['kept'])}: {above}. "
                      + ("The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, the oracle's "
                         "leading directions carry it." if t.filter(pl.col("kind") == "curve").height else
-                        "This check drew no retention curve (`--causal-curve none`); one shows at which rank, if "
-                        "any, the oracle's leading directions carry it."))
+                        f"This check drew no retention curve (`--causal-curve {no_curve}`); one shows at which "
+                        "rank, if any, the oracle's leading directions carry it."))
     elif not carries:
         lines.append("Verdict: the winner does NOT carry more of the behaviour than a random subspace of its rank "
                      "(z_kept ≤ 2): its weight-energy score is not evidence that it carries the behaviour.")

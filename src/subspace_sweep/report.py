@@ -811,7 +811,7 @@ def draw_causal(table: pl.DataFrame):
     ax2.set_title("Retention over rank", fontsize=10)
     if curves.height:
         ax2.legend(fontsize=7, loc="best")
-    else:  # a check without curves (no candidate tested): say so, not an empty legend
+    else:  # a check without curves (--causal-curve none, or no rank within the bases): say so, not an empty legend
         ax2.text(0.5, 0.5, "no retention curve in this check", ha="center", va="center", transform=ax2.transAxes,
                  fontsize=9, color="grey")
     ax2.grid(alpha=0.25, which="both")

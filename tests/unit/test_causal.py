@@ -466,11 +466,17 @@ def test_where_the_rank_matched_oracle_keeps_little_no_subspace_of_that_rank_is_
         "at which rank, if any, the oracle's leading directions carry it.")
     assert "the winner carries" not in ia3 and "Significant, not explanatory" not in ia3
     # a check run without retention curves (--causal-curve none) does not point at rows it lacks
-    bare = verdict(_result(0.08, 5.1, 0.07, 0.45, 0.85, 0.16, curve=False))
+    bare_result = _result(0.08, 5.1, 0.07, 0.45, 0.85, 0.16, curve=False)
+    bare_result.curve_ranks = ()
+    bare = verdict(bare_result)
     assert "rows `curve`" not in bare and bare.replace(
         "This check drew no retention curve (`--causal-curve none`); one shows at which rank, if any, the oracle's "
         "leading directions carry it.", "The retention curve (causal.tsv, rows `curve`) shows at which rank, if any, "
         "the oracle's leading directions carry it.") == ia3
+    # ranks were asked for but none fits a basis: the sentence names them, not `none`
+    above = _result(0.08, 5.1, 0.07, 0.45, 0.85, 0.16, curve=False)
+    above.curve_ranks = (64,)
+    assert "(`--causal-curve 64: no rank within the bases`)" in verdict(above)
     noise = verdict(_result(0.06, 1.0, 0.07, 0.45, 0.85, 0.16))
     assert "Verdict: at rank 8 no subspace carries the behaviour" in noise
     assert "The winner keeps 0.06: no more than random subspaces of its rank (z_kept = 1.0 ≤ 2)." in noise
