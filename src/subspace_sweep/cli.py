@@ -87,8 +87,9 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=2000,
                    help="bootstrap resamples of EVAL prompts (0: none; else at least 200 for the 95%% interval)")
     p.add_argument("--a-side-cache", default=None, metavar="DIR",
-                   help="reuse the A-side (captures + candidate bases, which never depend on the delta) from DIR "
-                        "when the model, prompts and options match exactly, else build it and store it there")
+                   help="reuse the A-side (captures + candidate bases, which never depend on the delta) and the "
+                        "gradient bases (their loss gradients on the behaviour's examples) from DIR when the model, "
+                        "inputs and options match exactly, else build them and store them there")
     p.add_argument("--causal", type=int, default=0, metavar="K",
                    help="causal check: steer with the delta restricted to each of the top K candidates of the joint "
                         "ranking, the rank-matched oracle and random subspaces (2 EVAL forward passes per restricted "
@@ -266,13 +267,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_delta(args: argparse.Namespace) -> int:
     from . import preflight
-    from .delta import adapter_metadata, adapter_record, pair_from_peft, save_delta
+    from .delta import write_pair_delta
 
     out = preflight.check_delta_command(args.model, args.adapter_pos, args.adapter_neg, args.out, args.overwrite)
-    delta, centre = pair_from_peft(args.model, args.adapter_pos, args.adapter_neg)
-    record = adapter_record(args.adapter_pos, args.adapter_neg)  # the family, for the gradient bases (SPEC §13)
-    save_delta(delta, out, overwrite=args.overwrite, centre=centre,  # the midpoint: --causal-centre midpoint
-               metadata=adapter_metadata(record))
+    # w, the midpoint (--causal-centre midpoint) and the family and seed (the gradient bases, SPEC §13)
+    delta, centre, record = write_pair_delta(args.model, args.adapter_pos, args.adapter_neg, out,
+                                             overwrite=args.overwrite)
     print(f"wrote {out} ({len(delta)} tensors of w, {len(centre)} of the pair's midpoint offset; adapter family "
           f"{record['peft_type']}, seed {record['seed'] if record['seed'] is not None else 'not recorded'})")
     return 0

@@ -505,17 +505,18 @@ def _read_json_file(path: Path) -> dict | None:
 
 
 def _training_of(adapter: Path) -> tuple[dict | None, str | None]:
-    """The adapter's training log (``subspace-sweep train`` writes ``lora_train.json`` beside it), else
-    the pair folder's manifest settings (``manifest.json`` of kind ``train`` one level up)."""
+    """(the adapter's training log (``subspace-sweep train`` writes ``lora_train.json`` beside it), else
+    the pair folder's manifest settings (``manifest.json`` of kind ``train`` one level up); which file,
+    relative to the pair folder: a moved pair makes the same delta file)."""
     log = _read_json_file(adapter / "lora_train.json")
     if log is not None:
-        return {k: log.get(k) for k in _TRAINING_KEYS}, str(adapter / "lora_train.json")
+        return {k: log.get(k) for k in _TRAINING_KEYS}, f"{adapter.name}/lora_train.json"
     manifest = _read_json_file(adapter.parent / "manifest.json")
     if manifest is not None and manifest.get("kind") == "train" and isinstance(manifest.get("settings"), dict):
         settings = manifest["settings"]
         return ({"family": settings.get("family"), "steps": settings.get("steps"), "lr": settings.get("lr"),
                  "seed": settings.get("seed"), "data": settings.get("behaviour") or "the shipped sycophancy probes"},
-                str(adapter.parent / "manifest.json"))
+                "the pair folder's manifest.json")
     return None, None
 
 
@@ -548,6 +549,18 @@ def adapter_metadata(record: Mapping[str, object]) -> dict[str, str]:
     import json
 
     return {ADAPTER_METADATA_KEY: json.dumps(record, sort_keys=True)}
+
+
+def write_pair_delta(base: str | Path | nn.Module, adapter_pos: str | Path, adapter_neg: str | Path, out: str | Path,
+                     *, overwrite: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """What ``subspace-sweep delta`` (and a study's delta step) writes: the pair's w and midpoint
+    (``pair_from_peft``) with the adapters' record (``adapter_record``: the family and seed the
+    gradient bases' family variant and examples are built from, SPEC §13) in the file's metadata.
+    Returns (w, centre, record)."""
+    delta, centre = pair_from_peft(base, adapter_pos, adapter_neg)
+    record = adapter_record(adapter_pos, adapter_neg)
+    save_delta(delta, out, overwrite=overwrite, centre=centre, metadata=adapter_metadata(record))
+    return delta, centre, record
 
 
 def load_adapter_record(path: str | Path) -> dict | None:

@@ -48,9 +48,12 @@ Other families (DoRA, PiSSA, BOFT, ...) are not modelled: their variant is empty
 **Cost.** One forward and one backward pass per loss (L⁺ and L⁻ on the training examples, L⁺ and L⁻
 on the held-out ones, the neutral loss: 5 of each, in batches of ``GRADIENT_BATCH`` examples), one
 d x d eigenproblem per variant and layer; the family variant rebuilds the adapter's init on an
-uninitialised CPU copy of the architecture (no forward pass). The bases are built outside the A-side
-cache (``a_side.py``): the family variant depends on the delta's adapter record; the four others are
-recomputed per sweep, once for all the deltas of ``run_sweeps``.
+uninitialised CPU copy of the architecture (no forward pass). With a cache folder (``run
+--a-side-cache DIR``) the four delta-free variants and ∇L⁻ − ∇L⁺ per writer (what the family variant
+reads) are an entry of their own beside the A-side's (``cache.cached``), keyed by the examples'
+token ids, the training seed whose templates they follow, r and the layers: a study's jobs of one
+seed, whatever their adapter family, and a rerun load it (0 passes, the same bits); the family
+variant is rebuilt from each delta's adapter record.
 """
 
 from __future__ import annotations
@@ -60,11 +63,13 @@ import functools
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import compute, linalg
+from . import cache, compute, linalg
 from .candidates import GRAD_NAMES, Candidate, get_spec
 from .capture import count_forward_passes
 from .errors import InputError
@@ -309,9 +314,11 @@ class GradientBases:
     gains: dict[int, dict[str, Tensor]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)  # variant -> why it is empty
     n_examples: dict[str, int] = field(default_factory=dict)  # "train", "held_out": per sign
-    forward_passes: int = 0  # each with its backward pass
+    forward_passes: int = 0  # this run's, each with its backward pass (0: loaded from the cache)
     seconds: float = 0.0
     seed: int = 0  # ``BehaviourData.seed`` of the examples
+    passes_to_build: int = 0  # the forward and backward passes the bases took when they were built
+    cache: dict[str, str] | None = None  # {"dir", "key", "status": "hit" | "miss"} with a cache folder
 
     def family(self, model: nn.Module, record: Mapping | None) -> tuple[dict[int, Tensor], str]:
         """The family variant's bases (empty at every layer when not built) and the sentence that
@@ -363,6 +370,15 @@ class GradientBases:
         return out, family_note
 
 
+def encode_behaviour(tokenizer, data: BehaviourData) -> dict[str, dict[int, dict[str, Tensor]]]:
+    """The examples' batches (``encode_examples``) per part ("train"; "held_out" when there are held-out
+    examples) and sign; InputError when the tokenizer cannot encode them."""
+    batches = {"train": {s: encode_examples(tokenizer, data.train[s]) for s in (1, -1)}}
+    if data.held_out[1]:
+        batches["held_out"] = {s: encode_examples(tokenizer, data.held_out[s]) for s in (1, -1)}
+    return batches
+
+
 def build_gradient_bases(model: nn.Module, tokenizer, data: BehaviourData | None, layers: Sequence[int], r: int,
                          unavailable: str | None = None) -> GradientBases:
     """The four delta-free gradient bases at ``layers`` (``GradientBases``), or, when the examples
@@ -378,9 +394,7 @@ def build_gradient_bases(model: nn.Module, tokenizer, data: BehaviourData | None
     batches: dict[str, dict[int, dict[str, Tensor]]] = {}
     if why is None and data is not None:
         try:
-            batches["train"] = {s: encode_examples(tokenizer, data.train[s]) for s in (1, -1)}
-            if data.held_out[1]:
-                batches["held_out"] = {s: encode_examples(tokenizer, data.held_out[s]) for s in (1, -1)}
+            batches = encode_behaviour(tokenizer, data)
         except InputError as exc:
             why = f"the behaviour's examples cannot be encoded for this model ({exc})"
     elif why is None:
@@ -406,7 +420,7 @@ def build_gradient_bases(model: nn.Module, tokenizer, data: BehaviourData | None
         else:
             out.notes["grad_heldout"] = "not built: no held-out example (every claim or line trained the pair)"
         grads["grad_neutral"] = writer_gradients(model, prompt_batch(batches["train"][1]), layers)
-    out.forward_passes = counter.n
+    out.forward_passes = out.passes_to_build = counter.n
     with compute.policy():
         solved = compute.run_jobs({(name, layer): functools.partial(gradient_basis, g, layer, out.gains[layer], r, d)
                                    for name, g in grads.items() for layer in layers})
@@ -425,23 +439,117 @@ def training_seed(adapter: Mapping | None, behaviour: str | None = None) -> int:
 
 
 def gradient_bases_for(model: nn.Module, tokenizer, config, layers: Sequence[int], probes: ProbeSet,
-                       seed: int = 0) -> GradientBases:
+                       seed: int = 0, model_sha256: str | None = None) -> GradientBases:
     """``build_gradient_bases`` with the sweep's data: the shipped probes (in training seed ``seed``'s
     rotation, ``training_seed``) or ``config.behaviour``, the first ``config.n_train`` of them the
-    pair's training examples."""
+    pair's training examples; from ``config.a_side_cache`` when it holds this key, else built (and
+    stored there). ``model_sha256``: the model's ``state_dict_sha256`` when the caller has it (the
+    A-side's cache record), else it is computed for the key."""
     data = behaviour_data(probes, config.behaviour, config.n_train, seed)
-    return build_gradient_bases(model, tokenizer, data, layers, config.r)
+    layers = sorted(int(x) for x in layers)
+    if config.a_side_cache is None:
+        return build_gradient_bases(model, tokenizer, data, layers, config.r)
+    try:
+        batches = encode_behaviour(tokenizer, data)
+    except InputError:  # nothing to compute: the build says why, in no time
+        return build_gradient_bases(model, tokenizer, data, layers, config.r)
+    t0 = time.perf_counter()
+    key = gradient_key(model, batches, data, layers, config.r, model_sha256)
+    out, status = cache.cached(config.a_side_cache, "gradients", key, load=lambda entry: load_entry(entry, key, model),
+                               build=lambda: build_gradient_bases(model, tokenizer, data, layers, config.r),
+                               write=lambda folder, built: write_entry(folder, built, key), what="gradient bases")
+    out.cache = {"dir": str(Path(config.a_side_cache).expanduser().resolve()), "key": key, "status": status}
+    out.seconds = time.perf_counter() - t0  # a hit: the key and the load; a miss: the key, the build, the store
+    return out
+
+
+# ------------------------------------------------------------------------------- the cache entry
+
+#: Bump when the entry layout changes (the package source is in the key already).
+CACHE_FORMAT = 1
+GRADIENTS_FILE = "gradients.safetensors"
+BASIS_PREFIX = "basis/"  # basis/<variant>/<layer>: the delta-free variants' bases
+BEHAVIOUR_PREFIX = "behaviour/"  # behaviour/<writer weight>: ∇L⁻ − ∇L⁺ (the family variant's input)
+
+
+def gradient_key(model: nn.Module, batches: Mapping[str, Mapping[int, Mapping[str, Tensor]]], data: BehaviourData,
+                 layers: Sequence[int], r: int, model_sha256: str | None = None) -> str:
+    """sha256 of everything the delta-free gradient bases are computed from: what every cache entry's key
+    covers (``cache.environment_key_inputs``: the code, the numerics, the model), the examples' token
+    ids, masks and labels, where they come from, the training seed of their templates, r, the layers
+    and the batch size of the passes (it sets the order of the sums)."""
+    named = {f"{part}{sign:+d}": batch for part, per in batches.items() for sign, batch in per.items()}
+    return cache.key_of({
+        "format": CACHE_FORMAT,
+        **cache.environment_key_inputs(model, model_sha256),
+        "examples_sha256": cache.tokens_sha256(named, ("input_ids", "attention_mask", "labels")),
+        "source": data.source,
+        "seed": data.seed,
+        "r": int(r),
+        "layers": [int(x) for x in layers],
+        "gradient_batch": GRADIENT_BATCH,
+    })
+
+
+def write_entry(folder: Path, gradients: GradientBases, key: str) -> None:
+    """The bases and ∇L⁻ − ∇L⁺ to one safetensors file, everything else to the metadata (with the
+    file's sha256 and its own checksum: ``load_entry`` verifies both)."""
+    tensors = {f"{BASIS_PREFIX}{name}/{layer}": B.contiguous().clone()
+               for name, per in gradients.bases.items() for layer, B in per.items()}
+    tensors.update({f"{BEHAVIOUR_PREFIX}{k}": G.contiguous() for k, G in gradients.behaviour.items()})
+    save_file(tensors, str(folder / GRADIENTS_FILE))
+    cache.write_meta(folder, {
+        "format": CACHE_FORMAT, "key": key, "layers": gradients.layers, "r": gradients.r, "d": gradients.d,
+        "source": gradients.source, "seed": gradients.seed, "variants": sorted(gradients.bases),
+        "behaviour": sorted(gradients.behaviour), "notes": gradients.notes, "n_examples": gradients.n_examples,
+        "passes_to_build": gradients.passes_to_build,
+    }, (GRADIENTS_FILE,))
+
+
+def load_entry(folder: Path, key: str, model: nn.Module) -> GradientBases:
+    """The gradient bases stored in ``folder`` for ``model``, verified: ValueError when it is not the entry
+    of ``key`` (``cache.read_meta``), when a basis is not a finite orthonormal d x r matrix, when a
+    variant is not this package's, or when ∇L⁻ − ∇L⁺ is not a finite float32 tensor of each residual
+    writer's shape at the entry's layers; the post-norm gains are read from ``model``."""
+    meta = cache.read_meta(folder, key, CACHE_FORMAT)
+    d = int(model.config.hidden_size)
+    layers = [int(x) for x in meta["layers"]]
+    variants, behaviour_keys = list(meta["variants"]), list(meta["behaviour"])
+    if not set(variants) <= set(GRAD_NAMES) or not set(meta["notes"]) <= set(GRAD_NAMES):
+        raise ValueError(f"{folder / cache.META_FILE} names gradient variants that are not this package's")
+    if int(meta["d"]) != d or (behaviour_keys and behaviour_keys != sorted(writer_keys(layers))):
+        raise ValueError(f"{folder / cache.META_FILE} is not an entry of this model's width and writers")
+    tensors = cache.load_tensors(folder / GRADIENTS_FILE)
+    want = {f"{BASIS_PREFIX}{name}/{layer}" for name in variants for layer in layers}
+    want |= {f"{BEHAVIOUR_PREFIX}{k}" for k in behaviour_keys}
+    if set(tensors) != want:
+        raise ValueError(f"{folder / GRADIENTS_FILE} holds {sorted(set(tensors) ^ want)[:3]} against its metadata")
+    for name in want - {f"{BEHAVIOUR_PREFIX}{k}" for k in behaviour_keys}:
+        cache.check_basis(name, tensors[name], d)
+    for k in behaviour_keys:
+        G, shape = tensors[f"{BEHAVIOUR_PREFIX}{k}"], tuple(model.get_parameter(k).shape)
+        if G.dtype != torch.float32 or tuple(G.shape) != shape or not bool(torch.isfinite(G).all()):
+            raise ValueError(f"{folder / GRADIENTS_FILE}: the gradient of {k} is not a finite float32 {shape} tensor")
+    return GradientBases(
+        layers=layers, r=int(meta["r"]), d=d, source=meta["source"],
+        bases={name: {layer: tensors[f"{BASIS_PREFIX}{name}/{layer}"] for layer in layers} for name in variants},
+        behaviour={k: tensors[f"{BEHAVIOUR_PREFIX}{k}"] for k in behaviour_keys},
+        gains={layer: write_gains(model, layer) for layer in layers}, notes=dict(meta["notes"]),
+        n_examples={k: int(v) for k, v in meta["n_examples"].items()}, forward_passes=0, seed=int(meta["seed"]),
+        passes_to_build=int(meta["passes_to_build"]))
 
 
 def grad_summary(gradients: GradientBases, family_note: str) -> dict[str, object]:
     """What the manifest records of the gradient bases."""
     return {"source": gradients.source, "n_examples": gradients.n_examples, "family_variant": family_note,
             "not_built": dict(gradients.notes), "forward_backward_passes": gradients.forward_passes,
+            "passes_to_build": gradients.passes_to_build, "cache": gradients.cache,
             "seconds": round(gradients.seconds, 3), "layers": gradients.layers, "r": gradients.r}
 
 
 __all__ = [
     "BehaviourData", "GRADIENT_BATCH", "GradientBases", "MODELLED_FAMILIES", "adapter_layers", "behaviour_data",
-    "build_gradient_bases", "family_matrix", "family_of", "gradient_basis", "gradient_bases_for", "gradient_target", "training_seed",
-    "ia3_matrix", "oft_matrix", "prompt_batch", "writer_gradients", "writer_keys",
+    "build_gradient_bases", "encode_behaviour", "family_matrix", "family_of", "gradient_basis", "gradient_bases_for",
+    "gradient_key", "gradient_target", "ia3_matrix", "load_entry", "oft_matrix", "prompt_batch", "training_seed",
+    "write_entry", "writer_gradients", "writer_keys",
 ]

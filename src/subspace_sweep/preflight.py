@@ -271,7 +271,7 @@ def check_run(config, deltas, snapshot=None) -> RunInputs:
     of w's shapes where both hold a tensor)."""
     import warnings
 
-    from .a_side import check_cache_dir
+    from .cache import check_cache_dir
     from .delta import check_delta_values, check_finite, load_adapter_record, load_delta_and_centre, raise_no_centre
     from .pair import check_shapes
     from .model import resolve_dtype

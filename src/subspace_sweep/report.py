@@ -120,7 +120,8 @@ def gradient_definitions(gradients: Mapping[str, object] | None) -> list[str]:
         "One plain SGD step of a full-weight fine-tune from the base gives w = η(∇L⁻ − ∇L⁺) exactly; a LoRA's "
         "first step gives η s²(∇L⁻ − ∇L⁺)·AᵀA, inside that gradient's column span.",
         f"Examples: {gradients.get('source') or 'none'}. Family variant: {gradients.get('family_variant')}. "
-        f"Cost: {gradients.get('forward_backward_passes')} forward and backward passes.",
+        # (the passes they took when built: a cached rerun writes the same definitions; its manifest says "hit")
+        f"Cost: {gradients.get('passes_to_build')} forward and backward passes.",
     ]
     if not_built:
         lines.append("Empty here: " + "; ".join(f"`{k}`: {v}" for k, v in not_built.items()) + ".")

@@ -6,14 +6,15 @@ settings) and runs one *job* per model × family × seed: ``train`` → ``delta`
 published like every output of this tool (``publish.py``: staged, renamed into place) under
 ``DIR/jobs/<model>/<family>/seed<N>/`` (``pair/``, ``w.safetensors``, ``run/``). The jobs of a
 model share its A-side through the A-side cache (``DIR/cache/a-side``: the first job builds it,
-the others load it; SPEC §5's byte-identical cache), and its converted GGUF through the model
-cache. Then the aggregate (``study_aggregate``) is published whole as ``DIR/study/``.
+the others load it; SPEC §5's byte-identical cache), the gradient bases of each training seed
+through the same folder (their family variant is each job's own), and its converted GGUF through
+the model cache. Then the aggregate (``study_aggregate``) is published whole as ``DIR/study/``.
 
 Resuming. Each job keeps a record (``job.json``) of the steps it finished: the sha256 of every
 file a step wrote, and the job's hash (what the job is: model, family, seed, settings, the
 behaviour file's sha256). Running the same spec again redoes only what is missing, failed or no
 longer verifies: a step is done when its record's hashes match the files on disk now (outputs are
-verified, never trusted); the first step that is not done is redone, and every step after it.
+verified, never trusted) and this version of the step wrote them (``STEP_VERSIONS``); the first step that is not done is redone, and every step after it.
 A killed study (SIGKILL, a node lost) therefore resumes where it stopped: what the killed step had
 staged is deleted by the next write into that folder (``publish.recover``), and because training,
 the delta and the run are deterministic, the resumed study's aggregate equals an uninterrupted
@@ -54,6 +55,11 @@ LOCK_FILE = ".study.lock"
 RECORD = "job.json"
 AGGREGATE = "study"
 STEPS = ("train", "delta", "run")
+#: What each step's code writes, by version: a step recorded by an older version is redone (and every
+#: step after it), its files hashing as recorded or not. delta 2: the file records the adapters' family
+#: and seed (version 1's did not: its run scored the gradient bases of seed 0's examples, family variant
+#: empty). A record without a version is version 1.
+STEP_VERSIONS = {"train": 1, "delta": 2, "run": 1}
 EXECUTORS = ("local", "slurm", "submitit-local")
 
 SPEC_KEYS = ("models", "families", "seeds", "behaviour", "train", "run", "slurm")
@@ -435,7 +441,8 @@ def verified_steps(job: Job, paths: JobPaths, record: Mapping | None) -> list[st
         return done
     for step in STEPS:
         entry = (record.get("steps") or {}).get(step)
-        if not entry or not entry.get("files") or file_hashes(paths.output(step)) != entry["files"]:
+        if not entry or not entry.get("files") or entry.get("version", 1) != STEP_VERSIONS[step] \
+                or file_hashes(paths.output(step)) != entry["files"]:
             break
         done.append(step)
     return done
@@ -474,12 +481,11 @@ def _train_step(job: Job, paths: JobPaths) -> None:
 
 def _delta_step(job: Job, paths: JobPaths) -> None:
     from . import preflight
-    from .delta import pair_from_peft, save_delta
+    from .delta import write_pair_delta
 
     out = preflight.check_delta_command(job.model, str(paths.pair / "pos"), str(paths.pair / "neg"), str(paths.delta),
                                         True)
-    delta, centre = pair_from_peft(job.model, paths.pair / "pos", paths.pair / "neg")
-    save_delta(delta, out, overwrite=True, centre=centre)
+    write_pair_delta(job.model, paths.pair / "pos", paths.pair / "neg", out, overwrite=True)  # what `delta` writes
 
 
 def _run_step(job: Job, paths: JobPaths, cache: Path) -> None:
@@ -535,7 +541,7 @@ def _run_job(study_dir: Path, job: Job) -> dict:
             return record
         notes = list(dict.fromkeys(" ".join(str(w.message).split()) for w in caught
                                    if not issubclass(w.category, (DeprecationWarning, FutureWarning))))
-        record["steps"][step] = {"files": file_hashes(paths.output(step)),
+        record["steps"][step] = {"files": file_hashes(paths.output(step)), "version": STEP_VERSIONS[step],
                                  "seconds": round(time.perf_counter() - t0, 3), "warnings": notes}
         _write_record(paths, record)
     record["status"] = "done"

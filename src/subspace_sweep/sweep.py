@@ -444,12 +444,14 @@ def sweep(
     # A-side work reused from an earlier sweep counts 0 here.
     fresh = a_side.forward_passes if built_a_side else 0
     timings["captures"] = time.perf_counter() - t0 + (a_side.capture_seconds if built_a_side else 0.0)
-    # The gradient bases (SPEC §13): A-side, outside the A-side cache; a forward and a backward pass per
-    # loss, shared by the deltas of one run_sweeps; the family variant from this delta's adapter record.
+    # The gradient bases (SPEC §13): A-side, an entry of their own in the A-side cache; a forward and a
+    # backward pass per loss, shared by the deltas of one run_sweeps; the family variant from this delta's
+    # adapter record.
     seed = training_seed(adapter, config.behaviour)
     built_gradients = gradients is None or not set(layers) <= set(gradients.layers) or gradients.seed != seed
     if built_gradients:
-        gradients = gradient_bases_for(model, tokenizer, config, layers, probes, seed)
+        gradients = gradient_bases_for(model, tokenizer, config, layers, probes, seed,
+                                       (a_side.cache or {}).get("model_sha256"))
     t0 = time.perf_counter()
     grad_candidates, family_note = gradients.candidates(model, adapter)
     timings["gradients"] = time.perf_counter() - t0 + (gradients.seconds if built_gradients else 0.0)
@@ -670,7 +672,8 @@ def run_sweeps(config: SweepConfig, deltas: Sequence[str], *, snapshot: publish.
     union = sorted({layer for delta in loaded for layer in config.scored_layers(delta, n_layers)})
     a_side = build_a_side_for(model, tokenizer, config, union, probes)
     # shared by the deltas of the first one's training seed (the others' are built in their sweep)
-    gradients = gradient_bases_for(model, tokenizer, config, union, probes, training_seed(adapters[0], config.behaviour))
+    gradients = gradient_bases_for(model, tokenizer, config, union, probes, training_seed(adapters[0], config.behaviour),
+                                   (a_side.cache or {}).get("model_sha256"))
     results = []
     for i, delta in enumerate(loaded):
         result = sweep(model, tokenizer, delta, config, probes, a_side=a_side, centre=centres[i], gradients=gradients,

@@ -265,26 +265,29 @@ def test_the_causal_check_on_the_real_pair(smol_run):
 
 
 def test_a_second_process_gives_the_same_tables(smol_run, smol_delta_file, tmp_path, tmp_path_factory):
-    """`subspace-sweep run` in a fresh process (its own model load, conversion cache read, gradient
-    bases and sweep; the A-side the in-process run stored in the session's A-side cache, verified
-    and loaded, as a study's later jobs load it) writes every table of the sweep and the oracles
-    byte for byte like the in-process run. Without the causal check (the tier's budget: it is most
+    """`subspace-sweep run` in a fresh process (its own model load, conversion cache read and sweep;
+    the A-side and the gradient bases the in-process run stored in the session's A-side cache,
+    verified and loaded, as a study's later jobs load them) writes every table of the sweep and the
+    oracles byte for byte like the in-process run. Without the causal check (the tier's budget: it is most
     of a sweep's time here); its tables' identity across processes is held on the tiny model, where
     every row kind is drawn (test_causal.py::test_the_random_null_is_identical_across_processes,
     test_kl_strength.py::test_the_norm_only_draws_are_identical_across_processes), and so is a
-    fresh A-side build's (test_golden_tiny.py::test_two_processes_write_byte_identical_summary)."""
+    fresh A-side build's (test_golden_tiny.py::test_two_processes_write_byte_identical_summary) and
+    a fresh gradient bases build's (test_gradients.py::test_gradient_bases_are_bit_for_bit_the_same_in_another_process)."""
     _, first = smol_run
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(ROOT)]), HF_HUB_OFFLINE="1")
-    with timed("sweep, second process (no causal check; the A-side from the cache)"):
+    with timed("sweep, second process (no causal check; the A-side and gradient bases from the cache)"):
         proc = subprocess.run([sys.executable, "-m", "subspace_sweep.cli", "run", "--model", SMOL, "--delta",
                                str(smol_delta_file), "--out", str(out), "--quiet", "--a-side-cache",
                                str(smol_a_side_cache(tmp_path_factory)), *SMOL_SWEEP_ARGS],
                               env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / "causal.tsv").exists()
-    statuses = [json.loads((folder / "manifest.json").read_text())["a_side_cache"]["status"] for folder in (first, out)]
-    assert statuses == ["miss", "hit"], statuses
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (first, out)]
+    statuses = [(m["a_side_cache"]["status"], m["gradient_bases"]["cache"]["status"]) for m in manifests]
+    assert statuses == [("miss", "miss"), ("hit", "hit")], statuses
+    assert [m["gradient_bases"]["forward_backward_passes"] for m in manifests] == [5, 0]
     # conclusion.md and definitions.md also describe the causal check; every other table is the sweep's
     tables = sorted(p.name for p in out.iterdir() if p.suffix in (".tsv", ".csv", ".safetensors"))
     assert {"summary.tsv", "per_layer.csv", "spectra.tsv", "scope.tsv", "pair.tsv", "gradients.tsv", "readout.tsv",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from subspace_sweep import a_side, cli
+from subspace_sweep import a_side, cache, cli
 from subspace_sweep.a_side import a_side_key, build_a_side_for, load_entry
 from subspace_sweep.capture import count_forward_passes
 from subspace_sweep.provenance import sha256_file
@@ -92,9 +92,9 @@ def _edit_sink_token(tokenizer):
 
 
 def _edit_source(_):
-    real = a_side.package_source_sha256
-    a_side.package_source_sha256 = lambda: "edited"  # type: ignore[assignment]
-    return lambda: setattr(a_side, "package_source_sha256", real)
+    real = cache.package_source_sha256
+    cache.package_source_sha256 = lambda: "edited"  # type: ignore[assignment]
+    return lambda: setattr(cache, "package_source_sha256", real)
 
 
 @pytest.mark.parametrize("change", [
@@ -148,7 +148,7 @@ def _tamper_consistently(entry, edit_bases=None, edit_meta=None):
     if edit_meta is not None:
         edit_meta(meta)
     meta["files_sha256"] = {a_side.BASES_FILE: sha256_file(bases_file)}
-    meta["meta_sha256"] = a_side._meta_checksum(meta)
+    meta["meta_sha256"] = cache.meta_checksum(meta)
     meta_file.write_text(json.dumps(meta))
 
 
@@ -247,7 +247,7 @@ def test_verification_reads_the_checksums_the_entry_records(tiny, probes, tmp_pa
     (entry,) = _entries(tmp_path)
     meta = json.loads((entry / a_side.META_FILE).read_text())
     assert meta["files_sha256"] == {a_side.BASES_FILE: sha256_file(entry / a_side.BASES_FILE)}
-    assert meta["meta_sha256"] == a_side._meta_checksum(meta)
+    assert meta["meta_sha256"] == cache.meta_checksum(meta)
     _assert_same_a_side(load_entry(entry, built.cache["key"], d=64), built)
 
 
@@ -268,10 +268,10 @@ def test_a_failed_store_leaves_no_entry_and_keeps_the_result(tiny, probes, tmp_p
 def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path):
     model, _ = load_model(tiny_dir, dtype="float32", device="cpu")
     delta = save_delta(random_delta(model, LAYERS, rank=2, seed=0), tmp_path / "w.safetensors")
-    cache = tmp_path / "cache"
+    cache_dir = tmp_path / "cache"
     runs = {}
-    for name, extra in [("plain", []), ("cold", ["--a-side-cache", str(cache)]),
-                        ("warm", ["--a-side-cache", str(cache)])]:
+    for name, extra in [("plain", []), ("cold", ["--a-side-cache", str(cache_dir)]),
+                        ("warm", ["--a-side-cache", str(cache_dir)])]:
         runs[name] = tmp_path / name
         argv = ["run", "--model", str(tiny_dir), "--delta", str(delta), "--out", str(runs[name]), "--quiet",
                 "--n-boot", "200", *extra]
@@ -280,8 +280,11 @@ def test_cli_rerun_hits_the_cache_and_writes_the_same_results(tiny_dir, tmp_path
     assert manifests["plain"]["a_side_cache"] is None
     assert manifests["cold"]["a_side_cache"]["status"] == "miss"
     assert manifests["warm"]["a_side_cache"]["status"] == "hit"
-    # the gradient bases' 5 passes are not cached (SPEC §13: their family variant reads the delta's record)
-    assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [11, 11, 7]
+    # the warm run makes only the label captures' passes: the A-side's 4 and the gradient bases' 5 are cached
+    assert [manifests[n]["forward_passes"] for n in ("plain", "cold", "warm")] == [11, 11, 2]
+    assert [(manifests[n]["gradient_bases"]["cache"] or {}).get("status") for n in ("plain", "cold", "warm")] == [
+        None, "miss", "hit"]
+    assert [manifests[n]["gradient_bases"]["forward_backward_passes"] for n in ("plain", "cold", "warm")] == [5, 5, 0]
     # The cached runs take the weights' digest from the key instead of hashing them again.
     assert manifests["warm"]["a_side_cache"]["model_sha256"] == manifests["plain"]["model_sha256"]
     assert manifests["cold"]["model_sha256"] == manifests["warm"]["model_sha256"] == manifests["plain"]["model_sha256"]

@@ -71,8 +71,9 @@ def test_the_run_configuration_sits_below_the_a_side_and_the_sweep():
 
 def test_the_gradient_bases_sit_below_the_sweep_and_beside_the_a_side():
     """Issue 34: sweep.py builds the gradient bases (gradients.py), which build their targets with the
-    delta's own target functions (delta.weight_targets) and never import the sweep; the A-side and its
-    cache import neither (the gradient bases are built outside the cache: SPEC §13)."""
+    delta's own target functions (delta.weight_targets) and never import the sweep or the A-side; the
+    A-side imports neither them nor the delta's module. Both keep their entries in the one on-disk
+    cache (cache.py: the lookup, the keys' common part, the verified metadata), which imports neither."""
     from subspace_sweep import delta, gradients, sweep
 
     assert "gradients" in _package_imports("sweep")
@@ -80,15 +81,17 @@ def test_the_gradient_bases_sit_below_the_sweep_and_beside_the_a_side():
     assert {"gradients", "delta"}.isdisjoint(_package_imports("a_side") | _package_imports("candidates")
                                              | _package_imports("scoring"))
     assert gradients.weight_targets is delta.weight_targets is sweep.weight_targets
+    assert "cache" in _package_imports("a_side") & _package_imports("gradients")
+    assert {"a_side", "gradients", "sweep", "delta", "report"}.isdisjoint(_package_imports("cache"))
 
 
 def test_provenance_helpers_sit_below_everything_that_records_provenance():
     """Issue 26: the A-side (the hypotheses) reads neither the run's report nor the delta's module,
     not even for a digest or the package versions; those live in provenance.py, which imports no
     package module, and report / delta-side / A-side code reads them there."""
-    a_side = _package_imports("a_side")
+    a_side = _package_imports("a_side") | _package_imports("cache")  # (its cache's key and entries)
     assert {"report", "delta", "sweep"}.isdisjoint(a_side), a_side
-    assert "provenance" in a_side
+    assert "provenance" in _package_imports("cache")
     assert _package_imports("provenance") == set()
     for name in ("report", "sweep", "compare", "gguf_models"):
         assert "provenance" in _package_imports(name), name

@@ -67,9 +67,16 @@ def test_the_tiny_study_runs_every_job_and_aggregates(local_study):
     claims = pl.read_csv(agg / "claims.tsv", separator="\t")
     assert claims.height == 2 * 6 and set(claims["verdict"]) <= {"holds", "fails", "undecided"}
     # the A-side was built once (the first job) and loaded by the others
-    hits = [json.loads((local_study / "jobs" / j / "run" / "manifest.json").read_text())["a_side_cache"]["status"]
-            for j in ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1"]]
-    assert hits == ["miss", "hit", "hit", "hit"]
+    manifests = [json.loads((local_study / "jobs" / j / "run" / "manifest.json").read_text())
+                 for j in ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0", "tiny-qwen3/ia3/seed1"]]
+    assert [m["a_side_cache"]["status"] for m in manifests] == ["miss", "hit", "hit", "hit"]
+    # the gradient bases once per training seed (its answer templates), whatever the family; the family
+    # variant is each job's own (LoRA's from its init, IA3's from its scaling)
+    grad = [m["gradient_bases"] for m in manifests]
+    assert [g["cache"]["status"] for g in grad] == ["miss", "miss", "hit", "hit"]
+    assert [g["forward_backward_passes"] for g in grad] == [5, 5, 0, 0]
+    assert grad[0]["cache"]["key"] == grad[2]["cache"]["key"] != grad[1]["cache"]["key"] == grad[3]["cache"]["key"]
+    assert [g["family_variant"].split(":")[0].split(" ")[0] for g in grad] == ["LoRA", "LoRA", "IA3", "IA3"]
 
 
 def test_a_rerun_does_nothing_and_dry_run_lists_every_job_done(local_study, world, capsys):
@@ -92,6 +99,40 @@ def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
     assert outcome.ran == ["tiny-qwen3/ia3/seed1"]
     record = json.loads((job / RECORD).read_text())
     assert record["status"] == "done"
+    assert _tree(copy / "study") == _tree(local_study / "study")
+
+
+def test_a_step_of_an_older_version_is_redone_with_the_steps_after_it_and_the_pair_kept(local_study, world, tmp_path):
+    """Found with the gradient cache (issue 34): the study's delta step wrote no adapter record, so
+    each job's run built the gradient bases from seed 0's examples with the family variant empty. A
+    job recorded by that version (its steps without a version, the delta file without the record)
+    redoes its delta and run on resume, keeping its trained pair; the delta then records the family
+    and seed, and the job's tables and the aggregate are the current study's byte for byte."""
+    from subspace_sweep.delta import load_adapter_record, load_centre, load_delta, save_delta
+    from subspace_sweep.provenance import sha256_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(local_study, copy)
+    job = copy / "jobs" / "tiny-qwen3" / "lora" / "seed1"
+    delta = job / "w.safetensors"
+    assert load_adapter_record(delta)["seed"] == 1  # what the current delta step writes
+    save_delta(load_delta(delta), delta, centre=load_centre(delta))  # what version 1 wrote
+    assert load_adapter_record(delta) is None
+    record = json.loads((job / RECORD).read_text())
+    assert {step: entry["version"] for step, entry in record["steps"].items()} == {"train": 1, "delta": 2, "run": 1}
+    for entry in record["steps"].values():
+        del entry["version"]
+    record["steps"]["delta"]["files"] = {delta.name: sha256_file(delta)}  # its files verify: only the version is old
+    (job / RECORD).write_text(json.dumps(record))
+    pair = _tree(job / "pair")
+    outcome = run_study(world["spec"], copy, progress=False)
+    assert outcome.ran == ["tiny-qwen3/lora/seed1"]
+    redone = json.loads((job / RECORD).read_text())
+    assert redone["steps"]["train"] == record["steps"]["train"] and _tree(job / "pair") == pair  # not retrained
+    assert redone["steps"]["delta"]["version"] == 2 and load_adapter_record(delta)["seed"] == 1
+    want = local_study / "jobs" / "tiny-qwen3" / "lora" / "seed1"
+    tables = {k: v for k, v in _tree(job / "run").items() if k.endswith((".tsv", ".csv"))}
+    assert tables and tables == {k: v for k, v in _tree(want / "run").items() if k in tables}
     assert _tree(copy / "study") == _tree(local_study / "study")
 
 
