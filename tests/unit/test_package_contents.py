@@ -125,8 +125,14 @@ def test_every_pre_load_check_of_a_command_lives_in_one_preflight_function():
 
     run = [c for c in _calls_before(inspect.getsource(sweep.run_sweeps), "load_model") if c != "perf_counter"]
     assert run == ["check_run"], run
-    delta = _calls_before(inspect.getsource(cli.cmd_delta), "pair_from_peft")
+    from subspace_sweep import delta as delta_module, study
+
+    delta = _calls_before(inspect.getsource(cli.cmd_delta), "write_pair_delta")
     assert delta == ["check_delta_command"], delta
+    # a study's delta step is the same sequence (one writer of a pair's delta: w, midpoint, adapter record)
+    step = [c for c in _calls_before(inspect.getsource(study._delta_step), "write_pair_delta") if c != "str"]
+    assert step == ["check_delta_command"], step
+    assert _calls_before(inspect.getsource(delta_module.write_pair_delta), "save_delta")[0] == "pair_from_peft"
     train = _calls_before(inspect.getsource(train_command.train_pair_folder), "write_folder")
     assert train[0] == "check_train" and "model_shape" not in train and "check_destination" not in train, train
     assert "preflight" in _package_imports("sweep")
