@@ -364,15 +364,42 @@ def _resume_at(model: nn.Module, prefix: Prefix, batch: int) -> Iterator[None]:
                 b.forward = own
 
 
+def shared_prefix_length(ids: Tensor, mask: Tensor, min_saving: float = LENGTH_SPLIT_SAVING) -> int:
+    """P: the tokens every prompt of a right-padded batch starts with (all real), leaving each prompt
+    at least one token of its own, when computing them once instead of once per prompt saves at
+    least ``min_saving`` of the batch's token positions ((B − 1)·P of B·T); else 0. A chat template's
+    system turn is most of a short prompt (SmolLM2's: 24 of ~40 tokens)."""
+    n, width = int(ids.shape[0]), int(ids.shape[1])
+    shortest = int(mask.sum(1).min())
+    if n < 2 or shortest < 2:
+        return 0
+    same = (ids[:, :shortest] == ids[:1, :shortest]).all(0) & (mask[:, :shortest] == 1).all(0)
+    P = min(int(same.long().cumprod(0).sum()), shortest - 1)
+    return P if P > 0 and (n - 1) * P >= min_saving * n * width else 0
+
+
+def _prefix_cache(model: nn.Module, ids: Tensor, P: int):
+    """The key/value cache of the first ``P`` tokens of row 0 (one pass over P tokens), repeated for
+    every row of ``ids``: what each row's own pass over those tokens would have cached."""
+    cache = model.model(input_ids=ids[:1, :P], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(int(ids.shape[0]))
+    return cache
+
+
 def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
-                       answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None) -> tuple[Tensor, Tensor]:
+                       answers: AnswerTokens | BehaviourSet, prefix: Prefix | None = None,
+                       share_prefix: bool | None = None) -> tuple[Tensor, Tensor]:
     """(b, mass) of each prompt: the behaviour and the probability the model gives the two answers'
     first tokens together (coherence: steering that breaks the answer format loses it), read at
     the last real token of each prompt as the behaviour set asks it (after the chat template's
     generation prompt or the plain-text answer cue, or at the end of the raw text). One forward pass over the decoder per length
     batch (``length_batches``: one for prompts of similar lengths), the unembedding applied to the
-    last positions only. ``prefix``: record the residual entering its layer (when it holds none
-    yet) or resume there (when it does; the caller vouches that nothing below it is steered)."""
+    last positions only. The tokens every prompt of a batch starts with are computed once
+    (``shared_prefix_length``; ``share_prefix`` True/False forces it on/off): their key/value cache,
+    repeated per prompt, and one pass over the rest: causal attention gives every position what the
+    full pass gives, to float rounding. ``prefix``: record the residual entering its layer (when it
+    holds none yet) or resume there (when it does; the caller vouches that nothing below it is
+    steered); the shared tokens' own pass runs every layer (they are few), the rest resumes."""
     if isinstance(answers, AnswerTokens):
         answers = BehaviourSet.from_probes(tokenizer, texts, answers)
     dev = model_device(model)
@@ -391,12 +418,16 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
         last = last_token_index(mask)
         _check_contiguous(mask, last)
         position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
-        with torch.no_grad(), forward_pass_memory(), \
-                (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
-                 else _resume_at(model, prefix, i) if active else nullcontext()) as rec:
-            hidden = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state
-            parts.append(hidden[torch.arange(ids.shape[0], device=dev), last])
+        P = 0 if share_prefix is False else shared_prefix_length(ids, mask, 0.0 if share_prefix else
+                                                                  LENGTH_SPLIT_SAVING)
+        with torch.no_grad(), forward_pass_memory():
+            cache = _prefix_cache(model, ids, P) if P else None  # (before the record/resume below: every layer)
+            with (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
+                  else _resume_at(model, prefix, i) if active else nullcontext()) as rec:
+                hidden = model.model(input_ids=ids[:, P:], attention_mask=mask, position_ids=position_ids[:, P:],
+                                     past_key_values=cache, use_cache=cache is not None).last_hidden_state
+            parts.append(hidden[torch.arange(ids.shape[0], device=dev), last - P])
+            del cache
         if record:
             prefix.hidden.append(rec.input(block_name(prefix.layer)))
     h = torch.cat(parts)[torch.argsort(torch.tensor([j for b in batches for j in b])).to(dev)]  # the prompts' order

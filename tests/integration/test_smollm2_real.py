@@ -34,7 +34,7 @@ import subspace_sweep
 from subspace_sweep import gguf_models
 from subspace_sweep.arch import architecture_of
 from subspace_sweep.candidates import A_SIDE_NAMES, GRAD_NAMES
-from subspace_sweep.capture import record_activations
+from subspace_sweep.capture import count_forward_passes, record_activations
 from subspace_sweep.causal import answer_masses
 from subspace_sweep.demo import plant_in, plant_rank
 from subspace_sweep.model import block_name
@@ -194,6 +194,27 @@ def test_the_behaviour_is_read_where_the_model_answers(smol, position):
             else BehaviourSet.from_probes(tok, PROBES.eval, answer_tokens(tok), raw=True))
     _, mass = behaviour_and_mass(model, tok, bset.texts, bset)
     assert float(mass.mean()) >= 0.3, float(mass.mean())
+
+
+def test_the_chat_prompts_shared_tokens_run_once_and_read_what_the_full_pass_reads(smol):
+    """The 16 EVAL probes in SmolLM2's chat template share its system turn and "I think": 26 of the
+    batch's 54 columns, so the rule shares them and the pass computes 26 + 16·28 positions instead of
+    16·54 (45% fewer); b and mass read from one pass over those tokens plus one over the rest equal
+    the full pass's to float rounding."""
+    from subspace_sweep.causal import BehaviourSet, answer_prompt, behaviour_and_mass, shared_prefix_length
+    from subspace_sweep.capture import encode
+
+    model, tok = smol
+    bset = BehaviourSet.from_probes(tok, PROBES.eval)
+    enc = encode(tok, [answer_prompt(tok, t) for t in bset.texts], chat=True)
+    P = shared_prefix_length(enc["input_ids"], enc["attention_mask"])
+    assert (P, tuple(enc["input_ids"].shape)) == (26, (16, 54))
+    with count_forward_passes(model) as counter:
+        shared = behaviour_and_mass(model, tok, bset.texts, bset)
+    assert counter.n == 2  # the shared tokens, then the rest
+    full = behaviour_and_mass(model, tok, bset.texts, bset, share_prefix=False)
+    torch.testing.assert_close(shared[0], full[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared[1], full[1], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- the sweep of the pair

@@ -85,6 +85,44 @@ def test_weight_steering_is_bit_exact_and_restores(tiny_arch):
     assert state_dict_sha256(model) == h
 
 
+def test_the_prompts_shared_tokens_computed_once_give_what_the_full_pass_gives(tiny_arch):
+    """The tokens every prompt starts with (the chat template's turn opening and "I think") run once,
+    their key/value cache repeated per prompt, then one pass over the rest (``shared_prefix_length``):
+    b and mass are the full pass's to float rounding in every architecture (each has its own cache
+    and mask code; sliding windows, post-norms, softcaps), unsteered, steered, and resumed at a
+    recorded layer (then bit for bit the shared full pass's). The passes see the shared tokens once."""
+    from subspace_sweep.causal import BehaviourSet, Prefix, behaviour_and_mass
+
+    _, model, tok, _, _ = tiny_arch
+    bset = BehaviourSet.from_probes(tok, PROBES.eval[:4])
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    try:
+        full = behaviour_and_mass(model, tok, bset.texts, bset, share_prefix=False)
+        (B, T), = shapes
+        shapes.clear()
+        shared = behaviour_and_mass(model, tok, bset.texts, bset, share_prefix=True)
+    finally:
+        hook.remove()
+    P = shapes[0][1]
+    assert shapes == [(1, P), (B, T - P)] and P >= 2, shapes
+    for got, want in zip(shared, full):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gen = torch.Generator().manual_seed(5)
+    delta = {n: 0.05 * torch.randn(p.shape, generator=gen) for n, p in model.named_parameters()
+             if n.startswith((block_name(1) + ".", block_name(2) + ".")) and n.endswith("proj.weight")}
+    prefix = Prefix(1)
+    behaviour_and_mass(model, tok, bset.texts, bset, prefix, share_prefix=True)  # records the rest's residual
+    for sign in (1.0, -1.0):
+        with weight_steer(model, delta, sign):
+            want = behaviour_and_mass(model, tok, bset.texts, bset, share_prefix=False)
+            got = behaviour_and_mass(model, tok, bset.texts, bset, share_prefix=True)
+            resumed = behaviour_and_mass(model, tok, bset.texts, bset, prefix, share_prefix=True)
+        for g, r, w in zip(got, resumed, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            assert torch.equal(r, g)
+
+
 def test_a_steered_pass_resumed_at_its_first_steered_layer_is_bit_identical(tiny_arch):
     """The causal check's passes resume at the first scored layer from the unsteered residual
     recorded there (issue 25): the behaviour and mass equal the full pass's bit for bit, on every

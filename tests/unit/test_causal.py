@@ -559,7 +559,7 @@ class _FixedLogits(torch.nn.Module):
         self.config = type("Config", (), {"final_logit_softcapping": None})()
 
         class Decoder(torch.nn.Module):
-            def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
                 return type("Out", (), {"last_hidden_state": torch.zeros(*input_ids.shape, 1)})()
 
         self.model = Decoder()
@@ -674,9 +674,26 @@ def test_length_batches_split_only_where_it_saves_a_quarter_of_the_padded_positi
     assert length_batches([7]) == [[0]] and length_batches([]) == [[]]
 
 
+def test_shared_prefix_length_counts_the_tokens_every_prompt_starts_with_when_that_pays():
+    """P: the leading columns where every row has the same real token, at most the shortest row's
+    length − 1 (each prompt keeps a token of its own to read), and only where (B − 1)·P ≥ 25% of the
+    batch's B·T positions (or any P with min_saving 0); one row, or a row of one token, shares nothing."""
+    from subspace_sweep.causal import shared_prefix_length
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 2, 0], [5, 6, 7, 3, 4, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+    assert shared_prefix_length(ids, mask) == 3  # (3 − 1)·3 = 6 ≥ 0.25·18
+    assert shared_prefix_length(ids, mask, 0.3) == 3 and shared_prefix_length(ids, mask, 0.35) == 0  # 6 of 18
+    same = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 0]])
+    assert shared_prefix_length(same, torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), 0.0) == 2  # the shortest keeps one
+    assert shared_prefix_length(ids[:1], mask[:1], 0.0) == 0
+    assert shared_prefix_length(same, torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]), 0.0) == 0
+    assert shared_prefix_length(torch.tensor([[1, 2], [3, 2]]), torch.ones(2, 2, dtype=torch.long), 0.0) == 0
+
+
 def test_a_behaviour_set_of_very_different_lengths_is_read_in_length_batches_as_each_prompt_alone(tiny):
-    """Two short and two long prompts: split into two passes (fewer padded positions), b and mass
-    equal each prompt read alone, and a steered pass resumed from the recorded prefix (one residual
+    """Two short and two long prompts: split into two batches (fewer padded positions; the long two
+    also share their first sentences, read once), b and mass equal each prompt read alone, and a steered pass resumed from the recorded prefix (one residual
     per batch) equals the full steered pass bit for bit."""
     from subspace_sweep.causal import BehaviourSet, Prefix, behaviour_and_mass, length_batches, steered_behaviour
 
@@ -689,7 +706,8 @@ def test_a_behaviour_set_of_very_different_lengths_is_read_in_length_batches_as_
     prefix = Prefix(1)
     with count_forward_passes(model) as counter:
         b, mass = behaviour_and_mass(model, tok, texts, bset, prefix)
-    assert counter.n == 2 and len(prefix.hidden) == 2 and [h.shape[0] for h in prefix.hidden] == [2, 2]
+    # two batches; the long pair also shares its first sentences (``shared_prefix_length``): one pass over them
+    assert counter.n == 3 and len(prefix.hidden) == 2 and [h.shape[0] for h in prefix.hidden] == [2, 2]
     alone = [behaviour_and_mass(model, tok, [t], BehaviourSet.from_probes(tok, [t])) for t in texts]
     torch.testing.assert_close(b, torch.cat([x[0] for x in alone]), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mass, torch.cat([x[1] for x in alone]), rtol=1e-6, atol=1e-6)

@@ -75,7 +75,7 @@ class _CoherenceToy(nn.Module):
                 super().__init__()
                 self.layers = nn.ModuleList([Layer()])
 
-            def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
                 h = self.layers[0].mlp.down_proj(torch.ones(*input_ids.shape, 1))
                 feats = torch.stack([h[..., 0], h[..., 0].abs()], dim=-1)
                 return type("Out", (), {"last_hidden_state": feats})()
