@@ -51,7 +51,7 @@ from .model import block_name, model_device
 from .prompts import plain_prompt, plain_reply
 from .scoring import Target, energy, stable_seed
 from .steering import weight_steer
-from .strength import KL_QUANTILE, KL_TOKENS, Calibration, ContinuationKL, find_strength, start_and_bound
+from .strength import KL_QUANTILE, KL_TOKENS, Calibration, ContinuationKL, find_strength, kv_cache, start_and_bound
 from tqdm.auto import tqdm
 
 #: The two answers of the probes (``... Answer Yes or No.``) as a reply begins with them: the
@@ -379,11 +379,12 @@ def shared_prefix_length(ids: Tensor, mask: Tensor, min_saving: float = LENGTH_S
 
 
 def _prefix_cache(model: nn.Module, ids: Tensor, P: int):
-    """The key/value cache of the first ``P`` tokens of row 0 (one pass over P tokens), repeated for
-    every row of ``ids``: what each row's own pass over those tokens would have cached."""
-    cache = model.model(input_ids=ids[:1, :P], use_cache=True).past_key_values
+    """(the decoder's cache keyword, the key/value cache of the first ``P`` tokens of row 0 (one pass
+    over P tokens) repeated for every row of ``ids``: what each row's own pass over them would cache)."""
+    kw, cache = kv_cache(model)
+    model.model(input_ids=ids[:1, :P], use_cache=True, **{kw: cache})
     cache.batch_repeat_interleave(int(ids.shape[0]))
-    return cache
+    return kw, cache
 
 
 def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
@@ -421,11 +422,12 @@ def behaviour_and_mass(model: nn.Module, tokenizer, texts: Sequence[str],
         P = 0 if share_prefix is False else shared_prefix_length(ids, mask, 0.0 if share_prefix else
                                                                   LENGTH_SPLIT_SAVING)
         with torch.no_grad(), forward_pass_memory():
-            cache = _prefix_cache(model, ids, P) if P else None  # (before the record/resume below: every layer)
+            # (before the record/resume below: the shared tokens' pass runs every layer)
+            kw, cache = _prefix_cache(model, ids, P) if P else (None, None)
             with (record_activations(model, [block_name(prefix.layer)], inputs=True, outputs=False) if record
                   else _resume_at(model, prefix, i) if active else nullcontext()) as rec:
                 hidden = model.model(input_ids=ids[:, P:], attention_mask=mask, position_ids=position_ids[:, P:],
-                                     past_key_values=cache, use_cache=cache is not None).last_hidden_state
+                                     use_cache=cache is not None, **({kw: cache} if P else {})).last_hidden_state
             parts.append(hidden[torch.arange(ids.shape[0], device=dev), last - P])
             del cache
         if record:

@@ -211,6 +211,15 @@ def _final_logits(model: nn.Module, h: Tensor) -> Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def kv_cache(model: nn.Module) -> tuple[str, object]:
+    """(the keyword the decoder takes its key/value cache by, a new empty cache): transformers 5
+    renamed ``past_key_values`` to ``cache`` (the old name still works, with a deprecation notice)."""
+    from transformers import DynamicCache
+
+    kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+    return kw, DynamicCache(config=model.config)
+
+
 class ContinuationKL:
     """KL(α) of one prompt set: ``self(delta, alpha)`` is the ``KL_QUANTILE`` quantile of the per-token
     KL(model steered by α·delta ‖ model) over the steered model's greedy continuations.
@@ -235,7 +244,7 @@ class ContinuationKL:
         if not bool(self.mask[:, -1].all()) or bool((self.mask.sum(1) == 0).any()):
             raise InputError("the KL continuations need every prompt to end at the batch's last column (left padding)")
         self.stops = torch.tensor(sorted(_stop_tokens(model, tokenizer)), dtype=torch.long, device=dev)
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.model.forward).parameters else "past_key_values"
+        self._cache_kw = kv_cache(model)[0]
         self.reference_passes = 1
         self.seconds = 0.0
         t0 = time.perf_counter()
@@ -245,9 +254,7 @@ class ContinuationKL:
         self.seconds += time.perf_counter() - t0
 
     def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+        return kv_cache(self.model)[1]
 
     @staticmethod
     def _positions(mask: Tensor) -> Tensor:
