@@ -368,7 +368,7 @@ def shared_prefix_length(ids: Tensor, mask: Tensor, min_saving: float = LENGTH_S
     """P: the tokens every prompt of a right-padded batch starts with (all real), leaving each prompt
     at least one token of its own, when computing them once instead of once per prompt saves at
     least ``min_saving`` of the batch's token positions ((B − 1)·P of B·T); else 0. A chat template's
-    system turn is most of a short prompt (SmolLM2's: 24 of ~40 tokens)."""
+    system turn is much of a short prompt (SmolLM2's EVAL probes: 26 of 54 columns)."""
     n, width = int(ids.shape[0]), int(ids.shape[1])
     shortest = int(mask.sum(1).min())
     if n < 2 or shortest < 2:

@@ -14,7 +14,8 @@ Resuming. Each job keeps a record (``job.json``) of the steps it finished: the s
 file a step wrote, and the job's hash (what the job is: model, family, seed, settings, the
 behaviour file's sha256). Running the same spec again redoes only what is missing, failed or no
 longer verifies: a step is done when its record's hashes match the files on disk now (outputs are
-verified, never trusted) and this version of the step wrote them (``STEP_VERSIONS``); the first step that is not done is redone, and every step after it.
+verified, never trusted) and this version of the step wrote them (``STEP_VERSIONS``); the first
+step that is not done is redone, and every step after it.
 A killed study (SIGKILL, a node lost) therefore resumes where it stopped: what the killed step had
 staged is deleted by the next write into that folder (``publish.recover``), and because training,
 the delta and the run are deterministic, the resumed study's aggregate equals an uninterrupted
