@@ -32,9 +32,10 @@ from . import publish
 from .arch import architecture_of
 from .errors import InputError
 from .model import model_device, state_dict_sha256
-from .provenance import package_versions, sha256_file
+from .provenance import package_versions, record_checksum, sha256_file, verify_record, write_record
 
 META_FILE = "meta.json"
+CHECKSUM_FIELD = "meta_sha256"  # the metadata's own checksum
 #: A stored basis must be orthonormal like every basis the sweep builds (SPEC §4).
 ORTHONORMAL_TOL = 1e-4
 
@@ -160,26 +161,17 @@ def cpu_name() -> str:
 def write_meta(folder: Path, meta: dict, files: tuple[str, ...]) -> None:
     """``meta`` with the sha256 of each of ``files`` (already in ``folder``) and its own checksum, as
     ``folder/meta.json`` (``read_meta`` verifies both)."""
-    meta = {**meta, "files_sha256": {name: sha256_file(folder / name) for name in files}}
-    meta["meta_sha256"] = meta_checksum(meta)
-    (folder / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_record(folder / META_FILE, {**meta, "files_sha256": {name: sha256_file(folder / name) for name in files}},
+                 CHECKSUM_FIELD)
 
 
 def read_meta(folder: Path, key: str, fmt: int) -> dict:
     """The verified metadata of the entry ``folder``: ValueError when it is not a folder, when the
     metadata's own checksum or a recorded file's sha256 does not match, or when it records another key
-    or format."""
+    or format (``provenance.verify_record``)."""
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
-    meta = json.loads((folder / META_FILE).read_text())
-    if not isinstance(meta, dict) or meta.get("meta_sha256") != meta_checksum(meta):
-        raise ValueError(f"{folder / META_FILE} does not match its checksum (edited or damaged)")
-    if meta.get("format") != fmt or meta.get("key") != key:
-        raise ValueError(f"{folder / META_FILE} records another key or format")
-    for name, digest in meta["files_sha256"].items():
-        if sha256_file(folder / name) != digest:
-            raise ValueError(f"{folder / name} does not match the sha256 in {META_FILE} (damaged)")
-    return meta
+    return verify_record(folder / META_FILE, CHECKSUM_FIELD, {"format": fmt, "key": key}, "key or format")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -192,7 +184,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def meta_checksum(meta: dict) -> str:
     """sha256 of the entry's metadata without this checksum (canonical JSON)."""
-    return sha256_text(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}, sort_keys=True))
+    return record_checksum(meta, CHECKSUM_FIELD)
 
 
 def check_basis(name: str, B: torch.Tensor, d: int | None) -> None:

@@ -49,12 +49,13 @@ from pathlib import Path
 
 from . import publish
 from .errors import InputError
-from .provenance import package_versions, sha256_file
+from .provenance import package_versions, record_checksum, sha256_file, verify_record, write_record
 
 #: Bump when the entry's layout or the conversion changes (2: the record says whether the GGUF
 #: holds a chat template).
 CONVERSION_FORMAT = 2
 CONVERSION_FILE = "gguf_conversion.json"
+CHECKSUM_FIELD = "record_sha256"  # the conversion record's own checksum
 CACHE_ENV = "SUBSPACE_SWEEP_CACHE"
 ENTRY_PREFIX = "gguf-"
 #: A known model assembled from its data packages' pieces: ``<cache>/models/assembled-<sha256>/<file>``.
@@ -414,27 +415,14 @@ def entry_path(sha256: str, cache: str | os.PathLike | None = None) -> Path:
         cache_root() / "models" / f"{ENTRY_PREFIX}{sha256}"
 
 
-def _checksum(record: dict) -> str:
-    import hashlib
-
-    body = {k: v for k, v in record.items() if k != "record_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def verify_entry(folder: Path, sha256: str) -> dict:
     """The record of a cache entry, verified: ValueError when it is not a folder, its record does
-    not match its checksum, format or the GGUF's sha256, or a file does not match its sha256."""
+    not match its checksum, format or the GGUF's sha256, or a file does not match its sha256
+    (``provenance.verify_record``)."""
     if folder.is_symlink() or not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
-    record = json.loads((folder / CONVERSION_FILE).read_text())
-    if not isinstance(record, dict) or record.get("record_sha256") != _checksum(record):
-        raise ValueError(f"{folder / CONVERSION_FILE} does not match its checksum (edited or damaged)")
-    if record.get("format") != CONVERSION_FORMAT or record.get("gguf_sha256") != sha256:
-        raise ValueError(f"{folder / CONVERSION_FILE} records another format or GGUF")
-    for name, digest in record["files_sha256"].items():
-        if sha256_file(folder / name) != digest:
-            raise ValueError(f"{folder / name} does not match the sha256 in {CONVERSION_FILE} (damaged)")
-    return record
+    return verify_record(folder / CONVERSION_FILE, CHECKSUM_FIELD,
+                         {"format": CONVERSION_FORMAT, "gguf_sha256": sha256}, "format or GGUF")
 
 
 @contextmanager
@@ -495,8 +483,7 @@ def _convert_into(folder: Path, header: GgufHeader) -> None:
         "converted_with": {k: versions[k] for k in ("subspace-sweep", "transformers", "gguf", "torch")},
         "files_sha256": {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()},
     }
-    record["record_sha256"] = _checksum(record)
-    (folder / CONVERSION_FILE).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_record(folder / CONVERSION_FILE, record, CHECKSUM_FIELD)
 
 
 def model_shape(model: str | os.PathLike, cache: str | os.PathLike | None = None
@@ -509,7 +496,7 @@ def model_shape(model: str | os.PathLike, cache: str | os.PathLike | None = None
     entry = entry_path(sha, cache)
     try:
         record = json.loads((entry / CONVERSION_FILE).read_text())
-        if (record.get("gguf_sha256") == sha and record.get("record_sha256") == _checksum(record)
+        if (record.get("gguf_sha256") == sha and record.get(CHECKSUM_FIELD) == record_checksum(record, CHECKSUM_FIELD)
                 and record.get("format") == CONVERSION_FORMAT):
             config = json.loads((entry / "config.json").read_text())
             config = config.get("text_config") or config
