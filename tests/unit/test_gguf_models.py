@@ -383,23 +383,54 @@ def test_a_damaged_assembled_file_in_the_cache_is_assembled_again(cache, pieces)
 def test_one_parse_of_the_gguf_per_conversion(tiny_gguf, cache, monkeypatch):
     """The header's reader serves the conversion after it: transformers' three loads (config,
     tokenizer, weights) build none of their own (each is 16 s on Gemma-3-270m's 262k vocabulary);
-    the reader is dropped once the conversion is done."""
+    the reader is dropped once the conversion is done. gguf's tensor-name map, which transformers'
+    weight load asks for at every module of the model, is built once."""
     import gguf
 
-    built = []
-    real = gguf.GGUFReader
+    built, name_maps = [], []
+    real, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
     class Counting(real):
         def __init__(self, *args, **kwargs):
             built.append(args[0])
             super().__init__(*args, **kwargs)
 
+    def counting_name_map(arch, n_blocks):
+        name_maps.append((arch, n_blocks))
+        return real_name_map(arch, n_blocks)
+
     monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", counting_name_map)
     gguf_models._forget_reader()
     assert gguf_models.model_shape(tiny_gguf[0])[:2] == (64, 3)
     convert(tiny_gguf[0])
     assert built == [str(tiny_gguf[0].resolve())]
-    assert gguf_models._READER is None and gguf.GGUFReader is Counting  # dropped, and the library's name restored
+    assert name_maps == [(gguf.MODEL_ARCH.LLAMA, 3)]  # asked for at each of the tiny model's modules
+    # dropped, and the library's names restored
+    assert gguf_models._READER is None and gguf.GGUFReader is Counting
+    assert gguf.get_tensor_name_map is counting_name_map
+
+
+def test_the_kept_reader_reads_the_same_fields_and_tensors_through_a_plain_array(tiny_gguf):
+    """The conversion's reader sees the file through an ndarray view of the memory map (no
+    Python per slice): every field and tensor the same as gguf's own reader gives, no copy."""
+    import gguf
+    import numpy as np
+
+    path = tiny_gguf[0]
+    mine, theirs = gguf_models._plain_array_reader()(str(path)), gguf.GGUFReader(str(path))
+    assert type(mine.data) is np.ndarray and isinstance(theirs.data, np.memmap)
+    assert np.shares_memory(mine.data, mine.data.base) and not mine.data.flags.owndata
+    assert list(mine.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        other = mine.fields[key]
+        assert (other.offset, other.data, other.types) == (field.offset, field.data, field.types), key
+        assert len(other.parts) == len(field.parts) and all(
+            a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(other.parts, field.parts)), key
+    assert [(t.name, t.tensor_type, t.data_offset) for t in mine.tensors] == [
+        (t.name, t.tensor_type, t.data_offset) for t in theirs.tensors]
+    for a, b in zip(mine.tensors, theirs.tensors):
+        assert type(a.data) is np.ndarray and a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
 
 
 def test_the_header_says_whether_the_gguf_holds_a_chat_template(tiny_gguf, cache, tmp_path):
