@@ -61,6 +61,9 @@ class Target:
     noise_floor: float = 0.0  # eigenvalues at or below this are storage rounding, not directions
     # "top", "all": the cached spectra; "eigen": the shared eigenproblem inside ``shared_reductions``
     _spectrum: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+    # (r, n, seed) -> the seeded Monte-Carlo null's (mean, variance) (``monte_carlo_null``)
+    _mc_null: dict[tuple[int, int, int], tuple[float, float]] = field(default_factory=dict, repr=False,
+                                                                       compare=False)
 
     @classmethod
     def from_gram(cls, name: str, gram: Tensor, factor: Tensor | None = None, noise_floor: float = 0.0) -> Target:
@@ -386,9 +389,14 @@ def random_energies(target: Target, r: int, n: int, generator: torch.Generator, 
 
 
 def monte_carlo_null(target: Target, r: int, n: int, seed: int) -> tuple[float, float]:
-    """Seeded Monte-Carlo estimate of (mean, variance) of e(B); a cross-check of ``null_moments``."""
-    draws = random_energies(target, r, n, torch.Generator().manual_seed(int(seed)))
-    return float(draws.mean()), float(draws.var(unbiased=True))
+    """Seeded Monte-Carlo estimate of (mean, variance) of e(B); a cross-check of ``null_moments``.
+    Drawn once per (r, n, seed) and kept on the target: every candidate of rank r scored on it
+    reads the same null (the sweep's seed names the layer, the target and r, not the candidate)."""
+    key = (int(r), int(n), int(seed))
+    if key not in target._mc_null:
+        draws = random_energies(target, r, n, torch.Generator().manual_seed(int(seed)))
+        target._mc_null[key] = (float(draws.mean()), float(draws.var(unbiased=True)))
+    return target._mc_null[key]
 
 
 def mc_score_z(target: Target, B: Tensor, n: int, seed: int) -> float:

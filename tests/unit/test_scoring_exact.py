@@ -572,6 +572,24 @@ def test_monte_carlo_null_is_the_unbiased_sample_moments_of_its_seeded_draws():
     assert draws.tolist() == pytest.approx([scoring.energy(t, B) for B in Bs], rel=1e-12)
 
 
+def test_the_monte_carlo_null_is_drawn_once_per_rank_and_seed_on_a_target(monkeypatch):
+    """Kept on the target: a second candidate of the same rank reads the same (mean, variance) as a
+    fresh target's draws, bit for bit, without drawing again; another rank or seed draws anew."""
+    gram = random_psd(6, 3)
+    t = Target.from_gram("g", gram)
+    calls = []
+    real = scoring.random_energies
+    monkeypatch.setattr(scoring, "random_energies", lambda *a, **k: calls.append(a[1:3]) or real(*a, **k))
+    first = scoring.monte_carlo_null(t, 2, 40, seed=5)
+    assert scoring.monte_carlo_null(t, 2, 40, seed=5) == first and calls == [(2, 40)]
+    assert scoring.monte_carlo_null(Target.from_gram("g", gram), 2, 40, seed=5) == first
+    assert scoring.monte_carlo_null(t, 3, 40, seed=5) != first and scoring.monte_carlo_null(t, 2, 40, seed=6) != first
+    assert calls == [(2, 40), (2, 40), (3, 40), (2, 40)]
+    B = linalg.orthonormalize(torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    assert scoring.mc_score_z(t, B, 40, seed=5) == scoring._z(scoring.energy(t, B), *first)
+    assert len(calls) == 4
+
+
 def test_random_energies_inside_a_subspace_use_bases_drawn_in_its_coordinates():
     t = Target.from_gram("g", random_psd(6, 8))
     S = haar(6, 3, 2)
