@@ -118,7 +118,8 @@ def outlier_report(tmp_path_factory):
     a run folder, the figures' views recorded."""
     from subspace_sweep import report
 
-    config = SweepConfig(quiet=True, causal=2, causal_null=5, causal_alpha=(1.0,), n_boot=0)
+    config = SweepConfig(quiet=True, causal=2, causal_null=5, causal_strength="grid", causal_alpha=(1.0,),
+                         n_boot=0)
     model, tok, layers, a_side = outlier_toy(config)
     plant = {c.name: c for c in a_side.candidates}["chars_clusters"]
     delta = plant_away_from(model, plant, layers, OUTLIERS, generic_ratio=OUTLIER_GENERIC_RATIO, seed=0)
