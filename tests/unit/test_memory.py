@@ -116,9 +116,14 @@ def test_b_side_and_scoring_hold_one_layers_targets_at_a_time(mid, monkeypatch):
     as the A-side is): one layer's targets, spectra, B-side bases and scores at a time (<= 16 DD),
     plus what stays: the rows, the B-side bases and, with --causal, the combined targets (not asked
     for here)."""
+    from importlib import resources
+
     from subspace_sweep.gradients import gradient_bases_for
 
-    config = SweepConfig(quiet=True, n_boot=0, r=8, k_broad=32)
+    # the gradient bases from the shipped 6-line behaviour example: inputs here, whatever their data
+    # (the shipped claims' 40 + 24 examples cost this model 9 s of passes the bound does not read)
+    example = str(resources.files("subspace_sweep").joinpath("data/behaviour_example.jsonl"))
+    config = SweepConfig(quiet=True, n_boot=0, r=8, k_broad=32, behaviour=example, n_train=4)
     a_side = build_a_side_for(mid.model, mid.tok, config, LAYERS, mid.probes)
     gradients = gradient_bases_for(mid.model, mid.tok, config, LAYERS, mid.probes)
     labels = capture_labels(mid.model, mid.tok, mid.delta, mid.probes)
