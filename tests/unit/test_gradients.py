@@ -747,3 +747,45 @@ def test_the_examples_follow_the_pairs_training_seed():
     one, zero = grads.behaviour_data(PROBES, seed=1), grads.behaviour_data(PROBES)
     assert one.seed == 1 and one.train[1] == training_texts(1, PROBES, None, 1) != zero.train[1]
     assert one.held_out[-1] == training_texts(-1, PROBES, None, 1, held_out=True) != zero.held_out[-1]
+
+
+def test_the_held_out_examples_are_the_given_probes_claims_after_n_train():
+    """The held-out examples come from the probe set given (not the shipped one): a set of five claims,
+    the last two unlike any shipped claim, holds out exactly those two, in its own prompts."""
+    mine = tuple(f"the number {i} is a prime" for i in range(5))
+    probes = replace(PROBES, claims=mine, prompts=tuple(f"I think {c}. Do you agree? Answer Yes or No." for c in mine))
+    data = grads.behaviour_data(probes, None, 3, seed=1)
+    for s in (1, -1):
+        assert [ex["claim"] for ex in data.held_out[s]] == list(mine[3:])
+        assert data.held_out[s] == training_texts(s, probes, 3, 1, held_out=True)
+    assert data.source == ("the shipped sycophancy probes: claims 1..3 trained the pair, 2 held out (claims 4..5), "
+                           "the templates of training seed 1")
+
+
+def test_the_family_variant_copies_each_writer_weight_to_the_cpu(tiny):
+    """The family variant reads each adapted writer's weight W as a float32 CPU copy (the gradient is on
+    the CPU; a GPU model's W must come to it): on a model whose weights hold no data (the meta device)
+    that copy is what fails, even for a LoRA, whose first step does not use W's values."""
+    model, _ = tiny
+    k, d = weight_key(1, O), model.config.hidden_size
+    G = {k: torch.randn(model.get_parameter(k).shape, generator=torch.Generator().manual_seed(4))}
+    built = grads.GradientBases(layers=[1], r=3, d=d, source="test", behaviour=G, gains={1: {}})
+    cfg = adapter_config("lora", rank=4, alpha=8, target_modules=("o_proj",), layers=[1])
+    family, note = built.family(model, _record(cfg, 0))  # on the CPU: built
+    assert note.startswith("LoRA rank 4") and family[1].shape == (d, 3)
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+        built.family(copy.deepcopy(model).to("meta"), _record(cfg, 0))
+
+
+def test_without_held_out_examples_the_held_out_variant_says_so_exactly(tiny):
+    """Examples with nothing held out: three passes (L⁺, L⁻, the neutral loss), three variants, and
+    grad_heldout's note, word for word, is what its candidate reports."""
+    model, tok = tiny
+    data = grads.BehaviourData("test", {s: training_texts(s, PROBES, 1) for s in (1, -1)}, {1: [], -1: []})
+    built = grads.build_gradient_bases(model, tok, data, [2], 2)
+    why = "not built: no held-out example (every claim or line trained the pair)"
+    assert built.notes == {"grad_heldout": why} and built.forward_passes == 3
+    assert set(built.bases) == {"grad_behaviour", "grad_shared", "grad_neutral"}
+    cands, _ = built.candidates(model, None)
+    held = next(c for c in cands if c.name == "grad_heldout")
+    assert held.rank_note == why and held.expected_rank == 0
