@@ -32,7 +32,7 @@ from . import publish
 from .arch import architecture_of
 from .errors import InputError
 from .model import model_device, state_dict_sha256
-from .provenance import package_versions, record_checksum, sha256_file, verify_record, write_record
+from .provenance import package_versions, sha256_file, verify_record, write_record
 
 META_FILE = "meta.json"
 CHECKSUM_FIELD = "meta_sha256"  # the metadata's own checksum
@@ -180,11 +180,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     data, so a product of a loaded tensor could differ in its last bits from the same product of the
     tensor that was stored (found on the gradient bases' family variant)."""
     return {k: v.clone() for k, v in load_file(str(path)).items()}
-
-
-def meta_checksum(meta: dict) -> str:
-    """sha256 of the entry's metadata without this checksum (canonical JSON)."""
-    return record_checksum(meta, CHECKSUM_FIELD)
 
 
 def check_basis(name: str, B: torch.Tensor, d: int | None) -> None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from subspace_sweep import a_side, cache, cli
 from subspace_sweep.a_side import a_side_key, build_a_side_for, load_entry
 from subspace_sweep.capture import count_forward_passes
-from subspace_sweep.provenance import sha256_file
+from subspace_sweep.provenance import record_checksum, sha256_file
 from subspace_sweep.delta import random_delta, save_delta
 from subspace_sweep.model import load_model
 from subspace_sweep.sweep import SweepConfig
@@ -147,9 +147,7 @@ def _tamper_consistently(entry, edit_bases=None, edit_meta=None):
     meta = json.loads(meta_file.read_text())
     if edit_meta is not None:
         edit_meta(meta)
-    meta["files_sha256"] = {a_side.BASES_FILE: sha256_file(bases_file)}
-    meta["meta_sha256"] = cache.meta_checksum(meta)
-    meta_file.write_text(json.dumps(meta))
+    cache.write_meta(entry, meta, (a_side.BASES_FILE,))  # the entry's own writer: files' sha256, checksum
 
 
 def _first_basis(tensors):
@@ -247,7 +245,7 @@ def test_verification_reads_the_checksums_the_entry_records(tiny, probes, tmp_pa
     (entry,) = _entries(tmp_path)
     meta = json.loads((entry / a_side.META_FILE).read_text())
     assert meta["files_sha256"] == {a_side.BASES_FILE: sha256_file(entry / a_side.BASES_FILE)}
-    assert meta["meta_sha256"] == cache.meta_checksum(meta)
+    assert meta[cache.CHECKSUM_FIELD] == record_checksum(meta, cache.CHECKSUM_FIELD)
     _assert_same_a_side(load_entry(entry, built.cache["key"], d=64), built)
 
 

@@ -19,7 +19,6 @@ from subspace_sweep.capture import count_forward_passes
 from subspace_sweep.config import SweepConfig
 from subspace_sweep.errors import InputError
 from subspace_sweep.lora_train import adapter_config
-from subspace_sweep.provenance import sha256_file
 from tests.unit.test_a_side_cache import _edit_source, _edit_weight
 
 LAYERS = [1, 2]
@@ -210,9 +209,7 @@ def _tamper_consistently(entry: Path, edit_tensors=None, edit_meta=None) -> None
     meta = json.loads(meta_file.read_text())
     if edit_meta is not None:
         edit_meta(meta)
-    meta["files_sha256"] = {grads.GRADIENTS_FILE: sha256_file(file)}
-    meta["meta_sha256"] = cache.meta_checksum(meta)
-    meta_file.write_text(json.dumps(meta))
+    cache.write_meta(entry, meta, (grads.GRADIENTS_FILE,))  # the entry's own writer: files' sha256, checksum
 
 
 def _first(tensors, prefix):
