@@ -340,6 +340,8 @@ def test_the_manifest_records_the_gguf(smol_run):
 
 #: Kept cheap: 4 EVAL prompts, 8-token continuations (the run's own calibration uses all 16 and 32).
 KL_PROMPTS, KL_TOKENS_REAL = 4, 8
+#: The tier's timing line of every KL reading below.
+KL_PART = "KL calibrations (4 prompts, 8 tokens; w, 3w, and 2w at α(w)/2)"
 
 
 @pytest.fixture(scope="module")
@@ -357,7 +359,7 @@ def smol_calibrations(smol, smol_delta_file):
     bset = BehaviourSet.from_probes(tok, PROBES.eval[:KL_PROMPTS])
     meter = kl_meter(model, tok, bset, KL_TOKENS_REAL)
     found = {}
-    with timed("KL calibrations (4 prompts, 8 tokens; w, 3w, and 2w at α(w)/2)"):
+    with timed(KL_PART):
         for c, signs in ((1.0, (1, -1)), (3.0, (1, -1))):
             delta = {k: v * c for k, v in w.items()}
             start, bound = start_and_bound(model, delta)
@@ -378,7 +380,7 @@ def test_the_kl_budget_is_reached_within_tolerance_and_rises_with_alpha_on_the_r
         assert cal.evaluations <= MAX_EVALUATIONS and not cal.at_bound
     for sign in (1, -1):
         cal = found[(1.0, sign)]
-        with timed("KL calibrations (4 prompts, 8 tokens; w, 3w, and 2w at α(w)/2)"):
+        with timed(KL_PART):
             around = [(a, meter(w, sign * a).kl) for a in (cal.alpha / 4, cal.alpha * 4)]
         points = sorted([*cal.trace, *around])
         assert all(b[1] > a[1] for a, b in zip(points, points[1:])), (sign, points)
@@ -401,7 +403,7 @@ def test_the_calibrated_strength_is_scale_equivariant_on_the_real_pair(smol, smo
     assert start_and_bound(model, w2) == pytest.approx((start / 2, bound / 2), rel=1e-12)
     for sign in (1, -1):
         cal = found[(1.0, sign)]
-        with timed("KL calibrations (4 prompts, 8 tokens; w, 3w, and 2w at α(w)/2)"):
+        with timed(KL_PART):
             assert meter(w2, sign * cal.alpha / 2).kl == cal.kl
         assert abs(math.log(found[(3.0, sign)].alpha * 3 / cal.alpha)) <= 2 * KL_TOLERANCE / 0.5
     writes = restrict(w, layers=list(range(8, 22)))
