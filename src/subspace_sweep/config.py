@@ -117,7 +117,11 @@ class SweepConfig:
         if not self.causal_alpha or not all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0
                                             for a in self.causal_alpha):
             raise InputError(f"--causal-alpha needs one or more positive strengths, got {list(self.causal_alpha)}")
-        parse_strength(self.causal_strength)
+        if parse_strength(self.causal_strength) is not None and tuple(self.causal_alpha) != DEFAULT_ALPHAS:
+            # a grid under a KL budget would be silently unread (a study's [run] table, a script's config)
+            raise InputError(f"--causal-alpha {list(self.causal_alpha)} is the grid of --causal-strength grid; "
+                             f"with --causal-strength {self.causal_strength} each arm's α is calibrated instead "
+                             "(set causal_strength = \"grid\" to read the grid)")
         check_curve_ranks(self.causal_curve)
         if self.causal_centre not in CENTRES:
             raise InputError(f"--causal-centre must be one of {', '.join(CENTRES)}, got {self.causal_centre!r}")

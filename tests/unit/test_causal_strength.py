@@ -269,9 +269,12 @@ def test_steered_behaviour_scales_by_alpha(tiny):
 def test_config_json_records_the_grid_and_centre(tmp_path):
     from subspace_sweep.config import SweepConfig
 
-    c = SweepConfig(causal=1, causal_alpha=(0.5, 1.0), causal_centre="midpoint")
+    c = SweepConfig(causal=1, causal_alpha=(0.5, 1.0), causal_strength="grid", causal_centre="midpoint")
     c.validate()
     assert json.loads(json.dumps(c.to_json()))["causal_alpha"] == [0.5, 1.0]
+    # a grid under the default KL budget would go unread (a study's [run] table): refused, naming both
+    with pytest.raises(InputError, match=r"--causal-alpha \[0.5, 1.0\].*--causal-strength kl:0.5"):
+        SweepConfig(causal=1, causal_alpha=(0.5, 1.0)).validate()
     with pytest.raises(InputError, match="--causal-centre"):
         SweepConfig(causal=1, causal_centre="middle").validate()
 

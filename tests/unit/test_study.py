@@ -216,6 +216,8 @@ BAD_SPECS = {
     "no models": ('families = ["lora"]\n', "models must be a non-empty list"),
     "bad run option": ('models = ["M"]\n[run]\ncausal = 1\ncausal_null = 2\n', "--causal-null must be at least 5"),
     "unknown run key": ('models = ["M"]\n[run]\nrank = 8\n', "unknown key 'rank'"),
+    "grid under a KL budget": ('models = ["M"]\n[run]\ncausal = 1\ncausal_alpha = [0.5, 1.0]\n',
+                               "--causal-alpha [0.5, 1.0] is the grid of --causal-strength grid"),
     "bad lr": ('models = ["M"]\n[train]\nlr = -1.0\n', "train.lr must be a finite number above 0"),
     "not toml": ('models = [\n', "is not valid TOML"),
     "model missing": ('models = ["no-such-folder/model"]\n', "is not a model folder, GGUF file, known name or HF id"),
@@ -276,3 +278,32 @@ def test_the_study_report_opens_offline_with_its_figures_and_job_links(local_stu
         assert browser.driver.current_url == links[0]
     finally:
         browser.close()
+
+
+def test_the_aggregate_reads_no_retention_curve(local_study, tmp_path):
+    """What lets the real study skip the curves (a third of each run): a job's numbers are the same
+    with its causal.tsv's curve rows removed."""
+    from subspace_sweep.study_aggregate import job_numbers
+
+    run = local_study / "jobs" / "tiny-qwen3" / "lora" / "seed0" / "run"
+    causal = pl.read_csv(run / "causal.tsv", separator="\t", infer_schema_length=None)
+    assert (causal["kind"] == "curve").sum() > 0  # the tiny study computes them (the default ranks)
+    bare = tmp_path / "run"
+    shutil.copytree(run, bare)
+    causal.filter(pl.col("kind") != "curve").write_csv(bare / "causal.tsv", separator="\t")
+    with_curves, without = job_numbers(run), job_numbers(bare)
+    assert with_curves.keys() == without.keys()
+    assert all(with_curves[k] == without[k] or (with_curves[k] != with_curves[k] and without[k] != without[k])
+               for k in with_curves)  # equal, or NaN in both
+
+
+def test_the_real_study_spec_spans_every_family_and_both_real_models():
+    """examples/study-smollm2.toml (`make study-real`): SmolLM2 × every family train supports × 3
+    seeds and Gemma-3-270m × LoRA × 3 seeds, at one training recipe, without the curves."""
+    from subspace_sweep.study import adapter_families
+
+    spec = load_spec(ROOT / "examples" / "study-smollm2.toml")
+    ids = [j.id for j in spec.jobs]
+    smol = [f"smollm2-135m-instruct/{f}/seed{s}" for f in adapter_families() for s in (0, 1, 2)]
+    assert sorted(ids) == sorted(smol + [f"gemma-3-270m/lora/seed{s}" for s in (0, 1, 2)])
+    assert all(j.run["causal"] == 1 and j.run["causal_curve"] == [] and j.train["steps"] == 20 for j in spec.jobs)
