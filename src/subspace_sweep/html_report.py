@@ -639,7 +639,8 @@ def study_context(folder: Path, manifest: Mapping[str, object] | None = None) ->
     run_dirs = [folder.parent / "jobs" / j / "run" for j in jobs if j in finished][:1]
     defs, _ = definitions(run_dirs, names)
     conclusion = (folder / "conclusion.md").read_text(encoding="utf-8") if (folder / "conclusion.md").is_file() else None
-    known = {"claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv", "per_job.tsv", "gain_w_combined.tsv"}
+    known = {"claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv", "per_job.tsv", "gain_w_combined.tsv",
+             "gradients.tsv"}
     spec = manifest.get("spec") if isinstance(manifest.get("spec"), dict) else None
     return {
         "kind": "study",
@@ -659,6 +660,7 @@ def study_context(folder: Path, manifest: Mapping[str, object] | None = None) ->
         "per_job": tsv_table(per_job, "per-job", first=("job",), defs=defs, source="per_job.tsv")
         if per_job is not None else None,
         "gains": file_table(folder, "gain_w_combined.tsv", "gains"),
+        "gradients": file_table(folder, "gradients.tsv", "gradients"),
         "others": [tsv_table(read_tsv(p), f"file-{slug(p.stem)}", defs=defs, source=p.name)
                    for p in sorted(folder.glob("*.tsv")) if p.name not in known],
         "runs": links,

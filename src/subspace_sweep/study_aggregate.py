@@ -80,6 +80,19 @@ CLAIMS: tuple[Claim, ...] = (
           "the seed's successors: cos(τ⁺, −τ⁻) = −0.644 on a Qwen3-0.6B honesty pair"),
 )
 
+#: The gradient bases (issue 34, SPEC §13) read per job: each variant's gain_w_combined (the joint
+#: panel's row of that candidate). They see the behaviour's data, so no claim of the seed's question
+#: reads them (``hypotheses`` leaves them out); gradients.tsv sets them beside the seed's best basis.
+GRAD_COLUMNS = {"grad_gain_w": "grad_behaviour", "grad_family_gain_w": "grad_behaviour_family",
+                "grad_heldout_gain_w": "grad_heldout", "grad_shared_gain_w": "grad_shared",
+                "grad_neutral_gain_w": "grad_neutral"}
+#: gradients.tsv's rows per model × family: (label, per-job column), in this order. ``grad_kept``: the
+#: causal kept of grad_behaviour where the check tested it; ``grad_family_minus_full``: which first
+#: step predicts the delta, the family's own parametrization (> 0) or the full-weight gradient (< 0).
+GRAD_ROWS = (*((name, col) for col, name in GRAD_COLUMNS.items()),
+             ("seed's best A-side basis", "best_gain_w"), ("grad_behaviour kept (causal)", "grad_kept"),
+             ("family variant − full-weight gain_w", "grad_family_minus_full"))
+
 #: Per-job numbers, in the order of per_job.tsv (the first four identify the job).
 JOB_KEYS = ("model", "family", "seed", "job")
 NUMBER_COLUMNS = (
@@ -88,6 +101,7 @@ NUMBER_COLUMNS = (
     "effect_w", "effect_writes", "winner_kept", "winner_z_kept", "oracle_kept", "random_kept_mean", "random_kept_sd",
     "winner_share_of_oracle", "act_oracle_kept", "act_complement_kept", "act_complement_minus_inside",
     "cos_pos_neg", "norm_ratio", "drift_over_w", "abs_cos_w_drift",
+    *GRAD_COLUMNS, "grad_kept", "grad_family_minus_full",
 )
 NAME_COLUMNS = ("winner", "winner_std", "best_share_candidate", "top5_overlap_candidates")
 
@@ -177,6 +191,11 @@ def job_numbers(run: str | Path) -> dict[str, object]:
     if "rank_in_panel_std" in summary.columns:
         std = summary.filter(pl.col("panel") == "joint").sort("rank_in_panel_std", nulls_last=True)
         out["winner_std"] = std["candidate"][0] if std.height else ""
+    for col, name in GRAD_COLUMNS.items():
+        row = _row(summary, panel="joint", candidate=name)
+        if row is not None:
+            out[col] = _float(row["gain_w_combined"])
+    out["grad_family_minus_full"] = out["grad_family_gain_w"] - out["grad_gain_w"]  # NaN where either is
     _causal_numbers(_read_tsv(run / "causal.tsv"), out)
     _pair_numbers(_read_tsv(run / "pair.tsv"), out)
     return out
@@ -204,6 +223,9 @@ def _causal_numbers(causal: pl.DataFrame | None, out: dict) -> None:
         win = candidates.row(0, named=True)  # the first tested candidate: the joint winner
         out["winner_kept"], out["winner_z_kept"] = _float(win["kept"]), _float(win["z_kept"])
         out["random_kept_mean"], out["random_kept_sd"] = _float(win["null_kept_mean"]), _float(win["null_kept_sd"])
+    grad = _row(causal, kind="candidate", name=GRAD_COLUMNS["grad_gain_w"])
+    if grad is not None:
+        out["grad_kept"] = _float(grad["kept"])
     oracle = causal.filter(pl.col("kind") == "oracle")
     if oracle.height:
         out["oracle_kept"] = _float(oracle.row(0, named=True)["kept"])
@@ -312,6 +334,7 @@ class Aggregate:
     kendall: pl.DataFrame  # model, family, n_seeds, n_candidates, W, distinct_pairs (distinct deltas over seeds)
     gain_w: pl.DataFrame  # model, family, candidate, mean gain_w_combined over seeds
     failed: list[dict]  # the jobs that did not finish: job, step, error
+    gradients: pl.DataFrame  # model, family, basis, statistic, n, values, mean, sd, lo, hi (GRAD_ROWS)
 
 
 def _groups(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
@@ -390,6 +413,18 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
     kendall = pl.DataFrame(kendall_rows, schema={"model": pl.String, "family": pl.String, "n_seeds": pl.Int64,
                                                  "n_candidates": pl.Int64, "W": pl.Float64,
                                                  "distinct_pairs": pl.Int64})
+    grad_rows = []
+    for model, family in _groups(rows):
+        members = [r for r in rows if (r["model"], r["family"]) == (model, family)]
+        for label, column in GRAD_ROWS:
+            iv = t_interval([_float(r.get(column)) for r in members])
+            grad_rows.append({"model": model, "family": family, "basis": label, "statistic": column, "n": iv.n,
+                              "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd, "lo": iv.lo,
+                              "hi": iv.hi})
+    gradients = pl.DataFrame(grad_rows, schema={"model": pl.String, "family": pl.String, "basis": pl.String,
+                                                "statistic": pl.String, "n": pl.Int64, "values": pl.String,
+                                                "mean": pl.Float64, "sd": pl.Float64, "lo": pl.Float64,
+                                                "hi": pl.Float64})
     gain_rows = []
     for model, family in _groups(rows):
         sel = [g for g in gains if (g["model"], g["family"]) == (model, family)]
@@ -398,7 +433,7 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
             gain_rows.append({"model": model, "family": family, "candidate": name, "n": iv.n, "mean": iv.mean})
     gain_w = pl.DataFrame(gain_rows, schema={"model": pl.String, "family": pl.String, "candidate": pl.String,
                                              "n": pl.Int64, "mean": pl.Float64})
-    return Aggregate(per_job, claims, across, winners, kendall, gain_w, [dict(f) for f in failed])
+    return Aggregate(per_job, claims, across, winners, kendall, gain_w, [dict(f) for f in failed], gradients)
 
 
 # ------------------------------------------------------------------------------- figures
@@ -496,6 +531,7 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
         w = agg.winners.filter((pl.col("model") == r["model"]) & (pl.col("family") == r["family"]))
         names = "; ".join(f"{x['candidate']} ({x['wins']}/{x['of']})" for x in w.iter_rows(named=True)) or "—"
         lines.append(f"| {r['model']} | {r['family']} | {names} | {_f(r['W'])} (over {r['n_candidates']} candidates) |")
+    lines += _gradient_lines(agg.gradients)
     same = [r for r in agg.kendall.iter_rows(named=True) if r["distinct_pairs"] == 1 and r["n_seeds"] > 1]
     if same:
         lines += ["", "Caveat: " + "; ".join(f"every seed of {r['model']} · {r['family']} trained the same pair "
@@ -505,6 +541,44 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
         lines += ["", "## Jobs that did not finish", ""]
         lines += [f"- `{f['job']}` ({f.get('step', '?')}): {f.get('error', '')}" for f in agg.failed]
     return "\n".join(lines) + "\n"
+
+
+def _gradient_lines(gradients: pl.DataFrame) -> list[str]:
+    """The conclusion's section on the gradient bases: per model × family, each variant's gain_w_combined
+    beside the seed's best basis, grad_behaviour's causal kept, and which first step predicts more."""
+    if not gradients.height or gradients.filter(pl.col("n") > 0).filter(
+            pl.col("statistic").is_in(list(GRAD_COLUMNS))).height == 0:
+        return []
+
+    def cell(r: Mapping) -> str:
+        if not r["n"]:
+            return "—"
+        return _f(r["mean"]) + (f" [{_f(r['lo'])}, {_f(r['hi'])}]" if r["n"] > 1 else " (one seed)")
+
+    labels = [label for label, _ in GRAD_ROWS]
+    lines = ["", "## The gradient bases (issue 34: they see the behaviour's data, never the trained pair)", "",
+             "gain_w_combined of each rank-r gradient basis (0: a random subspace, 1: the rank-matched combined "
+             "oracle), the mean and its 95% t-interval over seeds; the seed's best basis (weights and activations "
+             "only) beside them; the causal kept of grad_behaviour where the check tested it; and the family's own "
+             "first step against the full-weight gradient (> 0: the family's parametrization predicts more).", "",
+             "| model | family | " + " | ".join(labels) + " | predicts more |",
+             "|---|---|" + "---|" * (len(labels) + 1)]
+    for (model, family), group in _grouped(gradients):
+        by = {r["statistic"]: r for r in group}
+        diff = by["grad_family_minus_full"]
+        more = ("the family variant" if diff["n"] > 1 and diff["lo"] > 0 else
+                "the full-weight gradient" if diff["n"] > 1 and diff["hi"] < 0 else
+                "undecided" if diff["n"] > 1 else "one seed: no interval" if diff["n"] else "—")
+        lines.append(f"| {model} | {family} | " + " | ".join(cell(by[c]) for _, c in GRAD_ROWS) + f" | {more} |")
+    return lines
+
+
+def _grouped(frame: pl.DataFrame) -> list[tuple[tuple[str, str], list[dict]]]:
+    """The rows of ``frame`` by (model, family), in their first appearance's order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in frame.iter_rows(named=True):
+        groups.setdefault((r["model"], r["family"]), []).append(r)
+    return list(groups.items())
 
 
 #: The aggregate's own input (the jobs' numbers, rankings and gains): every table, figure and the
@@ -529,6 +603,7 @@ def write_aggregate(agg: Aggregate, folder: Path, manifest: Mapping[str, object]
     tsv(agg.winners, "winners.tsv")
     tsv(agg.kendall, "kendall.tsv")
     tsv(agg.gain_w, "gain_w_combined.tsv")
+    tsv(agg.gradients, "gradients.tsv")
     forest_figure(agg, folder / "forest")
     heatmap_figure(agg, folder / "heatmap")
     (folder / "conclusion.md").write_text(conclusion_markdown(agg, n_jobs), encoding="utf-8")

@@ -64,6 +64,15 @@ def test_the_tiny_study_runs_every_job_and_aggregates(local_study):
     assert per_job["job"].to_list() == ["tiny-qwen3/lora/seed0", "tiny-qwen3/lora/seed1", "tiny-qwen3/ia3/seed0",
                                         "tiny-qwen3/ia3/seed1"]
     assert per_job["best_share"].is_nan().sum() == 0 and per_job["winner_kept"].is_nan().sum() == 0
+    # the gradient bases' numbers (issue 34) are each job's own summary rows, read, not recomputed
+    for r in per_job.iter_rows(named=True):
+        summary = pl.read_csv(local_study / "jobs" / r["job"] / "run" / "summary.tsv", separator="\t")
+        joint = summary.filter(pl.col("panel") == "joint")
+        gain = dict(zip(joint["candidate"], joint["gain_w_combined"]))
+        assert r["grad_gain_w"] == pytest.approx(gain["grad_behaviour"], abs=5e-7)
+        assert r["grad_family_gain_w"] == pytest.approx(gain["grad_behaviour_family"], abs=5e-7)
+        assert r["grad_family_minus_full"] == pytest.approx(r["grad_family_gain_w"] - r["grad_gain_w"], abs=2e-6)
+    assert (agg / "gradients.tsv").is_file() and "## The gradient bases" in (agg / "conclusion.md").read_text()
     claims = pl.read_csv(agg / "claims.tsv", separator="\t")
     assert claims.height == 2 * 6 and set(claims["verdict"]) <= {"holds", "fails", "undecided"}
     # the A-side was built once (the first job) and loaded by the others

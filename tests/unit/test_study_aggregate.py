@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 import scipy.stats
 
-from subspace_sweep.study_aggregate import (CLAIMS, NUMBER_COLUMNS, Claim, aggregate, average_ranks, kendalls_w,
-                                            t_interval, verdict, write_aggregate)
+from subspace_sweep.study_aggregate import (CLAIMS, GRAD_ROWS, NUMBER_COLUMNS, Claim, aggregate, average_ranks,
+                                            conclusion_markdown, kendalls_w, t_interval, verdict, write_aggregate)
 
 
 def test_t_interval_is_mean_plus_minus_t_sd_over_root_n():
@@ -111,6 +111,44 @@ def test_the_across_families_summary_names_the_flip():
     r = agg.across.filter(pl.col("claim") == "base_predicts_little").row(0, named=True)
     assert r["holds_for"] == "lora" and r["fails_for"] == "oft"
     assert r["summary"] == "flips: holds for lora; fails for oft"
+
+
+def test_the_gradient_bases_per_family_with_intervals_and_which_first_step_predicts_more():
+    """gradients.tsv (issue 34): each variant's gain_w over seeds with its t-interval, the seed's best
+    basis beside it, and the family variant against the full-weight gradient, exact."""
+    lora = [(0.50, 0.56, 0.008), (0.52, 0.58, 0.009), (0.54, 0.57, 0.007)]  # grad, family, seed's best
+    ia3 = [(0.40, 0.20, 0.01), (0.42, 0.25, 0.01)]
+    rows = [_row("m", "lora", s, grad_gain_w=g, grad_family_gain_w=f, grad_family_minus_full=f - g, best_gain_w=b,
+                 grad_kept=0.9) for s, (g, f, b) in enumerate(lora)]
+    rows += [_row("m", "ia3", s, grad_gain_w=g, grad_family_gain_w=f, grad_family_minus_full=f - g, best_gain_w=b)
+             for s, (g, f, b) in enumerate(ia3)]
+    rows += [_row("m", "oft", 0, grad_gain_w=0.3, grad_family_gain_w=0.35, grad_family_minus_full=0.05)]
+    agg = aggregate(rows)
+    g = {(r["family"], r["statistic"]): r for r in agg.gradients.iter_rows(named=True)}
+    assert [r["statistic"] for r in agg.gradients.iter_rows(named=True) if r["family"] == "lora"] == \
+        [c for _, c in GRAD_ROWS]
+    full = g[("lora", "grad_gain_w")]
+    assert full["basis"] == "grad_behaviour" and full["n"] == 3 and full["values"] == "0.5,0.52,0.54"
+    assert full["mean"] == pytest.approx(0.52, abs=1e-15) and full["sd"] == pytest.approx(0.02, abs=1e-15)
+    half = 4.302652729749464 * 0.02 / math.sqrt(3)  # t(0.975, 2)
+    assert (full["lo"], full["hi"]) == (pytest.approx(0.52 - half, abs=1e-12), pytest.approx(0.52 + half, abs=1e-12))
+    assert g[("lora", "best_gain_w")]["mean"] == pytest.approx(0.008, abs=1e-15)
+    assert g[("lora", "grad_kept")]["values"] == "0.9,0.9,0.9" and g[("ia3", "grad_kept")]["n"] == 0
+    assert g[("lora", "grad_neutral_gain_w")]["n"] == 0
+    text = conclusion_markdown(agg, 6)
+    section = text[text.index("## The gradient bases"):]
+    lines = {ln.split(" | ")[1]: ln for ln in section.splitlines() if ln.startswith("| m |")}
+    assert lines["lora"].endswith("| the family variant |")  # +0.06, +0.06, +0.03: the interval above 0
+    assert t_interval([0.20 - 0.40, 0.25 - 0.42]).hi > 0  # two seeds (t = 12.7): the interval reaches above 0
+    assert lines["ia3"].endswith("| undecided |")
+    assert lines["oft"].endswith("| one seed: no interval |") and "0.300 (one seed)" in lines["oft"]
+    assert "0.520 [" in lines["lora"]
+
+
+def test_a_study_without_gradient_numbers_has_no_gradient_section():
+    agg = aggregate([_row("m", "lora", s, best_share=0.1) for s in range(2)])
+    assert agg.gradients.height == len(GRAD_ROWS)
+    assert "## The gradient bases" not in conclusion_markdown(agg, 2)
 
 
 def test_every_claim_reads_a_per_job_column():
