@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="local: one job at a time in this process (default); slurm: a submitit job array; "
                             "submitit-local: the same submitit path as local subprocesses")
     study.add_argument("--dry-run", action="store_true", help="list the jobs and their state; run nothing")
+    study.add_argument("--aggregate-only", action="store_true",
+                       help="run nothing: write DIR/study/ from the jobs finished so far (the others listed as not "
+                            "finished), e.g. a long study's interim answer")
     study.add_argument("--overwrite", action="store_true",
                        help="accept a changed spec: redo the jobs it changes, delete the ones it drops")
     study.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -303,7 +306,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
     outcome = run_study(args.spec, args.out, executor=args.executor, dry_run=args.dry_run, overwrite=args.overwrite,
-                        progress=not args.quiet)
+                        progress=not args.quiet, aggregate_only=args.aggregate_only)
     if args.dry_run:
         width = max((len(j) for j in outcome.states), default=0)
         for job, state in outcome.states.items():

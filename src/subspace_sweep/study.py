@@ -635,14 +635,22 @@ class StudyOutcome:
 
 
 def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor: str = "local",
-              dry_run: bool = False, overwrite: bool = False, progress: bool = True) -> StudyOutcome:
-    """``subspace-sweep study``: check everything, run what is missing or failed, aggregate."""
+              dry_run: bool = False, overwrite: bool = False, progress: bool = True,
+              aggregate_only: bool = False) -> StudyOutcome:
+    """``subspace-sweep study``: check everything, run what is missing or failed, aggregate.
+    ``aggregate_only``: run nothing and change no job; the aggregate of the jobs finished so far (a
+    long study's interim answer: the others are listed as not finished)."""
     from . import publish
 
     if executor not in EXECUTORS:
         raise InputError(f"--executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if aggregate_only and (overwrite or dry_run):
+        raise InputError("--aggregate-only runs nothing and changes no job: it does not go with "
+                         + ("--overwrite" if overwrite else "--dry-run"))
     spec = load_spec(spec_path)
     folder = check_study_dir(out)
+    if aggregate_only and not is_study_folder(folder):
+        raise InputError(f"--aggregate-only: {folder} is not a study folder (no {STUDY_FILE}): nothing to aggregate")
     if is_study_folder(folder):
         stored = json.loads((folder / STUDY_FILE).read_text(encoding="utf-8"))
         changes = spec_changes(stored.get("spec", {}), spec.spec)
@@ -658,11 +666,13 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
         return StudyOutcome(folder, states, [], None)
     folder.mkdir(exist_ok=True)
     with study_lock(folder):
-        for line in publish.recover(folder):
-            warnings.warn(line)
-        _write_study_file(folder, spec)
-        _remove_obsolete_jobs(folder, spec)
-        pending = [j for j in spec.jobs if job_state(j, job_paths(folder, j)) != "done"]
+        pending: list[Job] = []
+        if not aggregate_only:
+            for line in publish.recover(folder):
+                warnings.warn(line)
+            _write_study_file(folder, spec)
+            _remove_obsolete_jobs(folder, spec)
+            pending = [j for j in spec.jobs if job_state(j, job_paths(folder, j)) != "done"]
         if executor == "local":
             _run_local(folder, spec, pending, progress)
         else:

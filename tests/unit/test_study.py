@@ -99,6 +99,33 @@ def test_a_rerun_does_nothing_and_dry_run_lists_every_job_done(local_study, worl
     assert out[-1] == "4 jobs, 0 to run" and all(line.endswith("done") for line in out[:-1])
 
 
+def test_aggregate_only_runs_nothing_and_aggregates_the_finished_jobs(local_study, world, tmp_path, capsys):
+    """A long study's interim answer: --aggregate-only changes no job (a missing one stays missing,
+    a damaged one stays damaged and unread) and writes the aggregate of the jobs that verify."""
+    copy = tmp_path / "copy"
+    shutil.copytree(local_study, copy)
+    shutil.rmtree(copy / "jobs" / "tiny-qwen3" / "ia3" / "seed1")
+    (copy / "jobs" / "tiny-qwen3" / "lora" / "seed1" / "run" / "summary.tsv").write_text("damaged\n")
+    jobs_before = _tree(copy / "jobs")
+    capsys.readouterr()
+    assert cli.main(["study", str(world["spec"]), "--out", str(copy), "--aggregate-only", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("2 of 4 jobs done (0 run by this command)")
+    assert _tree(copy / "jobs") == jobs_before
+    per_job = pl.read_csv(copy / "study" / "per_job.tsv", separator="\t")
+    assert per_job["job"].to_list() == ["tiny-qwen3/lora/seed0", "tiny-qwen3/ia3/seed0"]
+    conclusion = (copy / "study" / "conclusion.md").read_text()
+    assert "2 of 4 jobs finished" in conclusion
+    assert "`tiny-qwen3/ia3/seed1` (-): not finished (missing)" in conclusion
+    # the aggregate of the finished jobs is the same numbers as the full study's rows for them
+    full = pl.read_csv(local_study / "study" / "per_job.tsv", separator="\t")
+    assert per_job.equals(full.filter(pl.col("job").is_in(per_job["job"].to_list())))
+    for argv, message in ((["--overwrite"], "does not go with --overwrite"), ([], "is not a study folder")):
+        out = copy if argv else tmp_path / "none"
+        assert cli.main(["study", str(world["spec"]), "--out", str(out), "--aggregate-only", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(local_study, copy)
