@@ -546,8 +546,7 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
 def _gradient_lines(gradients: pl.DataFrame) -> list[str]:
     """The conclusion's section on the gradient bases: per model × family, each variant's gain_w_combined
     beside the seed's best basis, grad_behaviour's causal kept, and which first step predicts more."""
-    if not gradients.height or gradients.filter(pl.col("n") > 0).filter(
-            pl.col("statistic").is_in(list(GRAD_COLUMNS))).height == 0:
+    if gradients.filter((pl.col("n") > 0) & pl.col("statistic").is_in(list(GRAD_COLUMNS))).is_empty():
         return []
 
     def cell(r: Mapping) -> str:
@@ -563,22 +562,15 @@ def _gradient_lines(gradients: pl.DataFrame) -> list[str]:
              "first step against the full-weight gradient (> 0: the family's parametrization predicts more).", "",
              "| model | family | " + " | ".join(labels) + " | predicts more |",
              "|---|---|" + "---|" * (len(labels) + 1)]
-    for (model, family), group in _grouped(gradients):
-        by = {r["statistic"]: r for r in group}
+    rows = list(gradients.iter_rows(named=True))
+    for model, family in _groups(rows):
+        by = {r["statistic"]: r for r in rows if (r["model"], r["family"]) == (model, family)}
         diff = by["grad_family_minus_full"]
         more = ("the family variant" if diff["n"] > 1 and diff["lo"] > 0 else
                 "the full-weight gradient" if diff["n"] > 1 and diff["hi"] < 0 else
                 "undecided" if diff["n"] > 1 else "one seed: no interval" if diff["n"] else "—")
         lines.append(f"| {model} | {family} | " + " | ".join(cell(by[c]) for _, c in GRAD_ROWS) + f" | {more} |")
     return lines
-
-
-def _grouped(frame: pl.DataFrame) -> list[tuple[tuple[str, str], list[dict]]]:
-    """The rows of ``frame`` by (model, family), in their first appearance's order."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in frame.iter_rows(named=True):
-        groups.setdefault((r["model"], r["family"]), []).append(r)
-    return list(groups.items())
 
 
 #: The aggregate's own input (the jobs' numbers, rankings and gains): every table, figure and the
