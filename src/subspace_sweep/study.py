@@ -795,7 +795,8 @@ def write_study_aggregate(folder: Path, spec: StudySpec) -> Path:
         if state != "done":
             record = read_record(paths) or {}
             failed.append({"job": job.id, "step": record.get("failed_step") or "-",
-                           "error": record.get("error") or f"not finished ({state})"})
+                           "error": record.get("error") or f"not finished ({state})",
+                           "status": "failed" if state.startswith("failed") else "not finished"})
             continue
         numbers = job_numbers(paths.run)
         delta_sha = (read_record(paths) or {}).get("steps", {}).get("delta", {}).get("files", {}).get(paths.delta.name)

@@ -333,7 +333,7 @@ class Aggregate:
     winners: pl.DataFrame  # model, family, candidate, wins, of
     kendall: pl.DataFrame  # model, family, n_seeds, n_candidates, W, distinct_pairs (distinct deltas over seeds)
     gain_w: pl.DataFrame  # model, family, candidate, mean gain_w_combined over seeds
-    failed: list[dict]  # the jobs that did not finish: job, step, error
+    failed: list[dict]  # the jobs that did not finish: job, step, error, status ("failed" or "not finished")
     gradients: pl.DataFrame  # model, family, basis, statistic, n, values, mean, sd, lo, hi (GRAD_ROWS)
 
 
@@ -506,7 +506,7 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
     done = agg.per_job.height
     lines = [
         "# Study: the seed's claims across adapter families and seeds", "",
-        f"{done} of {n_jobs} jobs finished" + (f"; {len(agg.failed)} failed (listed at the end)." if agg.failed else "."),
+        f"{done} of {n_jobs} jobs finished" + (f"; {_unfinished(agg.failed)} (listed at the end)." if agg.failed else "."),
         f"Each value below is per model × family over training seeds: every seed's value, the mean and the "
         f"{LEVEL:.0%} Student-t interval (mean ± t·sd/√n; n = 3 seeds give t = 4.30, so the points matter as much "
         "as the interval). A claim holds for a family when its interval lies entirely on the claimed side of the "
@@ -541,6 +541,15 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
         lines += ["", "## Jobs that did not finish", ""]
         lines += [f"- `{f['job']}` ({f.get('step', '?')}): {f.get('error', '')}" for f in agg.failed]
     return "\n".join(lines) + "\n"
+
+
+def _unfinished(jobs: Sequence[Mapping[str, str]]) -> str:
+    """"2 failed and 19 not finished": a job failed when its record says so (an entry without a
+    status is a failure), else it has not run to the end (an interim aggregate, --aggregate-only)."""
+    failed = sum(f.get("status", "failed") == "failed" for f in jobs)
+    parts = [f"{failed} failed"] if failed else []
+    parts += [f"{len(jobs) - failed} not finished"] if len(jobs) > failed else []
+    return " and ".join(parts)
 
 
 def _gradient_lines(gradients: pl.DataFrame) -> list[str]:

@@ -191,6 +191,7 @@ def test_the_aggregate_rebuilds_byte_for_byte_from_its_own_inputs(tmp_path):
     rebuild(first / INPUTS, again, {"kind": "study_aggregate"})
     assert _tree(first) == _tree(again)
     assert "m/dora/seed0" in (again / "conclusion.md").read_text()
+    assert "6 of 7 jobs finished; 1 failed (listed at the end)." in (again / "conclusion.md").read_text()
 
 
 def _tree(folder):
