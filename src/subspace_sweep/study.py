@@ -636,10 +636,12 @@ class StudyOutcome:
 
 def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor: str = "local",
               dry_run: bool = False, overwrite: bool = False, progress: bool = True,
-              aggregate_only: bool = False) -> StudyOutcome:
+              aggregate_only: bool = False, merge: Sequence[str | os.PathLike] = ()) -> StudyOutcome:
     """``subspace-sweep study``: check everything, run what is missing or failed, aggregate.
     ``aggregate_only``: run nothing and change no job; the aggregate of the jobs finished so far (a
-    long study's interim answer: the others are listed as not finished)."""
+    long study's interim answer: the others are listed as not finished). ``merge``: other aggregates'
+    inputs.json whose jobs of this spec join where this folder has not finished them (with
+    ``aggregate_only`` only: ``merged_results``)."""
     from . import publish
 
     if executor not in EXECUTORS:
@@ -647,7 +649,10 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
     if aggregate_only and (overwrite or dry_run):
         raise InputError("--aggregate-only runs nothing and changes no job: it does not go with "
                          + ("--overwrite" if overwrite else "--dry-run"))
+    if merge and not aggregate_only:
+        raise InputError("--merge joins other aggregates' jobs into an aggregate: it goes with --aggregate-only")
     spec = load_spec(spec_path)
+    merged_results(merge, spec)  # a bad file: refused before anything is written
     folder = check_study_dir(out)
     if aggregate_only and not is_study_folder(folder):
         raise InputError(f"--aggregate-only: {folder} is not a study folder (no {STUDY_FILE}): nothing to aggregate")
@@ -678,7 +683,7 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
         else:
             _run_submitit(folder, spec, pending, executor, progress)
         states = {j.id: job_state(j, job_paths(folder, j)) for j in spec.jobs}
-        aggregate = write_study_aggregate(folder, spec)
+        aggregate = write_study_aggregate(folder, spec, merge)
     return StudyOutcome(folder, states, [j.id for j in pending], aggregate)
 
 
@@ -780,18 +785,55 @@ def _collect(folder: Path, job: Job, worker, bar) -> None:
 # ------------------------------------------------------------------------------- the aggregate
 
 
-def write_study_aggregate(folder: Path, spec: StudySpec) -> Path:
-    """``DIR/study/`` from the finished jobs, published whole (replacing the previous aggregate)."""
+def merged_results(inputs: Sequence[str | os.PathLike], spec: StudySpec) -> dict[str, tuple[dict, list[dict]]]:
+    """``--merge``: job id -> (row, gains) from other aggregates' inputs.json (a study split over
+    machines that share no file system). A row joins only as the job of this spec it claims to be
+    (its job hash: model, family, seed, settings, behaviour); its outputs are not here to verify,
+    so the row keeps ``merged_from`` (the sha256 of the file it came from) and the conclusion counts
+    them. InputError naming the file for anything else."""
+    hashes = {j.id: j.hash for j in spec.jobs}
+    out: dict[str, tuple[dict, list[dict]]] = {}
+    for path in inputs:
+        where = f"--merge {path}"
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{where}: not a study aggregate's inputs.json ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+            raise InputError(f"{where}: not a study aggregate's inputs.json (no rows)")
+        sha = _file_sha256(Path(path))
+        for row in data["rows"]:
+            job = row.get("job") if isinstance(row, dict) else None
+            if job not in hashes:
+                raise InputError(f"{where}: job {job!r} is not a job of this spec")
+            if row.get("job_hash") != hashes[job]:
+                raise InputError(f"{where}: job {job} was made with other settings or data than this spec's "
+                                 "(its job hash differs)")
+            gains = [g for g in data.get("gains") or [] if isinstance(g, dict) and g.get("job") == job]
+            if not gains:
+                raise InputError(f"{where}: no per-job gains for {job} (an aggregate written before they were kept)")
+            out.setdefault(job, ({**row, "merged_from": row.get("merged_from") or sha}, gains))
+    return out
+
+
+def write_study_aggregate(folder: Path, spec: StudySpec, merge: Sequence[str | os.PathLike] = ()) -> Path:
+    """``DIR/study/`` from the finished jobs, published whole (replacing the previous aggregate);
+    a job not finished here is taken from ``merge`` (``merged_results``) where it is there."""
     import polars as pl
 
     from . import html_report, publish
     from .provenance import package_versions
     from .study_aggregate import aggregate, job_numbers, write_aggregate
 
+    merged = merged_results(merge, spec)
     rows, gains, failed = [], [], []
     for job in spec.jobs:
         paths = job_paths(folder, job)
         state = job_state(job, paths)
+        if state != "done" and job.id in merged:
+            rows.append(merged[job.id][0])
+            gains += merged[job.id][1]
+            continue
         if state != "done":
             record = read_record(paths) or {}
             failed.append({"job": job.id, "step": record.get("failed_step") or "-",
@@ -801,15 +843,17 @@ def write_study_aggregate(folder: Path, spec: StudySpec) -> Path:
         numbers = job_numbers(paths.run)
         delta_sha = (read_record(paths) or {}).get("steps", {}).get("delta", {}).get("files", {}).get(paths.delta.name)
         rows.append({"model": job.slug, "family": job.family, "seed": job.seed, "job": job.id,
-                     "delta_sha256": delta_sha, **numbers})
+                     "job_hash": job.hash, "delta_sha256": delta_sha, **numbers})
         summary = pl.read_csv(paths.run / "summary.tsv", separator="\t", infer_schema_length=None)
         panel = summary.filter((pl.col("panel") == "joint") & (pl.col("axis_kind") != "null"))
-        gains += [{"model": job.slug, "family": job.family, "candidate": r["candidate"],
+        gains += [{"model": job.slug, "family": job.family, "job": job.id, "candidate": r["candidate"],
                    "gain_w_combined": r["gain_w_combined"]} for r in panel.iter_rows(named=True)]
     agg = aggregate(rows, gains, failed)
     manifest = {"kind": "study", "format": STUDY_FORMAT, "spec": spec.spec,
                 "package_versions": package_versions(), "jobs": [j.id for j in spec.jobs],
-                "finished": [r["job"] for r in rows], "interval": "95% Student-t over seeds (mean ± t·sd/√n)"}
+                "finished": [r["job"] for r in rows], "interval": "95% Student-t over seeds (mean ± t·sd/√n)",
+                **({"merged": {r["job"]: r["merged_from"] for r in rows if r.get("merged_from")}}
+                   if any(r.get("merged_from") for r in rows) else {})}
     dest = folder / AGGREGATE
     inputs = {"rows": rows, "gains": gains, "failed": failed}
     def fill(tmp: Path) -> None:

@@ -502,11 +502,15 @@ def _f(x: float, spec: str = ".3f") -> str:
     return "nan" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def conclusion_markdown(agg: Aggregate, n_jobs: int) -> str:
+def conclusion_markdown(agg: Aggregate, n_jobs: int, merged: int = 0) -> str:
+    """``merged``: how many of the finished jobs came from another aggregate's inputs (``study --merge``)."""
     done = agg.per_job.height
     lines = [
         "# Study: the seed's claims across adapter families and seeds", "",
-        f"{done} of {n_jobs} jobs finished" + (f"; {_unfinished(agg.failed)} (listed at the end)." if agg.failed else "."),
+        f"{done} of {n_jobs} jobs finished" + (f"; {_unfinished(agg.failed)} (listed at the end)." if agg.failed else ".")
+        + (f" {merged} of the finished jobs were merged from another aggregate's inputs (their job hashes match "
+           "this spec's; their outputs were verified where they ran, not here: manifest.json names the files by "
+           "sha256)." if merged else ""),
         f"Each value below is per model × family over training seeds: every seed's value, the mean and the "
         f"{LEVEL:.0%} Student-t interval (mean ± t·sd/√n; n = 3 seeds give t = 4.30, so the points matter as much "
         "as the interval). A claim holds for a family when its interval lies entirely on the claimed side of the "
@@ -607,7 +611,8 @@ def write_aggregate(agg: Aggregate, folder: Path, manifest: Mapping[str, object]
     tsv(agg.gradients, "gradients.tsv")
     forest_figure(agg, folder / "forest")
     heatmap_figure(agg, folder / "heatmap")
-    (folder / "conclusion.md").write_text(conclusion_markdown(agg, n_jobs), encoding="utf-8")
+    merged = sum(bool(r.get("merged_from")) for r in (inputs or {}).get("rows", ()))
+    (folder / "conclusion.md").write_text(conclusion_markdown(agg, n_jobs, merged), encoding="utf-8")
     (folder / "manifest.json").write_text(json.dumps(dict(manifest), indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 

@@ -126,6 +126,47 @@ def test_aggregate_only_runs_nothing_and_aggregates_the_finished_jobs(local_stud
     assert not (tmp_path / "none").exists()
 
 
+def test_merge_joins_another_folders_jobs_and_gives_the_full_studys_tables(local_study, world, tmp_path, capsys):
+    """A study split over two machines without a shared file system: each aggregates its own jobs,
+    and --merge joins the other's inputs.json by job hash: the tables and figures' numbers are the
+    uninterrupted study's, byte for byte; the conclusion and the manifest say which jobs were merged."""
+    from subspace_sweep.provenance import sha256_file
+
+    here, there = tmp_path / "here", tmp_path / "there"
+    for folder, drop in ((here, ["ia3/seed1"]), (there, ["lora/seed0", "lora/seed1", "ia3/seed0"])):
+        shutil.copytree(local_study, folder)
+        for job in drop:
+            shutil.rmtree(folder / "jobs" / "tiny-qwen3" / job)
+        assert cli.main(["study", str(world["spec"]), "--out", str(folder), "--aggregate-only", "--quiet"]) == 0
+    other = there / "study" / "inputs.json"
+    assert cli.main(["study", str(world["spec"]), "--out", str(here), "--aggregate-only", "--quiet",
+                     "--merge", str(other)]) == 0
+    for name in ("per_job.tsv", "claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv",
+                 "gain_w_combined.tsv", "gradients.tsv"):
+        assert (here / "study" / name).read_bytes() == (local_study / "study" / name).read_bytes(), name
+    conclusion = (here / "study" / "conclusion.md").read_text()
+    assert "4 of 4 jobs finished. 1 of the finished jobs were merged from another aggregate's inputs" in conclusion
+    manifest = json.loads((here / "study" / "manifest.json").read_text())
+    assert manifest["merged"] == {"tiny-qwen3/ia3/seed1": sha256_file(other)}
+    # refused, naming the file, before anything is written: without --aggregate-only, a job made with other
+    # settings, a job of another spec, not an aggregate's inputs
+    data = json.loads(other.read_text())
+    changed, foreign, junk = tmp_path / "changed.json", tmp_path / "foreign.json", tmp_path / "junk.json"
+    changed.write_text(json.dumps({**data, "rows": [{**data["rows"][0], "job_hash": "0" * 64}]}))
+    foreign.write_text(json.dumps({**data, "rows": [{**data["rows"][0], "job": "tiny-qwen3/dora/seed0"}]}))
+    junk.write_text("[1, 2]")
+    before = _tree(here)
+    capsys.readouterr()
+    for argv, message in (([str(other)], "it goes with --aggregate-only"),
+                          ([str(changed), "--aggregate-only"], "job tiny-qwen3/ia3/seed1 was made with other settings"),
+                          ([str(foreign), "--aggregate-only"], "job 'tiny-qwen3/dora/seed0' is not a job of this spec"),
+                          ([str(junk), "--aggregate-only"], "not a study aggregate's inputs.json")):
+        assert cli.main(["study", str(world["spec"]), "--out", str(here), "--merge", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and (argv[0] in err or "--aggregate-only" in message), err
+    assert _tree(here) == before
+
+
 def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(local_study, copy)
