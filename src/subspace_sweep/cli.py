@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--aggregate-only", action="store_true",
                        help="run nothing: write DIR/study/ from the jobs finished so far (the others listed as not "
                             "finished), e.g. a long study's interim answer")
+    study.add_argument("--only", action="append", default=[], metavar="GLOB",
+                       help="run only the jobs whose id matches (e.g. 'gemma-3-270m/*', 'smollm2-135m-instruct/*/seed2'; "
+                            "repeatable); the aggregate still lists every job of the spec")
     study.add_argument("--merge", action="append", default=[], metavar="INPUTS.json",
                        help="with --aggregate-only: take the jobs this folder has not finished from another "
                             "aggregate's inputs.json of the same spec (each job's hash must match; repeatable)")
@@ -309,7 +312,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import run_study
 
     outcome = run_study(args.spec, args.out, executor=args.executor, dry_run=args.dry_run, overwrite=args.overwrite,
-                        progress=not args.quiet, aggregate_only=args.aggregate_only, merge=args.merge)
+                        progress=not args.quiet, aggregate_only=args.aggregate_only, merge=args.merge,
+                        only=args.only)
     if args.dry_run:
         width = max((len(j) for j in outcome.states), default=0)
         for job, state in outcome.states.items():

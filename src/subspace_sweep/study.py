@@ -636,12 +636,17 @@ class StudyOutcome:
 
 def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor: str = "local",
               dry_run: bool = False, overwrite: bool = False, progress: bool = True,
-              aggregate_only: bool = False, merge: Sequence[str | os.PathLike] = ()) -> StudyOutcome:
+              aggregate_only: bool = False, merge: Sequence[str | os.PathLike] = (),
+              only: Sequence[str] = ()) -> StudyOutcome:
     """``subspace-sweep study``: check everything, run what is missing or failed, aggregate.
     ``aggregate_only``: run nothing and change no job; the aggregate of the jobs finished so far (a
     long study's interim answer: the others are listed as not finished). ``merge``: other aggregates'
     inputs.json whose jobs of this spec join where this folder has not finished them (with
-    ``aggregate_only`` only: ``merged_results``)."""
+    ``aggregate_only`` only: ``merged_results``). ``only``: glob patterns of job ids (``fnmatch``):
+    run only the pending jobs that match one (a part of a study on this machine); the aggregate
+    still covers every job of the spec."""
+    import fnmatch
+
     from . import publish
 
     if executor not in EXECUTORS:
@@ -653,6 +658,9 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
         raise InputError("--merge joins other aggregates' jobs into an aggregate: it goes with --aggregate-only")
     spec = load_spec(spec_path)
     merged_results(merge, spec)  # a bad file: refused before anything is written
+    for pattern in only:
+        if not any(fnmatch.fnmatchcase(j.id, pattern) for j in spec.jobs):
+            raise InputError(f"--only {pattern!r} matches no job of the spec (jobs are named like {spec.jobs[0].id})")
     folder = check_study_dir(out)
     if aggregate_only and not is_study_folder(folder):
         raise InputError(f"--aggregate-only: {folder} is not a study folder (no {STUDY_FILE}): nothing to aggregate")
@@ -677,7 +685,8 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
                 warnings.warn(line)
             _write_study_file(folder, spec)
             _remove_obsolete_jobs(folder, spec)
-            pending = [j for j in spec.jobs if job_state(j, job_paths(folder, j)) != "done"]
+            pending = [j for j in spec.jobs if job_state(j, job_paths(folder, j)) != "done"
+                       and (not only or any(fnmatch.fnmatchcase(j.id, p) for p in only))]
         if executor == "local":
             _run_local(folder, spec, pending, progress)
         else:

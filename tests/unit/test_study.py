@@ -167,6 +167,23 @@ def test_merge_joins_another_folders_jobs_and_gives_the_full_studys_tables(local
     assert _tree(here) == before
 
 
+def test_only_runs_the_matching_jobs_and_the_aggregate_lists_the_rest(local_study, world, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(local_study, copy)
+    for job in ("lora/seed1", "ia3/seed1"):
+        shutil.rmtree(copy / "jobs" / "tiny-qwen3" / job)
+    outcome = run_study(world["spec"], copy, progress=False, only=["tiny-qwen3/ia3/*"])
+    assert outcome.ran == ["tiny-qwen3/ia3/seed1"]
+    assert outcome.states["tiny-qwen3/lora/seed1"] == "missing" and outcome.states["tiny-qwen3/ia3/seed1"] == "done"
+    for name in ("summary.tsv", "causal.tsv"):  # the same job (deterministic), not another
+        assert (copy / "jobs" / "tiny-qwen3" / "ia3" / "seed1" / "run" / name).read_bytes() == \
+            (local_study / "jobs" / "tiny-qwen3" / "ia3" / "seed1" / "run" / name).read_bytes()
+    assert "`tiny-qwen3/lora/seed1` (-): not finished (missing)" in (copy / "study" / "conclusion.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["study", str(world["spec"]), "--out", str(copy), "--only", "tiny-qwen3/dora/*"]) == 2
+    assert "--only 'tiny-qwen3/dora/*' matches no job of the spec" in capsys.readouterr().err
+
+
 def test_a_damaged_output_is_redone_not_trusted(local_study, world, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(local_study, copy)
