@@ -60,10 +60,9 @@ real-pair-gemma: $(STAMP)
 # then its aggregate replaces the shipped golden (tests/golden/study_real/), which CI rebuilds from
 # its inputs.json and compares byte for byte (tests/golden/test_golden_study.py).
 # STUDY_ARGS=--aggregate-only ships the aggregate of the jobs finished so far (the others listed as not finished).
-# To finish a shipped partial aggregate without rerunning its jobs: run the missing ones only, then merge:
-#   make study-real STUDY_ARGS="--only 'gemma-3-270m/*'"   (copies a partial aggregate: then)
-#   git checkout tests/golden/study_real && cp -r tests/golden/study_real /tmp/shipped
-#   make study-real STUDY_ARGS="--aggregate-only --merge /tmp/shipped/inputs.json"
+# To finish a shipped partial aggregate without rerunning its jobs, run only the missing ones, then merge:
+#   .venv/bin/subspace-sweep study examples/study-smollm2.toml --out runs/study-real --only 'gemma-3-270m/*'
+#   make study-real STUDY_ARGS="--aggregate-only --merge tests/golden/study_real/inputs.json"
 STUDY_DIR ?= runs/study-real
 STUDY_ARGS ?=
 study-real: $(STAMP)
