@@ -712,6 +712,8 @@ def _remove_obsolete_jobs(folder: Path, spec: StudySpec) -> None:
 def _run_local(folder: Path, spec: StudySpec, pending: Sequence[Job], progress: bool) -> None:
     from tqdm.auto import tqdm
 
+    if not pending:  # nothing to run (all done, or --aggregate-only): no bar claiming every job
+        return
     done = len(spec.jobs) - len(pending)
     bar = tqdm(total=len(spec.jobs), initial=done, desc="study", unit="job", disable=not progress)
     try:

@@ -47,15 +47,22 @@ def _jobs() -> dict[str, set[tuple[str, int]]]:
     return jobs
 
 
-def test_the_shipped_real_study_has_every_family_and_seed_on_smollm2():
+def test_the_shipped_real_study_has_two_seeds_or_more_of_every_family_on_smollm2():
+    """Every family's claims have an interval (n >= 2) in the shipped aggregate."""
     from subspace_sweep.lora_train import ADAPTER_FAMILIES
 
-    missing = {(f, s) for f in ADAPTER_FAMILIES for s in (0, 1, 2)} - _jobs().get("smollm2-135m-instruct", set())
-    assert not missing, f"SmolLM2 jobs not in the shipped aggregate: {sorted(missing)}"
+    smol = _jobs().get("smollm2-135m-instruct", set())
+    seeds = {f: sorted(s for g, s in smol if g == f) for f in ADAPTER_FAMILIES}
+    assert all(len(v) >= 2 for v in seeds.values()), seeds
 
 
 @pytest.mark.xfail(strict=True, reason="the shipped aggregate (2026-12-07, `make study-real STUDY_ARGS="
-                   "--aggregate-only`) holds SmolLM2's 21 jobs; Gemma-3-270m's three LoRA jobs (~15 min each on "
-                   "2 cores) did not fit the session that ran it: issue 32 stays open until they are shipped")
-def test_the_shipped_real_study_spans_gemma_too():
-    assert {("lora", s) for s in (0, 1, 2)} <= _jobs().get("gemma-3-270m", set())
+                   "--aggregate-only`) holds 15 of the 24 jobs: every SmolLM2 family at seeds 0 and 1, LoRA at seed "
+                   "2; not yet the other six families' seed 2 nor Gemma-3-270m's three LoRA jobs. Issue 32 stays "
+                   "open until `--only` runs them and `--aggregate-only --merge` joins them (Makefile)")
+def test_the_shipped_real_study_is_complete():
+    from subspace_sweep.lora_train import ADAPTER_FAMILIES
+
+    jobs = _jobs()
+    assert {(f, s) for f in ADAPTER_FAMILIES for s in (0, 1, 2)} <= jobs.get("smollm2-135m-instruct", set())
+    assert {("lora", s) for s in (0, 1, 2)} <= jobs.get("gemma-3-270m", set())
