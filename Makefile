@@ -55,7 +55,7 @@ real-pair: $(STAMP)
 # The same for the Gemma-3-270m pair (tests/integration/data/gemma3_pair, ~10 min on 2 cores).
 real-pair-gemma: $(STAMP)
 	PYTHONPATH=. $(PY) tests/integration/real_pair.py gemma
-# The real study (issue 32; about 5 h on 2 quiet cores, examples/study-smollm2.toml says why): SmolLM2-135M-Instruct × every adapter family × 3
+# The real study (issue 32; ~3 h on 2 cores, examples/study-smollm2.toml says why): SmolLM2-135M-Instruct × every adapter family × 3
 # seeds and Gemma-3-270m × LoRA × 3 seeds (examples/study-smollm2.toml), resumable (rerun to go on),
 # then its aggregate replaces the shipped golden (tests/golden/study_real/), which CI rebuilds from
 # its inputs.json and compares byte for byte (tests/golden/test_golden_study.py).
