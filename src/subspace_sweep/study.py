@@ -657,9 +657,13 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
     if merge and not aggregate_only:
         raise InputError("--merge joins other aggregates' jobs into an aggregate: it goes with --aggregate-only")
     spec = load_spec(spec_path)
-    merged_results(merge, spec)  # a bad file: refused before anything is written
+    merged = merged_results(merge, spec)  # read once, here: a bad file is refused before anything is written
+
+    def selected(job: Job, patterns: Sequence[str] = only) -> bool:
+        return not patterns or any(fnmatch.fnmatchcase(job.id, p) for p in patterns)
+
     for pattern in only:
-        if not any(fnmatch.fnmatchcase(j.id, pattern) for j in spec.jobs):
+        if not any(selected(j, (pattern,)) for j in spec.jobs):
             raise InputError(f"--only {pattern!r} matches no job of the spec (jobs are named like {spec.jobs[0].id})")
     folder = check_study_dir(out)
     if aggregate_only and not is_study_folder(folder):
@@ -685,14 +689,13 @@ def run_study(spec_path: str | os.PathLike, out: str | os.PathLike, *, executor:
                 warnings.warn(line)
             _write_study_file(folder, spec)
             _remove_obsolete_jobs(folder, spec)
-            pending = [j for j in spec.jobs if job_state(j, job_paths(folder, j)) != "done"
-                       and (not only or any(fnmatch.fnmatchcase(j.id, p) for p in only))]
+            pending = [j for j in spec.jobs if selected(j) and job_state(j, job_paths(folder, j)) != "done"]
         if executor == "local":
             _run_local(folder, spec, pending, progress)
         else:
             _run_submitit(folder, spec, pending, executor, progress)
         states = {j.id: job_state(j, job_paths(folder, j)) for j in spec.jobs}
-        aggregate = write_study_aggregate(folder, spec, merge)
+        aggregate = write_study_aggregate(folder, spec, merged)
     return StudyOutcome(folder, states, [j.id for j in pending], aggregate)
 
 
@@ -827,16 +830,17 @@ def merged_results(inputs: Sequence[str | os.PathLike], spec: StudySpec) -> dict
     return out
 
 
-def write_study_aggregate(folder: Path, spec: StudySpec, merge: Sequence[str | os.PathLike] = ()) -> Path:
+def write_study_aggregate(folder: Path, spec: StudySpec,
+                          merged: Mapping[str, tuple[dict, list[dict]]] | None = None) -> Path:
     """``DIR/study/`` from the finished jobs, published whole (replacing the previous aggregate);
-    a job not finished here is taken from ``merge`` (``merged_results``) where it is there."""
+    a job not finished here is taken from ``merged`` (``merged_results``: job id -> row, gains)."""
     import polars as pl
 
     from . import html_report, publish
     from .provenance import package_versions
     from .study_aggregate import aggregate, job_numbers, write_aggregate
 
-    merged = merged_results(merge, spec)
+    merged = merged or {}
     rows, gains, failed = [], [], []
     for job in spec.jobs:
         paths = job_paths(folder, job)
@@ -860,11 +864,11 @@ def write_study_aggregate(folder: Path, spec: StudySpec, merge: Sequence[str | o
         gains += [{"model": job.slug, "family": job.family, "job": job.id, "candidate": r["candidate"],
                    "gain_w_combined": r["gain_w_combined"]} for r in panel.iter_rows(named=True)]
     agg = aggregate(rows, gains, failed)
+    merged_from = {r["job"]: r["merged_from"] for r in rows if r.get("merged_from")}
     manifest = {"kind": "study", "format": STUDY_FORMAT, "spec": spec.spec,
                 "package_versions": package_versions(), "jobs": [j.id for j in spec.jobs],
                 "finished": [r["job"] for r in rows], "interval": "95% Student-t over seeds (mean ± t·sd/√n)",
-                **({"merged": {r["job"]: r["merged_from"] for r in rows if r.get("merged_from")}}
-                   if any(r.get("merged_from") for r in rows) else {})}
+                **({"merged": merged_from} if merged_from else {})}
     dest = folder / AGGREGATE
     inputs = {"rows": rows, "gains": gains, "failed": failed}
     def fill(tmp: Path) -> None:

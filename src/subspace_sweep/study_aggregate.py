@@ -360,7 +360,7 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
                              **{c: r.get(c, "") for c in NAME_COLUMNS}} for r in rows],
                            schema={"model": pl.String, "family": pl.String, "seed": pl.Int64, "job": pl.String,
                                    **{c: pl.Float64 for c in NUMBER_COLUMNS}, **{c: pl.String for c in NAME_COLUMNS}})
-    claim_rows, winner_rows, kendall_rows = [], [], []
+    claim_rows, winner_rows, kendall_rows, grad_rows = [], [], [], []
     for model, family in _groups(rows):
         members = [r for r in rows if (r["model"], r["family"]) == (model, family)]
         for claim in CLAIMS:
@@ -369,6 +369,11 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
                                "threshold": claim.threshold, "direction": "above" if claim.above else "below",
                                "n": iv.n, "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd,
                                "lo": iv.lo, "hi": iv.hi, "verdict": verdict(claim, iv)})
+        for label, column in GRAD_ROWS:
+            iv = t_interval([_float(r.get(column)) for r in members])
+            grad_rows.append({"model": model, "family": family, "basis": label, "statistic": column, "n": iv.n,
+                              "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd, "lo": iv.lo,
+                              "hi": iv.hi})
         wins: dict[str, int] = {}
         for r in members:
             if r.get("winner"):
@@ -413,14 +418,6 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
     kendall = pl.DataFrame(kendall_rows, schema={"model": pl.String, "family": pl.String, "n_seeds": pl.Int64,
                                                  "n_candidates": pl.Int64, "W": pl.Float64,
                                                  "distinct_pairs": pl.Int64})
-    grad_rows = []
-    for model, family in _groups(rows):
-        members = [r for r in rows if (r["model"], r["family"]) == (model, family)]
-        for label, column in GRAD_ROWS:
-            iv = t_interval([_float(r.get(column)) for r in members])
-            grad_rows.append({"model": model, "family": family, "basis": label, "statistic": column, "n": iv.n,
-                              "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd, "lo": iv.lo,
-                              "hi": iv.hi})
     gradients = pl.DataFrame(grad_rows, schema={"model": pl.String, "family": pl.String, "basis": pl.String,
                                                 "statistic": pl.String, "n": pl.Int64, "values": pl.String,
                                                 "mean": pl.Float64, "sd": pl.Float64, "lo": pl.Float64,
