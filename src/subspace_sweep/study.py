@@ -838,7 +838,7 @@ def write_study_aggregate(folder: Path, spec: StudySpec,
 
     from . import html_report, publish
     from .provenance import package_versions
-    from .study_aggregate import aggregate, job_numbers, write_aggregate
+    from .study_aggregate import VIEW_COLUMNS, aggregate, job_numbers, write_aggregate
 
     merged = merged or {}
     rows, gains, failed = [], [], []
@@ -861,8 +861,9 @@ def write_study_aggregate(folder: Path, spec: StudySpec,
                      "job_hash": job.hash, "delta_sha256": delta_sha, **numbers})
         summary = pl.read_csv(paths.run / "summary.tsv", separator="\t", infer_schema_length=None)
         panel = summary.filter((pl.col("panel") == "joint") & (pl.col("axis_kind") != "null"))
+        gain = VIEW_COLUMNS[str(numbers["view"])]["gain_w"]  # the view the job's numbers are read in
         gains += [{"model": job.slug, "family": job.family, "job": job.id, "candidate": r["candidate"],
-                   "gain_w_combined": r["gain_w_combined"]} for r in panel.iter_rows(named=True)]
+                   "gain_w_combined": r[gain]} for r in panel.iter_rows(named=True)]
     agg = aggregate(rows, gains, failed)
     merged_from = {r["job"]: r["merged_from"] for r in rows if r.get("merged_from")}
     manifest = {"kind": "study", "format": STUDY_FORMAT, "spec": spec.spec,

@@ -7,6 +7,12 @@ turns the rows of all jobs into the tables, figures and conclusion of ``DIR/stud
 here depends on how or where the jobs ran, on timings or on paths, so a study that was killed and
 resumed writes the same aggregate, byte for byte, as one that ran straight through.
 
+Views (SPEC §12): a job's numbers are read in the view its run leads with: the standardized one
+(``*_std`` columns) where the run's outlier-coordinate warning fired (a few residual coordinates
+decide the residual view's shares there, as on Gemma-3-270m), else the residual one (the seed's).
+Its causal check already tested that view's winner. The residual view's values of the claims it
+decides (``RESIDUAL_TWINS``) stand beside them in ``*_residual`` columns, marked in the conclusion.
+
 Statistics (stated in every table): per model × family the seeds' values, their mean, sample SD
 and the 95% Student-t interval ``mean ± t(0.975, n−1)·sd/√n`` (n = the seeds that gave a finite
 value; n = 1 has no interval). With n = 3 the interval is wide (t = 4.30): the points are shown
@@ -93,6 +99,9 @@ GRAD_ROWS = (*((name, col) for col, name in GRAD_COLUMNS.items()),
              ("seed's best A-side basis", "best_gain_w"), ("grad_behaviour kept (causal)", "grad_kept"),
              ("family variant − full-weight gain_w", "grad_family_minus_full"))
 
+#: The per-job statistics a view decides whose residual values stand beside the lead view's
+#: (``<column>_residual``, SPEC §12): the claims' (and the winner's, a name column).
+RESIDUAL_TWINS = ("top5_overlap", "write_best_gain_w", "best_share")
 #: Per-job numbers, in the order of per_job.tsv (the first four identify the job).
 JOB_KEYS = ("model", "family", "seed", "job")
 NUMBER_COLUMNS = (
@@ -101,9 +110,19 @@ NUMBER_COLUMNS = (
     "effect_w", "effect_writes", "winner_kept", "winner_z_kept", "oracle_kept", "random_kept_mean", "random_kept_sd",
     "winner_share_of_oracle", "act_oracle_kept", "act_complement_kept", "act_complement_minus_inside",
     "cos_pos_neg", "norm_ratio", "drift_over_w", "abs_cos_w_drift",
-    *GRAD_COLUMNS, "grad_kept", "grad_family_minus_full",
+    *GRAD_COLUMNS, "grad_kept", "grad_family_minus_full", *(f"{c}_residual" for c in RESIDUAL_TWINS),
 )
-NAME_COLUMNS = ("winner", "winner_std", "best_share_candidate", "top5_overlap_candidates")
+NAME_COLUMNS = ("view", "winner", "winner_residual", "best_share_candidate", "top5_overlap_candidates")
+#: Each view's columns: summary.tsv's (place, joint gain, the two gains, z_w) and per_layer.csv's
+#: layer means (R_w, pct of the combined oracle; summary_pct.tsv holds the residual view's).
+VIEW_COLUMNS = {
+    "residual": {"place": "rank_in_panel", "joint": "joint_gain", "gain_act": "gain_act",
+                 "gain_w": "gain_w_combined", "z_w": "z_w_combined", "R_w": "R_w_combined",
+                 "pct": "pct_oracle_combined"},
+    "standardized": {"place": "rank_in_panel_std", "joint": "joint_gain_std", "gain_act": "gain_act_std",
+                     "gain_w": "gain_w_combined_std", "z_w": "z_w_combined_std", "R_w": "R_w_combined_std",
+                     "pct": "pct_oracle_combined_std"},
+}
 
 
 # ------------------------------------------------------------------------------- one job
@@ -137,9 +156,9 @@ def hypotheses(summary: pl.DataFrame) -> pl.DataFrame:
     return rows.filter(~pl.col("family").str.starts_with("grad"))
 
 
-def joint_order(summary: pl.DataFrame) -> list[str]:
-    """The joint panel's ranking (rank_in_panel), best first."""
-    joint = summary.filter(pl.col("panel") == "joint").sort("rank_in_panel", nulls_last=True)
+def joint_order(summary: pl.DataFrame, view: str = "residual") -> list[str]:
+    """The joint panel's ranking in ``view`` (its rank_in_panel column), best first."""
+    joint = summary.filter(pl.col("panel") == "joint").sort(VIEW_COLUMNS[view]["place"], nulls_last=True)
     return joint["candidate"].to_list()
 
 
@@ -154,47 +173,87 @@ def _row(frame: pl.DataFrame | None, **match) -> dict | None:
     return sel.row(0, named=True) if sel.height else None
 
 
-def job_numbers(run: str | Path) -> dict[str, object]:
-    """One finished job's numbers (``NUMBER_COLUMNS``, ``NAME_COLUMNS``; NaN or "" where the run
-    has no such output, e.g. no causal check) and its joint ranking (key ``ranking``)."""
-    run = Path(run)
-    summary = _read_tsv(run / "summary.tsv")
-    if summary is None:
-        raise FileNotFoundError(f"{run}: no summary.tsv")
-    pct = _read_tsv(run / "summary_pct.tsv")
-    out: dict[str, object] = {c: math.nan for c in NUMBER_COLUMNS}
-    out.update({c: "" for c in NAME_COLUMNS})
+def job_view(run: Path, summary: pl.DataFrame) -> str:
+    """The view a job's run leads with (SPEC §12): "standardized" where its outlier-coordinate
+    warning fired and summary.tsv has that view's columns, else "residual"."""
+    from .compare import outlier_warning
+
+    std = VIEW_COLUMNS["standardized"]
+    has_std = {std["place"], std["joint"], std["gain_act"], std["gain_w"], std["z_w"]} <= set(summary.columns)
+    return "standardized" if has_std and outlier_warning(run) else "residual"
+
+
+def _layer_means(run: Path, view: str) -> pl.DataFrame | None:
+    """Per candidate, the view's R_w and pct of the combined oracle, averaged over the scored layers as
+    the run's summary averages them (a NaN layer makes the mean NaN): summary_pct.tsv for the
+    residual view, per_layer.csv for the standardized one (summary.tsv keeps only its gains)."""
+    cols = VIEW_COLUMNS[view]
+    if view == "residual":
+        frame = _read_tsv(run / "summary_pct.tsv")
+    else:
+        layers = run / "per_layer.csv"
+        frame = (pl.read_csv(layers, infer_schema_length=None) if layers.is_file() else None)
+        if frame is not None and {cols["R_w"], cols["pct"]} <= set(frame.columns):
+            frame = frame.group_by("candidate", maintain_order=True).agg(
+                *[pl.col(c).cast(pl.Float64).mean() for c in (cols["R_w"], cols["pct"])])
+    return frame if frame is not None and {cols["R_w"], cols["pct"]} <= set(frame.columns) else None
+
+
+def view_numbers(run: Path, summary: pl.DataFrame, view: str) -> dict[str, object]:
+    """The statistics a view decides: the top-5 overlap, the write family's and the best A-side
+    basis's numbers, the joint ranking and its winner, the gradient bases' gains."""
+    cols = VIEW_COLUMNS[view]
+    out: dict[str, object] = {}
     hyp = hypotheses(summary)
-    act, wgt = _top_names(hyp, "gain_act", TOP_K), _top_names(hyp, "gain_w_combined", TOP_K)
+    act, wgt = _top_names(hyp, cols["gain_act"], TOP_K), _top_names(hyp, cols["gain_w"], TOP_K)
     both = sorted(set(act) & set(wgt))
     out["top5_overlap"] = float(len(both))
     out["top5_overlap_candidates"] = ";".join(both)
+    means = _layer_means(run, view)
     write = hyp.filter(pl.col("family").is_in(WRITE_FAMILIES))
     if write.height:
-        out["write_mean_R_w"] = float(write["R_w_combined"].mean())
-        out["write_mean_z_w"] = float(write["z_w_combined"].mean())
-        out["write_best_gain_w"] = float(write["gain_w_combined"].fill_nan(None).max())
-    if pct is not None and "pct_oracle_combined" in pct.columns:
-        shares = pct.filter(pl.col("candidate").is_in(hyp["candidate"].to_list()))
-        best = _top_names(shares, "pct_oracle_combined", 1)
+        if means is not None:
+            sel = means.filter(pl.col("candidate").is_in(write["candidate"].to_list()))
+            out["write_mean_R_w"] = float(sel[cols["R_w"]].mean()) if sel.height else math.nan
+        out["write_mean_z_w"] = float(write[cols["z_w"]].mean())
+        out["write_best_gain_w"] = float(write[cols["gain_w"]].fill_nan(None).max())
+    if means is not None:
+        shares = means.filter(pl.col("candidate").is_in(hyp["candidate"].to_list()))
+        best = _top_names(shares, cols["pct"], 1)
         if best:
-            out["best_share"] = _float(_row(shares, candidate=best[0])["pct_oracle_combined"]) / 100.0
+            out["best_share"] = _float(_row(shares, candidate=best[0])[cols["pct"]]) / 100.0
             out["best_share_candidate"] = best[0]
-    out["best_gain_w"] = float(hyp["gain_w_combined"].fill_nan(None).max()) if hyp.height else math.nan
-    order = joint_order(summary)
+    out["best_gain_w"] = float(hyp[cols["gain_w"]].fill_nan(None).max()) if hyp.height else math.nan
+    order = joint_order(summary, view)
     out["ranking"] = order
     if order:
         win = _row(summary, panel="joint", candidate=order[0])
         out["winner"] = order[0]
-        out["winner_gain_w"], out["winner_gain_act"] = _float(win["gain_w_combined"]), _float(win["gain_act"])
-        out["winner_joint_gain"] = _float(win["joint_gain"])
-    if "rank_in_panel_std" in summary.columns:
-        std = summary.filter(pl.col("panel") == "joint").sort("rank_in_panel_std", nulls_last=True)
-        out["winner_std"] = std["candidate"][0] if std.height else ""
+        out["winner_gain_w"], out["winner_gain_act"] = _float(win[cols["gain_w"]]), _float(win[cols["gain_act"]])
+        out["winner_joint_gain"] = _float(win[cols["joint"]])
     for col, name in GRAD_COLUMNS.items():
         row = _row(summary, panel="joint", candidate=name)
         if row is not None:
-            out[col] = _float(row["gain_w_combined"])
+            out[col] = _float(row[cols["gain_w"]])
+    return out
+
+
+def job_numbers(run: str | Path) -> dict[str, object]:
+    """One finished job's numbers (``NUMBER_COLUMNS``, ``NAME_COLUMNS``; NaN or "" where the run
+    has no such output, e.g. no causal check) in the view its run leads with (``view``), the residual
+    view's twins beside them, and its joint ranking in that view (key ``ranking``)."""
+    run = Path(run)
+    summary = _read_tsv(run / "summary.tsv")
+    if summary is None:
+        raise FileNotFoundError(f"{run}: no summary.tsv")
+    out: dict[str, object] = {c: math.nan for c in NUMBER_COLUMNS}
+    out.update({c: "" for c in NAME_COLUMNS})
+    view = job_view(run, summary)
+    out["view"] = view
+    out.update(view_numbers(run, summary, view))
+    residual = out if view == "residual" else view_numbers(run, summary, "residual")
+    out.update({f"{c}_residual": residual.get(c, math.nan) for c in RESIDUAL_TWINS})
+    out["winner_residual"] = residual.get("winner", "")
     out["grad_family_minus_full"] = out["grad_family_gain_w"] - out["grad_gain_w"]  # NaN where either is
     _causal_numbers(_read_tsv(run / "causal.tsv"), out)
     _pair_numbers(_read_tsv(run / "pair.tsv"), out)
@@ -328,13 +387,14 @@ def kendalls_w(rank_matrix: Sequence[Sequence[float]]) -> float:
 @dataclass
 class Aggregate:
     per_job: pl.DataFrame  # one row per finished job
-    claims: pl.DataFrame  # model, family, claim, values, n, mean, sd, lo, hi, verdict
+    claims: pl.DataFrame  # model, family, view, claim, values, n, mean, sd, lo, hi, verdict (the lead view)
     across: pl.DataFrame  # model, claim, holds_for, fails_for, undecided_for, summary
     winners: pl.DataFrame  # model, family, candidate, wins, of
     kendall: pl.DataFrame  # model, family, n_seeds, n_candidates, W, distinct_pairs (distinct deltas over seeds)
     gain_w: pl.DataFrame  # model, family, candidate, mean gain_w_combined over seeds
     failed: list[dict]  # the jobs that did not finish: job, step, error, status ("failed" or "not finished")
     gradients: pl.DataFrame  # model, family, basis, statistic, n, values, mean, sd, lo, hi (GRAD_ROWS)
+    residual: pl.DataFrame  # the claims of RESIDUAL_TWINS in the residual view, claims' columns (SPEC §12)
 
 
 def _groups(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
@@ -360,15 +420,22 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
                              **{c: r.get(c, "") for c in NAME_COLUMNS}} for r in rows],
                            schema={"model": pl.String, "family": pl.String, "seed": pl.Int64, "job": pl.String,
                                    **{c: pl.Float64 for c in NUMBER_COLUMNS}, **{c: pl.String for c in NAME_COLUMNS}})
-    claim_rows, winner_rows, kendall_rows, grad_rows = [], [], [], []
+    claim_rows, residual_rows, winner_rows, kendall_rows, grad_rows = [], [], [], [], []
+
+    def claim_row(claim: Claim, column: str, view: str, members: Sequence[Mapping]) -> dict:
+        iv = t_interval([_float(r.get(column)) for r in members])
+        return {"model": model, "family": family, "view": view, "claim": claim.key, "statistic": column,
+                "threshold": claim.threshold, "direction": "above" if claim.above else "below", "n": iv.n,
+                "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd, "lo": iv.lo, "hi": iv.hi,
+                "verdict": verdict(claim, iv)}
+
     for model, family in _groups(rows):
         members = [r for r in rows if (r["model"], r["family"]) == (model, family)]
+        view = ";".join(dict.fromkeys(str(r.get("view") or "residual") for r in members))
         for claim in CLAIMS:
-            iv = t_interval([_float(r.get(claim.column)) for r in members])
-            claim_rows.append({"model": model, "family": family, "claim": claim.key, "statistic": claim.column,
-                               "threshold": claim.threshold, "direction": "above" if claim.above else "below",
-                               "n": iv.n, "values": _fmt_values(iv.values), "mean": iv.mean, "sd": iv.sd,
-                               "lo": iv.lo, "hi": iv.hi, "verdict": verdict(claim, iv)})
+            claim_rows.append(claim_row(claim, claim.column, view, members))
+            if claim.column in RESIDUAL_TWINS:
+                residual_rows.append(claim_row(claim, f"{claim.column}_residual", "residual", members))
         for label, column in GRAD_ROWS:
             iv = t_interval([_float(r.get(column)) for r in members])
             grad_rows.append({"model": model, "family": family, "basis": label, "statistic": column, "n": iv.n,
@@ -387,11 +454,12 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
         shas = [r.get("delta_sha256") for r in members if r.get("delta_sha256")]
         kendall_rows.append({"model": model, "family": family, "n_seeds": len(members), "n_candidates": len(common),
                              "W": W, "distinct_pairs": len(set(shas)) if shas else None})
-    claims = pl.DataFrame(claim_rows, schema={"model": pl.String, "family": pl.String, "claim": pl.String,
-                                              "statistic": pl.String, "threshold": pl.Float64,
-                                              "direction": pl.String, "n": pl.Int64, "values": pl.String,
-                                              "mean": pl.Float64, "sd": pl.Float64, "lo": pl.Float64,
-                                              "hi": pl.Float64, "verdict": pl.String})
+    claim_schema = {"model": pl.String, "family": pl.String, "view": pl.String, "claim": pl.String,
+                    "statistic": pl.String, "threshold": pl.Float64, "direction": pl.String, "n": pl.Int64,
+                    "values": pl.String, "mean": pl.Float64, "sd": pl.Float64, "lo": pl.Float64, "hi": pl.Float64,
+                    "verdict": pl.String}
+    claims = pl.DataFrame(claim_rows, schema=claim_schema)
+    residual = pl.DataFrame(residual_rows, schema=claim_schema)
     across_rows = []
     for model in dict.fromkeys(str(r["model"]) for r in rows):
         for claim in CLAIMS:
@@ -430,7 +498,8 @@ def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str,
             gain_rows.append({"model": model, "family": family, "candidate": name, "n": iv.n, "mean": iv.mean})
     gain_w = pl.DataFrame(gain_rows, schema={"model": pl.String, "family": pl.String, "candidate": pl.String,
                                              "n": pl.Int64, "mean": pl.Float64})
-    return Aggregate(per_job, claims, across, winners, kendall, gain_w, [dict(f) for f in failed], gradients)
+    return Aggregate(per_job, claims, across, winners, kendall, gain_w, [dict(f) for f in failed], gradients,
+                     residual)
 
 
 # ------------------------------------------------------------------------------- figures
@@ -440,7 +509,7 @@ def forest_figure(agg: Aggregate, stem: Path) -> None:
     """The best A-side basis's share of the rank-matched combined oracle per model × family: every
     seed's point, the mean and its 95% t-interval."""
     sel = agg.claims.filter(pl.col("claim") == "base_predicts_little")
-    labels = [f"{r['model']} · {r['family']}" for r in sel.iter_rows(named=True)]
+    labels = [_label(r["model"], r["family"], r["view"]) for r in sel.iter_rows(named=True)]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * max(len(labels), 2) + 1.4))
     for i, r in enumerate(sel.iter_rows(named=True)):
         y = len(labels) - 1 - i
@@ -463,11 +532,18 @@ def forest_figure(agg: Aggregate, stem: Path) -> None:
     save_png_pdf(fig, stem.with_suffix(".png"), stem.with_suffix(".pdf"), dpi=140)
 
 
+def _label(model: str, family: str, view: str) -> str:
+    """A figure's row: model · family, marked where its jobs are read in another view than the residual."""
+    return f"{model} · {family}" + ("" if view == "residual" else f" ({view} view)")
+
+
 def heatmap_figure(agg: Aggregate, stem: Path) -> None:
     """Rows model · family, columns candidates (ordered by their mean over rows), colour = the mean
-    gain_w_combined over seeds."""
+    gain_w_combined over seeds (in the view the jobs lead with; marked where not the residual one)."""
     g = agg.gain_w
-    rows = list(dict.fromkeys(f"{m} · {f}" for m, f in zip(g["model"], g["family"])))
+    views = {(r["model"], r["family"]): r["view"] for r in agg.claims.iter_rows(named=True)}
+    label = {(m, f): _label(m, f, views.get((m, f), "residual")) for m, f in zip(g["model"], g["family"])}
+    rows = list(dict.fromkeys(label.values()))
     if not rows:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.text(0.5, 0.5, "no finished job", ha="center", va="center")
@@ -480,7 +556,7 @@ def heatmap_figure(agg: Aggregate, stem: Path) -> None:
     M = np.full((len(rows), len(cols)), np.nan)
     index = {c: j for j, c in enumerate(cols)}
     for r in g.iter_rows(named=True):
-        M[rows.index(f"{r['model']} · {r['family']}"), index[r["candidate"]]] = r["mean"]
+        M[rows.index(label[r["model"], r["family"]]), index[r["candidate"]]] = r["mean"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(cols) + 2.5), 0.4 * len(rows) + 2.2))
     im = ax.imshow(M, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(cols)))
@@ -513,16 +589,33 @@ def conclusion_markdown(agg: Aggregate, n_jobs: int, merged: int = 0) -> str:
         "as the interval). A claim holds for a family when its interval lies entirely on the claimed side of the "
         "threshold, fails when it lies entirely on the other side, and is undecided otherwise.", "",
     ]
+    other = {(r["model"], r["family"]): r["view"] for r in agg.claims.iter_rows(named=True) if r["view"] != "residual"}
+    if other:
+        lines += ["Views (SPEC §12): a job's numbers are read in the view its run leads with. Where the run's "
+                  "outlier-coordinate warning fired, a few residual coordinates decide the residual view's energy "
+                  "shares, and the run leads with the standardized view (each coordinate in units of its own scale "
+                  "in the base model; its causal check tested that view's winner): "
+                  + "; ".join(f"{m} · {f} ({v})" for (m, f), v in other.items())
+                  + ". The residual view's values of the claims a view decides follow their tables, marked.", ""]
+
+    def values(r: Mapping) -> str:
+        return ", ".join(_f(float(v)) for v in r["values"].split(",")) if r["values"] else "—"
+
     for claim in CLAIMS:
         sel = agg.claims.filter(pl.col("claim") == claim.key)
         lines += [f"## {claim.statement}", "",
                   f"Statistic `{claim.column}`, threshold {claim.threshold:g} ({'above' if claim.above else 'below'}); "
                   f"source: {claim.source}.", "",
-                  "| model | family | seeds' values | mean | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+                  "| model | family | view | seeds' values | mean | 95% interval | verdict |",
+                  "|---|---|---|---|---|---|---|"]
         for r in sel.iter_rows(named=True):
-            vals = ", ".join(_f(float(v)) for v in r["values"].split(",")) if r["values"] else "—"
-            lines.append(f"| {r['model']} | {r['family']} | {vals} | {_f(r['mean'])} | "
+            lines.append(f"| {r['model']} | {r['family']} | {r['view']} | {values(r)} | {_f(r['mean'])} | "
                          f"[{_f(r['lo'])}, {_f(r['hi'])}] | {r['verdict']} |")
+        for r in agg.residual.filter(pl.col("claim") == claim.key).iter_rows(named=True):
+            if (r["model"], r["family"]) in other:
+                lines += ["", f"In the residual view (decided by a few coordinates there), {r['model']} · "
+                              f"{r['family']}: {values(r)}; mean {_f(r['mean'])} [{_f(r['lo'])}, {_f(r['hi'])}], "
+                              f"{r['verdict']}."]
         for r in agg.across.filter(pl.col("claim") == claim.key).iter_rows(named=True):
             lines += ["", f"Across families ({r['model']}): **{r['summary']}**."]
         lines.append("")
@@ -606,6 +699,7 @@ def write_aggregate(agg: Aggregate, folder: Path, manifest: Mapping[str, object]
     tsv(agg.kendall, "kendall.tsv")
     tsv(agg.gain_w, "gain_w_combined.tsv")
     tsv(agg.gradients, "gradients.tsv")
+    tsv(agg.residual, "claims_residual.tsv")
     forest_figure(agg, folder / "forest")
     heatmap_figure(agg, folder / "heatmap")
     merged = sum(bool(r.get("merged_from")) for r in (inputs or {}).get("rows", ()))

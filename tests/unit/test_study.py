@@ -392,6 +392,52 @@ def test_the_aggregate_reads_no_retention_curve(local_study, tmp_path):
                for k in with_curves)  # equal, or NaN in both
 
 
+def _first_tested(run: Path) -> str:
+    causal = pl.read_csv(run / "causal.tsv", separator="\t", infer_schema_length=None)
+    return causal.filter(pl.col("kind") == "candidate")["name"][0]
+
+
+def test_a_job_is_read_in_the_view_its_run_leads_with(local_study, tmp_path):
+    """SPEC §12: where a run's outlier-coordinate warning fired, its conclusion and its causal check
+    lead with the standardized view, and so do the study's numbers of that job (the claims, the
+    ranking, the winner: the candidate the causal check tested first), the residual view's beside
+    them. Without the warning (the tiny run), the residual view. The warning is planted in a copy of
+    a tiny run's conclusion: its numbers must then be the standardized columns', computed here from
+    the run's own files."""
+    from subspace_sweep.compare import OUTLIER_WARNING_MARK
+    from subspace_sweep.study_aggregate import hypotheses, job_numbers
+
+    run = local_study / "jobs" / "tiny-qwen3" / "lora" / "seed0" / "run"
+    plain = job_numbers(run)
+    assert plain["view"] == "residual" and plain["winner"] == _first_tested(run) == plain["winner_residual"]
+    assert all(plain[f"{c}_residual"] == plain[c] for c in ("top5_overlap", "write_best_gain_w", "best_share"))
+
+    warned = tmp_path / "run"
+    shutil.copytree(run, warned)
+    with (warned / "conclusion.md").open("a", encoding="utf-8") as f:
+        f.write(f"\n- {OUTLIER_WARNING_MARK}: planted by the test.\n")
+    numbers = job_numbers(warned)
+    summary = pl.read_csv(run / "summary.tsv", separator="\t", infer_schema_length=None)
+    hyp = hypotheses(summary)
+    joint = summary.filter(pl.col("panel") == "joint")
+    assert numbers["view"] == "standardized"
+    assert numbers["ranking"] == joint.sort("rank_in_panel_std")["candidate"].to_list()
+    assert numbers["winner"] == numbers["ranking"][0] and numbers["winner_residual"] == plain["winner"]
+    assert numbers["best_gain_w"] == float(hyp["gain_w_combined_std"].max())
+    assert numbers["best_gain_w"] != plain["best_gain_w"]  # the two views differ on this run
+    layers = pl.read_csv(run / "per_layer.csv").filter(pl.col("candidate").is_in(hyp["candidate"].to_list()))
+    share = layers.group_by("candidate").agg(pl.col("pct_oracle_combined_std").mean()).sort(
+        "pct_oracle_combined_std", descending=True).row(0)
+    assert (numbers["best_share_candidate"], numbers["best_share"]) == (share[0], pytest.approx(share[1] / 100, abs=1e-12))
+    assert numbers["best_share"] != plain["best_share"]
+    write = hyp.filter(pl.col("family").is_in(["W:write", "W:write-not-read"]))
+    assert numbers["write_best_gain_w"] == float(write["gain_w_combined_std"].max())
+    assert numbers["write_mean_z_w"] == pytest.approx(float(write["z_w_combined_std"].mean()), rel=1e-12)
+    assert {c: numbers[f"{c}_residual"] for c in ("top5_overlap", "write_best_gain_w", "best_share")} == {
+        c: plain[c] for c in ("top5_overlap", "write_best_gain_w", "best_share")}
+    assert numbers["winner_kept"] == plain["winner_kept"]  # the causal numbers do not depend on the view
+
+
 def test_the_real_study_spec_spans_every_family_and_both_real_models():
     """examples/study-smollm2.toml (`make study-real`): SmolLM2 × every family train supports × 3
     seeds and Gemma-3-270m × LoRA × 3 seeds, at one training recipe, without the curves."""

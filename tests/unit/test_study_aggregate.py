@@ -71,7 +71,7 @@ def _row(model, family, seed, **values):
     base = {c: math.nan for c in NUMBER_COLUMNS}
     base.update(values)
     return {"model": model, "family": family, "seed": seed, "job": f"{model}/{family}/seed{seed}",
-            "winner": values.pop("winner", "a"), "winner_std": "a", "best_share_candidate": "a",
+            "winner": values.pop("winner", "a"), "view": values.pop("view", "residual"), "best_share_candidate": "a",
             "top5_overlap_candidates": "", "ranking": values.pop("ranking", ["a", "b", "c"]), **base}
 
 
@@ -111,6 +111,31 @@ def test_the_across_families_summary_names_the_flip():
     r = agg.across.filter(pl.col("claim") == "base_predicts_little").row(0, named=True)
     assert r["holds_for"] == "lora" and r["fails_for"] == "oft"
     assert r["summary"] == "flips: holds for lora; fails for oft"
+
+
+def test_a_model_read_in_the_standardized_view_has_its_residual_claims_beside_marked():
+    """SPEC §12: a group whose jobs lead with the standardized view is decided by those numbers; the
+    residual twins stand beside them (claims_residual, one marked line per claim a view decides) for
+    that group only, and the figures' rows say which view they show."""
+    from subspace_sweep.study_aggregate import RESIDUAL_TWINS, _label, conclusion_markdown
+
+    rows = [_row("g", "lora", s, view="standardized", best_share=v, best_share_residual=v + 0.4)
+            for s, v in enumerate((0.07, 0.08, 0.075))]
+    rows += [_row("m", "lora", s, best_share=v, best_share_residual=v) for s, v in enumerate((0.04, 0.04, 0.05))]
+    agg = aggregate(rows)
+    lead = {(r["model"], r["claim"]): r for r in agg.claims.iter_rows(named=True)}
+    assert lead[("g", "base_predicts_little")]["view"] == "standardized"
+    assert lead[("g", "base_predicts_little")]["mean"] == pytest.approx(0.075, abs=1e-15)
+    assert lead[("m", "base_predicts_little")]["view"] == "residual"
+    twin = agg.residual.filter((pl.col("model") == "g") & (pl.col("claim") == "base_predicts_little")).row(0, named=True)
+    assert twin["statistic"] == "best_share_residual" and twin["mean"] == pytest.approx(0.475, abs=1e-15)
+    assert twin["verdict"] == "holds" and twin["values"] == "0.47,0.48,0.475"
+    assert set(agg.residual["statistic"]) == {f"{c}_residual" for c in RESIDUAL_TWINS}
+    text = conclusion_markdown(agg, len(rows))
+    marked = [line for line in text.splitlines() if line.startswith("In the residual view")]
+    assert len(marked) == len(RESIDUAL_TWINS) and all(" g · lora: " in line for line in marked)
+    assert "0.470, 0.480, 0.475; mean 0.475 [" in text and "| g | lora | standardized | 0.070, 0.080, 0.075 |" in text
+    assert _label("g", "lora", "standardized") == "g · lora (standardized view)" and _label("m", "x", "residual") == "m · x"
 
 
 def test_the_gradient_bases_per_family_with_intervals_and_which_first_step_predicts_more():
