@@ -55,11 +55,13 @@ real-pair: $(STAMP)
 # The same for the Gemma-3-270m pair (tests/integration/data/gemma3_pair, ~10 min on 2 cores).
 real-pair-gemma: $(STAMP)
 	PYTHONPATH=. $(PY) tests/integration/real_pair.py gemma
-# The real study (issue 32; ~3 h on 2 cores, examples/study-smollm2.toml says why): SmolLM2-135M-Instruct × every adapter family × 3
+# The real study (issue 32; 5.1 h of jobs, ~2.6 h on 2 cores in two processes: examples/study-smollm2.toml): SmolLM2-135M-Instruct × every adapter family × 3
 # seeds and Gemma-3-270m × LoRA × 3 seeds (examples/study-smollm2.toml), resumable (rerun to go on),
 # then its aggregate replaces the shipped golden (tests/golden/study_real/), which CI rebuilds from
 # its inputs.json and compares byte for byte (tests/golden/test_golden_study.py).
 # STUDY_ARGS=--aggregate-only ships the aggregate of the jobs finished so far (the others listed as not finished).
+# Jobs finished in several folders of the spec (several machines, processes on disjoint --only subsets)
+# join with --aggregate-only once their job folders are in one (or with --merge OTHER/study/inputs.json).
 # To finish a shipped partial aggregate without rerunning its jobs, run only the missing ones, then merge:
 #   .venv/bin/subspace-sweep study examples/study-smollm2.toml --out runs/study-real --only 'gemma-3-270m/*'
 #   make study-real STUDY_ARGS="--aggregate-only --merge tests/golden/study_real/inputs.json"
