@@ -823,6 +823,9 @@ def merged_results(inputs: Sequence[str | os.PathLike], spec: StudySpec) -> dict
             if row.get("job_hash") != hashes[job]:
                 raise InputError(f"{where}: job {job} was made with other settings or data than this spec's "
                                  "(its job hash differs)")
+            if row.get("view") not in ("residual", "standardized"):  # SPEC §12: which view its numbers are in
+                raise InputError(f"{where}: job {job} does not say which view its numbers are read in (an aggregate "
+                                 "written before that was kept: rerun `study --aggregate-only` where its jobs are)")
             gains = [g for g in data.get("gains") or [] if isinstance(g, dict) and g.get("job") == job]
             if not gains:
                 raise InputError(f"{where}: no per-job gains for {job} (an aggregate written before they were kept)")

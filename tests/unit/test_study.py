@@ -142,17 +142,20 @@ def test_merge_joins_another_folders_jobs_and_gives_the_full_studys_tables(local
     assert cli.main(["study", str(world["spec"]), "--out", str(here), "--aggregate-only", "--quiet",
                      "--merge", str(other)]) == 0
     for name in ("per_job.tsv", "claims.tsv", "across_families.tsv", "winners.tsv", "kendall.tsv",
-                 "gain_w_combined.tsv", "gradients.tsv"):
+                 "gain_w_combined.tsv", "gradients.tsv", "claims_residual.tsv"):
         assert (here / "study" / name).read_bytes() == (local_study / "study" / name).read_bytes(), name
     conclusion = (here / "study" / "conclusion.md").read_text()
     assert "4 of 4 jobs finished. 1 of the finished jobs were merged from another aggregate's inputs" in conclusion
     manifest = json.loads((here / "study" / "manifest.json").read_text())
     assert manifest["merged"] == {"tiny-qwen3/ia3/seed1": sha256_file(other)}
     # refused, naming the file, before anything is written: without --aggregate-only, a job made with other
-    # settings, a job of another spec, not an aggregate's inputs
+    # settings, a job of another spec, a row that does not say its view (written before it was kept), not an
+    # aggregate's inputs
     data = json.loads(other.read_text())
     changed, foreign, junk = tmp_path / "changed.json", tmp_path / "foreign.json", tmp_path / "junk.json"
+    viewless = tmp_path / "viewless.json"
     changed.write_text(json.dumps({**data, "rows": [{**data["rows"][0], "job_hash": "0" * 64}]}))
+    viewless.write_text(json.dumps({**data, "rows": [{k: v for k, v in data["rows"][0].items() if k != "view"}]}))
     foreign.write_text(json.dumps({**data, "rows": [{**data["rows"][0], "job": "tiny-qwen3/dora/seed0"}]}))
     junk.write_text("[1, 2]")
     before = _tree(here)
@@ -160,6 +163,7 @@ def test_merge_joins_another_folders_jobs_and_gives_the_full_studys_tables(local
     for argv, message in (([str(other)], "it goes with --aggregate-only"),
                           ([str(changed), "--aggregate-only"], "job tiny-qwen3/ia3/seed1 was made with other settings"),
                           ([str(foreign), "--aggregate-only"], "job 'tiny-qwen3/dora/seed0' is not a job of this spec"),
+                          ([str(viewless), "--aggregate-only"], "job tiny-qwen3/ia3/seed1 does not say which view"),
                           ([str(junk), "--aggregate-only"], "not a study aggregate's inputs.json")):
         assert cli.main(["study", str(world["spec"]), "--out", str(here), "--merge", *argv]) == 2
         err = capsys.readouterr().err
