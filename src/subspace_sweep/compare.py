@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +79,14 @@ class Run:
         return self.summary.filter(pl.col("panel") == "joint").sort(VIEWS[view].place)["candidate"].to_list()
 
     def has_view(self, view: str) -> bool:
-        v = VIEWS[view]
-        return {v.joint, v.place, v.z_w, *v.stats} <= set(self.summary.columns)
+        return has_view_columns(self.summary.columns, view)
+
+
+def has_view_columns(columns: Sequence[str], view: str) -> bool:
+    """Whether a summary.tsv with these columns holds ``view``'s (runs written before the
+    standardized view existed do not)."""
+    v = VIEWS[view]
+    return {v.joint, v.place, v.z_w, *v.stats} <= set(columns)
 
 
 def outlier_warning(path: Path) -> bool | None:

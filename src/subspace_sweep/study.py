@@ -837,11 +837,9 @@ def write_study_aggregate(folder: Path, spec: StudySpec,
                           merged: Mapping[str, tuple[dict, list[dict]]] | None = None) -> Path:
     """``DIR/study/`` from the finished jobs, published whole (replacing the previous aggregate);
     a job not finished here is taken from ``merged`` (``merged_results``: job id -> row, gains)."""
-    import polars as pl
-
     from . import html_report, publish
     from .provenance import package_versions
-    from .study_aggregate import VIEW_COLUMNS, aggregate, job_numbers, write_aggregate
+    from .study_aggregate import aggregate, job_results, write_aggregate
 
     merged = merged or {}
     rows, gains, failed = [], [], []
@@ -858,15 +856,11 @@ def write_study_aggregate(folder: Path, spec: StudySpec,
                            "error": record.get("error") or f"not finished ({state})",
                            "status": "failed" if state.startswith("failed") else "not finished"})
             continue
-        numbers = job_numbers(paths.run)
+        numbers, job_gains = job_results(paths.run)
         delta_sha = (read_record(paths) or {}).get("steps", {}).get("delta", {}).get("files", {}).get(paths.delta.name)
         rows.append({"model": job.slug, "family": job.family, "seed": job.seed, "job": job.id,
                      "job_hash": job.hash, "delta_sha256": delta_sha, **numbers})
-        summary = pl.read_csv(paths.run / "summary.tsv", separator="\t", infer_schema_length=None)
-        panel = summary.filter((pl.col("panel") == "joint") & (pl.col("axis_kind") != "null"))
-        gain = VIEW_COLUMNS[str(numbers["view"])]["gain_w"]  # the view the job's numbers are read in
-        gains += [{"model": job.slug, "family": job.family, "job": job.id, "candidate": r["candidate"],
-                   "gain_w_combined": r[gain]} for r in panel.iter_rows(named=True)]
+        gains += [{"model": job.slug, "family": job.family, "job": job.id, **g} for g in job_gains]
     agg = aggregate(rows, gains, failed)
     merged_from = {r["job"]: r["merged_from"] for r in rows if r.get("merged_from")}
     manifest = {"kind": "study", "format": STUDY_FORMAT, "spec": spec.spec,

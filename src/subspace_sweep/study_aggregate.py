@@ -1,8 +1,9 @@
 """A study's aggregate (issue 32, SPEC §12): the seed's claims as numbers per model × adapter
 family, over training seeds, with every seed's value and a 95% interval.
 
-Pure functions of the jobs' run folders: ``job_numbers`` reads one finished job's run folder
-(summary.tsv, summary_pct.tsv, causal.tsv, pair.tsv) into one row of numbers; ``aggregate``
+Pure functions of the jobs' run folders: ``job_results`` reads one finished job's run folder
+(summary.tsv, summary_pct.tsv or per_layer.csv, causal.tsv, pair.tsv) into one row of numbers and
+its candidates' gains; ``aggregate``
 turns the rows of all jobs into the tables, figures and conclusion of ``DIR/study/``. Nothing
 here depends on how or where the jobs ran, on timings or on paths, so a study that was killed and
 resumed writes the same aggregate, byte for byte, as one that ran straight through.
@@ -34,7 +35,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import polars as pl
 
+from .compare import has_view_columns, outlier_warning
 from .figures import save_png_pdf
+from .report import view_col
 
 #: The families whose bases write the residual stream from the weights alone (the seed's "write
 #: family": natural weight-side bases).
@@ -113,17 +116,6 @@ NUMBER_COLUMNS = (
     *GRAD_COLUMNS, "grad_kept", "grad_family_minus_full", *(f"{c}_residual" for c in RESIDUAL_TWINS),
 )
 NAME_COLUMNS = ("view", "winner", "winner_residual", "best_share_candidate", "top5_overlap_candidates")
-#: Each view's columns: summary.tsv's (place, joint gain, the two gains, z_w) and per_layer.csv's
-#: layer means (R_w, pct of the combined oracle; summary_pct.tsv holds the residual view's).
-VIEW_COLUMNS = {
-    "residual": {"place": "rank_in_panel", "joint": "joint_gain", "gain_act": "gain_act",
-                 "gain_w": "gain_w_combined", "z_w": "z_w_combined", "R_w": "R_w_combined",
-                 "pct": "pct_oracle_combined"},
-    "standardized": {"place": "rank_in_panel_std", "joint": "joint_gain_std", "gain_act": "gain_act_std",
-                     "gain_w": "gain_w_combined_std", "z_w": "z_w_combined_std", "R_w": "R_w_combined_std",
-                     "pct": "pct_oracle_combined_std"},
-}
-
 
 # ------------------------------------------------------------------------------- one job
 
@@ -158,7 +150,7 @@ def hypotheses(summary: pl.DataFrame) -> pl.DataFrame:
 
 def joint_order(summary: pl.DataFrame, view: str = "residual") -> list[str]:
     """The joint panel's ranking in ``view`` (its rank_in_panel column), best first."""
-    joint = summary.filter(pl.col("panel") == "joint").sort(VIEW_COLUMNS[view]["place"], nulls_last=True)
+    joint = summary.filter(pl.col("panel") == "joint").sort(view_col("rank_in_panel", view), nulls_last=True)
     return joint["candidate"].to_list()
 
 
@@ -176,36 +168,35 @@ def _row(frame: pl.DataFrame | None, **match) -> dict | None:
 def job_view(run: Path, summary: pl.DataFrame) -> str:
     """The view a job's run leads with (SPEC §12): "standardized" where its outlier-coordinate
     warning fired and summary.tsv has that view's columns, else "residual"."""
-    from .compare import outlier_warning
-
-    std = VIEW_COLUMNS["standardized"]
-    has_std = {std["place"], std["joint"], std["gain_act"], std["gain_w"], std["z_w"]} <= set(summary.columns)
-    return "standardized" if has_std and outlier_warning(run) else "residual"
+    return "standardized" if has_view_columns(summary.columns, "standardized") and outlier_warning(run) else "residual"
 
 
 def _layer_means(run: Path, view: str) -> pl.DataFrame | None:
-    """Per candidate, the view's R_w and pct of the combined oracle, averaged over the scored layers as
-    the run's summary averages them (a NaN layer makes the mean NaN): summary_pct.tsv for the
+    """Per candidate, the view's R_w_combined and pct_oracle_combined, averaged over the scored layers
+    as the run's summary averages them (a NaN layer makes the mean NaN): summary_pct.tsv for the
     residual view, per_layer.csv for the standardized one (summary.tsv keeps only its gains)."""
-    cols = VIEW_COLUMNS[view]
+    cols = [view_col("R_w_combined", view), view_col("pct_oracle_combined", view)]
     if view == "residual":
         frame = _read_tsv(run / "summary_pct.tsv")
     else:
         layers = run / "per_layer.csv"
-        frame = (pl.read_csv(layers, infer_schema_length=None) if layers.is_file() else None)
-        if frame is not None and {cols["R_w"], cols["pct"]} <= set(frame.columns):
-            frame = frame.group_by("candidate", maintain_order=True).agg(
-                *[pl.col(c).cast(pl.Float64).mean() for c in (cols["R_w"], cols["pct"])])
-    return frame if frame is not None and {cols["R_w"], cols["pct"]} <= set(frame.columns) else None
+        frame = pl.read_csv(layers, infer_schema_length=None) if layers.is_file() else None
+    if frame is None or not set(cols) <= set(frame.columns):
+        return None
+    if view == "residual":
+        return frame
+    return frame.group_by("candidate", maintain_order=True).agg(*[pl.col(c).cast(pl.Float64).mean() for c in cols])
 
 
 def view_numbers(run: Path, summary: pl.DataFrame, view: str) -> dict[str, object]:
     """The statistics a view decides: the top-5 overlap, the write family's and the best A-side
     basis's numbers, the joint ranking and its winner, the gradient bases' gains."""
-    cols = VIEW_COLUMNS[view]
+    def col(name: str) -> str:
+        return view_col(name, view)
+
     out: dict[str, object] = {}
     hyp = hypotheses(summary)
-    act, wgt = _top_names(hyp, cols["gain_act"], TOP_K), _top_names(hyp, cols["gain_w"], TOP_K)
+    act, wgt = _top_names(hyp, col("gain_act"), TOP_K), _top_names(hyp, col("gain_w_combined"), TOP_K)
     both = sorted(set(act) & set(wgt))
     out["top5_overlap"] = float(len(both))
     out["top5_overlap_candidates"] = ";".join(both)
@@ -214,34 +205,35 @@ def view_numbers(run: Path, summary: pl.DataFrame, view: str) -> dict[str, objec
     if write.height:
         if means is not None:
             sel = means.filter(pl.col("candidate").is_in(write["candidate"].to_list()))
-            out["write_mean_R_w"] = float(sel[cols["R_w"]].mean()) if sel.height else math.nan
-        out["write_mean_z_w"] = float(write[cols["z_w"]].mean())
-        out["write_best_gain_w"] = float(write[cols["gain_w"]].fill_nan(None).max())
+            out["write_mean_R_w"] = float(sel[col("R_w_combined")].mean()) if sel.height else math.nan
+        out["write_mean_z_w"] = float(write[col("z_w_combined")].mean())
+        out["write_best_gain_w"] = float(write[col("gain_w_combined")].fill_nan(None).max())
     if means is not None:
         shares = means.filter(pl.col("candidate").is_in(hyp["candidate"].to_list()))
-        best = _top_names(shares, cols["pct"], 1)
+        best = _top_names(shares, col("pct_oracle_combined"), 1)
         if best:
-            out["best_share"] = _float(_row(shares, candidate=best[0])[cols["pct"]]) / 100.0
+            out["best_share"] = _float(_row(shares, candidate=best[0])[col("pct_oracle_combined")]) / 100.0
             out["best_share_candidate"] = best[0]
-    out["best_gain_w"] = float(hyp[cols["gain_w"]].fill_nan(None).max()) if hyp.height else math.nan
+    out["best_gain_w"] = float(hyp[col("gain_w_combined")].fill_nan(None).max()) if hyp.height else math.nan
     order = joint_order(summary, view)
     out["ranking"] = order
     if order:
         win = _row(summary, panel="joint", candidate=order[0])
         out["winner"] = order[0]
-        out["winner_gain_w"], out["winner_gain_act"] = _float(win[cols["gain_w"]]), _float(win[cols["gain_act"]])
-        out["winner_joint_gain"] = _float(win[cols["joint"]])
-    for col, name in GRAD_COLUMNS.items():
+        out["winner_gain_w"], out["winner_gain_act"] = _float(win[col("gain_w_combined")]), _float(win[col("gain_act")])
+        out["winner_joint_gain"] = _float(win[col("joint_gain")])
+    for column, name in GRAD_COLUMNS.items():
         row = _row(summary, panel="joint", candidate=name)
         if row is not None:
-            out[col] = _float(row[cols["gain_w"]])
+            out[column] = _float(row[col("gain_w_combined")])
     return out
 
 
-def job_numbers(run: str | Path) -> dict[str, object]:
+def job_results(run: str | Path) -> tuple[dict[str, object], list[dict[str, object]]]:
     """One finished job's numbers (``NUMBER_COLUMNS``, ``NAME_COLUMNS``; NaN or "" where the run
     has no such output, e.g. no causal check) in the view its run leads with (``view``), the residual
-    view's twins beside them, and its joint ranking in that view (key ``ranking``)."""
+    view's twins beside them, and its joint ranking in that view (key ``ranking``); and the joint
+    panel's gain_w_combined per candidate (not the null baseline) in that view, the heatmap's."""
     run = Path(run)
     summary = _read_tsv(run / "summary.tsv")
     if summary is None:
@@ -257,7 +249,10 @@ def job_numbers(run: str | Path) -> dict[str, object]:
     out["grad_family_minus_full"] = out["grad_family_gain_w"] - out["grad_gain_w"]  # NaN where either is
     _causal_numbers(_read_tsv(run / "causal.tsv"), out)
     _pair_numbers(_read_tsv(run / "pair.tsv"), out)
-    return out
+    panel = summary.filter((pl.col("panel") == "joint") & (pl.col("axis_kind") != "null"))
+    gains = [{"candidate": r["candidate"], "gain_w_combined": r[view_col("gain_w_combined", view)]}
+             for r in panel.iter_rows(named=True)]
+    return out, gains
 
 
 def _causal_numbers(causal: pl.DataFrame | None, out: dict) -> None:
@@ -412,7 +407,7 @@ def _fmt_values(values: Sequence[float]) -> str:
 
 def aggregate(rows: Sequence[Mapping[str, object]], gains: Sequence[Mapping[str, object]] = (),
               failed: Sequence[Mapping[str, str]] = ()) -> Aggregate:
-    """The study's tables from the jobs' numbers (``job_numbers`` plus model, family, seed, job),
+    """The study's tables from the jobs' numbers (``job_results`` plus model, family, seed, job),
     in the order given (the study's job order). ``gains``: rows (model, family, seed, candidate,
     gain_w_combined) for the heatmap."""
     rows = list(rows)

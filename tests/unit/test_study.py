@@ -382,7 +382,7 @@ def test_the_study_report_opens_offline_with_its_figures_and_job_links(local_stu
 def test_the_aggregate_reads_no_retention_curve(local_study, tmp_path):
     """What lets the real study skip the curves (a third of each run): a job's numbers are the same
     with its causal.tsv's curve rows removed."""
-    from subspace_sweep.study_aggregate import job_numbers
+    from subspace_sweep.study_aggregate import job_results
 
     run = local_study / "jobs" / "tiny-qwen3" / "lora" / "seed0" / "run"
     causal = pl.read_csv(run / "causal.tsv", separator="\t", infer_schema_length=None)
@@ -390,7 +390,7 @@ def test_the_aggregate_reads_no_retention_curve(local_study, tmp_path):
     bare = tmp_path / "run"
     shutil.copytree(run, bare)
     causal.filter(pl.col("kind") != "curve").write_csv(bare / "causal.tsv", separator="\t")
-    with_curves, without = job_numbers(run), job_numbers(bare)
+    with_curves, without = job_results(run)[0], job_results(bare)[0]
     assert with_curves.keys() == without.keys()
     assert all(with_curves[k] == without[k] or (with_curves[k] != with_curves[k] and without[k] != without[k])
                for k in with_curves)  # equal, or NaN in both
@@ -409,10 +409,10 @@ def test_a_job_is_read_in_the_view_its_run_leads_with(local_study, tmp_path):
     a tiny run's conclusion: its numbers must then be the standardized columns', computed here from
     the run's own files."""
     from subspace_sweep.compare import OUTLIER_WARNING_MARK
-    from subspace_sweep.study_aggregate import hypotheses, job_numbers
+    from subspace_sweep.study_aggregate import hypotheses, job_results
 
     run = local_study / "jobs" / "tiny-qwen3" / "lora" / "seed0" / "run"
-    plain = job_numbers(run)
+    plain = job_results(run)[0]
     assert plain["view"] == "residual" and plain["winner"] == _first_tested(run) == plain["winner_residual"]
     assert all(plain[f"{c}_residual"] == plain[c] for c in ("top5_overlap", "write_best_gain_w", "best_share"))
 
@@ -420,7 +420,7 @@ def test_a_job_is_read_in_the_view_its_run_leads_with(local_study, tmp_path):
     shutil.copytree(run, warned)
     with (warned / "conclusion.md").open("a", encoding="utf-8") as f:
         f.write(f"\n- {OUTLIER_WARNING_MARK}: planted by the test.\n")
-    numbers = job_numbers(warned)
+    numbers, gains = job_results(warned)
     summary = pl.read_csv(run / "summary.tsv", separator="\t", infer_schema_length=None)
     hyp = hypotheses(summary)
     joint = summary.filter(pl.col("panel") == "joint")
@@ -440,6 +440,8 @@ def test_a_job_is_read_in_the_view_its_run_leads_with(local_study, tmp_path):
     assert {c: numbers[f"{c}_residual"] for c in ("top5_overlap", "write_best_gain_w", "best_share")} == {
         c: plain[c] for c in ("top5_overlap", "write_best_gain_w", "best_share")}
     assert numbers["winner_kept"] == plain["winner_kept"]  # the causal numbers do not depend on the view
+    panel = joint.filter(pl.col("axis_kind") != "null")  # the heatmap's gains, in the same view
+    assert gains == [{"candidate": c, "gain_w_combined": g} for c, g in zip(panel["candidate"], panel["gain_w_combined_std"])]
 
 
 def test_the_real_study_spec_spans_every_family_and_both_real_models():
